@@ -1,0 +1,71 @@
+/** The v1 event types (SPEC §3). `config/schemas/event.v1.json` is the schema; this list mirrors its enum. */
+export const EVENT_TYPES = [
+  "query",
+  "response_shown",
+  "click",
+  "copy_paste",
+  "accept",
+  "edit",
+  "regenerate",
+  "dwell",
+  "abandon",
+  "task_complete",
+  "share",
+  "explicit_feedback",
+] as const;
+export type EventType = (typeof EVENT_TYPES)[number];
+
+/** An input event as producers send it (after schema validation). */
+export interface RawEvent {
+  event_id?: string;
+  session_id: string;
+  user_id: string;
+  timestamp: string;
+  query_id?: string;
+  response_id?: string;
+  event_type: EventType;
+  payload?: Record<string, unknown>;
+  user_agent?: string;
+  context?: Record<string, unknown>;
+}
+
+/** An event after enrich: the raw user id is gone, PII is redacted, time is parsed. */
+export interface TacitEvent {
+  /** The producer's event_id, or `fp:<hash>` of the canonical event when absent. */
+  event_id: string;
+  session_id: string;
+  /** Pseudonym of user_id (keyed HMAC); the raw user_id never leaves enrich. */
+  user: string;
+  /** Version of the pseudonymization key that produced `user`. */
+  user_key_version: string;
+  timestamp: string;
+  /** Event time in ms since the epoch, parsed from `timestamp`. */
+  ts: number;
+  query_id?: string;
+  response_id?: string;
+  event_type: EventType;
+  payload: Record<string, unknown>;
+  context?: Record<string, unknown>;
+  /** Parsed user agent, when one was sent. */
+  ua?: { browser?: string; os?: string; device?: string; raw_is_bot?: boolean; raw?: string };
+  /** Cohort and experiment context looked up from Redis. */
+  cohort?: string;
+  /** Names of fields where PII was redacted. */
+  redacted?: string[];
+}
+
+/**
+ * The record passed between stages on `<p>.x.<stage>.<partition>` subjects.
+ * `src` identifies the input message the event came from, which makes every output id and
+ * every state change deterministic under redelivery and replay.
+ */
+export interface Envelope {
+  v: 1;
+  event: TacitEvent;
+  /** Origin: the sequence of the event in the pipeline's input stream. */
+  src: { seq: number };
+  /** Partition of the keyed stages (murmurhash3 of `event.user` mod partitions). */
+  partition: number;
+  /** Annotations added by stages, by operator name (`bot`, `session`, `reformulation`, …). */
+  attrs: Record<string, unknown>;
+}

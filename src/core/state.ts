@@ -1,0 +1,78 @@
+/**
+ * Keyed state, the operators' only way to Redis. Every key of one user carries that user's
+ * Redis Cluster hash tag (see `userKey`) so one commit group updates them atomically, on a
+ * single Redis and on Redis Cluster alike.
+ */
+
+export type StateOp =
+  | { op: "set"; key: string; value: string; ttl_ms?: number }
+  | { op: "del"; key: string }
+  | { op: "hset"; key: string; fields: Record<string, string | number>; ttl_ms?: number }
+  | { op: "hincrbyfloat"; key: string; field: string; by: number; ttl_ms?: number }
+  | { op: "zadd"; key: string; score: number; member: string; ttl_ms?: number }
+  | { op: "zrem"; key: string; member: string };
+
+/** A set of state changes applied atomically; all keys must share one hash tag. */
+export interface CommitGroup {
+  /**
+   * The exactly-once fence: the group is applied only if `seq` is greater than the number
+   * stored at `guard.key`, which is then set to `seq`. A redelivered or replayed input whose
+   * sequence was already applied changes nothing.
+   */
+  guard?: { key: string; seq: number; ttl_ms?: number };
+  ops: StateOp[];
+}
+
+export interface ClaimItem {
+  key: string;
+  value: string;
+  ttl_ms: number;
+}
+
+export interface StateStore {
+  /** Values of string keys (null where missing), in one round trip. */
+  get(keys: string[]): Promise<(string | null)[]>;
+  /** All fields of a hash ({} when missing). */
+  hgetall(key: string): Promise<Record<string, string>>;
+  /** Members of a sorted set with score in [min, max], ascending, with their scores. */
+  zrangeByScore(key: string, min: number, max: number, limit?: number): Promise<{ member: string; score: number }[]>;
+  /**
+   * Atomic claims (`SET key value NX PX ttl GET`): for each item, null if this call set it,
+   * else the value that was already there. Used for first-writer-wins records such as dedupe.
+   */
+  claim(items: ClaimItem[]): Promise<(string | null)[]>;
+  /** Applies commit groups (each atomically); true where applied, false where fenced off. */
+  commit(groups: CommitGroup[]): Promise<boolean[]>;
+  /** Deletes every key under a prefix pattern (used by rebuild); returns how many. */
+  wipe(pattern: string): Promise<number>;
+}
+
+/** The hash tag of one user in one pipeline: every key of that user contains it. */
+export function userTag(prefix: string, user: string): string {
+  return `{${prefix}:u:${user}}`;
+}
+
+/** A key of one user's state: `tacit:{<prefix>:u:<user>}:<parts…>`. */
+export function userKey(prefix: string, user: string, ...parts: (string | number)[]): string {
+  return ["tacit", userTag(prefix, user), ...parts].join(":");
+}
+
+/** A key of one partition's state (watermarks, timers): `tacit:{<prefix>:p:<stage>:<n>}:<parts…>`. */
+export function partitionKey(prefix: string, stage: string, partition: number, ...parts: (string | number)[]): string {
+  return ["tacit", `{${prefix}:p:${stage}:${partition}}`, ...parts].join(":");
+}
+
+/** A pipeline-wide key (leases, worker registry): `tacit:{<prefix>}:<parts…>`. */
+export function pipelineKey(prefix: string, ...parts: (string | number)[]): string {
+  return ["tacit", `{${prefix}}`, ...parts].join(":");
+}
+
+/** The hash tag inside a key, as Redis Cluster computes it (first `{…}` with content). */
+export function hashTagOf(key: string): string {
+  const open = key.indexOf("{");
+  if (open >= 0) {
+    const close = key.indexOf("}", open + 1);
+    if (close > open + 1) return key.slice(open + 1, close);
+  }
+  return key;
+}
