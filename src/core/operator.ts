@@ -32,6 +32,8 @@ export interface StageInput {
   envelope?: Envelope;
   /** How many times this message has been delivered (1 the first time). */
   deliveries: number;
+  /** When the stream stored this message (ms). Deterministic across replays, unlike the wall clock. */
+  stream_time_ms: number;
 }
 
 /** What happened to one input: the records it produced, or the error that stopped it. */

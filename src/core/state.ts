@@ -34,6 +34,8 @@ export interface StateStore {
   get(keys: string[]): Promise<(string | null)[]>;
   /** All fields of a hash ({} when missing). */
   hgetall(key: string): Promise<Record<string, string>>;
+  /** All fields of many hashes in one round trip. */
+  hgetallMany(keys: string[]): Promise<Record<string, string>[]>;
   /** Members of a sorted set with score in [min, max], ascending, with their scores. */
   zrangeByScore(key: string, min: number, max: number, limit?: number): Promise<{ member: string; score: number }[]>;
   /**

@@ -45,6 +45,10 @@ export class MemoryStateStore implements StateStore {
     return e?.kind === "hash" ? Object.fromEntries(e.value as Map<string, string>) : {};
   }
 
+  async hgetallMany(keys: string[]): Promise<Record<string, string>[]> {
+    return Promise.all(keys.map((k) => this.hgetall(k)));
+  }
+
   async zrangeByScore(key: string, min: number, max: number, limit?: number) {
     const e = this.live(key);
     if (e?.kind !== "zset") return [];

@@ -82,6 +82,19 @@ export class RedisStateStore implements StateStore {
     }
   }
 
+  async hgetallMany(keys: string[]): Promise<Record<string, string>[]> {
+    if (keys.length === 0) return [];
+    try {
+      const res = (await this.redis.pipeline(keys.map((k) => ["hgetall", k])).exec()) ?? [];
+      return res.map(([err, v]) => {
+        if (err) throw err;
+        return (v as Record<string, string>) ?? {};
+      });
+    } catch (err) {
+      throw transient(err);
+    }
+  }
+
   async zrangeByScore(key: string, min: number, max: number, limit?: number) {
     try {
       const args: (string | number)[] = [key, min, max, "WITHSCORES"];
