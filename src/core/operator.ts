@@ -1,7 +1,7 @@
 import type { Clock } from "./clock.js";
 import type { Envelope } from "./event.js";
 import type { TacitError } from "./errors.js";
-import type { StateStore } from "./state.js";
+import type { CommitGroup, StateStore } from "./state.js";
 
 /** Where an operator can send a record. `next` is the following stage (or the end of the pipeline). */
 export type OutputName =
@@ -34,11 +34,29 @@ export interface StageInput {
   deliveries: number;
   /** When the stream stored this message (ms). Deterministic across replays, unlike the wall clock. */
   stream_time_ms: number;
+  /**
+   * Event-time watermark of this input's partition just before this input (keyed stages):
+   * max event time seen in the partition's stream order minus the pipeline's
+   * `event_time.max_out_of_orderness`. Undefined before the first event. Deterministic:
+   * it depends only on the order of the partition's stream, not on batch boundaries.
+   */
+  watermark_ms?: number;
+  /** Partition of this input (keyed stages). */
+  partition?: number;
 }
 
-/** What happened to one input: the records it produced, or the error that stopped it. */
+/**
+ * What happened to one input: the records it produced, the state changes it makes, or the error
+ * that stopped it. The runtime publishes every emit of a batch first, then applies the commits,
+ * then acks: a crash before the commit recomputes the same emits (same ids, deduplicated by
+ * JetStream), a crash after it finds the guard already applied. Operators therefore must not
+ * write state themselves in `process` (except first-writer-wins `claim`s); they return commits.
+ * Within one batch an operator must see its own earlier changes (keep them in memory).
+ */
 export interface Outcome {
   emits: Emit[];
+  /** State changes to apply after the emits are published (each group atomic, fenced by its guard). */
+  commits?: CommitGroup[];
   /** Set when the input failed: retryable → nak; otherwise → dead letter with this error's code. */
   error?: TacitError;
   /** True when the input was intentionally dropped (duplicate, sampled out); counted, not an error. */
@@ -80,8 +98,11 @@ export interface Processor {
    * let an operator read and write state in one Redis round trip for many messages.
    */
   process(batch: StageInput[]): Promise<Outcome[]>;
-  /** Called when the watermark of a partition advances (event time stages only). */
-  onWatermark?(partition: number, watermarkMs: number): Promise<Emit[]>;
+  /**
+   * Called after a batch when the watermark of a partition has advanced (keyed stages). Returns
+   * what timers fired: emits (published first) and commits (applied after).
+   */
+  onWatermark?(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }>;
   close?(): Promise<void>;
 }
 
