@@ -19,8 +19,18 @@ export interface PipelineFile {
   name: string;
   subject_prefix?: string;
   description?: string;
-  nats?: { url?: string; user?: string; password_file?: string; token_env?: string; creds_file?: string; tls?: { ca_file?: string; cert_file?: string; key_file?: string } };
-  redis?: { url?: string; password_env?: string; tls?: boolean };
+  nats?: {
+    url?: string;
+    user?: string;
+    password_file?: string;
+    password_env?: string;
+    token_file?: string;
+    token_env?: string;
+    nkey_seed_file?: string;
+    creds_file?: string;
+    tls?: { ca_file?: string; cert_file?: string; key_file?: string };
+  };
+  redis?: { url?: string; password_env?: string; password_file?: string; tls?: boolean };
   partitions?: number;
   streams?: { max_age?: string; duplicate_window?: string; replicas?: number; max_bytes?: number };
   runtime?: {
@@ -52,7 +62,17 @@ export interface Pipeline {
   description?: string;
   /** The file it came from, for messages. */
   file?: string;
-  nats: { url: string; user?: string; password?: string; token?: string; creds_file?: string; tls?: { ca_file?: string; cert_file?: string; key_file?: string } };
+  /** Secrets already read from their files / environment variables; file paths absolute. */
+  nats: {
+    url: string;
+    user?: string;
+    password?: string;
+    token?: string;
+    /** Seed of an nkey (`SU…`), from `nkey_seed_file`. */
+    nkey_seed?: string;
+    creds_file?: string;
+    tls?: { ca_file?: string; cert_file?: string; key_file?: string };
+  };
   redis: { url: string; password?: string; tls: boolean };
   partitions: number;
   streams: { max_age_ms: number; duplicate_window_ms: number; replicas: number; max_bytes: number };
