@@ -1,5 +1,5 @@
-import { Redis, Cluster } from "ioredis";
-import type { ClaimItem, CommitGroup, StateStore } from "../core/state.js";
+import { Redis, Cluster, type ChainableCommander } from "ioredis";
+import { hashTagOf, type ClaimItem, type CommitGroup, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
 
 /**
@@ -50,6 +50,17 @@ return 1
 
 type RedisClient = Redis | Cluster;
 
+/** One pipelined command and the key that decides where it runs on Cluster. */
+interface PipelineCommand {
+  key: string;
+  add(p: ChainableCommander): void;
+}
+
+/** A score bound as Redis reads it (it spells infinities `-inf` / `+inf`). */
+function scoreBound(n: number): string | number {
+  return n === Number.POSITIVE_INFINITY ? "+inf" : n === Number.NEGATIVE_INFINITY ? "-inf" : n;
+}
+
 function transient(err: unknown): TransientError {
   return new TransientError("redis_unavailable", `Redis: ${err instanceof Error ? err.message : String(err)}`, err);
 }
@@ -62,16 +73,9 @@ export class RedisStateStore implements StateStore {
 
   async get(keys: string[]): Promise<(string | null)[]> {
     if (keys.length === 0) return [];
-    try {
-      // MGET would be cross-slot on Cluster; a pipeline of GETs works everywhere.
-      const res = await this.redis.pipeline(keys.map((k) => ["get", k])).exec();
-      return (res ?? []).map(([err, v]) => {
-        if (err) throw err;
-        return (v as string | null) ?? null;
-      });
-    } catch (err) {
-      throw transient(err);
-    }
+    // MGET would be cross-slot on Cluster; pipelined GETs work everywhere.
+    const res = await this.pipelined(keys.map((k) => ({ key: k, add: (p) => p.get(k) })));
+    return res.map((v) => (v as string | null) ?? null);
   }
 
   async hgetall(key: string): Promise<Record<string, string>> {
@@ -84,24 +88,22 @@ export class RedisStateStore implements StateStore {
 
   async hgetallMany(keys: string[]): Promise<Record<string, string>[]> {
     if (keys.length === 0) return [];
-    try {
-      const res = (await this.redis.pipeline(keys.map((k) => ["hgetall", k])).exec()) ?? [];
-      return res.map(([err, v]) => {
-        if (err) throw err;
-        return (v as Record<string, string>) ?? {};
-      });
-    } catch (err) {
-      throw transient(err);
-    }
+    const res = await this.pipelined(keys.map((k) => ({ key: k, add: (p) => p.hgetall(k) })));
+    return res.map((v) => (v as Record<string, string> | null) ?? {});
   }
 
   async zrangeByScore(key: string, min: number, max: number, limit?: number) {
     try {
-      const args: (string | number)[] = [key, min, max, "WITHSCORES"];
+      const args: (string | number)[] = [key, scoreBound(min), scoreBound(max), "WITHSCORES"];
       if (limit !== undefined) args.push("LIMIT", 0, limit);
-      const flat = (await (this.redis as Redis).call("ZRANGEBYSCORE", ...args)) as string[];
+      const reply = (await (this.redis as Redis).call("ZRANGEBYSCORE", ...args)) as unknown[];
+      // RESP2 answers a flat [member, score, …]; RESP3 (ioredis 6's default) [[member, score], …].
       const out: { member: string; score: number }[] = [];
-      for (let i = 0; i < flat.length; i += 2) out.push({ member: flat[i]!, score: Number(flat[i + 1]) });
+      for (let i = 0; i < reply.length; i++) {
+        const item = reply[i];
+        if (Array.isArray(item)) out.push({ member: String(item[0]), score: Number(item[1]) });
+        else out.push({ member: String(item), score: Number(reply[++i]) });
+      }
       return out;
     } catch (err) {
       throw transient(err);
@@ -110,22 +112,16 @@ export class RedisStateStore implements StateStore {
 
   async claim(items: ClaimItem[]): Promise<(string | null)[]> {
     if (items.length === 0) return [];
-    try {
-      const p = this.redis.pipeline();
-      for (const it of items) p.call("SET", it.key, it.value, "NX", "PX", Math.max(1, Math.round(it.ttl_ms)), "GET");
-      const res = (await p.exec()) ?? [];
-      return res.map(([err, v]) => {
-        if (err) throw err;
-        return (v as string | null) ?? null;
-      });
-    } catch (err) {
-      throw transient(err);
-    }
+    // SET … NX GET needs Redis ≥ 7.0. Claims of one key share a tag, so they stay in order.
+    const res = await this.pipelined(
+      items.map((it) => ({ key: it.key, add: (p) => p.call("SET", it.key, it.value, "NX", "PX", Math.max(1, Math.round(it.ttl_ms)), "GET") })),
+    );
+    return res.map((v) => (v as string | null) ?? null);
   }
 
   async commit(groups: CommitGroup[]): Promise<boolean[]> {
     if (groups.length === 0) return [];
-    const p = this.redis.pipeline();
+    const cmds: PipelineCommand[] = [];
     for (const g of groups) {
       const keys: string[] = [g.guard?.key ?? ""];
       const index = new Map<string, number>();
@@ -138,7 +134,7 @@ export class RedisStateStore implements StateStore {
         }
         return n;
       };
-      const argv: (string | number)[] = [g.guard ? g.guard.seq : "", g.guard?.ttl_ms ?? 0];
+      const argv: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0)];
       for (const op of g.ops) {
         switch (op.op) {
           case "set":
@@ -165,14 +161,49 @@ export class RedisStateStore implements StateStore {
       }
       // A key of '' for "no guard" still needs a slot-consistent name on Cluster: reuse the first op key.
       if (!g.guard) keys[0] = keys[1] ?? "tacit:noop";
-      (p as unknown as { tacitCommit(n: number, ...a: (string | number)[]): void }).tacitCommit(keys.length, ...keys, ...argv);
+      cmds.push({
+        key: keys[0]!,
+        add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number)[]): void }).tacitCommit(keys.length, ...keys, ...argv),
+      });
     }
-    try {
+    const res = await this.pipelined(cmds);
+    return res.map((v) => v === 1);
+  }
+
+  /**
+   * Runs commands pipelined and returns their replies in input order. On a single Redis that is
+   * one pipeline. ioredis refuses a Cluster pipeline whose keys live on different nodes, so on
+   * Cluster the commands are split by hash tag (one tag, one slot) into pipelines that run in
+   * parallel; commands of one tag keep their order, which is all claims and fences rely on.
+   */
+  private async pipelined(cmds: PipelineCommand[]): Promise<unknown[]> {
+    const run = async (list: PipelineCommand[]): Promise<unknown[]> => {
+      const p = this.redis.pipeline();
+      for (const c of list) c.add(p);
       const res = (await p.exec()) ?? [];
+      if (res.length !== list.length) throw new Error(`pipeline answered ${res.length} of ${list.length} commands`);
       return res.map(([err, v]) => {
         if (err) throw err;
-        return v === 1;
+        return v;
       });
+    };
+    try {
+      if (!(this.redis instanceof Cluster)) return await run(cmds);
+      const byTag = new Map<string, number[]>();
+      cmds.forEach((c, i) => {
+        const tag = hashTagOf(c.key);
+        const list = byTag.get(tag);
+        if (list) list.push(i);
+        else byTag.set(tag, [i]);
+      });
+      const out: unknown[] = new Array(cmds.length);
+      await Promise.all(
+        [...byTag.values()].map(async (idx) => {
+          const res = await run(idx.map((i) => cmds[i]!));
+          idx.forEach((i, j) => (out[i] = res[j]));
+        }),
+      );
+      return out;
     } catch (err) {
       throw transient(err);
     }
@@ -186,21 +217,44 @@ export class RedisStateStore implements StateStore {
       do {
         const [next, keys] = await node.scan(cursor, "MATCH", pattern, "COUNT", 1000);
         cursor = next;
-        for (const k of keys) n += await node.del(k);
+        if (keys.length === 0) continue;
+        // One round trip per scanned page rather than per key; UNLINK frees memory off the main thread.
+        const res = (await node.pipeline(keys.map((k) => ["unlink", k])).exec()) ?? [];
+        for (const [err, v] of res) {
+          if (err) throw err;
+          n += Number(v);
+        }
       } while (cursor !== "0");
     }
     return n;
   }
 }
 
-/** Opens a Redis client for a URL; `redis+cluster://` (or a comma list of nodes) opens a Cluster client. */
-export function openRedis(url: string, opts: { lazy?: boolean } = {}): RedisClient {
+/** Connection settings beside the URL: the pipeline's `redis.password` (from a file or env) and `redis.tls`. */
+export interface RedisConnectOptions {
+  lazy?: boolean;
+  password?: string;
+  tls?: boolean;
+}
+
+/**
+ * Opens a Redis client for a URL; `redis+cluster://host:port,host:port` opens a Cluster client.
+ * A password in the options wins over one in the URL; `tls` (or a `rediss://` URL) turns on TLS.
+ */
+export function openRedis(url: string, opts: RedisConnectOptions = {}): RedisClient {
+  const auth = opts.password ? { password: opts.password } : {};
+  const tls = opts.tls || url.startsWith("rediss://") ? { tls: {} } : {};
   if (url.startsWith("redis+cluster://")) {
     const nodes = url.slice("redis+cluster://".length).split(",").map((hp) => {
       const [host, port] = hp.split(":");
       return { host: host!, port: Number(port ?? 6379) };
     });
-    return new Cluster(nodes, { lazyConnect: opts.lazy ?? false });
+    return new Cluster(nodes, { lazyConnect: opts.lazy ?? false, redisOptions: { ...auth, ...tls } });
   }
-  return new Redis(url, { lazyConnect: opts.lazy ?? false, maxRetriesPerRequest: 2, enableAutoPipelining: false });
+  return new Redis(url, { lazyConnect: opts.lazy ?? false, maxRetriesPerRequest: 2, enableAutoPipelining: false, ...auth, ...tls });
+}
+
+/** The Redis client for a pipeline's settings. */
+export function openPipelineRedis(p: { redis: { url: string; password?: string; tls: boolean } }): RedisClient {
+  return openRedis(p.redis.url, { password: p.redis.password, tls: p.redis.tls });
 }

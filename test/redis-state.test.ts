@@ -1,0 +1,357 @@
+import { after, before, test, type TestContext } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Cluster, Redis } from "ioredis";
+import { ensureBinaries } from "../src/services/binaries.js";
+import { freePort, redisAnswers } from "../src/services/processes.js";
+import { TransientError } from "../src/core/errors.js";
+import { partitionKey, userKey, type StateStore } from "../src/core/state.js";
+import { MemoryStateStore } from "../src/state/memory.js";
+import { RedisStateStore } from "../src/state/redis.js";
+import { startServers, type TestServers } from "./harness.js";
+
+let servers: TestServers;
+let redis: Redis;
+let store: RedisStateStore;
+
+before(async () => {
+  servers = await startServers();
+  redis = new Redis(servers.redisUrl, { maxRetriesPerRequest: 1 });
+  store = new RedisStateStore(redis);
+});
+
+after(async () => {
+  redis?.disconnect();
+  await servers?.stop();
+});
+
+/** A scenario's view of time: Redis waits for real, the memory store moves its clock. */
+interface Subject {
+  name: string;
+  store: StateStore;
+  wait(ms: number): Promise<void>;
+}
+
+function memorySubject(): Subject {
+  let now = 1_000_000;
+  return { name: "memory", store: new MemoryStateStore(() => now), wait: async (ms) => void (now += ms) };
+}
+
+/** Numbers as Redis and the memory store print them can differ in the last digits (long double vs double). */
+function roundFloats(v: unknown): unknown {
+  if (typeof v === "string" && /^-?\d+\.\d+(e[-+]?\d+)?$/i.test(v)) return Number(Number(v).toPrecision(12));
+  if (Array.isArray(v)) return v.map(roundFloats);
+  if (v && typeof v === "object") return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, roundFloats(x)]));
+  return v;
+}
+
+/**
+ * One scenario touching every StateStore operation; returns what it observed, step by step.
+ * `ns` keeps runs apart on the shared Redis.
+ */
+async function scenario(s: Subject, ns: string): Promise<Record<string, unknown>> {
+  const st = s.store;
+  const out: Record<string, unknown> = {};
+  const u = (user: string, ...parts: string[]) => userKey(ns, user, ...parts);
+  const G = u("alice", "fence");
+  const H = u("alice", "h");
+  const Z = u("alice", "z");
+  const S = u("alice", "s");
+
+  // claim: SET NX semantics, returns the previous value, in order within one call.
+  out.claim1 = await st.claim([
+    { key: u("alice", "seen", "e1"), value: "10", ttl_ms: 60_000 },
+    { key: u("alice", "seen", "e1"), value: "11", ttl_ms: 60_000 },
+    { key: u("bob", "seen", "e1"), value: "12", ttl_ms: 60_000 },
+  ]);
+  out.claim2 = await st.claim([{ key: u("alice", "seen", "e1"), value: "13", ttl_ms: 60_000 }]);
+  out.claimEmpty = await st.claim([]);
+  out.get1 = await st.get([u("alice", "seen", "e1"), u("bob", "seen", "e1"), u("nobody", "x")]);
+  out.getEmpty = await st.get([]);
+
+  // commit with a guard: applied once per sequence.
+  out.commit1 = await st.commit([
+    {
+      guard: { key: G, seq: 5, ttl_ms: 60_000 },
+      ops: [
+        { op: "hset", key: H, fields: { a: 1, b: "x" } },
+        { op: "hincrbyfloat", key: H, field: "c", by: 0.1 },
+        { op: "hincrbyfloat", key: H, field: "c", by: 0.2 },
+        { op: "zadd", key: Z, score: 10, member: "m1" },
+        { op: "zadd", key: Z, score: 20.5, member: "m2" },
+        { op: "zadd", key: Z, score: -3, member: "m0" },
+        { op: "set", key: S, value: "v1" },
+      ],
+    },
+  ]);
+  out.afterCommit1 = { h: await st.hgetall(H), z: await st.zrangeByScore(Z, -Infinity, Infinity), s: await st.get([S]) };
+  out.replaySame = await st.commit([{ guard: { key: G, seq: 5 }, ops: [{ op: "hset", key: H, fields: { a: 999 } }, { op: "del", key: S }] }]);
+  out.replayOlder = await st.commit([{ guard: { key: G, seq: 4 }, ops: [{ op: "zrem", key: Z, member: "m1" }] }]);
+  out.afterReplays = { h: await st.hgetall(H), z: await st.zrangeByScore(Z, -Infinity, Infinity), s: await st.get([S, G]) };
+
+  // Several groups in one call: each is fenced against the ones before it.
+  out.commit2 = await st.commit([
+    { guard: { key: G, seq: 7 }, ops: [{ op: "hincrbyfloat", key: H, field: "c", by: 2.25 }, { op: "zrem", key: Z, member: "m1" }, { op: "del", key: S }] },
+    { guard: { key: G, seq: 7 }, ops: [{ op: "hincrbyfloat", key: H, field: "c", by: 100 }] },
+    { guard: { key: G, seq: 8 }, ops: [{ op: "hset", key: H, fields: { b: "y", d: 2.5 } }] },
+    { ops: [{ op: "zadd", key: u("bob", "z"), score: 1, member: "b1" }] },
+    { ops: [] },
+  ]);
+  out.afterCommit2 = {
+    h: await st.hgetall(H),
+    z: await st.zrangeByScore(Z, -Infinity, Infinity),
+    s: await st.get([S, G]),
+    bob: await st.zrangeByScore(u("bob", "z"), 0, 10),
+  };
+  // zrem of the last member removes the sorted set; del of a missing key is fine.
+  out.emptyZ = await st.commit([{ ops: [{ op: "zrem", key: u("bob", "z"), member: "b1" }, { op: "del", key: u("bob", "nothing") }] }]);
+  out.bobZ = await st.zrangeByScore(u("bob", "z"), -Infinity, Infinity);
+
+  // Ranges and limits.
+  await st.commit([{ ops: [1, 2, 3, 4, 5].map((i) => ({ op: "zadd" as const, key: Z, score: i * 10, member: `r${i}` })) }]);
+  out.range = await st.zrangeByScore(Z, 15, 40);
+  out.rangeLimit = await st.zrangeByScore(Z, -Infinity, 30, 2);
+  out.rangeNone = await st.zrangeByScore(Z, 1000, Infinity);
+  out.rangeMissing = await st.zrangeByScore(u("nobody", "z"), -Infinity, Infinity);
+  out.hgetallMany = await st.hgetallMany([H, u("nobody", "h"), H]);
+  out.hgetallManyEmpty = await st.hgetallMany([]);
+  out.hgetallMissing = await st.hgetall(u("nobody", "h"));
+
+  // TTLs: claims, guards and ops with ttl_ms expire; a set without ttl_ms clears an old TTL.
+  const T = (name: string) => u("carol", name);
+  await st.claim([{ key: T("claim"), value: "1", ttl_ms: 150 }]);
+  await st.commit([
+    {
+      guard: { key: T("fence"), seq: 1, ttl_ms: 150 },
+      ops: [
+        { op: "hset", key: T("h"), fields: { x: 1 }, ttl_ms: 150 },
+        { op: "hincrbyfloat", key: T("h2"), field: "n", by: 1, ttl_ms: 150 },
+        { op: "zadd", key: T("z"), score: 1, member: "a", ttl_ms: 150 },
+        { op: "set", key: T("s"), value: "short", ttl_ms: 150 },
+        { op: "set", key: T("kept"), value: "old", ttl_ms: 150 },
+        { op: "set", key: T("kept"), value: "new" },
+        { op: "hset", key: T("h3"), fields: { y: 1 } },
+      ],
+    },
+  ]);
+  out.beforeExpiry = {
+    claim: await st.claim([{ key: T("claim"), value: "2", ttl_ms: 150 }]),
+    fenced: await st.commit([{ guard: { key: T("fence"), seq: 1 }, ops: [] }]),
+  };
+  await s.wait(400);
+  out.afterExpiry = {
+    claim: await st.claim([{ key: T("claim"), value: "3", ttl_ms: 60_000 }]),
+    fence: await st.commit([{ guard: { key: T("fence"), seq: 1 }, ops: [] }]),
+    h: await st.hgetallMany([T("h"), T("h2"), T("h3")]),
+    z: await st.zrangeByScore(T("z"), -Infinity, Infinity),
+    s: await st.get([T("s"), T("kept")]),
+  };
+
+  // wipe removes exactly the keys under the pattern.
+  out.wipeCarol = await st.wipe(`tacit:{${ns}:u:carol}:*`);
+  out.afterWipe = await st.get([T("claim"), T("kept"), u("alice", "seen", "e1")]);
+  out.partitionKeyOk = await st.commit([{ ops: [{ op: "set", key: partitionKey(ns, "sessionize", 3, "wm"), value: "123" }] }]);
+  return roundFloats(out) as Record<string, unknown>;
+}
+
+test("RedisStateStore and MemoryStateStore agree on one scenario covering every operation", async () => {
+  const onRedis = await scenario({ name: "redis", store, wait: (ms) => sleep(ms) }, "t1");
+  const inMemory = await scenario(memorySubject(), "t1");
+  assert.deepEqual(onRedis, inMemory);
+
+  // And the scenario itself says what the contract is (so agreeing on a wrong answer fails too).
+  assert.deepEqual(inMemory.claim1, [null, "10", null]);
+  assert.deepEqual(inMemory.claim2, ["10"]);
+  assert.deepEqual(inMemory.get1, ["10", "12", null]);
+  assert.deepEqual(inMemory.commit1, [true]);
+  assert.deepEqual(inMemory.afterCommit1, {
+    h: { a: "1", b: "x", c: 0.3 },
+    z: [
+      { member: "m0", score: -3 },
+      { member: "m1", score: 10 },
+      { member: "m2", score: 20.5 },
+    ],
+    s: ["v1"],
+  });
+  assert.deepEqual(inMemory.replaySame, [false]);
+  assert.deepEqual(inMemory.replayOlder, [false]);
+  assert.deepEqual(inMemory.afterReplays, { ...(inMemory.afterCommit1 as object), s: ["v1", "5"] });
+  assert.deepEqual(inMemory.commit2, [true, false, true, true, true]);
+  assert.deepEqual(inMemory.afterCommit2, {
+    h: { a: "1", b: "y", c: 2.55, d: 2.5 },
+    z: [
+      { member: "m0", score: -3 },
+      { member: "m2", score: 20.5 },
+    ],
+    s: [null, "8"],
+    bob: [{ member: "b1", score: 1 }],
+  });
+  assert.deepEqual(inMemory.bobZ, []);
+  assert.deepEqual(inMemory.range, [
+    { member: "r2", score: 20 },
+    { member: "m2", score: 20.5 },
+    { member: "r3", score: 30 },
+    { member: "r4", score: 40 },
+  ]);
+  assert.deepEqual(inMemory.rangeLimit, [
+    { member: "m0", score: -3 },
+    { member: "r1", score: 10 },
+  ]);
+  assert.deepEqual(inMemory.rangeNone, []);
+  assert.deepEqual(inMemory.hgetallMany, [{ a: "1", b: "y", c: 2.55, d: 2.5 }, {}, { a: "1", b: "y", c: 2.55, d: 2.5 }]);
+  assert.deepEqual(inMemory.beforeExpiry, { claim: ["1"], fenced: [false] });
+  assert.deepEqual(inMemory.afterExpiry, { claim: [null], fence: [true], h: [{}, {}, { y: "1" }], z: [], s: [null, "new"] });
+  assert.equal(inMemory.wipeCarol, 4); // claim and fence (re-made after expiry), h3 and kept (no TTL)
+  assert.deepEqual(inMemory.afterWipe, [null, null, "10"]);
+});
+
+test("RedisStateStore sets the TTLs it is given (PTTL)", async () => {
+  const k = (n: string) => userKey("t2", "dave", n);
+  await store.claim([{ key: k("claim"), value: "1", ttl_ms: 90_000 }]);
+  await store.commit([
+    {
+      guard: { key: k("fence"), seq: 3, ttl_ms: 80_000 },
+      ops: [
+        { op: "hset", key: k("h"), fields: { a: 1 }, ttl_ms: 70_000 },
+        { op: "zadd", key: k("z"), score: 1, member: "x", ttl_ms: 60_000 },
+        { op: "hincrbyfloat", key: k("f"), field: "n", by: 1.5, ttl_ms: 50_000.7 },
+        { op: "set", key: k("s"), value: "v", ttl_ms: 40_000 },
+        { op: "set", key: k("p"), value: "v" },
+      ],
+    },
+  ]);
+  const pttl = async (n: string) => redis.pttl(k(n));
+  const near = (v: number, want: number) => assert.ok(v <= want && v > want - 5_000, `${v} not near ${want}`);
+  near(await pttl("claim"), 90_000);
+  near(await pttl("fence"), 80_000);
+  near(await pttl("h"), 70_000);
+  near(await pttl("z"), 60_000);
+  near(await pttl("f"), 50_001);
+  near(await pttl("s"), 40_000);
+  assert.equal(await pttl("p"), -1);
+  // A fenced-off group leaves the TTLs alone.
+  assert.deepEqual(await store.commit([{ guard: { key: k("fence"), seq: 3, ttl_ms: 1 }, ops: [{ op: "set", key: k("p"), value: "w", ttl_ms: 1 }] }]), [false]);
+  assert.equal(await pttl("p"), -1);
+  near(await pttl("fence"), 80_000);
+});
+
+test("a fractional guard TTL and non-finite range bounds are accepted", async () => {
+  const k = (n: string) => userKey("t3", "erin", n);
+  assert.deepEqual(await store.commit([{ guard: { key: k("fence"), seq: 1, ttl_ms: 1234.5 }, ops: [{ op: "zadd", key: k("z"), score: 2, member: "a" }] }]), [true]);
+  assert.deepEqual(await store.zrangeByScore(k("z"), Number.NEGATIVE_INFINITY, Number.POSITIVE_INFINITY), [{ member: "a", score: 2 }]);
+});
+
+test("commands fail as retryable TransientErrors when Redis is unreachable", async () => {
+  const dead = new Redis({ port: 1, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false });
+  const s = new RedisStateStore(dead);
+  try {
+    for (const call of [() => s.get(["k"]), () => s.claim([{ key: "k", value: "1", ttl_ms: 10 }]), () => s.commit([{ ops: [] }]), () => s.hgetallMany(["k"]), () => s.zrangeByScore("k", 0, 1), () => s.hgetall("k")]) {
+      await assert.rejects(call(), (e: unknown) => e instanceof TransientError && e.retryable);
+    }
+  } finally {
+    dead.disconnect();
+  }
+});
+
+/**
+ * A three-master Redis Cluster on free ports in a temp dir, slots assigned and nodes met with
+ * plain commands (no redis-cli needed). Stopped when the test ends.
+ */
+async function startCluster(t: TestContext): Promise<{ ports: number[] }> {
+  const bins = await ensureBinaries({ install: false });
+  const dir = mkdtempSync(join(tmpdir(), "tacit-cluster-"));
+  const children: ChildProcess[] = [];
+  t.after(async () => {
+    for (const c of children) {
+      if (c.exitCode !== null) continue;
+      const exited = new Promise((resolve) => c.once("exit", resolve));
+      c.kill("SIGKILL");
+      await exited;
+    }
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const ports: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const port = await freePort();
+    const child = spawn(
+      bins.redis,
+      ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", `nodes-${port}.conf`, "--protected-mode", "no"],
+      { stdio: "ignore" },
+    );
+    children.push(child);
+    ports.push(port);
+  }
+  for (const port of ports) {
+    const deadline = Date.now() + 10_000;
+    while (!(await redisAnswers("127.0.0.1", port))) {
+      if (Date.now() > deadline) throw new Error(`redis-server on ${port} did not answer`);
+      await sleep(50);
+    }
+  }
+  const admins = ports.map((port) => new Redis({ port, host: "127.0.0.1", lazyConnect: false }));
+  try {
+    const slots = [[0, 5460], [5461, 10922], [10923, 16383]] as const;
+    await Promise.all(admins.map((a, i) => a.call("CLUSTER", "ADDSLOTSRANGE", slots[i]![0], slots[i]![1])));
+    for (const port of ports.slice(1)) await admins[0]!.call("CLUSTER", "MEET", "127.0.0.1", port);
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      const infos = await Promise.all(admins.map((a) => a.call("CLUSTER", "INFO") as Promise<string>));
+      if (infos.every((i) => i.includes("cluster_state:ok") && i.includes("cluster_known_nodes:3"))) break;
+      if (Date.now() > deadline) throw new Error("the cluster did not become ready");
+      await sleep(100);
+    }
+  } finally {
+    for (const a of admins) a.disconnect();
+  }
+  return { ports };
+}
+
+test("on Redis Cluster, batches spanning many users (many slots) work and agree with memory", async (t) => {
+  const { ports } = await startCluster(t);
+  const cluster = new Cluster(ports.map((port) => ({ host: "127.0.0.1", port })), { redisOptions: { maxRetriesPerRequest: 2 } });
+  t.after(() => cluster.disconnect());
+  const onCluster = new RedisStateStore(cluster);
+  const memory = new MemoryStateStore(() => 0);
+  const users = Array.from({ length: 40 }, (_, i) => `user-${i}`);
+  const run = async (st: StateStore) => {
+    const out: unknown[] = [];
+    out.push(await st.claim(users.flatMap((u) => [{ key: userKey("c", u, "seen", "e"), value: u, ttl_ms: 60_000 }, { key: userKey("c", u, "seen", "e"), value: "again", ttl_ms: 60_000 }])));
+    out.push(
+      await st.commit(
+        users.flatMap((u, i) => [
+          { guard: { key: userKey("c", u, "fence"), seq: 1 }, ops: [{ op: "hincrbyfloat" as const, key: userKey("c", u, "f"), field: "n", by: i }, { op: "zadd" as const, key: userKey("c", u, "z"), score: i, member: u }] },
+          { guard: { key: userKey("c", u, "fence"), seq: 1 }, ops: [{ op: "hincrbyfloat" as const, key: userKey("c", u, "f"), field: "n", by: 1000 }] },
+        ]),
+      ),
+    );
+    out.push(await st.get(users.map((u) => userKey("c", u, "seen", "e"))));
+    out.push(await st.hgetallMany(users.map((u) => userKey("c", u, "f"))));
+    out.push(await Promise.all(users.slice(0, 5).map((u) => st.zrangeByScore(userKey("c", u, "z"), -Infinity, Infinity))));
+    out.push(await st.wipe("tacit:{c:u:user-1*"));
+    return out;
+  };
+  const [a, b] = [await run(onCluster), await run(memory)];
+  assert.deepEqual(a, b);
+  assert.deepEqual((a[0] as unknown[]).slice(0, 4), [null, "user-0", null, "user-1"]);
+  assert.equal(a[5], 11 * 4); // user-1 and user-10…19: seen, fence, f, z each
+  // The batch really spanned all three nodes.
+  const masters = new Set(users.map((u) => cluster.slots[slotOf(userKey("c", u, "x"))]?.[0]));
+  assert.equal(masters.size, 3);
+});
+
+/** Redis Cluster's slot of a key (CRC16/XMODEM of its hash tag, mod 16384). */
+function slotOf(key: string): number {
+  const open = key.indexOf("{");
+  const close = open >= 0 ? key.indexOf("}", open + 1) : -1;
+  const k = open >= 0 && close > open + 1 ? key.slice(open + 1, close) : key;
+  let crc = 0;
+  for (const byte of Buffer.from(k)) {
+    crc ^= byte << 8;
+    for (let i = 0; i < 8; i++) crc = crc & 0x8000 ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
+  }
+  return crc % 16384;
+}
