@@ -1,0 +1,360 @@
+import type { JSONSchemaType } from "ajv";
+import { DURATION_SCHEMA, parseDuration } from "../src/core/duration.js";
+import { BadInputError, TacitError, TransientError, errorMessage } from "../src/core/errors.js";
+import type { Envelope, TacitEvent } from "../src/core/event.js";
+import type { LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
+import { userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+import { classifyReformulation, jaccard3, normalizedLevenshtein, REFORMULATION_KINDS, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
+
+/*
+ * reformulation: compares each query with the previous query of the same session and decides
+ * whether it reformulates it (a similar follow-up within a short gap: dissatisfaction with the
+ * previous response, Hassan et al. 2013), clarifies it (only adds context: not dissatisfaction),
+ * or starts a new topic. The kind of change follows Huang & Efthimiadis (2009), tried in a fixed
+ * order (see src/core/text.ts).
+ */
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+/** Configuration of the `reformulation` operator (durations as strings, parsed by `parseDuration`). */
+export interface ReformulationConfig {
+  /** A follow-up later than this after the previous query is a new task, whatever its text. @default "300s" */
+  max_gap?: string;
+  /** Character-3-gram Jaccard similarity at or above which two queries are similar. @default 0.5 */
+  jaccard_min?: number;
+  /** Normalized Levenshtein distance at or below which two queries are similar. @default 0.35 */
+  levenshtein_max?: number;
+  /** Largest edit distance (characters) of a spelling correction. @default 2 */
+  spelling_max_edits?: number;
+  /** Kinds that only add context: a clarification, not dissatisfaction. @default ["words_added", "superstring"] */
+  clarification_kinds?: ReformulationKind[];
+  /** How long the previous query of a session (its redacted text) is kept: the session gap. @default "30m" */
+  state_ttl?: string;
+  /** Sessions remembered per user (the oldest is forgotten first). @default 8 */
+  max_sessions?: number;
+}
+
+const DEFAULT_CLARIFICATION_KINDS: ReformulationKind[] = ["words_added", "superstring"];
+
+/** JSON Schema of the stage config: validation, defaults and docs. */
+export const reformulationSchema: JSONSchemaType<ReformulationConfig> = {
+  type: "object",
+  additionalProperties: false,
+  description: "Similarity and kind of change between consecutive queries of a session, and the decision drawn from them.",
+  properties: {
+    max_gap: { ...DURATION_SCHEMA, default: "300s", nullable: true, description: "Largest time between two queries for the second to be a reformulation or clarification of the first (Webis task splitting uses 300 s).", examples: ["300s", "5m"] },
+    jaccard_min: { type: "number", minimum: 0, maximum: 1, default: 0.5, nullable: true, description: "Character-3-gram Jaccard at or above which queries are similar (literature: 0.5–0.75).", examples: [0.5] },
+    levenshtein_max: { type: "number", minimum: 0, maximum: 1, default: 0.35, nullable: true, description: "Normalized Levenshtein distance at or below which queries are similar.", examples: [0.35] },
+    spelling_max_edits: { type: "integer", minimum: 0, default: 2, nullable: true, description: "Largest Levenshtein distance, in characters, classified as a spelling correction.", examples: [2] },
+    clarification_kinds: {
+      type: "array",
+      nullable: true,
+      uniqueItems: true,
+      default: DEFAULT_CLARIFICATION_KINDS,
+      description: "Kinds of change that only add context: decided as clarification (scored separately, not dissatisfaction).",
+      examples: [DEFAULT_CLARIFICATION_KINDS],
+      items: { type: "string", enum: [...REFORMULATION_KINDS] },
+    },
+    state_ttl: { ...DURATION_SCHEMA, default: "30m", nullable: true, description: "How long a session's previous query is kept after it was asked; set it to the session gap so no query text outlives its session.", examples: ["30m"] },
+    max_sessions: { type: "integer", minimum: 1, default: 8, nullable: true, description: "Sessions remembered per user.", examples: [8] },
+  },
+};
+
+/** The config with defaults applied and durations in ms. */
+export interface CompiledReformulation {
+  maxGapMs: number;
+  jaccardMin: number;
+  levenshteinMax: number;
+  spellingMaxEdits: number;
+  clarificationKinds: ReadonlySet<ReformulationKind>;
+  ttlMs: number;
+  maxSessions: number;
+}
+
+/** Applies defaults and parses durations; throws ConfigError naming the field at fault. */
+export function compileReformulation(config: ReformulationConfig = {}): CompiledReformulation {
+  return {
+    maxGapMs: parseDuration(config.max_gap ?? "300s", "max_gap"),
+    jaccardMin: config.jaccard_min ?? 0.5,
+    levenshteinMax: config.levenshtein_max ?? 0.35,
+    spellingMaxEdits: config.spelling_max_edits ?? 2,
+    clarificationKinds: new Set(config.clarification_kinds ?? DEFAULT_CLARIFICATION_KINDS),
+    ttlMs: parseDuration(config.state_ttl ?? "30m", "state_ttl"),
+    maxSessions: config.max_sessions ?? 8,
+  };
+}
+
+function lintReformulation(config: ReformulationConfig, view: PipelineView): LintIssue[] {
+  let c: CompiledReformulation;
+  try {
+    c = compileReformulation(config);
+  } catch (err) {
+    return [{ path: [], message: errorMessage(err) }];
+  }
+  const issues: LintIssue[] = [];
+  if (c.maxGapMs > c.ttlMs) {
+    issues.push({ path: ["max_gap"], message: `max_gap (${config.max_gap}) is longer than state_ttl (${config.state_ttl ?? "30m"})`, hint: "the previous query is forgotten after state_ttl, so no gap longer than it can be seen" });
+  }
+  // Query text must not outlive its session: compare with the gap of a sessionize stage, if any.
+  const gap = view.stages.find((st) => st.operator === "sessionize")?.config.gap;
+  if ((typeof gap === "string" || typeof gap === "number") && c.ttlMs > safeDuration(gap)) {
+    issues.push({ path: ["state_ttl"], message: `state_ttl (${config.state_ttl ?? "30m"}) is longer than the session gap (${gap})`, hint: "query text would be kept after its session ended: set state_ttl to the sessionize gap" });
+  }
+  if (c.clarificationKinds.has("new_topic")) {
+    issues.push({ path: ["clarification_kinds"], message: "new_topic cannot be a clarification", hint: "remove new_topic from clarification_kinds" });
+  }
+  return issues;
+}
+
+function safeDuration(value: string | number): number {
+  try {
+    return parseDuration(value);
+  } catch {
+    return Infinity; // sessionize's own schema reports a bad gap
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+/** What the operator concludes about a query. */
+export type ReformulationDecision = "reformulation" | "clarification" | "new_topic" | "none";
+
+/** The annotation on query events (`attrs.reformulation`); null fields when there is no previous query. */
+export interface ReformulationAnnotation {
+  previous_query_id: string | null;
+  /** The last response shown for the previous query: the one a reformulation is dissatisfied with. */
+  previous_response_id: string | null;
+  kind: ReformulationKind | null;
+  decision: ReformulationDecision;
+  /** Normalized Levenshtein distance (0 identical … 1). */
+  levenshtein: number | null;
+  /** Character-3-gram Jaccard similarity. */
+  jaccard3: number | null;
+  /** Jaccard similarity of the token sets. */
+  token_overlap: number | null;
+  gap_ms: number | null;
+}
+
+/** The previous query of one session (short keys: stored per user). */
+interface PrevQuery {
+  /** Redacted query text. */
+  text: string;
+  ts: number;
+  qid?: string;
+  /** Last response shown for it, and when. */
+  rid?: string;
+  rts?: number;
+}
+
+/** Per session id (a Map: ids come from input, so no prototype keys); stored as `{v: 1, sessions: [[id, PrevQuery], …]}`. */
+interface UserState {
+  v: 1;
+  sessions: Map<string, PrevQuery>;
+}
+
+/** The reformulation-similarity operator. */
+export const reformulation: OperatorSpec<ReformulationConfig> = {
+  name: "reformulation",
+  summary: "Similarity, kind of change and decision (reformulation, clarification, new topic) between consecutive queries of a session.",
+  description:
+    "For each query, compares its (redacted) text with the previous query of the same session (attrs.session.id, else " +
+    "session_id): normalized Levenshtein distance, character-3-gram Jaccard, token overlap, the time gap, and the kind of " +
+    "change by the Huang & Efthimiadis (2009) taxonomy tried in a fixed order. Within max_gap, a clarification kind (words " +
+    "added, superstring) is a clarification; any other kind but new_topic, or a 3-gram Jaccard ≥ jaccard_min, or a " +
+    "normalized Levenshtein ≤ levenshtein_max, is a reformulation (dissatisfaction with the previous response); the rest, " +
+    "and anything after max_gap, is a new topic. The first query of a session is `none`. Other events pass through; " +
+    "response_shown events record the response a later reformulation refers to.",
+  keyed: true,
+  schema: reformulationSchema as unknown as Record<string, unknown>,
+  state: [
+    { key: "tacit:{<prefix>:u:<user>}:<stage>:state", holds: "JSON: per session (at most max_sessions) the previous query's redacted text, time, query_id and last response shown", ttl: "state_ttl from the last write; each session is also dropped once state_ttl of event time has passed since its query" },
+    { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "state_ttl" },
+  ],
+  outputs: [],
+  examples: [
+    { title: "Literature defaults (300 s, 3-gram Jaccard ≥ 0.5, normalized Levenshtein ≤ 0.35)", config: {} },
+    { title: "Stricter similarity, 2-minute follow-ups, spelling fixes as clarifications", config: { max_gap: "2m", jaccard_min: 0.75, levenshtein_max: 0.25, clarification_kinds: ["words_added", "superstring", "spelling_correction"], state_ttl: "30m" } },
+  ],
+  lint: lintReformulation,
+  create: (config, ctx) => createReformulation(compileReformulation(config), ctx),
+};
+
+// ---------------------------------------------------------------------------------------------
+// Implementation
+
+const round = (x: number): number => Math.round(x * 1e4) / 1e4;
+
+const NO_PREVIOUS: ReformulationAnnotation = {
+  previous_query_id: null,
+  previous_response_id: null,
+  kind: null,
+  decision: "none",
+  levenshtein: null,
+  jaccard3: null,
+  token_overlap: null,
+  gap_ms: null,
+};
+
+/** Compares a query with the previous one of its session and decides (exported for tests and docs). */
+export function compareQueries(c: CompiledReformulation, prev: { text: string; ts: number; query_id?: string; response_id?: string }, text: string, ts: number): ReformulationAnnotation {
+  const lev = normalizedLevenshtein(prev.text, text);
+  const j3 = jaccard3(prev.text, text);
+  const kind = classifyReformulation(prev.text, text, { spelling_max_edits: c.spellingMaxEdits });
+  const gap = ts - prev.ts;
+  let decision: ReformulationDecision;
+  if (gap > c.maxGapMs) decision = "new_topic";
+  else if (c.clarificationKinds.has(kind)) decision = "clarification";
+  else if (kind !== "new_topic" || j3 >= c.jaccardMin || lev <= c.levenshteinMax) decision = "reformulation";
+  else decision = "new_topic";
+  return {
+    previous_query_id: prev.query_id ?? null,
+    previous_response_id: prev.response_id ?? null,
+    kind,
+    decision,
+    levenshtein: round(lev),
+    jaccard3: round(j3),
+    token_overlap: round(tokenOverlap(prev.text, text)),
+    gap_ms: gap,
+  };
+}
+
+function sessionOf(env: Envelope): string {
+  const s = env.attrs.session;
+  if (s && typeof s === "object" && typeof (s as { id?: unknown }).id === "string") return (s as { id: string }).id;
+  return env.event.session_id;
+}
+
+function parseState(raw: string | null, onBad: (err: unknown) => void): UserState {
+  if (raw === null) return { v: 1, sessions: new Map() };
+  try {
+    const s = JSON.parse(raw) as { v?: unknown; sessions?: unknown };
+    if (s?.v === 1 && Array.isArray(s.sessions)) return { v: 1, sessions: new Map(s.sessions as [string, PrevQuery][]) };
+    throw new Error("unknown state version");
+  } catch (err) {
+    onBad(err);
+    return { v: 1, sessions: new Map() };
+  }
+}
+
+function encodeState(s: UserState): string {
+  return JSON.stringify({ v: 1, sessions: [...s.sessions] });
+}
+
+interface UserSlot {
+  state: UserState;
+  applied: number;
+  /** Index in the batch of the user's last applied input: its outcome carries the user's commit. */
+  last: number;
+  dirty: boolean;
+}
+
+function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Processor {
+  const stateKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "state");
+  const appliedKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "applied");
+
+  /** Forgets sessions whose query is older than the TTL (event time) and the oldest beyond max_sessions. */
+  function prune(s: UserState, now: number): void {
+    for (const [sid, q] of s.sessions) if (q.ts < now - c.ttlMs) s.sessions.delete(sid);
+    if (s.sessions.size > c.maxSessions) {
+      const sids = [...s.sessions.keys()].sort((a, b) => s.sessions.get(a)!.ts - s.sessions.get(b)!.ts || (a < b ? -1 : 1));
+      for (const sid of sids.slice(0, sids.length - c.maxSessions)) s.sessions.delete(sid);
+    }
+  }
+
+  /** Applies one event to the user's state; returns the annotation for a query, or undefined. */
+  function apply(slot: UserSlot, env: Envelope): ReformulationAnnotation | undefined {
+    const ev: TacitEvent = env.event;
+    const s = slot.state;
+    const sid = sessionOf(env);
+    if (ev.event_type === "response_shown") {
+      const prev = s.sessions.get(sid);
+      if (prev && ev.response_id !== undefined && (ev.query_id === undefined || ev.query_id === prev.qid) && (prev.rts === undefined || ev.ts >= prev.rts)) {
+        prev.rid = ev.response_id;
+        prev.rts = ev.ts;
+        slot.dirty = true;
+      }
+      return undefined;
+    }
+    if (ev.event_type !== "query") return undefined;
+
+    const text = ev.payload.text as string;
+    let prev: PrevQuery | undefined = s.sessions.get(sid);
+    if (prev && prev.ts < ev.ts - c.ttlMs) prev = undefined;
+    if (prev && ev.ts < prev.ts) {
+      // Arrived after a later query of its session: which query it followed is unknown, so no comparison.
+      ctx.metrics.count("reformulation_out_of_order", 1);
+      return NO_PREVIOUS;
+    }
+    const note = prev ? compareQueries(c, { text: prev.text, ts: prev.ts, query_id: prev.qid, response_id: prev.rid }, text, ev.ts) : NO_PREVIOUS;
+    const next: PrevQuery = { text, ts: ev.ts };
+    if (ev.query_id !== undefined) next.qid = ev.query_id;
+    s.sessions.set(sid, next);
+    prune(s, ev.ts);
+    slot.dirty = true;
+    return note;
+  }
+
+  return {
+    async process(batch: StageInput[]): Promise<Outcome[]> {
+      const outcomes: Outcome[] = new Array(batch.length);
+      const envs: (Envelope | undefined)[] = batch.map((input, i) => {
+        const env = input.envelope;
+        if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {
+          outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `reformulation needs an envelope with event.user and event.ts (seq ${input.seq})`) };
+          return undefined;
+        }
+        if (env.event.event_type === "query" && typeof env.event.payload?.text !== "string") {
+          outcomes[i] = { emits: [], error: new BadInputError("schema_violation", `query event ${env.event.event_id} has no payload.text (seq ${input.seq})`) };
+          return undefined;
+        }
+        return env;
+      });
+
+      const users = [...new Set(envs.filter((e): e is Envelope => e !== undefined).map((e) => e.event.user))];
+      let values: (string | null)[];
+      try {
+        values = users.length ? await ctx.state.get(users.flatMap((u) => [stateKey(u), appliedKey(u)])) : [];
+      } catch (err) {
+        const error = err instanceof TacitError ? err : new TransientError("state_unavailable", `reformulation state read failed: ${errorMessage(err)}`, err);
+        return batch.map((_, i) => outcomes[i] ?? { emits: [], error });
+      }
+      const slots = new Map<string, UserSlot>();
+      users.forEach((u, i) => {
+        const state = parseState(values[2 * i]!, (err) => ctx.log.warn({ user: u, err: errorMessage(err) }, "reformulation: unreadable state, starting afresh"));
+        slots.set(u, { state, applied: Number(values[2 * i + 1] ?? 0) || 0, last: -1, dirty: false });
+      });
+
+      batch.forEach((input, i) => {
+        const env = envs[i];
+        if (!env) return;
+        const slot = slots.get(env.event.user)!;
+        if (input.seq <= slot.applied) {
+          outcomes[i] = { emits: [], dropped: "already_applied" };
+          return;
+        }
+        slot.applied = input.seq;
+        slot.last = i;
+        const note = apply(slot, env);
+        if (note) ctx.metrics.count("reformulation_decision", 1, { decision: note.decision });
+        const value: Envelope = note ? { ...env, attrs: { ...env.attrs, reformulation: note } } : env;
+        outcomes[i] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value }] };
+      });
+
+      // One atomic group per user, fenced by the user's last applied sequence in this batch; events
+      // that changed nothing still advance the guard so a redelivery re-emits nothing.
+      for (const [user, slot] of slots) {
+        if (slot.last < 0) continue;
+        const ops: StateOp[] = [];
+        if (slot.dirty) {
+          ops.push(slot.state.sessions.size ? { op: "set", key: stateKey(user), value: encodeState(slot.state), ttl_ms: c.ttlMs } : { op: "del", key: stateKey(user) });
+        }
+        const group: CommitGroup = { guard: { key: appliedKey(user), seq: slot.applied, ttl_ms: c.ttlMs }, ops };
+        const o = outcomes[slot.last]!;
+        o.commits = [...(o.commits ?? []), group];
+      }
+      return outcomes;
+    },
+  };
+}

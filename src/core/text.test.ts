@@ -1,0 +1,102 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  charNgrams,
+  classifyReformulation,
+  compactText,
+  jaccard,
+  jaccard3,
+  normalizedLevenshtein,
+  REFORMULATION_KINDS,
+  stem,
+  tokenize,
+  tokenOverlap,
+  type ReformulationKind,
+} from "./text.js";
+
+test("tokenize folds case and width and splits on non-word characters", () => {
+  assert.deepEqual(tokenize("  Ｎew-York  PIZZA, 2024! "), ["new", "york", "pizza", "2024"]);
+  assert.deepEqual(tokenize("?!"), []);
+  assert.equal(compactText("E-Mail  login"), "emaillogin");
+});
+
+test("normalized Levenshtein divides by the longer folded text", () => {
+  assert.equal(normalizedLevenshtein("abc", "ABC"), 0);
+  assert.equal(normalizedLevenshtein("kitten", "sitting"), 3 / 7);
+  assert.equal(normalizedLevenshtein("", ""), 0);
+  assert.equal(normalizedLevenshtein("", "abcd"), 1);
+});
+
+test("character 3-grams and Jaccard", () => {
+  assert.deepEqual([...charNgrams("abcd")], ["abc", "bcd"]);
+  assert.deepEqual([...charNgrams("ab")], ["ab"]);
+  assert.equal(charNgrams("").size, 0);
+  assert.equal(jaccard(new Set([1, 2, 3]), new Set([2, 3, 4])), 2 / 4);
+  assert.equal(jaccard(new Set(), new Set()), 1);
+  // "abcd" {abc,bcd} vs "abce" {abc,bce}: 1 shared of 3
+  assert.equal(jaccard3("abcd", "abce"), 1 / 3);
+  assert.equal(tokenOverlap("red shoes", "red boots"), 1 / 3);
+});
+
+test("stem strips common suffixes so inflections meet", () => {
+  const pairs: [string, string][] = [
+    ["queries", "query"],
+    ["running", "run"],
+    ["making", "make"],
+    ["shoes", "shoe"],
+    ["watches", "watch"],
+    ["tested", "test"],
+    ["quickly", "quick"],
+    ["flights", "flight"],
+  ];
+  for (const [a, b] of pairs) assert.equal(stem(a), stem(b), `${a} / ${b}`);
+  assert.notEqual(stem("cats"), stem("dogs"));
+  assert.equal(stem("bus"), "bus");
+  assert.equal(stem("glass"), "glass");
+});
+
+/** One row per kind, each chosen so that no earlier rule applies. */
+const TABLE: { prev: string; next: string; kind: ReformulationKind }[] = [
+  { prev: "python list sort", next: "Python  List Sort", kind: "same" },
+  { prev: "new york pizza", next: "pizza new york", kind: "word_reorder" },
+  { prev: "email login", next: "e-mail login", kind: "whitespace_punctuation" },
+  { prev: "new york, pizza", next: "new york pizza", kind: "whitespace_punctuation" },
+  { prev: "python sort", next: "python sort list by key", kind: "words_added" },
+  { prev: "how to sort a python list by key", next: "sort python list", kind: "words_removed" },
+  { prev: "running shoes", next: "run shoe", kind: "stemming" },
+  { prev: "world health organization covid guidance", next: "who covid guidance", kind: "acronym" },
+  { prev: "nasa mission", next: "national aeronautics space administration mission", kind: "acronym" },
+  { prev: "univ of washington", next: "university of washington", kind: "abbreviation" },
+  { prev: "javascript tutorial", next: "java tutorial", kind: "abbreviation" },
+  { prev: "facebook", next: "book", kind: "substring" },
+  { prev: "python tut", next: "python tutorial for beginners", kind: "superstring" },
+  { prev: "cheap flights paris", next: "cheap hotels paris", kind: "substitution" },
+  { prev: "pyhton tutorial", next: "python tutorial", kind: "spelling_correction" },
+  { prev: "recieve", next: "receive", kind: "spelling_correction" },
+  { prev: "weather in boston", next: "best pasta recipe", kind: "new_topic" },
+  { prev: "ab", next: "cd", kind: "new_topic" },
+];
+
+test("reformulation taxonomy: every kind, first matching rule wins", () => {
+  for (const row of TABLE) {
+    assert.equal(classifyReformulation(row.prev, row.next), row.kind, `${row.prev} → ${row.next}`);
+  }
+  const covered = new Set(TABLE.map((r) => r.kind));
+  for (const k of REFORMULATION_KINDS) assert.ok(covered.has(k), `table covers ${k}`);
+});
+
+test("rule order: an earlier rule shadows a later one that also applies", () => {
+  // Also a superstring ("python sort" ⊂ "python sort list"), but words_added comes first.
+  assert.equal(classifyReformulation("python sort", "python sort list"), "words_added");
+  // Also within 2 edits ("cat" → "cats"), but stemming comes first.
+  assert.equal(classifyReformulation("black cat", "black cats"), "stemming");
+  // Also a superstring at character level ("java" ⊂ "javascript"), but abbreviation comes first.
+  assert.equal(classifyReformulation("java", "javascript"), "abbreviation");
+});
+
+test("spelling_max_edits bounds the spelling rule", () => {
+  assert.equal(classifyReformulation("colour theory", "color theory"), "spelling_correction");
+  assert.equal(classifyReformulation("colour theory", "color theory", { spelling_max_edits: 0 }), "substitution");
+  assert.equal(classifyReformulation("abcdef", "abcxyz", { spelling_max_edits: 3 }), "spelling_correction");
+  assert.equal(classifyReformulation("abcdef", "abcxyz"), "new_topic");
+});
