@@ -1,0 +1,644 @@
+import { createHash } from "node:crypto";
+import type { JSONSchemaType } from "ajv";
+import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
+import { BadInputError, errorMessage } from "../src/core/errors.js";
+import type { Envelope, TacitEvent } from "../src/core/event.js";
+import type {
+  Emit,
+  LintIssue,
+  OperatorContext,
+  OperatorSpec,
+  Outcome,
+  Processor,
+  StageInput,
+} from "../src/core/operator.js";
+import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+
+// ---------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------
+
+/** Config of a `sessionize` stage as written in the pipeline YAML (durations as strings). */
+export interface SessionizeConfig {
+  /** Inactivity gap that ends a session. @default "30m" */
+  gap: string;
+  /** How far behind the watermark an event may arrive and still update its session. @default "5m" */
+  allowed_lateness: string;
+  /** Sessions longer than this are split; both parts are flagged `split`. @default "4h" */
+  max_session_length: string;
+  /** Emit a revised summary when a late event changes an already emitted session. @default true */
+  emit_updates: boolean;
+}
+
+/** The compiled config: durations in ms. */
+export interface SessionizeOptions {
+  gap_ms: number;
+  allowed_lateness_ms: number;
+  max_session_ms: number;
+  emit_updates: boolean;
+}
+
+export const SESSIONIZE_DEFAULTS: SessionizeConfig = {
+  gap: "30m",
+  allowed_lateness: "5m",
+  max_session_length: "4h",
+  emit_updates: true,
+};
+
+/** JSON Schema of the stage config: the single source for validation, defaults and docs. */
+export const sessionizeSchema: JSONSchemaType<SessionizeConfig> = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    gap: {
+      ...DURATION_SCHEMA,
+      default: SESSIONIZE_DEFAULTS.gap,
+      description: "Inactivity gap: events of one user closer than this (in event time) belong to the same session.",
+      examples: ["30m", "10m"],
+    },
+    allowed_lateness: {
+      ...DURATION_SCHEMA,
+      default: SESSIONIZE_DEFAULTS.allowed_lateness,
+      description:
+        "How far behind the partition watermark an event may be and still update its session (producing a revised summary). Later events go to <p>.late. Must be smaller than `gap`.",
+      examples: ["5m", "0s"],
+    },
+    max_session_length: {
+      ...DURATION_SCHEMA,
+      default: SESSIONIZE_DEFAULTS.max_session_length,
+      description:
+        "Cap on a session's extent (last event time minus first). An event that would stretch a session past it starts a new session; both parts are flagged `split: true`.",
+      examples: ["4h", "2h"],
+    },
+    emit_updates: {
+      type: "boolean",
+      default: SESSIONIZE_DEFAULTS.emit_updates,
+      description:
+        "When a late event (within allowed_lateness) changes a session whose summary was already emitted, emit a revised summary (same session_id, revision + 1).",
+      examples: [true],
+    },
+  },
+  required: [],
+};
+
+/** Normalizes a (possibly partial) config into ms; throws ConfigError naming the field at fault. */
+export function compileSessionizeConfig(config: Partial<SessionizeConfig>): SessionizeOptions {
+  const c = { ...SESSIONIZE_DEFAULTS, ...config };
+  return {
+    gap_ms: parseDuration(c.gap, "gap"),
+    allowed_lateness_ms: parseDuration(c.allowed_lateness, "allowed_lateness"),
+    max_session_ms: parseDuration(c.max_session_length, "max_session_length"),
+    emit_updates: c.emit_updates,
+  };
+}
+
+/**
+ * How long past a session's deadline (end + gap + allowed_lateness, in event time) its keys live
+ * in Redis. Closing deletes them explicitly; the TTL is the safety net, long enough that a
+ * pipeline stopped for most of a day resumes without losing open sessions.
+ */
+export const STATE_TTL_MARGIN_MS = 24 * 3_600_000;
+
+// ---------------------------------------------------------------------------------------------
+// Output shapes
+// ---------------------------------------------------------------------------------------------
+
+/** Published on `<p>.sessions` (emit id `session:<session_id>:<revision>`). Carries no raw text. */
+export interface SessionSummary {
+  session_id: string;
+  user: string;
+  /** Event time of the first and last event (ms since the epoch). */
+  start: number;
+  end: number;
+  duration_ms: number;
+  event_count: number;
+  counts: Record<string, number>;
+  query_ids: string[];
+  response_ids: string[];
+  /** The last event (by event time) is `abandon`, or a `response_shown` with nothing after it. */
+  ended_in_abandonment: boolean;
+  /** The session hit `max_session_length` and was cut. */
+  split: boolean;
+  /** Session ids merged into this one (retracted: consumers drop their summaries and events' provisional ids map here). */
+  merged_from: string[];
+  /** 0 on close; +1 for every revision (late event, merge). The highest revision supersedes the rest. */
+  revision: number;
+}
+
+/** Published on `<p>.late` (emit id `<stage>:<src.seq>`). */
+export interface LateRecord {
+  event: TacitEvent;
+  src: Envelope["src"];
+  lateness_ms: number;
+  watermark_ms: number;
+  reason: "beyond_allowed_lateness" | "session_closed";
+}
+
+/** Added to `attrs.session` of every event passed on: a provisional id (the summary gives the final grouping). */
+export interface SessionAttr {
+  id: string;
+  seq_in_session: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata and lint
+// ---------------------------------------------------------------------------------------------
+
+export const sessionize: OperatorSpec<SessionizeConfig> = {
+  name: "sessionize",
+  summary: "Event-time session windows per user, with merging, watermarks, allowed lateness and a length cap.",
+  description:
+    "Groups each user's events into sessions separated by an inactivity gap, in event time (Flink event-time " +
+    "session windows, Kafka Streams session windows with grace). Out-of-order events that bridge two sessions merge " +
+    "them; the merged-away id is listed in `merged_from`. When the partition watermark passes a session's end + gap " +
+    "its summary goes to <p>.sessions (revision 0); the session is kept for `allowed_lateness` more so late events " +
+    "can revise it (revision 1, 2, …), then removed. Events later than that go to <p>.late with their lateness. " +
+    "Every other event is passed on with `attrs.session = {id, seq_in_session}`.",
+  keyed: true,
+  schema: sessionizeSchema as unknown as Record<string, unknown>,
+  state: [
+    {
+      key: "tacit:{<p>:u:<user>}:<stage>:sessions",
+      holds: "JSON of the user's open sessions (interval, counts, ids, emitted revision)",
+      ttl: "event-time deadline (last end + gap + allowed_lateness) minus the watermark, + 24h; deleted when the last session closes",
+    },
+    {
+      key: "tacit:{<p>:u:<user>}:<stage>:applied",
+      holds: "stream sequence of the last input applied to the user's sessions (exactly-once fence)",
+      ttl: "same as sessions; deleted with them, or one watermark round later when the user has inputs in the batch not yet acked (a redelivery must still meet the fence)",
+    },
+    {
+      key: "tacit:{<p>:p:<stage>:<partition>}:timers",
+      holds: "sorted set: member = user, score = watermark at which the user's next session fires or closes",
+      ttl: "none: members are removed when they fire with nothing left (a key TTL would drop other users' timers)",
+    },
+  ],
+  outputs: ["late", "sessions"],
+  examples: [
+    { title: "Defaults: 30 min gap, 5 min lateness, 4 h cap", config: {} },
+    {
+      title: "Writing assistant with long pauses between edits",
+      config: { gap: "45m", allowed_lateness: "10m", max_session_length: "8h", emit_updates: true },
+    },
+    { title: "Only final summaries (no revisions)", config: { gap: "30m", allowed_lateness: "5m", emit_updates: false } },
+  ],
+
+  lint(config) {
+    const issues: LintIssue[] = [];
+    let o: SessionizeOptions;
+    try {
+      o = compileSessionizeConfig(config);
+    } catch {
+      return issues; // malformed durations are reported by the schema
+    }
+    if (o.allowed_lateness_ms >= o.gap_ms) {
+      issues.push({
+        path: ["allowed_lateness"],
+        message: `allowed_lateness (${config.allowed_lateness ?? SESSIONIZE_DEFAULTS.allowed_lateness}) must be smaller than gap (${config.gap ?? SESSIONIZE_DEFAULTS.gap})`,
+        hint: `a late event could then reopen sessions already closed and emitted; use at most ${formatDuration(Math.max(0, o.gap_ms - 1000))}, or raise event_time.max_out_of_orderness instead`,
+      });
+    }
+    if (o.max_session_ms < o.gap_ms) {
+      issues.push({
+        path: ["max_session_length"],
+        message: `max_session_length (${config.max_session_length ?? SESSIONIZE_DEFAULTS.max_session_length}) is shorter than gap`,
+        hint: "sessions would be split almost always; use a cap of several gaps (the default is 4h)",
+      });
+    }
+    return issues;
+  },
+
+  create(config, ctx) {
+    return new Sessionizer(compileSessionizeConfig(config), ctx);
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Implementation
+// ---------------------------------------------------------------------------------------------
+
+/** One open session as stored in the user's `sessions` key. */
+interface Session {
+  id: string;
+  start: number;
+  end: number;
+  count: number;
+  counts: Record<string, number>;
+  query_ids: string[];
+  response_ids: string[];
+  /** Latest event by (ts, event_id): decides `ended_in_abandonment` independently of arrival order. */
+  last: { ts: number; event_id: string; type: string };
+  /** Revision of the last emitted summary; -1 when none was emitted yet. */
+  rev: number;
+  /** Changed since the last emitted summary. */
+  changed: boolean;
+  split: boolean;
+  merged_from: string[];
+}
+
+interface StoredUser {
+  v: 1;
+  sessions: Session[];
+}
+
+/** A user's sessions while a batch (or a watermark) is being processed. */
+interface UserWork {
+  user: string;
+  sessions: Session[];
+  applied: number;
+  partition: number;
+  /** Index in the batch of the last input applied (its outcome carries the commits). */
+  lastIndex: number;
+  lastWatermark: number | undefined;
+  lastTs: number;
+  dirty: boolean;
+}
+
+const NO_SCORE_MIN = -Number.MAX_SAFE_INTEGER;
+
+function sessionIdOf(user: string, eventId: string): string {
+  return "s:" + createHash("sha256").update(user).update("\u0000").update(eventId).digest("hex").slice(0, 16);
+}
+
+function insertSorted(list: string[], value: string | undefined): void {
+  if (value === undefined || value === "") return;
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (list[mid]! < value) lo = mid + 1;
+    else hi = mid;
+  }
+  if (list[lo] !== value) list.splice(lo, 0, value);
+}
+
+function unionSorted(a: string[], b: string[]): string[] {
+  const out = [...a];
+  for (const v of b) insertSorted(out, v);
+  return out;
+}
+
+function laterEvent(a: Session["last"], b: Session["last"]): Session["last"] {
+  return b.ts > a.ts || (b.ts === a.ts && b.event_id > a.event_id) ? b : a;
+}
+
+function byStart(a: Session, b: Session): number {
+  return a.start - b.start || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+function decode(input: StageInput): Envelope {
+  let env: Envelope | undefined = input.envelope;
+  if (!env) {
+    try {
+      env = JSON.parse(new TextDecoder().decode(input.data)) as Envelope;
+    } catch (err) {
+      throw new BadInputError("bad_envelope", `sessionize: input is not a JSON envelope: ${errorMessage(err)}`, err);
+    }
+  }
+  const e = env?.event;
+  if (!e || typeof e.user !== "string" || e.user === "") {
+    throw new BadInputError("bad_envelope", "sessionize: envelope has no event.user");
+  }
+  if (typeof e.ts !== "number" || !Number.isFinite(e.ts)) {
+    throw new BadInputError("bad_envelope", "sessionize: envelope has no numeric event.ts");
+  }
+  if (typeof e.event_id !== "string" || typeof e.event_type !== "string") {
+    throw new BadInputError("bad_envelope", "sessionize: envelope has no event_id or event_type");
+  }
+  if (typeof env.src?.seq !== "number") throw new BadInputError("bad_envelope", "sessionize: envelope has no src.seq");
+  return env;
+}
+
+class Sessionizer implements Processor {
+  /**
+   * User states this instance computed but whose commits may not be applied yet: the runtime
+   * calls onWatermark before it applies the batch's commits, so the timers and sessions in the
+   * store can be one batch behind. These are also the users whose inputs are not acked yet.
+   * Reset by every `process` (by then all earlier commits are applied and acked, or the batch
+   * is being retried from the store's state).
+   */
+  private pending = new Map<string, { partition: number; json: string; nextDue: number | undefined }>();
+
+  constructor(
+    private readonly o: SessionizeOptions,
+    private readonly ctx: OperatorContext,
+  ) {}
+
+  private sessionsKey(user: string): string {
+    return userKey(this.ctx.prefix, user, this.ctx.stage, "sessions");
+  }
+
+  private appliedKey(user: string): string {
+    return userKey(this.ctx.prefix, user, this.ctx.stage, "applied");
+  }
+
+  private timersKey(partition: number): string {
+    return partitionKey(this.ctx.prefix, this.ctx.stage, partition, "timers");
+  }
+
+  async process(batch: StageInput[]): Promise<Outcome[]> {
+    const outcomes: Outcome[] = new Array(batch.length);
+    const envs: (Envelope | undefined)[] = batch.map((input, i) => {
+      try {
+        return decode(input);
+      } catch (err) {
+        outcomes[i] = { emits: [], error: err as BadInputError };
+        return undefined;
+      }
+    });
+
+    // One round trip for every user of the batch; later inputs see earlier ones through `work`.
+    const users = [...new Set(envs.flatMap((e) => (e ? [e.event.user] : [])))];
+    const values = users.length ? await this.ctx.state.get(users.flatMap((u) => [this.sessionsKey(u), this.appliedKey(u)])) : [];
+    const work = new Map<string, UserWork>();
+    users.forEach((user, k) => {
+      work.set(user, {
+        user,
+        sessions: this.parse(values[2 * k] ?? null),
+        applied: Number(values[2 * k + 1] ?? 0),
+        partition: 0,
+        lastIndex: -1,
+        lastWatermark: undefined,
+        lastTs: 0,
+        dirty: false,
+      });
+    });
+
+    batch.forEach((input, i) => {
+      const env = envs[i];
+      if (!env) return;
+      const w = work.get(env.event.user)!;
+      w.partition = input.partition ?? env.partition;
+      if (input.seq <= w.applied) {
+        outcomes[i] = { emits: [], dropped: "already_applied" };
+        return;
+      }
+      w.applied = input.seq;
+      w.lastIndex = i;
+      w.lastWatermark = input.watermark_ms;
+      w.lastTs = env.event.ts;
+      outcomes[i] = this.apply(w, input, env);
+    });
+
+    // Every user with an input here, applied or skipped, has inputs that are not acked yet.
+    this.pending = new Map();
+    for (const w of work.values()) {
+      const json = this.serialize(w);
+      this.pending.set(w.user, { partition: w.partition, json, nextDue: this.nextDue(w.sessions) });
+      // A user with no open session keeps no state: a beyond-lateness event of such a user
+      // leaves nothing behind (its `late` emit id deduplicates a redelivery).
+      if (w.lastIndex < 0 || w.sessions.length === 0) continue;
+      outcomes[w.lastIndex]!.commits = this.commitsFor(w, json, w.lastWatermark ?? w.lastTs);
+    }
+    return outcomes;
+  }
+
+  async onWatermark(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }> {
+    const emits: Emit[] = [];
+    const commits: CommitGroup[] = [];
+    const timers = this.timersKey(partition);
+    const due = new Set((await this.ctx.state.zrangeByScore(timers, NO_SCORE_MIN, watermarkMs)).map((d) => d.member));
+    for (const [user, p] of this.pending) {
+      if (p.partition === partition && p.nextDue !== undefined && p.nextDue <= watermarkMs) due.add(user);
+    }
+    if (due.size === 0) return { emits, commits };
+    const users = [...due].sort();
+    const toRead = users.filter((u) => !this.pending.has(u));
+    const values = toRead.length ? await this.ctx.state.get(toRead.map((u) => this.sessionsKey(u))) : [];
+    const stored = new Map(toRead.map((u, k) => [u, values[k] ?? null]));
+
+    for (const user of users) {
+      const w: UserWork = {
+        user,
+        sessions: this.parse(this.pending.get(user)?.json ?? stored.get(user) ?? null),
+        applied: 0,
+        partition,
+        lastIndex: -1,
+        lastWatermark: watermarkMs,
+        lastTs: watermarkMs,
+        dirty: false,
+      };
+      this.advance(w, watermarkMs, emits, true);
+      const json = this.serialize(w);
+      const unacked = this.pending.has(user);
+      if (unacked) this.pending.set(user, { partition, json, nextDue: this.nextDue(w.sessions) });
+      if (w.sessions.length === 0 && unacked) {
+        // The user's inputs of this batch are not acked yet: a redelivery must still meet the
+        // `applied` fence, so it stays one more watermark round (the timer comes back for it).
+        commits.push({ ops: [{ op: "zadd", key: timers, score: watermarkMs + 1, member: user }] });
+        commits.push({ ops: [{ op: "del", key: this.sessionsKey(user) }] });
+        continue;
+      }
+      if (w.sessions.length === 0) {
+        // State first, timer last: a crash in between leaves a timer that finds nothing and removes itself.
+        commits.push({ ops: [{ op: "del", key: this.sessionsKey(user) }, { op: "del", key: this.appliedKey(user) }] });
+        commits.push({ ops: [{ op: "zrem", key: timers, member: user }] });
+        continue;
+      }
+      // A timer that fired with nothing due (stale after a crash) re-adds itself at the right time.
+      commits.push({ ops: [{ op: "zadd", key: timers, score: this.nextDue(w.sessions)!, member: user }] });
+      if (w.dirty) commits.push({ ops: [{ op: "set", key: this.sessionsKey(user), value: json, ttl_ms: this.ttl(w, watermarkMs) }] });
+    }
+    return { emits, commits };
+  }
+
+  /** Applies one new input of a user to its in-memory sessions. */
+  private apply(w: UserWork, input: StageInput, env: Envelope): Outcome {
+    const emits: Emit[] = [];
+    const ev = env.event;
+    const wm = input.watermark_ms;
+    const { gap_ms: gap, allowed_lateness_ms: lateness } = this.o;
+
+    // Fire what this input's watermark has already passed, so a session's revisions do not
+    // depend on where the batch boundaries fell (onWatermark may not have run yet).
+    if (wm !== undefined) this.advance(w, wm, emits, false);
+
+    if (wm !== undefined && ev.ts < wm && wm - ev.ts > lateness) {
+      return { emits: [...emits, this.late(env, wm, "beyond_allowed_lateness")] };
+    }
+    const targets = w.sessions.filter((s) => ev.ts >= s.start - gap && ev.ts <= s.end + gap);
+    if (wm !== undefined && targets.some((s) => wm >= s.end + gap + lateness)) {
+      return { emits: [...emits, this.late(env, wm, "session_closed")] };
+    }
+
+    const session = this.place(w, targets, env);
+    w.dirty = true;
+    emits.push({
+      to: "next",
+      id: `${this.ctx.stage}:${env.src.seq}`,
+      value: { ...env, attrs: { ...env.attrs, session: { id: session.id, seq_in_session: session.count } satisfies SessionAttr } },
+    });
+    // Only reachable when allowed_lateness ≥ gap (lint rejects it): the changed session is due already.
+    if (wm !== undefined) this.advance(w, wm, emits, false);
+    return { emits };
+  }
+
+  /** Adds the event to the sessions it touches (merging them) or to a new one; returns its session. */
+  private place(w: UserWork, targets: Session[], env: Envelope): Session {
+    const ev = env.event;
+    const cap = this.o.max_session_ms;
+    const extentWith = (group: Session[]): number =>
+      Math.max(ev.ts, ...group.map((s) => s.end)) - Math.min(ev.ts, ...group.map((s) => s.start));
+
+    let host: Session | undefined;
+    if (targets.length > 0 && extentWith(targets) <= cap) {
+      host = this.merge(w, targets);
+    } else if (targets.length > 0) {
+      // Merging everything would exceed the cap: join the nearest session that still fits and
+      // keep the others apart; every session involved is flagged as split.
+      const dist = (s: Session): number => (ev.ts < s.start ? s.start - ev.ts : ev.ts > s.end ? ev.ts - s.end : 0);
+      const fits = targets.filter((s) => extentWith([s]) <= cap).sort((a, b) => dist(a) - dist(b) || byStart(a, b));
+      host = fits[0];
+      for (const s of targets) {
+        if (!s.split) {
+          s.split = true;
+          s.changed = true;
+        }
+      }
+      this.ctx.metrics.count("sessions_split");
+    }
+    if (!host) {
+      host = this.newSession(w, env, targets.length > 0);
+      w.sessions.push(host);
+      w.sessions.sort(byStart);
+    }
+    host.start = Math.min(host.start, ev.ts);
+    host.end = Math.max(host.end, ev.ts);
+    host.count += 1;
+    host.counts[ev.event_type] = (host.counts[ev.event_type] ?? 0) + 1;
+    insertSorted(host.query_ids, ev.query_id);
+    insertSorted(host.response_ids, ev.response_id);
+    host.last = laterEvent(host.last, { ts: ev.ts, event_id: ev.event_id, type: ev.event_type });
+    host.changed = true;
+    return host;
+  }
+
+  private newSession(w: UserWork, env: Envelope, split: boolean): Session {
+    const ev = env.event;
+    let id = sessionIdOf(w.user, ev.event_id);
+    // A repeated event_id (dedupe missed it) must not reuse an open session's id.
+    if (w.sessions.some((s) => s.id === id)) id = sessionIdOf(w.user, `${ev.event_id}#${env.src.seq}`);
+    return {
+      id,
+      start: ev.ts,
+      end: ev.ts,
+      count: 0,
+      counts: {},
+      query_ids: [],
+      response_ids: [],
+      last: { ts: ev.ts, event_id: ev.event_id, type: ev.event_type },
+      rev: -1,
+      changed: true,
+      split,
+      merged_from: [],
+    };
+  }
+
+  /** Merges sessions into the earliest-starting one (tie: smaller id); the others are retracted. */
+  private merge(w: UserWork, group: Session[]): Session {
+    const [keep, ...gone] = [...group].sort(byStart);
+    if (gone.length === 0) return keep!;
+    for (const s of gone) {
+      keep!.start = Math.min(keep!.start, s.start);
+      keep!.end = Math.max(keep!.end, s.end);
+      keep!.count += s.count;
+      for (const [t, n] of Object.entries(s.counts)) keep!.counts[t] = (keep!.counts[t] ?? 0) + n;
+      keep!.query_ids = unionSorted(keep!.query_ids, s.query_ids);
+      keep!.response_ids = unionSorted(keep!.response_ids, s.response_ids);
+      keep!.last = laterEvent(keep!.last, s.last);
+      keep!.split ||= s.split;
+      keep!.merged_from = unionSorted(keep!.merged_from, [s.id, ...s.merged_from]);
+    }
+    keep!.changed = true;
+    const goneIds = new Set(gone.map((s) => s.id));
+    w.sessions = w.sessions.filter((s) => !goneIds.has(s.id));
+    this.ctx.metrics.count("sessions_merged", gone.length);
+    return keep!;
+  }
+
+  /**
+   * Emits the summary of every session the watermark has passed (end + gap < wm) that has not
+   * been emitted since its last change; with `remove`, drops sessions past end + gap + lateness.
+   */
+  private advance(w: UserWork, wm: number, emits: Emit[], remove: boolean): void {
+    const { gap_ms: gap, allowed_lateness_ms: lateness } = this.o;
+    for (const s of w.sessions) {
+      if (this.needsEmit(s) && wm > s.end + gap) {
+        s.rev += 1;
+        s.changed = false;
+        w.dirty = true;
+        emits.push({ to: "sessions", id: `session:${s.id}:${s.rev}`, value: this.summary(w.user, s) });
+        this.ctx.metrics.count(s.rev === 0 ? "sessions_closed" : "sessions_revised");
+      }
+    }
+    if (remove) {
+      const before = w.sessions.length;
+      w.sessions = w.sessions.filter((s) => wm <= s.end + gap + lateness);
+      if (w.sessions.length !== before) w.dirty = true;
+    }
+  }
+
+  private needsEmit(s: Session): boolean {
+    return s.rev < 0 || (s.changed && this.o.emit_updates);
+  }
+
+  /** The smallest watermark at which something happens to one of these sessions (undefined: none open). */
+  private nextDue(sessions: Session[]): number | undefined {
+    const { gap_ms: gap, allowed_lateness_ms: lateness } = this.o;
+    let due: number | undefined;
+    for (const s of sessions) {
+      const at = this.needsEmit(s) ? s.end + gap + 1 : s.end + gap + lateness + 1;
+      if (due === undefined || at < due) due = at;
+    }
+    return due;
+  }
+
+  private ttl(w: UserWork, nowEventMs: number): number {
+    const deadline = Math.max(...w.sessions.map((s) => s.end)) + this.o.gap_ms + this.o.allowed_lateness_ms;
+    return Math.max(0, deadline - nowEventMs) + STATE_TTL_MARGIN_MS;
+  }
+
+  /** Timer first, then the guarded user state: a crash in between cannot lose a timer. */
+  private commitsFor(w: UserWork, json: string, nowEventMs: number): CommitGroup[] {
+    const ttl = this.ttl(w, nowEventMs);
+    const ops: StateOp[] = w.dirty ? [{ op: "set", key: this.sessionsKey(w.user), value: json, ttl_ms: ttl }] : [];
+    return [
+      { ops: [{ op: "zadd", key: this.timersKey(w.partition), score: this.nextDue(w.sessions)!, member: w.user }] },
+      { guard: { key: this.appliedKey(w.user), seq: w.applied, ttl_ms: ttl }, ops },
+    ];
+  }
+
+  private late(env: Envelope, wm: number, reason: LateRecord["reason"]): Emit {
+    this.ctx.metrics.count("late", 1, { reason });
+    const value: LateRecord = { event: env.event, src: env.src, lateness_ms: wm - env.event.ts, watermark_ms: wm, reason };
+    return { to: "late", id: `${this.ctx.stage}:${env.src.seq}`, value };
+  }
+
+  private summary(user: string, s: Session): SessionSummary {
+    return {
+      session_id: s.id,
+      user,
+      start: s.start,
+      end: s.end,
+      duration_ms: s.end - s.start,
+      event_count: s.count,
+      counts: Object.fromEntries(Object.entries(s.counts).sort(([a], [b]) => (a < b ? -1 : 1))),
+      query_ids: [...s.query_ids],
+      response_ids: [...s.response_ids],
+      ended_in_abandonment: s.last.type === "abandon" || s.last.type === "response_shown",
+      split: s.split,
+      merged_from: [...s.merged_from],
+      revision: s.rev,
+    };
+  }
+
+  private parse(raw: string | null): Session[] {
+    if (raw === null) return [];
+    return (JSON.parse(raw) as StoredUser).sessions;
+  }
+
+  private serialize(w: UserWork): string {
+    const stored: StoredUser = { v: 1, sessions: w.sessions };
+    return JSON.stringify(stored);
+  }
+}
