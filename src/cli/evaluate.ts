@@ -1,0 +1,164 @@
+import type { Command } from "commander";
+import { readFile } from "node:fs/promises";
+import { ConfigError } from "../core/errors.js";
+import { pseudonymize, resolvePseudonymKey } from "../core/pseudonym.js";
+import { evaluate, type Report, type TargetResult } from "../eval/evaluate.js";
+import { parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
+import { parseTruth } from "../sim/truth.js";
+import { runCommand, type CliIo } from "./simulate.js";
+
+const STD_IO: CliIo = {
+  out: (t) => process.stdout.write(t),
+  err: (t) => process.stderr.write(t),
+};
+
+/** Default environment variable of the pseudonymization key (the same one enrich reads). */
+export const DEFAULT_KEY_ENV = "TACIT_PSEUDONYM_KEY";
+
+interface EvaluateFlags {
+  truth?: string;
+  labels?: string;
+  features?: string;
+  bots?: string;
+  scoresWithoutBaselines?: string;
+  keyEnv: string;
+  check?: boolean;
+  json?: boolean;
+}
+
+async function readInput(path: string, flag: string): Promise<string> {
+  try {
+    return await readFile(path, "utf8");
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new ConfigError(`${flag}: ${path} does not exist`);
+    throw err;
+  }
+}
+
+const f = (x: number | null, digits = 3): string => (x === null ? "-" : x.toFixed(digits));
+const pct = (x: number | null): string => (x === null ? "-" : `${(x * 100).toFixed(2)} %`);
+
+const TARGET_NAMES: Record<TargetResult["name"], string> = {
+  positive_precision: "positive-label precision",
+  coverage: "coverage (signalled responses labelled)",
+  auc: "ROC-AUC of the response score",
+  human_fpr: "human false-positive rate",
+};
+
+function targetRow(t: TargetResult): string {
+  const value = t.name === "human_fpr" ? pct(t.value) : f(t.value);
+  const threshold = t.name === "human_fpr" ? pct(t.threshold) : f(t.threshold, 2);
+  const verdict = t.pass === null ? "n/a" : t.pass ? "pass" : "FAIL";
+  return `  ${TARGET_NAMES[t.name].padEnd(42)}${value.padStart(9)}   ${t.op === ">=" ? "≥" : "≤"} ${threshold.padEnd(8)} ${verdict}`;
+}
+
+/** The compact human report: targets first, then the figures behind them. */
+export function formatReport(r: Report, notes: string[] = []): string {
+  const L = r.labels;
+  const lines = [
+    `label quality against the simulator's truth${r.seed === null ? "" : ` (seed ${r.seed})`}`,
+    `  labels: ${L.received} received, ${L.distinct} distinct (response ${L.by_kind.response}, preference ${L.by_kind.preference}, session ${L.by_kind.session}); ` +
+      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v1.json, ${L.unknown_response} on unknown responses`,
+    `  responses: ${r.responses.human} human, ${r.responses.signalled} with a signal, ${r.responses.labelled} of those labelled`,
+    "",
+    `  ${"target".padEnd(42)}${"value".padStart(9)}   ${"goal".padEnd(10)} result`,
+    ...r.targets.map(targetRow),
+    "",
+    `  ${"".padEnd(26)}${"precision".padStart(10)}${"weighted".padStart(10)}${"recall".padStart(10)}${"F1".padStart(10)}${"labels".padStart(10)}`,
+    `  ${"positive labels".padEnd(26)}${f(r.positive.precision).padStart(10)}${f(r.positive.weighted_precision).padStart(10)}${f(r.positive.recall).padStart(10)}${f(r.positive.f1).padStart(10)}${String(r.positive.labels).padStart(10)}`,
+    `  ${"negative labels".padEnd(26)}${f(r.negative.precision).padStart(10)}${f(r.negative.weighted_precision).padStart(10)}${f(r.negative.recall).padStart(10)}${f(r.negative.f1).padStart(10)}${String(r.negative.labels).padStart(10)}`,
+    "",
+    `  coverage, any label kind: ${f(r.coverage_any_kind)}   preference pairs: ${r.preference.pairs}, accuracy ${f(r.preference.accuracy)}`,
+    `  score (${r.score.source}, n=${r.score.n}): AUC ${f(r.score.auc)}; Spearman with rank ${f(r.score.position_spearman)} (hidden quality: ${f(r.score.quality_position_spearman)}, n=${r.score.ranked_n})`,
+    r.baselines
+      ? `  per-user baselines: AUC without ${f(r.baselines.auc_without)}, gain ${f(r.baselines.auc_gain)}`
+      : "  per-user baselines: no scores without baselines given (--scores-without-baselines)",
+    r.bots
+      ? `  bot filter: ${r.bots.filtered} users filtered; precision ${f(r.bots.precision)}, recall ${f(r.bots.recall)} ` +
+        `(user-agent ${f(r.bots.recall_by_kind.ua_bot)}, regular ${f(r.bots.recall_by_kind.regular_script)}, human-paced ${f(r.bots.recall_by_kind.human_paced_script)}), human FPR ${pct(r.bots.human_fpr)}`
+      : "  bot filter: no bot decisions given (--bots)",
+    `  labels from bot users: ${L.from_bots}; labels carrying a raw user id: ${L.raw_user_ids}`,
+    ...notes.map((n) => `  note: ${n}`),
+    "",
+  ];
+  return lines.join("\n");
+}
+
+function rejectedNote(what: string, rejected: RejectedLine[]): string[] {
+  if (rejected.length === 0) return [];
+  const first = rejected[0]!;
+  return [`${rejected.length} ${what} line(s) skipped; first: line ${first.line}: ${first.message.slice(0, 200)}`];
+}
+
+/**
+ * Adds `tacit evaluate`: label quality of a run against the simulator's ground truth, read from
+ * files (labels, and optionally features, bot decisions and baseline-free scores).
+ */
+export function registerEvaluate(program: Command, io: CliIo = STD_IO, env: Readonly<Record<string, string | undefined>> = process.env): Command {
+  return program
+    .command("evaluate")
+    .description("score labels (and features, bot decisions) against the hidden ground truth of `tacit simulate`")
+    .option("--truth <file>", "truth.jsonl written by tacit simulate")
+    .option("--labels <file>", "labels, one JSON object per line (e.g. from `tacit tail … labels --json`)")
+    .option("--features <file>", "per-response features JSONL ({response_id, pos_weight, neg_weight, signal_count})")
+    .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
+    .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
+    .option("--key-env <VAR>", "environment variable holding the pseudonymization key (unset: the development key)", DEFAULT_KEY_ENV)
+    .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user")
+    .option("--json", "print the report as JSON")
+    .action(async (flags: EvaluateFlags) =>
+      runCommand(io, async () => {
+        if (!flags.truth) throw new ConfigError("--truth <file> is required (the truth.jsonl written by tacit simulate)");
+        if (!flags.labels) throw new ConfigError("--labels <file> is required (the labels to score, one JSON object per line)");
+        const truth = parseTruth(await readInput(flags.truth, "--truth"));
+        const parsedLabels = parseLabels(await readInput(flags.labels, "--labels"));
+        const notes: string[] = [...rejectedNote("label", parsedLabels.rejected)];
+        let features;
+        if (flags.features) {
+          const p = parseFeatures(await readInput(flags.features, "--features"));
+          features = p.features;
+          notes.push(...rejectedNote("feature", p.rejected));
+        }
+        let botUsers;
+        if (flags.bots) {
+          const p = parseUserSet(await readInput(flags.bots, "--bots"));
+          botUsers = p.users;
+          notes.push(...rejectedNote("bot", p.rejected));
+        }
+        let scoresWithoutBaselines;
+        if (flags.scoresWithoutBaselines) {
+          const p = parseScores(await readInput(flags.scoresWithoutBaselines, "--scores-without-baselines"));
+          scoresWithoutBaselines = p.scores;
+          notes.push(...rejectedNote("score", p.rejected));
+        }
+        const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
+        if (dev) notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key`);
+        const pseudonyms = new Map<string, string>();
+        const pseudonymOf = (id: string): string => {
+          let p = pseudonyms.get(id);
+          if (p === undefined) pseudonyms.set(id, (p = pseudonymize(key, id)));
+          return p;
+        };
+        const report = evaluate({
+          labels: parsedLabels.labels,
+          truth,
+          pseudonymOf,
+          rejectedLabels: parsedLabels.rejected.length,
+          ...(features ? { features } : {}),
+          ...(botUsers ? { botUsers } : {}),
+          ...(scoresWithoutBaselines ? { scoresWithoutBaselines } : {}),
+        });
+        // A wrong key makes every user unknown and the bot metrics meaningless: say so.
+        const known = new Set([...pseudonyms.values()]);
+        const labelUsers = new Set(parsedLabels.labels.map((l) => l.user));
+        const keyMismatch = labelUsers.size > 0 && ![...labelUsers].some((u) => known.has(u));
+        if (keyMismatch) {
+          notes.push(`no label's user matches a pseudonym of the truth's users: is ${flags.keyEnv} the key the pipeline used?`);
+        }
+        if (flags.json) io.out(`${JSON.stringify({ ...report, notes })}\n`);
+        else io.out(formatReport(report, notes));
+        if (flags.check && (!report.all_pass || keyMismatch)) process.exitCode = 1;
+      }),
+    );
+}
