@@ -1,0 +1,119 @@
+import type { Redis, Cluster } from "ioredis";
+import { pipelineKey } from "../core/state.js";
+import type { Logger } from "../core/operator.js";
+
+const RENEW_LUA = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end`;
+const RELEASE_LUA = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end`;
+
+export interface LeaseCallbacks {
+  /** A partition is now ours: start consuming it. */
+  acquired(partition: number): Promise<void>;
+  /** A partition must be given up (rebalancing or shutdown): stop consuming it and settle what is in flight. */
+  releasing(partition: number): Promise<void>;
+  /** The lease was lost (expired while we held it): stop at once, do not settle. */
+  lost(partition: number): Promise<void>;
+}
+
+/**
+ * Partition ownership for keyed stage groups: one owner per partition at a time through Redis
+ * `SET NX PX` leases that the owner renews; a dead worker's leases expire and move. Workers
+ * announce themselves in a sorted set so each takes a fair share (ceil(partitions / workers)).
+ * Leases use the wall clock; they decide only who works, never what the result is.
+ */
+export class PartitionLeases {
+  private readonly held = new Set<number>();
+  private timer: NodeJS.Timeout | undefined;
+  private ticking: Promise<void> = Promise.resolve();
+  private stopped = false;
+
+  constructor(
+    private readonly redis: Redis | Cluster,
+    private readonly prefix: string,
+    private readonly group: string,
+    private readonly partitions: number,
+    private readonly workerId: string,
+    private readonly ttlMs: number,
+    private readonly cb: LeaseCallbacks,
+    private readonly log: Logger,
+  ) {}
+
+  private key(n: number): string {
+    return pipelineKey(this.prefix, "lease", this.group, n);
+  }
+
+  private get workersKey(): string {
+    return pipelineKey(this.prefix, "workers", this.group);
+  }
+
+  owned(): number[] {
+    return [...this.held].sort((a, b) => a - b);
+  }
+
+  async start(): Promise<void> {
+    await this.tick();
+    const every = Math.max(200, Math.floor(this.ttlMs / 3));
+    this.timer = setInterval(() => {
+      this.ticking = this.ticking.then(() => this.tick()).catch((err) => this.log.warn({ err: String(err) }, "lease tick failed"));
+    }, every);
+  }
+
+  /** One round: heartbeat, renew, give up extras, take free partitions up to a fair share. */
+  async tick(): Promise<void> {
+    if (this.stopped) return;
+    const now = Date.now();
+    await this.redis.zadd(this.workersKey, now, this.workerId);
+    await this.redis.zremrangebyscore(this.workersKey, "-inf", now - this.ttlMs);
+    await this.redis.pexpire(this.workersKey, this.ttlMs * 10);
+    const alive = Math.max(1, await this.redis.zcard(this.workersKey));
+    for (const n of this.owned()) {
+      const ok = (await this.redis.eval(RENEW_LUA, 1, this.key(n), this.workerId, this.ttlMs)) as number;
+      if (ok !== 1) {
+        this.held.delete(n);
+        this.log.warn({ partition: n, group: this.group }, "lease lost");
+        await this.cb.lost(n);
+      }
+    }
+    const fair = Math.ceil(this.partitions / alive);
+    while (this.held.size > fair) {
+      const n = this.owned().pop()!;
+      await this.release(n);
+    }
+    if (this.held.size < fair) {
+      // Start the scan at an offset derived from the worker id so workers don't all race for partition 0.
+      const offset = [...this.workerId].reduce((a, c) => (a * 31 + c.charCodeAt(0)) >>> 0, 7) % this.partitions;
+      for (let i = 0; i < this.partitions && this.held.size < fair && !this.stopped; i++) {
+        const n = (offset + i) % this.partitions;
+        if (this.held.has(n)) continue;
+        const got = await this.redis.set(this.key(n), this.workerId, "PX", this.ttlMs, "NX");
+        if (got === "OK") {
+          this.held.add(n);
+          this.log.info({ partition: n, group: this.group }, "lease acquired");
+          try {
+            await this.cb.acquired(n);
+          } catch (err) {
+            this.log.error({ partition: n, err: String(err) }, "could not start partition; releasing it");
+            await this.release(n);
+          }
+        }
+      }
+    }
+  }
+
+  private async release(n: number): Promise<void> {
+    try {
+      await this.cb.releasing(n);
+    } finally {
+      this.held.delete(n);
+      await this.redis.eval(RELEASE_LUA, 1, this.key(n), this.workerId);
+    }
+  }
+
+  /** Gives up every partition after settling it, and leaves the worker set. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearInterval(this.timer);
+    await this.ticking.catch(() => undefined);
+    for (const n of this.owned()) await this.release(n);
+    await this.redis.zrem(this.workersKey, this.workerId).catch(() => undefined);
+  }
+}

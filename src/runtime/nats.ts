@@ -1,0 +1,40 @@
+import { readFileSync } from "node:fs";
+
+import { connect, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import type { Pipeline } from "../config/types.js";
+import { TransientError } from "../core/errors.js";
+
+export interface NatsHandles {
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+}
+
+/** Connects with the pipeline's settings (user/password, token, creds file, TLS). */
+export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHandles> {
+  const n = p.nats;
+  const tls = n.tls
+    ? { caFile: n.tls.ca_file, certFile: n.tls.cert_file, keyFile: n.tls.key_file }
+    : undefined;
+  let nc: NatsConnection;
+  try {
+    nc = await connect({
+      servers: n.url.split(","),
+      name,
+      user: n.user,
+      pass: n.password,
+      token: n.token,
+      authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : undefined,
+      tls,
+      noAsyncTraces: true,
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 500,
+    });
+  } catch (err) {
+    throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}`, err);
+  }
+  const js = jetstream(nc, { timeout: 10_000 });
+  const jsm = await jetstreamManager(nc, { timeout: 10_000 });
+  return { nc, js, jsm };
+}

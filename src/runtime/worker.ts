@@ -1,0 +1,637 @@
+import { randomBytes } from "node:crypto";
+import { hostname } from "node:os";
+import { headers as natsHeaders } from "@nats-io/transport-node";
+import { DeliverPolicy, JetStreamApiError, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import type { Redis, Cluster } from "ioredis";
+import type { Pipeline } from "../config/types.js";
+import { ManualClock } from "../core/clock.js";
+import type { Envelope } from "../core/event.js";
+import { BadInputError, TacitError, TransientError, errorMessage } from "../core/errors.js";
+import type { Emit, Logger, OperatorSpec, Outcome, Processor, StageInput } from "../core/operator.js";
+import { partitionKey, type CommitGroup, type StateStore } from "../core/state.js";
+import { RedisStateStore, openPipelineRedis } from "../state/redis.js";
+import { StageCounters } from "../telemetry/metrics.js";
+import type { RuntimeObserver } from "../telemetry/otel.js";
+import { startStageSpan } from "../telemetry/tracing.js";
+import { PartitionLeases } from "./leases.js";
+import { connectNats, type NatsHandles } from "./nats.js";
+import { dlqSubject, durableName, nextSubject, outputSubject, stageGroups, type StageGroup } from "./topology.js";
+
+const encoder = new TextEncoder();
+/** How long one pull request waits for messages; also the longest a stop waits for it. */
+const FETCH_EXPIRES_MS = 2000;
+const decoder = new TextDecoder();
+
+export interface WorkerOptions {
+  pipeline: Pipeline;
+  operators: (name: string) => OperatorSpec<any> | undefined;
+  /** Run only these groups (by first stage name); all when absent. */
+  groups?: string[];
+  workerId?: string;
+  devMode?: boolean;
+  env?: Readonly<Record<string, string | undefined>>;
+  log: Logger;
+  /** Injected for tests; opened from the pipeline's URL otherwise. */
+  redis?: Redis | Cluster;
+  nats?: NatsHandles;
+  /** Receives batch timings, end-to-end latencies and watermark lags (OpenTelemetry in `tacit run`). */
+  observer?: RuntimeObserver;
+}
+
+/** What one input message came to, across the stages of its group. */
+interface MsgResult {
+  emits: { stage: string; emit: Emit }[];
+  commits: CommitGroup[];
+  error?: { stage: string; err: TacitError };
+  /** A retryable per-message error: nak this message (unkeyed groups) instead of settling it. */
+  retry?: { stage: string; err: TacitError };
+  /** The traceparent its outputs carry, when the input had one. */
+  traceparent?: string;
+}
+
+/** An input travelling through a group's stages; `msg` is -1 for records born from a watermark timer. */
+interface Item {
+  msg: number;
+  input: StageInput;
+}
+
+/** Per-partition event-time progress of a keyed group, persisted with the state. */
+interface WatermarkState {
+  maxTs?: number;
+  wm?: number;
+}
+
+/**
+ * A worker runs the stage groups of a pipeline: a shared durable for unkeyed groups, and the
+ * partitions it holds a lease on for keyed ones. Per batch: decode, run the group's operators,
+ * publish every output (many in flight, deterministic Nats-Msg-Id), apply state commits, then
+ * settle each message exactly once (ack; term after dead-lettering; nak for a retryable error).
+ */
+export class Worker {
+  readonly id: string;
+  readonly counters = new Map<string, StageCounters>();
+  private readonly groups: StageGroup[];
+  private readonly allGroups: StageGroup[];
+  private nats?: NatsHandles;
+  private redis?: Redis | Cluster;
+  private ownsConnections = { nats: false, redis: false };
+  private state?: StateStore;
+  private readonly processors = new Map<string, Processor>();
+  private readonly clocks = new Map<string, ManualClock>();
+  private readonly runners = new Map<string, ConsumerRunner>();
+  private readonly leases: PartitionLeases[] = [];
+  private stopping = false;
+  private started = false;
+
+  constructor(private readonly opts: WorkerOptions) {
+    const p = opts.pipeline;
+    this.id = opts.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    this.allGroups = stageGroups(p, opts.operators);
+    this.groups = opts.groups ? this.allGroups.filter((g) => opts.groups!.includes(g.name)) : this.allGroups;
+    for (const s of p.stages) this.counters.set(s.name, new StageCounters(s.name));
+  }
+
+  get pipeline(): Pipeline {
+    return this.opts.pipeline;
+  }
+
+  async start(): Promise<void> {
+    const p = this.opts.pipeline;
+    this.nats = this.opts.nats ?? (await connectNats(p, `tacit-worker-${this.id}`));
+    this.ownsConnections.nats = !this.opts.nats;
+    this.redis = this.opts.redis ?? openPipelineRedis(p);
+    this.ownsConnections.redis = !this.opts.redis;
+    this.state = new RedisStateStore(this.redis);
+    for (const g of this.groups) {
+      for (const s of g.stages) {
+        const spec = this.opts.operators(s.operator);
+        if (!spec) throw new TacitError("unknown_operator", `stage ${s.name}: unknown operator ${s.operator}`);
+        const ctx = {
+          pipeline: p.name,
+          prefix: p.subject_prefix,
+          stage: s.name,
+          partitions: p.partitions,
+          state: this.state,
+          clock: this.clockOf(s.name),
+          log: this.opts.log,
+          metrics: this.counters.get(s.name)!,
+          env: this.opts.env ?? process.env,
+          devMode: this.opts.devMode ?? false,
+        };
+        this.processors.set(s.name, await spec.create(s.config, ctx));
+      }
+    }
+    for (const g of this.groups) {
+      if (!g.keyed) {
+        await this.startRunner(g);
+        continue;
+      }
+      const leases = new PartitionLeases(this.redis, p.subject_prefix, g.name, p.partitions, this.id, p.runtime.lease_ttl_ms, {
+        acquired: (n) => this.startRunner(g, n),
+        releasing: (n) => this.stopRunner(g, n, true),
+        lost: (n) => this.stopRunner(g, n, false),
+      }, this.opts.log);
+      this.leases.push(leases);
+      await leases.start();
+    }
+    this.started = true;
+  }
+
+  /** Ready: started, not stopping, and NATS and Redis connected. */
+  ready(): boolean {
+    return this.started && !this.stopping && !!this.nats && !this.nats.nc.isClosed() && (this.redis as { status?: string } | undefined)?.status === "ready";
+  }
+
+  /** @internal */
+  get observer(): RuntimeObserver | undefined {
+    return this.opts.observer;
+  }
+
+  /** @internal */
+  get isLastGroup(): (g: StageGroup) => boolean {
+    return (g) => g.index === this.allGroups.length - 1;
+  }
+
+  private clockOf(stage: string): ManualClock {
+    let c = this.clocks.get(stage);
+    if (!c) this.clocks.set(stage, (c = new ManualClock(0)));
+    return c;
+  }
+
+  /** Partitions this worker holds, per keyed group. */
+  ownedPartitions(): Record<string, number[]> {
+    return Object.fromEntries(this.leases.map((l, i) => [this.groups.filter((g) => g.keyed)[i]!.name, l.owned()]));
+  }
+
+  private runnerKey(g: StageGroup, n?: number): string {
+    return n === undefined ? g.name : `${g.name}#${n}`;
+  }
+
+  private async startRunner(g: StageGroup, partition?: number): Promise<void> {
+    const r = new ConsumerRunner(this, g, partition);
+    this.runners.set(this.runnerKey(g, partition), r);
+    await r.start();
+    this.reportOwned(g);
+  }
+
+  private reportOwned(g: StageGroup): void {
+    if (g.keyed) this.opts.observer?.partitionsOwned(g.name, [...this.runners.keys()].filter((k) => k.startsWith(`${g.name}#`)).length);
+  }
+
+  private async stopRunner(g: StageGroup, partition: number, settle: boolean): Promise<void> {
+    const key = this.runnerKey(g, partition);
+    const r = this.runners.get(key);
+    this.runners.delete(key);
+    if (r) await r.stop(settle);
+    this.reportOwned(g);
+  }
+
+  /** Graceful stop: stop fetching, finish and settle what is in flight, release leases, close. */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    for (const l of this.leases) await l.stop();
+    await Promise.all([...this.runners.values()].map((r) => r.stop(true)));
+    this.runners.clear();
+    for (const proc of this.processors.values()) await proc.close?.();
+    if (this.ownsConnections.nats && this.nats) await this.nats.nc.drain().catch(() => undefined);
+    if (this.ownsConnections.redis && this.redis) this.redis.disconnect();
+  }
+
+  // --- the per-batch path, used by ConsumerRunner -------------------------------------------
+
+  /** @internal */
+  get handles(): { nats: NatsHandles; state: StateStore; log: Logger } {
+    return { nats: this.nats!, state: this.state!, log: this.opts.log };
+  }
+
+  /** @internal Turns messages into stage inputs; undecodable envelopes fail at once. */
+  decode(g: StageGroup, msgs: JsMsg[], partition: number | undefined): { inputs: (StageInput | undefined)[]; results: MsgResult[] } {
+    const first = g.index === 0;
+    const results: MsgResult[] = msgs.map(() => ({ emits: [], commits: [] }));
+    const inputs = msgs.map((m, i): StageInput | undefined => {
+      const input: StageInput = {
+        seq: m.seq,
+        subject: m.subject,
+        data: m.data,
+        deliveries: m.info.deliveryCount,
+        stream_time_ms: Number(m.info.timestampNanos / 1_000_000),
+        partition,
+      };
+      const tp = m.headers?.get("traceparent");
+      if (tp) results[i]!.traceparent = tp;
+      if (first) return input;
+      try {
+        const env = JSON.parse(decoder.decode(m.data)) as Envelope;
+        if (env?.v !== 1 || typeof env.event?.ts !== "number" || typeof env.event.user !== "string") throw new Error("not a v1 envelope");
+        input.envelope = env;
+        return input;
+      } catch (err) {
+        results[i]!.error = { stage: g.stages[0]!.name, err: new BadInputError("bad_envelope", `cannot decode envelope: ${errorMessage(err)}`) };
+        return undefined;
+      }
+    });
+    return { inputs, results };
+  }
+
+  /** @internal Runs items through the group's stages from `from`, collecting results. */
+  async runStages(g: StageGroup, from: number, items: Item[], results: MsgResult[], sink: MsgResult): Promise<void> {
+    let current = items;
+    for (let k = from; k < g.stages.length && current.length > 0; k++) {
+      const stage = g.stages[k]!;
+      const proc = this.processors.get(stage.name)!;
+      const counters = this.counters.get(stage.name)!;
+      // Event time of the batch: the latest event time among its inputs (operators never read the wall clock).
+      let t = this.clockOf(stage.name).now();
+      for (const it of current) if (it.input.envelope && it.input.envelope.event.ts > t) t = it.input.envelope.event.ts;
+      this.clockOf(stage.name).set(t);
+      counters.count("in", current.length);
+      const outcomes = await this.processIsolated(proc, current.map((it) => it.input));
+      const last = k === g.stages.length - 1;
+      const next: Item[] = [];
+      current.forEach((it, j) => {
+        const o = outcomes[j]!;
+        const r = it.msg >= 0 ? results[it.msg]! : sink;
+        if (o.commits) r.commits.push(...o.commits);
+        if (o.error) {
+          if (o.error.retryable) r.retry = { stage: stage.name, err: o.error };
+          else {
+            r.error = { stage: stage.name, err: o.error };
+            counters.count("dlq", 1, { reason: o.error.code });
+          }
+          return;
+        }
+        if (o.dropped) counters.count("dropped", 1, { reason: o.dropped });
+        for (const e of o.emits) {
+          if (e.to === "next") counters.count("out");
+          else counters.count(e.to);
+          if (e.to === "next" && !last) {
+            next.push({ msg: it.msg, input: { ...it.input, envelope: e.value as Envelope } });
+          } else {
+            r.emits.push({ stage: stage.name, emit: e });
+          }
+        }
+      });
+      current = next;
+    }
+  }
+
+  /** Processes a batch; if the operator throws a non-retryable error, isolates the poison message. */
+  private async processIsolated(proc: Processor, inputs: StageInput[]): Promise<Outcome[]> {
+    try {
+      const out = await proc.process(inputs);
+      if (out.length !== inputs.length) throw new Error(`operator returned ${out.length} outcomes for ${inputs.length} inputs`);
+      return out;
+    } catch (err) {
+      if (err instanceof TacitError && err.retryable) throw err;
+      if (inputs.length === 1) {
+        return [{ emits: [], error: new TacitError("processing_failed", errorMessage(err), { cause: err }) }];
+      }
+      const out: Outcome[] = [];
+      for (const input of inputs) out.push(...(await this.processIsolated(proc, [input])));
+      return out;
+    }
+  }
+
+  /** @internal Fires event-time timers of a keyed group after its watermark advanced. */
+  async fireWatermark(g: StageGroup, partition: number, wm: number, results: MsgResult[], sink: MsgResult): Promise<void> {
+    for (let k = 0; k < g.stages.length; k++) {
+      const proc = this.processors.get(g.stages[k]!.name)!;
+      if (!proc.onWatermark) continue;
+      const fired = await proc.onWatermark(partition, wm);
+      sink.commits.push(...fired.commits);
+      const onward: Item[] = [];
+      for (const e of fired.emits) {
+        if (e.to === "next" && k < g.stages.length - 1) {
+          onward.push({ msg: -1, input: { seq: 0, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: 0, envelope: e.value as Envelope, watermark_ms: wm, partition } });
+        } else {
+          sink.emits.push({ stage: g.stages[k]!.name, emit: e });
+        }
+      }
+      if (onward.length) await this.runStages(g, k + 1, onward, results, sink);
+    }
+  }
+
+  /** @internal Publishes emits and dead letters of a batch, all in flight at once (bounded). */
+  async publishAll(g: StageGroup, msgs: JsMsg[], results: MsgResult[], sink: MsgResult): Promise<void> {
+    const p = this.opts.pipeline;
+    const js = this.nats!.js;
+    const pending: Promise<unknown>[] = [];
+    const limit = p.runtime.max_in_flight;
+    const send = async (subject: string, data: Uint8Array, msgID: string, hdrs?: ReturnType<typeof natsHeaders>) => {
+      if (pending.length >= limit) {
+        await Promise.all(pending);
+        pending.length = 0;
+      }
+      pending.push(js.publish(subject, data, { msgID, headers: hdrs, timeout: 10_000 }));
+    };
+    const last = g.index === this.allGroups.length - 1;
+    const now = Date.now();
+    const emitOut = async (e: Emit, traceparent?: string) => {
+      const subject = e.to === "next" ? nextSubject(p, this.allGroups, g, (e.value as Envelope).partition) : outputSubject(p, e.to);
+      let hdrs: ReturnType<typeof natsHeaders> | undefined;
+      if (traceparent) {
+        hdrs = natsHeaders();
+        hdrs.set("traceparent", traceparent);
+      }
+      if (this.opts.observer && ((e.to === "next" && last) || e.to.startsWith("labels."))) {
+        const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
+        if (Number.isFinite(ts)) this.opts.observer.endToEnd(g.name, now - ts);
+      }
+      await send(subject, encoder.encode(JSON.stringify(e.value)), e.id, hdrs);
+    };
+    for (let i = 0; i < results.length; i++) {
+      const r = results[i]!;
+      if (r.retry) continue;
+      if (r.error) {
+        const m = msgs[i]!;
+        const h = natsHeaders();
+        h.set("Tacit-Stage", r.error.stage);
+        h.set("Tacit-Reason", r.error.err.code);
+        h.set("Tacit-Message", r.error.err.message.replace(/[\r\n]+/g, " ").slice(0, 1000));
+        h.set("Tacit-Source-Stream", g.inputStream);
+        h.set("Tacit-Source-Subject", m.subject);
+        h.set("Tacit-Source-Seq", String(m.seq));
+        await send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
+        continue;
+      }
+      const span = startStageSpan(r.traceparent, g.name);
+      for (const { emit } of r.emits) await emitOut(emit, span?.traceparent);
+      span?.span.end();
+    }
+    for (const { emit } of sink.emits) await emitOut(emit);
+    try {
+      await Promise.all(pending);
+    } catch (err) {
+      throw new TransientError("publish_failed", `publishing outputs failed: ${errorMessage(err)}`, err);
+    }
+  }
+
+  /** @internal Applies the batch's state commits (after the publishes, before the acks). */
+  async commitAll(results: MsgResult[], sink: MsgResult, extra: CommitGroup[]): Promise<void> {
+    const groups: CommitGroup[] = [];
+    for (const r of results) if (!r.retry && !r.error) groups.push(...r.commits);
+    groups.push(...sink.commits, ...extra);
+    if (groups.length) await this.state!.commit(groups);
+  }
+}
+
+/**
+ * Consumes one durable (a shared one, or one partition's) in micro-batches: messages arriving
+ * while a batch is processed form the next batch, so batches grow with load.
+ */
+class ConsumerRunner {
+  private buffer: JsMsg[] = [];
+  private wake: (() => void) | undefined;
+  private fetching?: Promise<void>;
+  private fetchDone = false;
+  private loop?: Promise<void>;
+  private stopping = false;
+  private abandon = false;
+  private wm: WatermarkState = {};
+  /** Wall-clock time of the last input (for idleness only). */
+  private lastInputAt = Date.now();
+  /** A stage watermark an idle partition should advance to, set by `checkIdle`. */
+  private idleTarget: number | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private readonly durable: string;
+
+  constructor(
+    private readonly w: Worker,
+    private readonly g: StageGroup,
+    private readonly partition?: number,
+  ) {
+    this.durable = durableName(g, partition);
+  }
+
+  private get wmKey(): string {
+    return partitionKey(this.w.pipeline.subject_prefix, this.g.name, this.partition ?? 0, "wm");
+  }
+
+  async start(): Promise<void> {
+    const { nats, state } = this.w.handles;
+    if (this.partition !== undefined) {
+      await this.resumeInOrder();
+      const h = await state.hgetall(this.wmKey);
+      this.wm = { maxTs: h.max_ts ? Number(h.max_ts) : undefined, wm: h.wm ? Number(h.wm) : undefined };
+      const every = Math.max(250, Math.floor(this.w.pipeline.event_time.idle_timeout_ms / 2));
+      this.idleTimer = setInterval(() => {
+        this.checkIdle().catch((err) => this.w.handles.log.warn({ durable: this.durable, err: errorMessage(err) }, "idle check failed"));
+      }, every);
+    }
+    this.fetching = this.fetchLoop();
+    this.loop = this.run();
+  }
+
+  /**
+   * Keeps one pull request outstanding and streams what it brings into the buffer; the next
+   * request goes out as soon as one completes. Unlike a free-running `consume`, stopping leaves
+   * no request open, so no message is delivered to a worker that has gone (it would sit
+   * unacknowledged until ack_wait): `stop` waits for the current request (≤ FETCH_EXPIRES_MS).
+   */
+  private async fetchLoop(): Promise<void> {
+    const { nats, log } = this.w.handles;
+    const max = this.w.pipeline.runtime.batch_size * 2;
+    let consumer: Consumer | undefined;
+    let failures = 0;
+    while (!this.stopping) {
+      try {
+        consumer ??= await nats.js.consumers.get(this.g.inputStream, this.durable);
+        // Back-pressure: do not pull more while plenty is buffered.
+        if (this.buffer.length >= max) {
+          await new Promise((r) => setTimeout(r, 5));
+          continue;
+        }
+        const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS });
+        for await (const m of iter) {
+          this.buffer.push(m);
+          this.wake?.();
+        }
+        failures = 0;
+      } catch (err) {
+        if (this.stopping) break;
+        consumer = undefined;
+        failures++;
+        log.warn({ durable: this.durable, err: errorMessage(err) }, "fetch failed; retrying");
+        await new Promise((r) => setTimeout(r, Math.min(5000, 200 * failures)));
+      }
+    }
+    this.fetchDone = true;
+    this.wake?.();
+  }
+
+  /**
+   * A keyed partition must be processed in stream order. A previous owner that died leaves
+   * messages delivered but unacknowledged, which the server would redeliver only after
+   * ack_wait, behind newer ones. So on takeover, restart the durable at its ack floor.
+   * Servers without a consumer reset API (2.9) need delete + recreate.
+   */
+  private async resumeInOrder(): Promise<void> {
+    const { jsm } = this.w.handles.nats;
+    const info = await jsm.consumers.info(this.g.inputStream, this.durable);
+    if (info.num_ack_pending === 0 && info.num_redelivered === 0) return;
+    const start = info.ack_floor.stream_seq + 1;
+    this.w.handles.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
+    const cfg = { ...info.config };
+    await jsm.consumers.delete(this.g.inputStream, this.durable);
+    try {
+      await jsm.consumers.add(this.g.inputStream, { ...cfg, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start });
+    } catch (err) {
+      if (!(err instanceof JetStreamApiError)) throw err;
+      throw new TransientError("consumer_recreate_failed", `could not recreate ${this.durable}: ${err.message}`, err);
+    }
+  }
+
+  private async take(): Promise<JsMsg[] | "idle" | undefined> {
+    while (this.buffer.length === 0) {
+      if (this.stopping && this.fetchDone) return undefined;
+      if (this.idleTarget !== undefined) return "idle";
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+      });
+      this.wake = undefined;
+    }
+    const n = this.w.pipeline.runtime.batch_size;
+    return this.buffer.splice(0, n);
+  }
+
+  private async run(): Promise<void> {
+    for (;;) {
+      const msgs = await this.take();
+      if (!msgs || this.abandon) return;
+      if (msgs === "idle") {
+        const target = this.idleTarget!;
+        this.idleTarget = undefined;
+        await this.withRetry([], () => this.advanceIdle(target));
+      } else {
+        this.lastInputAt = Date.now();
+        await this.withRetry(msgs, () => this.handle(msgs));
+      }
+    }
+  }
+
+  /**
+   * Idle partitions must not hold event time back: a partition with no input for
+   * `event_time.idle_timeout` takes the stage watermark (the minimum over the partitions that
+   * are not idle), so its sessions and timers still close. When every partition is idle, nothing
+   * advances (a replay with no traffic does not move event time by itself). This is the one
+   * wall-clock-driven step in event time; it only ever fires timers, never reorders input.
+   */
+  private async checkIdle(): Promise<void> {
+    const p = this.w.pipeline;
+    const now = Date.now();
+    if (this.stopping || now - this.lastInputAt < p.event_time.idle_timeout_ms) return;
+    const { state } = this.w.handles;
+    const keys = [...Array(p.partitions).keys()].filter((n) => n !== this.partition).map((n) => partitionKey(p.subject_prefix, this.g.name, n, "wm"));
+    let stageWm: number | undefined;
+    for (const h of await state.hgetallMany(keys)) {
+      if (!h.wm || now - Number(h.last_input_at ?? 0) >= p.event_time.idle_timeout_ms) continue;
+      stageWm = stageWm === undefined ? Number(h.wm) : Math.min(stageWm, Number(h.wm));
+    }
+    if (stageWm !== undefined && (this.wm.wm === undefined || stageWm > this.wm.wm)) {
+      this.idleTarget = stageWm;
+      this.wake?.();
+    }
+  }
+
+  private async advanceIdle(wm: number): Promise<void> {
+    if (this.wm.wm !== undefined && wm <= this.wm.wm) return;
+    const sink: MsgResult = { emits: [], commits: [] };
+    await this.w.fireWatermark(this.g, this.partition!, wm, [], sink);
+    await this.w.publishAll(this.g, [], [], sink);
+    await this.w.commitAll([], sink, [{ ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] }]);
+    this.wm = { ...this.wm, wm };
+  }
+
+  /** Transient failures (Redis or NATS down) retry the whole batch in order, with backoff. */
+  private async withRetry(msgs: JsMsg[], step: () => Promise<void>): Promise<void> {
+    const backoff = this.w.pipeline.runtime.retry_backoff_ms;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await step();
+        return;
+      } catch (err) {
+        if (this.abandon) return;
+        const retryable = err instanceof TacitError ? err.retryable : true;
+        const delay = backoff[Math.min(attempt, backoff.length - 1)] ?? 1000;
+        this.w.handles.log.warn({ durable: this.durable, attempt, delay, retryable, err: errorMessage(err) }, "batch failed; retrying");
+        for (const m of msgs) m.working();
+        await new Promise((r) => setTimeout(r, delay));
+        if (this.abandon) return;
+      }
+    }
+  }
+
+  private async handle(msgs: JsMsg[]): Promise<void> {
+    const t0 = performance.now();
+    const w = this.w;
+    const g = this.g;
+    const keyed = this.partition !== undefined;
+    const { inputs, results } = w.decode(g, msgs, this.partition);
+    const bound = w.pipeline.event_time.max_out_of_orderness_ms;
+    let maxTs = this.wm.maxTs;
+    // The watermark never goes back, also after an idle advance moved it past maxTs - bound.
+    const floor = this.wm.wm;
+    const wmOf = (max: number | undefined) => (max === undefined ? floor : floor === undefined ? max - bound : Math.max(floor, max - bound));
+    const items: Item[] = [];
+    inputs.forEach((input, i) => {
+      if (!input) return;
+      if (keyed && input.envelope) {
+        input.watermark_ms = wmOf(maxTs);
+        maxTs = maxTs === undefined ? input.envelope.event.ts : Math.max(maxTs, input.envelope.event.ts);
+      }
+      items.push({ msg: i, input });
+    });
+    const sink: MsgResult = { emits: [], commits: [] };
+    await w.runStages(g, 0, items, results, sink);
+
+    // Retryable per-message errors: in a keyed partition, order matters, so retry the batch.
+    const maxDeliver = w.pipeline.runtime.max_deliver;
+    for (let i = 0; i < results.length; i++) {
+      const r = results[i]!;
+      if (!r.retry) continue;
+      if (msgs[i]!.info.deliveryCount >= maxDeliver) {
+        r.error = { stage: r.retry.stage, err: new TacitError("max_deliveries", `gave up after ${maxDeliver} deliveries: ${r.retry.err.message}`) };
+        r.retry = undefined;
+      } else if (keyed) {
+        throw r.retry.err;
+      }
+    }
+
+    const extra: CommitGroup[] = [];
+    const newWm = wmOf(maxTs);
+    if (keyed && newWm !== undefined && (this.wm.wm === undefined || newWm > this.wm.wm)) {
+      await w.fireWatermark(g, this.partition!, newWm, results, sink);
+      extra.push({ ops: [{ op: "hset", key: this.wmKey, fields: { max_ts: maxTs!, wm: newWm } }] });
+    }
+    if (keyed) extra.push({ ops: [{ op: "hset", key: this.wmKey, fields: { last_input_at: Date.now() } }] });
+
+    await w.publishAll(g, msgs, results, sink);
+    await w.commitAll(results, sink, extra);
+    if (keyed) {
+      this.wm = { maxTs, wm: newWm };
+      if (newWm !== undefined) w.observer?.watermarkLag(g.name, this.partition!, Date.now() - newWm);
+    }
+    const backoff = w.pipeline.runtime.retry_backoff_ms;
+    for (let i = 0; i < msgs.length; i++) {
+      const r = results[i]!;
+      const m = msgs[i]!;
+      if (r.retry) m.nak(backoff[Math.min(m.info.deliveryCount - 1, backoff.length - 1)]);
+      else if (r.error) m.term();
+      else m.ack();
+    }
+    w.observer?.batch(g.name, performance.now() - t0, msgs.length);
+  }
+
+  /** Stops fetching; with `settle`, finishes what was fetched first, else hands it back (nak). */
+  async stop(settle: boolean): Promise<void> {
+    this.stopping = true;
+    if (this.idleTimer) clearInterval(this.idleTimer);
+    this.abandon = !settle;
+    this.wake?.();
+    await this.fetching;
+    this.wake?.();
+    await this.loop;
+    for (const m of this.buffer.splice(0)) m.nak();
+  }
+}

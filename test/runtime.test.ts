@@ -1,0 +1,287 @@
+// Integration tests of the runtime against real nats-server and redis-server (started by the
+// harness on free ports): deploy, the DLQ path, exactly-once output under SIGKILL, graceful
+// shutdown, partition lease takeover, and Redis outages.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { join } from "node:path";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { Redis } from "ioredis";
+import { startServers, type TestServers } from "./harness.js";
+import { eventually, readStream, consumersDrained } from "./support/streams.js";
+import { loadPipelineOrThrow } from "../src/config/load.js";
+import type { Pipeline } from "../src/config/types.js";
+import { findOperator } from "../operators/index.js";
+import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
+import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
+import { publishLines } from "../src/runtime/publisher.js";
+import { pipelineStreams, stageGroups, streamName } from "../src/runtime/topology.js";
+import { Worker } from "../src/runtime/worker.js";
+import { benchEvents } from "../src/bench/bench.js";
+import { pipelineKey } from "../src/core/state.js";
+import { projectRoot } from "../src/cli/paths.js";
+
+const ROOT = projectRoot();
+const PIPELINE = join(ROOT, "test", "fixtures", "e2e", "clean.yaml");
+const KEY = "t1:runtime-test-secret-0123456789";
+const silent = { debug() {}, info() {}, warn() {}, error() {} };
+
+/** One line per bad-input kind of SPEC §3, with the reason enrich must give it. */
+export function badLines(now: number): { line: string; reason: string }[] {
+  const ts = new Date(now).toISOString();
+  return [
+    { line: "{not json", reason: "malformed_json" },
+    { line: JSON.stringify({ event_id: "bad-schema", session_id: "s", user_id: "u", timestamp: ts, event_type: "click", response_id: "r", payload: { position: "first" } }), reason: "schema_violation" },
+    { line: JSON.stringify({ event_id: "bad-type", session_id: "s", user_id: "u", timestamp: ts, event_type: "teleport", payload: {} }), reason: "unknown_event_type" },
+    { line: JSON.stringify({ event_id: "bad-time", session_id: "s", user_id: "u", timestamp: "yesterday", event_type: "query", query_id: "q", payload: { text: "x" } }), reason: "bad_timestamp" },
+    { line: JSON.stringify({ event_id: "bad-size", session_id: "s", user_id: "u", timestamp: ts, event_type: "query", query_id: "q", payload: { text: "x".repeat(70_000) } }), reason: "oversized" },
+  ];
+}
+
+function env(servers: TestServers, name: string): Record<string, string> {
+  return { NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TEST_PIPELINE: name, TACIT_PSEUDONYM_KEY: KEY };
+}
+
+function load(servers: TestServers, name: string, set: string[] = []): Pipeline {
+  return loadPipelineOrThrow(PIPELINE, { env: env(servers, name), set, operators: findOperator });
+}
+
+async function deploy(p: Pipeline, nats: NatsHandles): Promise<void> {
+  await applyDeploy(p, nats.jsm, findOperator, await planDeploy(p, nats.jsm, findOperator));
+}
+
+function inputStreams(p: Pipeline): string[] {
+  return stageGroups(p, findOperator).map((g) => g.inputStream);
+}
+
+/** Event ids in the pipeline's cleaned-events stream, with how often each occurs. */
+async function outputIds(p: Pipeline, nats: NatsHandles): Promise<Map<string, number>> {
+  const ids = new Map<string, number>();
+  for (const m of await readStream(nats, streamName(p, "events"))) {
+    const id = (JSON.parse(m.data) as { event: { event_id: string } }).event.event_id;
+    ids.set(id, (ids.get(id) ?? 0) + 1);
+  }
+  return ids;
+}
+
+function tacitRun(servers: TestServers, name: string): ChildProcess {
+  const child = spawn(process.execPath, [join(ROOT, "bin", "tacit.js"), "run", PIPELINE, "--metrics-port", "0"], {
+    env: { ...process.env, ...env(servers, name), TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")), TACIT_LOG_LEVEL: "warn" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let err = "";
+  child.stderr!.on("data", (d: Buffer) => {
+    err += d.toString();
+    if (err.length > 20_000) err = err.slice(-10_000);
+  });
+  (child as ChildProcess & { stderrText: () => string }).stderrText = () => err;
+  return child;
+}
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolve(child.exitCode);
+    else child.once("exit", (code) => resolve(code));
+  });
+}
+
+async function withEnv(fn: (servers: TestServers, nats: NatsHandles) => Promise<void>): Promise<void> {
+  const servers = await startServers();
+  let nats: NatsHandles | undefined;
+  try {
+    nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
+    await fn(servers, nats);
+  } finally {
+    await nats?.nc.close().catch(() => undefined);
+    await servers.stop();
+  }
+}
+
+test("deploy creates streams and consumers once, then is idempotent and shows updates", async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "dep");
+    const first = await planDeploy(p, nats.jsm, findOperator);
+    const streams = pipelineStreams(p, stageGroups(p, findOperator)).length;
+    assert.equal(first.filter((c) => c.kind === "stream" && c.action === "create").length, streams);
+    // enrich is shared (1 durable); dedupe is keyed: one durable per partition.
+    assert.equal(first.filter((c) => c.kind === "consumer" && c.action === "create").length, 1 + p.partitions);
+    await applyDeploy(p, nats.jsm, findOperator, first);
+    const again = await planDeploy(p, nats.jsm, findOperator);
+    assert.ok(again.every((c) => c.action === "unchanged"), JSON.stringify(again.filter((c) => c.action !== "unchanged")));
+    await applyDeploy(p, nats.jsm, findOperator, again);
+
+    const changed = load(servers, "dep", ["streams.max_age=1d", "runtime.ack_wait=10s"]);
+    const upd = await planDeploy(changed, nats.jsm, findOperator);
+    const updates = upd.filter((c) => c.action === "update");
+    assert.equal(updates.filter((c) => c.kind === "stream").length, streams);
+    assert.equal(updates.filter((c) => c.kind === "consumer").length, 1 + p.partitions);
+    assert.deepEqual(updates.find((c) => c.kind === "stream")!.changes.map((c) => c.field), ["max_age"]);
+    await applyDeploy(changed, nats.jsm, findOperator, upd);
+    assert.ok((await planDeploy(changed, nats.jsm, findOperator)).every((c) => c.action === "unchanged"));
+
+    const fewer = load(servers, "dep", ["partitions=2"]);
+    const conflict = await planDeploy(fewer, nats.jsm, findOperator);
+    assert.equal(conflict.filter((c) => c.action === "conflict").length, 2, "partitions 2 and 3 are left over");
+    await assert.rejects(applyDeploy(fewer, nats.jsm, findOperator, conflict), /conflict/);
+  });
+});
+
+test("events flow through enrich and dedupe exactly once; every bad input is dead-lettered with its bytes and reason", async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "flow");
+    await deploy(p, nats);
+    const now = Date.now();
+    const good = [...benchEvents(2000, 50, now - 3_600_000)];
+    const dups = good.filter((_, i) => i % 7 === 0); // re-sent by the producer: same event_id, new message
+    const bad = badLines(now);
+    await publishLines(p, nats.js, [...good, ...dups, ...bad.map((b) => b.line)], { idPrefix: "t" });
+
+    const redis = new Redis(servers.redisUrl);
+    const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, "flow"), redis, nats });
+    await worker.start();
+    try {
+      await eventually("the pipeline to drain", async () => (await consumersDrained(nats, inputStreams(p))) && (await readStream(nats, streamName(p, "dlq"))).length === bad.length);
+    } finally {
+      await worker.stop();
+      redis.disconnect();
+    }
+    const ids = await outputIds(p, nats);
+    assert.equal(ids.size, good.length);
+    assert.ok([...ids.values()].every((n) => n === 1), "no event_id is output twice");
+    assert.equal(worker.counters.get("dedupe")!.get("dropped"), dups.length);
+
+    const dlq = await readStream(nats, streamName(p, "dlq"));
+    for (const b of bad) {
+      const d = dlq.find((m) => m.data === b.line);
+      assert.ok(d, `dead letter for ${b.reason} keeps the original bytes`);
+      assert.equal(d.headers["Tacit-Reason"], b.reason);
+      assert.equal(d.headers["Tacit-Stage"], "enrich");
+      assert.equal(d.subject, `${p.subject_prefix}.dlq.enrich`);
+      assert.ok(d.headers["Tacit-Message"]!.length > 0);
+    }
+    // Nothing of the raw user id or PII leaves enrich.
+    const sample = (await readStream(nats, streamName(p, "events"))).slice(0, 50);
+    assert.ok(sample.every((m) => !m.data.includes("user-")), "raw user_id never appears downstream");
+  });
+});
+
+test("SIGKILL in the middle of 50,000 events: after a restart every event is output exactly once", { timeout: 300_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "kill");
+    await deploy(p, nats);
+    const now = Date.now();
+    const good = [...benchEvents(50_000, 500, now - 6 * 3_600_000)];
+    const bad = badLines(now);
+    await publishLines(p, nats.js, [...good.slice(0, 25_000), ...bad.map((b) => b.line), ...good.slice(25_000)], { idPrefix: "k" });
+
+    const first = tacitRun(servers, "kill");
+    await eventually("some output before the kill", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= 10_000, 120_000, 20);
+    first.kill("SIGKILL");
+    await exited(first);
+    const midway = (await nats.jsm.streams.info(streamName(p, "events"))).state.messages;
+    assert.ok(midway < good.length, `killed mid-run (had ${midway})`);
+
+    const second = tacitRun(servers, "kill");
+    try {
+      await eventually("the restarted worker to finish", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 240_000, 200);
+    } finally {
+      second.kill("SIGTERM");
+      assert.equal(await exited(second), 0, (second as ChildProcess & { stderrText: () => string }).stderrText());
+    }
+    const ids = await outputIds(p, nats);
+    assert.equal(ids.size, good.length, "no event lost");
+    const twice = [...ids.entries()].filter(([, n]) => n > 1);
+    assert.deepEqual(twice, [], "no event output twice");
+    const reasons = (await readStream(nats, streamName(p, "dlq"))).map((m) => m.headers["Tacit-Reason"]).sort();
+    assert.deepEqual(reasons, bad.map((b) => b.reason).sort(), "each bad event dead-lettered once, with its reason");
+  });
+});
+
+test("SIGTERM drains: in-flight messages are settled and the worker exits 0", async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "term");
+    await deploy(p, nats);
+    const good = [...benchEvents(20_000, 200, Date.now() - 3_600_000)];
+    await publishLines(p, nats.js, good, { idPrefix: "g" });
+    const child = tacitRun(servers, "term");
+    await eventually("processing to start", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages > 1000, 60_000, 20);
+    const t0 = Date.now();
+    child.kill("SIGTERM");
+    assert.equal(await exited(child), 0, (child as ChildProcess & { stderrText: () => string }).stderrText());
+    assert.ok(Date.now() - t0 < 15_000, "drained promptly");
+    // Everything the worker had taken was settled: nothing is left waiting for an ack.
+    for (const s of inputStreams(p)) {
+      for await (const ci of nats.jsm.consumers.list(s)) assert.equal(ci.num_ack_pending, 0, `${ci.name} has unacked messages after a clean stop`);
+    }
+    const again = tacitRun(servers, "term");
+    await eventually("the rest to be processed", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 120_000, 200);
+    again.kill("SIGTERM");
+    await exited(again);
+    const ids = await outputIds(p, nats);
+    assert.equal(ids.size, good.length);
+    assert.ok([...ids.values()].every((n) => n === 1));
+  });
+});
+
+test("a dead worker's partitions move to the survivor, which finishes the work", { timeout: 180_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "lease");
+    await deploy(p, nats);
+    const redis = new Redis(servers.redisUrl);
+    const owners = async () => {
+      const vals = await Promise.all([...Array(p.partitions).keys()].map((n) => redis.get(pipelineKey(p.subject_prefix, "lease", "dedupe", n))));
+      return vals;
+    };
+    const a = tacitRun(servers, "lease");
+    const b = tacitRun(servers, "lease");
+    try {
+      await eventually("both workers to hold partitions", async () => {
+        const o = await owners();
+        return o.every((x) => x !== null) && new Set(o).size === 2;
+      }, 30_000);
+      a.kill("SIGKILL");
+      await exited(a);
+      await eventually("the survivor to own every partition", async () => {
+        const o = await owners();
+        return o.every((x) => x !== null) && new Set(o).size === 1;
+      }, 30_000);
+      const good = [...benchEvents(5000, 100, Date.now() - 3_600_000)];
+      await publishLines(p, nats.js, good, { idPrefix: "l" });
+      await eventually("the survivor to process everything", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 120_000, 200);
+      const ids = await outputIds(p, nats);
+      assert.equal(ids.size, good.length);
+    } finally {
+      a.kill("SIGKILL");
+      b.kill("SIGTERM");
+      await exited(b);
+      redis.disconnect();
+    }
+  });
+});
+
+test("Redis down: batches are retried, nothing is lost or dead-lettered, and work resumes when it is back", { timeout: 120_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "redis", ["runtime.retry_backoff=[200ms,500ms]"]);
+    await deploy(p, nats);
+    const redis = new Redis(servers.redisUrl, { maxRetriesPerRequest: 1 });
+    redis.on("error", () => undefined);
+    const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, "redis"), redis, nats });
+    await worker.start();
+    try {
+      await servers.stopRedis();
+      const good = [...benchEvents(3000, 60, Date.now() - 3_600_000)];
+      await publishLines(p, nats.js, good, { idPrefix: "r" });
+      await new Promise((r) => setTimeout(r, 2000));
+      await servers.restartRedis();
+      await eventually("work to resume after Redis is back", async () => (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 90_000, 200);
+      const ids = await outputIds(p, nats);
+      assert.equal(ids.size, good.length);
+      assert.ok([...ids.values()].every((n) => n === 1));
+      assert.equal((await nats.jsm.streams.info(streamName(p, "dlq"))).state.messages, 0, "an outage is not a bad event");
+    } finally {
+      await worker.stop();
+      redis.disconnect();
+    }
+  });
+});
