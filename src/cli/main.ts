@@ -9,6 +9,8 @@ import { registerTail } from "./tail.js";
 import { registerValidate } from "./validate.js";
 import { registerBench } from "./bench.js";
 import { registerDemo } from "./demo.js";
+import { registerEvaluate } from "./evaluate.js";
+import { registerSimulate } from "./simulate.js";
 
 const pkg = createRequire(import.meta.url)("../../../package.json") as { version: string };
 
@@ -28,6 +30,8 @@ export function buildProgram(): Command {
   registerPublish(program);
   registerTail(program);
   registerStatus(program);
+  registerSimulate(program);
+  registerEvaluate(program);
   registerBench(program);
   registerDemo(program);
   for (const c of program.commands) c.exitOverride();
