@@ -4,6 +4,7 @@ import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { BEGIN_MARKER, END_MARKER, renderPipelineReference, replaceGenerated } from "../src/config/docs.js";
 import { OPERATORS } from "../operators/index.js";
+import { GENERATED_SECTIONS, markers } from "../src/config/docs-sections.js";
 
 const README = fileURLToPath(new URL("../../README.md", import.meta.url));
 
@@ -27,4 +28,14 @@ test("replaceGenerated swaps only the marked section", () => {
   const doc = `# t\nbefore\n${BEGIN_MARKER}\nold\n${END_MARKER}\nafter\n`;
   assert.equal(replaceGenerated(doc, "new"), `# t\nbefore\n${BEGIN_MARKER}\nnew\n${END_MARKER}\nafter\n`);
   assert.throws(() => replaceGenerated("# no markers\n", "x"), /markers/);
+});
+
+test("README.md holds every generated section as currently rendered (label schema, DLQ reasons, …)", () => {
+  const readme = readFileSync(README, "utf8");
+  for (const [name, render] of Object.entries(GENERATED_SECTIONS)) {
+    const { begin, end } = markers(name);
+    assert.equal(readme.split(begin).length, 2, `one ${begin}`);
+    const between = readme.slice(readme.indexOf(begin) + begin.length, readme.indexOf(end));
+    assert.equal(between, `\n${render()}\n`, `section ${name} is stale: run node scripts/gen-readme.mjs`);
+  }
 });
