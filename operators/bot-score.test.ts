@@ -148,12 +148,20 @@ test("event-time rate: a burst of 12 events in 1 s is flagged, the same 12 over 
   assert.ok(spread.every((o) => scoreOf(o) === 0));
 });
 
-test("impressions are not user actions: a results page of 10 response_shown events within ms does not count toward rate or regularity", async () => {
+test("impressions are not user actions: a results page of 10 response_shown events within ms does not count toward the rate", async () => {
   const page = [ev("u", T0, "query"), ...Array.from({ length: 10 }, (_, i) => ev("u", T0 + 200 + i, "response_shown", { response_id: `r${i}`, payload: { position: i + 1 } })), ev("u", T0 + 5_000, "click", { response_id: "r0", payload: { position: 1 } })];
   assert.deepEqual((await run(harness(), page)).map(bandOf), Array(page.length).fill("human"));
   // Counted when configured as actions: the same page is then a burst.
   const counted = await run(harness({ untimed_event_types: [] }), page);
   assert.ok(counted.map(bandOf).includes("bot"));
+});
+
+test("a script's metronome shows in every event it sends: impressions count for regularity", async () => {
+  const types: EventType[] = ["query", "response_shown", "accept"];
+  const metronome = Array.from({ length: 24 }, (_, i) => ev("u", T0 + i * 3_000, types[i % 3]!, { response_id: `r${Math.floor(i / 3)}` }));
+  const out = await run(harness({ rate: [] }), metronome);
+  assert.equal(bandOf(out[out.length - 1]!), "bot");
+  assert.ok(indicatorNames(out[out.length - 1]!).includes("regularity"));
 });
 
 test("event-time rate is decided on event time, whatever the arrival order", async () => {
@@ -409,11 +417,13 @@ test("the stored state round-trips", () => {
     fc.property(
       fc.array(fc.integer({ min: T0, max: T0 + 3_600_000 }), { maxLength: 30 }),
       fc.dictionary(fc.string({ minLength: 1, maxLength: 8 }), fc.record({ t: fc.integer({ min: T0, max: T0 + 3_600_000 }), s: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), l: fc.option(fc.nat(), { nil: undefined }), c: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), p: fc.option(fc.nat(), { nil: undefined }) }, { requiredKeys: ["t"] })),
-      (raw, resp) => {
+      fc.array(fc.boolean(), { minLength: 30, maxLength: 30 }),
+      (raw, resp, acts) => {
         const times = [...raw].sort((a, b) => a - b);
+        const act = times.map((_, i) => acts[i]!);
         const max_ts = times.length ? times[times.length - 1]! : -Infinity;
         const clean = new Map(Object.entries(resp).map(([k, m]) => [k, Object.fromEntries(Object.entries(m).filter(([, v]) => v !== undefined)) as unknown as ResponseMemo]));
-        const state: UserState = { v: 1, times, max_ts, resp: clean, score: 0.25 };
+        const state: UserState = { v: 1, times, act, max_ts, resp: clean, score: 0.25 };
         assert.deepEqual(decodeBotState(encodeBotState(state)), state);
       },
     ),

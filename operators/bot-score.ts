@@ -77,7 +77,7 @@ export interface BotScoreConfig {
   state_ttl?: string;
   /**
    * Event types that are not user actions (impressions the client logs, several per page) and
-   * so count toward neither the rate nor the timing regularity. @default ["response_shown"]
+   * so do not count toward the rate (they still count for timing regularity). @default ["response_shown"]
    */
   untimed_event_types?: EventType[];
 }
@@ -159,7 +159,7 @@ export const botScoreSchema: JSONSchemaType<BotScoreConfig> = {
       items: { type: "string", enum: [...EVENT_TYPES] },
       default: ["response_shown"],
       nullable: true,
-      description: "Event types that are not user actions (impressions the client logs, often several per page within milliseconds): they count toward neither the rate nor the timing regularity.",
+      description: "Event types that are not user actions (impressions the client logs, often several per page within milliseconds): they do not count toward the rate; they still count for timing regularity, where a script's metronome shows in every event.",
       examples: [["response_shown"]],
     },
     state_ttl: { ...DURATION_SCHEMA, default: "1h", nullable: true, description: "How long a user's state lives after their last event (at least the longest rate window); a bot verdict is sticky for as long.", examples: ["1h"] },
@@ -210,7 +210,8 @@ export function compileBotScore(config: BotScoreConfig = {}): CompiledBotScore {
   };
   const longestWindowMs = Math.max(0, ...rate.map((r) => r.windowMs));
   const ttlMs = Math.max(parseDuration(config.state_ttl ?? "1h", "state_ttl"), longestWindowMs);
-  const ringSize = Math.max(regularity.enabled ? regularity.minEvents : 0, ...rate.map((r) => r.maxEvents + 1), 1);
+  // Impressions share the ring with actions, so keep room for both (rate counts actions only).
+  const ringSize = Math.max(regularity.enabled ? regularity.minEvents : 0, ...rate.map((r) => 2 * (r.maxEvents + 1)), 1);
   return {
     threshold,
     ambivalentFrom,
@@ -300,6 +301,8 @@ export interface UserState {
   v: 1;
   /** Recent event times, ascending (event time). */
   times: number[];
+  /** Parallel to `times`: false where the event was an impression (not a user action). */
+  act: boolean[];
   /** Newest event time seen. */
   max_ts: number;
   /** Responses seen, by response_id (a Map: ids come from input, so no prototype keys). */
@@ -311,7 +314,7 @@ export interface UserState {
 }
 
 function emptyState(): UserState {
-  return { v: 1, times: [], max_ts: -Infinity, resp: new Map(), score: 0 };
+  return { v: 1, times: [], act: [], max_ts: -Infinity, resp: new Map(), score: 0 };
 }
 
 /**
@@ -327,6 +330,8 @@ interface StoredState {
   score: number;
   /** Event times: `at` − the oldest, then the gaps between consecutive times. */
   t: number[];
+  /** Per event time, "1" for a user action, "0" for an impression; absent when all are actions. */
+  k?: string;
   /** Responses: [response_id, at − touched, at − shown, text_length, at − first click, longest copy] (null when unknown). */
   r: [string, number, number | null, number | null, number | null, number | null][];
   bot?: UserState["bot"];
@@ -341,6 +346,7 @@ export function encodeBotState(s: UserState): string {
   const t = s.times.map((x, i) => (i === 0 ? at - x : x - s.times[i - 1]!));
   const r = [...s.resp].map(([id, m]): StoredState["r"][number] => [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null]);
   const stored: StoredState = { v: 1, at, score: s.score, t, r };
+  if (s.act.some((a) => !a)) stored.k = s.act.map((a) => (a ? "1" : "0")).join("");
   if (s.bot) stored.bot = s.bot;
   return JSON.stringify(stored);
 }
@@ -362,7 +368,8 @@ export function decodeBotState(raw: string): UserState {
     if (p !== null) m.p = p;
     resp.set(id, m);
   }
-  const s: UserState = { v: 1, times, max_ts: times.length ? st.at : -Infinity, resp, score: st.score ?? 0 };
+  const act = times.map((_, i) => st.k === undefined || st.k[i] !== "0");
+  const s: UserState = { v: 1, times, act, max_ts: times.length ? st.at : -Infinity, resp, score: st.score ?? 0 };
   if (st.bot) s.bot = st.bot;
   return s;
 }
@@ -378,10 +385,11 @@ function parseState(raw: string | null, onBad: (err: unknown) => void): UserStat
 }
 
 /** Inserts `t` keeping ascending order (usually appends: events arrive roughly in time order). */
-function insertSorted(times: number[], t: number): void {
+function insertSorted(times: number[], t: number, act: boolean[], isAct: boolean): void {
   let i = times.length;
   while (i > 0 && times[i - 1]! > t) i--;
   times.splice(i, 0, t);
+  act.splice(i, 0, isAct);
 }
 
 /** Largest number of events in any window [s, s + w) that contains `t` (events in `times`, ascending). */
@@ -503,19 +511,25 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
     }
 
     // Impressions are logged by the client (a results page sends several within milliseconds),
-    // not done by the user: they count toward neither rate nor timing regularity.
-    const timed = !c.untimedTypes.has(ev.event_type);
-    if (timed) {
-      insertSorted(s.times, ts);
-      s.max_ts = Math.max(s.max_ts, ts);
-    }
+    // not done by the user: they do not count toward the rate. They do count for timing
+    // regularity, where a script's metronome shows in every event it sends.
+    const isAction = !c.untimedTypes.has(ev.event_type);
+    insertSorted(s.times, ts, s.act, isAction);
+    s.max_ts = Math.max(s.max_ts, ts);
     const keepAtLeast = c.regularity.enabled ? c.regularity.minEvents : 0;
-    while (s.times.length > keepAtLeast && s.times[0]! <= s.max_ts - c.longestWindowMs) s.times.shift();
-    while (s.times.length > c.ringSize) s.times.shift();
+    while (s.times.length > keepAtLeast && s.times[0]! <= s.max_ts - c.longestWindowMs) {
+      s.times.shift();
+      s.act.shift();
+    }
+    while (s.times.length > c.ringSize) {
+      s.times.shift();
+      s.act.shift();
+    }
+    const actions = s.act.every((a) => a) ? s.times : s.times.filter((_, i) => s.act[i]);
 
-    for (const r of timed ? c.rate : []) {
+    for (const r of isAction ? c.rate : []) {
       if (r.weight <= 0) continue;
-      const n = maxInWindowContaining(s.times, ts, r.windowMs);
+      const n = maxInWindowContaining(actions, ts, r.windowMs);
       if (n > r.maxEvents) {
         found.push({ name: "rate", strength: 1, weight: r.weight, value: n, limit: r.maxEvents, detail: `${n} events in ${r.window} (more than ${r.maxEvents})` });
       } else if (n > r.ambivalentEvents) {
@@ -524,7 +538,7 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
       }
     }
 
-    if (timed && c.regularity.enabled && c.regularity.weight > 0 && s.times.length >= c.regularity.minEvents) {
+    if (c.regularity.enabled && c.regularity.weight > 0 && s.times.length >= c.regularity.minEvents) {
       const cv = gapCv(s.times.slice(-c.regularity.minEvents));
       const { maxCv, ambivalentCv, minEvents } = c.regularity;
       if (cv < maxCv) {
