@@ -106,9 +106,13 @@ for (const spec of OPERATORS) {
     // The example replaces the operator's stage in feedback.yaml (or is appended), so lint sees a real pipeline.
     const doc = parse(readFileSync(DEFAULT_PIPELINE, "utf8")) as { stages: { name: string; operator: string; config?: unknown }[] };
     for (const ex of spec.examples) {
-      const stages = doc.stages.some((s) => s.operator === spec.name)
+      let stages = doc.stages.some((s) => s.operator === spec.name)
         ? doc.stages.map((s) => (s.operator === spec.name ? { ...s, config: ex.config } : s))
         : [...doc.stages, { name: spec.name, operator: spec.name, config: ex.config }];
+      // label-derive's session_gap must equal sessionize's gap (its lint checks): an example that
+      // changes the gap is deployed with label-derive following it, as an engineer would.
+      const gap = spec.name === "sessionize" ? (ex.config as { gap?: string }).gap : undefined;
+      if (gap) stages = stages.map((s) => (s.operator === "label-derive" ? { ...s, config: { ...(s.config as object), session_gap: gap } } : s));
       const source = stringify({ ...doc, stages });
       const r = loadPipeline(`${spec.name} example "${ex.title}"`, { source, operators: [...OPERATORS, ...placeholders()], env: {}, secrets: false });
       assert.deepEqual(r.problems.map(formatProblem), [], `example "${ex.title}"`);

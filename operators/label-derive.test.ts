@@ -1,0 +1,681 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { newConfigAjv } from "../src/config/ajv.js";
+import { loadPipeline, formatProblem } from "../src/config/load.js";
+import { ConfigError } from "../src/core/errors.js";
+import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
+import { labelSchemaV1, type Label } from "../src/core/label.js";
+import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
+import { partitionKey } from "../src/core/state.js";
+import { fieldNames, readFeatures, userFeaturesKey } from "../src/labels/features.js";
+import { simulate } from "../src/sim/simulate.js";
+import { MemoryStateStore } from "../src/state/memory.js";
+import { ManualClock } from "../src/core/clock.js";
+import type { StageInput } from "../src/core/operator.js";
+import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
+import { runChain } from "../test/support/label-chain.js";
+import { OPERATORS } from "./index.js";
+import { labelDerive, labelId, type LabelDeriveConfig } from "./label-derive.js";
+
+const T0 = Date.parse("2026-01-01T10:00:00Z");
+const SEC = 1000;
+const MIN = 60 * SEC;
+const ALICE = pseudonymize(DEV_PSEUDONYM_KEY, "alice");
+const BOB = pseudonymize(DEV_PSEUDONYM_KEY, "bob");
+const validateLabel = newConfigAjv().compile(labelSchemaV1());
+const ROOT = fileURLToPath(new URL("../../", import.meta.url));
+
+// ---------------------------------------------------------------------------------------------
+// Building inputs
+
+let seq = 0;
+
+interface Opts {
+  rid?: string;
+  qid?: string;
+  payload?: Record<string, unknown>;
+  user?: string;
+  session?: string;
+  band?: "human" | "ambivalent";
+  reformulation?: Record<string, unknown>;
+}
+
+/** One envelope as label-derive receives it (after bot-score, sessionize and reformulation). */
+function e(type: EventType, atSec: number, o: Opts = {}): Envelope {
+  seq++;
+  const ts = T0 + atSec * SEC;
+  const event: TacitEvent = {
+    event_id: `e-${seq}`,
+    session_id: "raw-session",
+    user: o.user ?? ALICE,
+    user_key_version: "dev",
+    timestamp: new Date(ts).toISOString(),
+    ts,
+    event_type: type,
+    payload: o.payload ?? {},
+    ...(o.qid !== undefined ? { query_id: o.qid } : {}),
+    ...(o.rid !== undefined ? { response_id: o.rid } : {}),
+  };
+  const attrs: Record<string, unknown> = {
+    bot: { score: o.band === "ambivalent" ? 0.5 : 0.01, band: o.band ?? "human", indicators: [] },
+    session: { id: o.session ?? "s-1", seq_in_session: 1 },
+  };
+  if (o.reformulation) attrs.reformulation = o.reformulation;
+  return { v: 1, event, src: { seq: 10_000 + seq }, partition: 0, attrs };
+}
+
+/** A single (LLM) response shown. */
+const shown = (at: number, rid: string, qid = "q-1", extra: Opts = {}) => e("response_shown", at, { rid, qid, payload: { text_length: 1000 }, ...extra });
+/** A ranked list of responses for one query (positions 1…n), shown 1 ms apart. */
+const list = (at: number, rids: string[], qid = "q-1") =>
+  rids.map((rid, i) => e("response_shown", at + i / 1000, { rid, qid, payload: { position: i + 1, candidates: rids.length, text_length: 500 } }));
+const on = (type: EventType, at: number, rid: string, payload: Record<string, unknown> = {}, extra: Opts = {}) => e(type, at, { rid, qid: extra.qid ?? "q-1", payload, ...extra });
+const reformulation = (at: number, prevRid: string, decision: string, kind: string, extra: Opts = {}) =>
+  e("query", at, {
+    qid: "q-2",
+    payload: { text: "follow up" },
+    reformulation: { previous_query_id: "q-1", previous_response_id: prevRid, kind, decision, levenshtein: 0.2, jaccard3: 0.6, token_overlap: 0.5, gap_ms: 20_000 },
+    ...extra,
+  });
+
+function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number; watermarkAfterCommits?: boolean } = {}): OperatorHarness<LabelDeriveConfig> {
+  return new OperatorHarness(labelDerive, config, { stage: "label-derive", prefix: "feedback", ...opts });
+}
+
+/** Every label published, deduplicated by emit id; each is checked against label.v1.json. */
+function labels(h: OperatorHarness<LabelDeriveConfig>): Label[] {
+  const out: Label[] = [];
+  for (const to of ["labels.response", "labels.preference", "labels.session"] as const) {
+    for (const em of h.emits(to)) {
+      const l = em.value as Label;
+      assert.ok(validateLabel(l), `label ${em.id} does not match label.v1.json: ${JSON.stringify(validateLabel.errors)}`);
+      assert.equal(em.id, `label:${l.label_id}:${l.revision}`);
+      assert.equal(to, `labels.${l.kind}`);
+      out.push(l);
+    }
+  }
+  return out;
+}
+
+/** The highest revision of each label. */
+function latest(ls: Label[]): Label[] {
+  const m = new Map<string, Label>();
+  for (const l of ls) if ((m.get(l.label_id)?.revision ?? -1) < l.revision) m.set(l.label_id, l);
+  return [...m.values()];
+}
+
+async function run(envs: Envelope[], o: { close?: boolean; config?: LabelDeriveConfig; batchSize?: number } = {}) {
+  const h = harness(o.config);
+  await h.push(0, envs, { batchSize: o.batchSize ?? 100 });
+  if (o.close) await h.advanceWatermark(0, T0 + 24 * 3600 * SEC);
+  return { h, labels: latest(labels(h)) };
+}
+
+const near = (a: number, b: number) => Math.abs(a - b) < 1e-6;
+
+// ---------------------------------------------------------------------------------------------
+// Table tests: every default rule, with inputs that fire it and inputs that must not
+
+interface Case {
+  rule: string;
+  title: string;
+  events: () => Envelope[];
+  /** Expected weight when it fires; undefined: must not fire. */
+  weight?: number;
+  /** The labelled response (response labels) or [chosen, rejected] (preference labels). */
+  target?: string | [string, string];
+  close?: boolean;
+}
+
+const CASES: Case[] = [
+  { rule: "task_complete", title: "task completion", events: () => [shown(0, "r1"), on("task_complete", 40, "r1", { outcome: "success" })], weight: 2, target: "r1" },
+  { rule: "task_complete", title: "not after a heavy rewrite", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 800, original_length: 1000 }), on("task_complete", 40, "r1")] },
+  { rule: "task_complete", title: "not a failed outcome", events: () => [shown(0, "r1"), on("task_complete", 40, "r1", { outcome: "failure" })] },
+  { rule: "copy", title: "copy of 60 % of the response: 0.4 + 1.4 × 0.6", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 600, span_length: 600 })], weight: 1.24, target: "r1" },
+  { rule: "copy", title: "copy of the whole response: clipped at 1.5", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 1000 })], weight: 1.5, target: "r1" },
+  { rule: "copy", title: "not a snippet (10 %)", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 100, span_length: 100 })] },
+  { rule: "copy", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("copy_paste", 3, "r1", { span_length: 600, span_start: 0, span_end: 600 })] },
+  { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 25, "r1")], weight: 1, target: "r1" },
+  { rule: "accept", title: "quick accept (< 2 s after shown) weighs half", events: () => [shown(0, "r1"), on("accept", 1.5, "r1")], weight: 0.5, target: "r1" },
+  { rule: "accept", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 3, "r1", { dwell_ms: 3000 }), on("accept", 4, "r1")] },
+  { rule: "edit_light", title: "edit distance 10 %", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 100, original_length: 1000 })], weight: 0.8, target: "r1" },
+  { rule: "edit_light", title: "edit given as texts", events: () => [shown(0, "r1"), on("edit", 30, "r1", { original_text: "abcdefghij", edited_text: "abcdefghiX" })], weight: 0.8, target: "r1" },
+  { rule: "edit_light", title: "not a 50 % edit", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 500, original_length: 1000 })] },
+  { rule: "edit_heavy", title: "not a 50 % edit", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 500, original_length: 1000 })] },
+  { rule: "edit_heavy", title: "rewrite of 80 %", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 800 })], weight: 0.5, target: "r1" },
+  { rule: "edit_light", title: "not a rewrite", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 800 })] },
+  { rule: "regenerate", title: "not a regenerate naming no response", events: () => [shown(0, "r1"), e("regenerate", 10, { qid: "q-1" })] },
+  { rule: "regenerate", title: "regenerate: negative for the replaced response", events: () => [shown(0, "r1"), on("regenerate", 10, "r1")], weight: 1, target: "r1" },
+  {
+    rule: "regenerate_then_use",
+    title: "regenerate then accept: new over old",
+    events: () => [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 40, "r2")],
+    // Discounted by the regenerate baseline: 1 regeneration in 2 responses, smoothed with 5 at the
+    // prior 0.12, is a rate of (1 + 0.6) / (2 + 5); the factor is 0.12 / rate.
+    weight: 0.12 / (1.6 / 7),
+    target: ["r2", "r1"],
+  },
+  {
+    rule: "regenerate_then_use",
+    title: "regenerate then copy: new over old",
+    events: () => [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("copy_paste", 40, "r2", { span_length: 500 })],
+    weight: 0.12 / (1.6 / 7),
+    target: ["r2", "r1"],
+  },
+  { rule: "regenerate_then_use", title: "not without a regenerate", events: () => [shown(0, "r1"), shown(12, "r2"), on("accept", 40, "r2")] },
+  { rule: "regenerate_then_use", title: "not a heavy rewrite of the new one", events: () => [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("edit", 40, "r2", { edit_distance: 900 })] },
+  { rule: "regenerate_then_use", title: "not when the new response answers another query", events: () => [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2", "q-9"), on("accept", 40, "r2", {}, { qid: "q-9" })] },
+  { rule: "reformulation", title: "reformulation: negative for the previous response", events: () => [shown(0, "r1"), reformulation(20, "r1", "reformulation", "substitution")], weight: 0.8, target: "r1" },
+  { rule: "reformulation", title: "a spelling fix weighs half", events: () => [shown(0, "r1"), reformulation(20, "r1", "reformulation", "spelling_correction")], weight: 0.4, target: "r1" },
+  { rule: "reformulation", title: "not a clarification", events: () => [shown(0, "r1"), reformulation(20, "r1", "clarification", "words_added")] },
+  { rule: "reformulation", title: "not a new topic", events: () => [shown(0, "r1"), reformulation(20, "r1", "new_topic", "new_topic")] },
+  { rule: "reformulation", title: "not after a ranked list", events: () => [...list(0, ["r1", "r2"]), reformulation(20, "r2", "reformulation", "substitution")] },
+  { rule: "reformulation", title: "not after a long read of the previous response", events: () => [shown(0, "r1"), on("dwell", 45, "r1", { dwell_ms: 45_000 }), reformulation(50, "r1", "reformulation", "substitution")] },
+  {
+    rule: "click_satisfied",
+    title: "long dwell after a click at rank 3: 0.7 / P(3)",
+    events: () => [...list(0, ["r1", "r2", "r3"]), on("click", 5, "r3", { position: 3 }), on("dwell", 50, "r3", { dwell_ms: 45_000 })],
+    weight: 0.7 / 0.48,
+    target: "r3",
+  },
+  {
+    rule: "click_satisfied",
+    title: "rank 9: inverse propensity clipped at 5",
+    events: () => [...list(0, ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"]), on("click", 5, "r9", { position: 9 }), on("dwell", 50, "r9", { dwell_ms: 45_000 })],
+    weight: 3.5,
+    target: "r9",
+  },
+  { rule: "click_satisfied", title: "not a 20 s dwell", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r1", { position: 1 }), on("dwell", 25, "r1", { dwell_ms: 20_000 })] },
+  { rule: "click_quick_back", title: "quick back", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 9, "r2", { dwell_ms: 4000 })], weight: 0.3, target: "r2" },
+  { rule: "click_quick_back", title: "not a 20 s dwell", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r1", { position: 1 }), on("dwell", 25, "r1", { dwell_ms: 20_000 })] },
+  {
+    rule: "click_last",
+    title: "the session's last click, 20 s dwell: satisfied at session end",
+    events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 25, "r2", { dwell_ms: 20_000 })],
+    close: true,
+    weight: 0.5 / 0.61,
+    target: "r2",
+  },
+  { rule: "click_last", title: "not before the session ends", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 25, "r2", { dwell_ms: 20_000 })] },
+  { rule: "click_last", title: "not a quick back", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 9, "r2", { dwell_ms: 4000 })], close: true },
+  { rule: "click_last", title: "not when the dwell already decided it", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 50, "r2", { dwell_ms: 45_000 })], close: true },
+  {
+    rule: "click_last",
+    title: "only the last click of the session",
+    events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r1", { position: 1 }), on("dwell", 25, "r1", { dwell_ms: 20_000 }), on("click", 30, "r2", { position: 2 })],
+    close: true,
+    weight: 0.5 / 0.61,
+    target: "r2",
+  },
+  { rule: "click_skip_above", title: "click at rank 3 with nothing clicked above: 3 over 2", events: () => [...list(0, ["r1", "r2", "r3"]), on("click", 5, "r3", { position: 3 })], weight: 0.5, target: ["r3", "r2"] },
+  { rule: "click_skip_above", title: "not when a result above was clicked first", events: () => [...list(0, ["r1", "r2", "r3"]), on("click", 3, "r1", { position: 1 }), on("click", 5, "r3", { position: 3 })] },
+  { rule: "click_skip_above", title: "not a click at rank 1", events: () => [...list(0, ["r1", "r2", "r3"]), on("click", 5, "r1", { position: 1 })] },
+  { rule: "abandon_unread", title: "abandoned after a glance", events: () => [shown(0, "r1"), on("dwell", 3, "r1", { dwell_ms: 3000 }), on("abandon", 5, "r1")], weight: 0.3, target: "r1" },
+  { rule: "abandon_unread", title: "abandoned without any dwell", events: () => [shown(0, "r1"), on("abandon", 5, "r1")], weight: 0.3, target: "r1" },
+  { rule: "abandon_unread", title: "good abandonment (read 40 s): unlabelled", events: () => [shown(0, "r1"), on("dwell", 40, "r1", { dwell_ms: 40_000 }), on("abandon", 42, "r1")] },
+  { rule: "share", title: "share", events: () => [shown(0, "r1"), on("share", 40, "r1")], weight: 1, target: "r1" },
+  { rule: "share", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("share", 3, "r1")] },
+  { rule: "read_long", title: "a single response read 45 s", events: () => [shown(0, "r1"), on("dwell", 45, "r1", { dwell_ms: 45_000 })], weight: 0.5, target: "r1" },
+  { rule: "read_long", title: "not 20 s", events: () => [shown(0, "r1"), on("dwell", 20, "r1", { dwell_ms: 20_000 })] },
+  { rule: "read_long", title: "not a ranked result (that is click_dwell's job)", events: () => [...list(0, ["r1"]), on("dwell", 45, "r1", { dwell_ms: 45_000 })] },
+  { rule: "read_short", title: "a single response left after 2 s", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 })], weight: 0.5, target: "r1" },
+  { rule: "read_short", title: "not 20 s", events: () => [shown(0, "r1"), on("dwell", 20, "r1", { dwell_ms: 20_000 })] },
+  { rule: "session_satisfied", title: "a session with a completed task", events: () => [shown(0, "r1"), on("task_complete", 40, "r1")], close: true, weight: 2 },
+  { rule: "session_satisfied", title: "not before the watermark passes its end + gap", events: () => [shown(0, "r1"), on("task_complete", 40, "r1")] },
+  {
+    rule: "session_dissatisfied",
+    title: "a session of a regenerated, glanced-at response",
+    events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("regenerate", 3, "r1")],
+    close: true,
+    weight: 1.5,
+  },
+  { rule: "session_dissatisfied", title: "not a satisfied session", events: () => [shown(0, "r1"), on("task_complete", 40, "r1")], close: true },
+];
+
+for (const c of CASES) {
+  test(`rule ${c.rule}: ${c.title}`, async () => {
+    const { labels: ls } = await run(c.events(), { close: c.close === true });
+    const mine = ls.filter((l) => l.rule === c.rule);
+    if (c.weight === undefined) {
+      assert.deepEqual(mine, [], `${c.rule} must not fire`);
+      return;
+    }
+    assert.equal(mine.length, 1, `${c.rule} fires once: ${JSON.stringify(ls.map((l) => l.rule))}`);
+    const l = mine[0]!;
+    assert.ok(near(l.weight, c.weight), `weight ${l.weight}, expected ${c.weight}`);
+    if (typeof c.target === "string") {
+      assert.equal(l.kind, "response");
+      assert.equal(l.response_id, c.target);
+    } else if (c.target) {
+      assert.equal(l.kind, "preference");
+      assert.deepEqual([l.chosen_response_id, l.rejected_response_id], c.target);
+    }
+    assert.ok(!l.signals.some((s) => (s.event_type as string) === "explicit_feedback"));
+  });
+}
+
+test("every default rule has a table case that fires it and one that must not", () => {
+  const rules = (readFileSync(join(ROOT, "config/label-rules.yaml"), "utf8").match(/^ {2}- name: (\w+)/gm) ?? []).map((m) => m.split(": ")[1]!);
+  assert.ok(rules.length >= 16);
+  for (const r of rules) {
+    assert.ok(CASES.some((c) => c.rule === r && c.weight !== undefined), `${r}: a case that fires`);
+    assert.ok(CASES.some((c) => c.rule === r && c.weight === undefined), `${r}: a case that must not fire`);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Label contents, revisions, preference signals
+
+test("a label carries the deciding signal, deterministic id, event time and emitted_at from the stream time", async () => {
+  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const { labels: ls } = await run(envs);
+  const accept = ls.find((l) => l.rule === "accept")!;
+  assert.equal(accept.label_id, labelId("feedback", "response", ["r1"], "accept"));
+  assert.deepEqual(accept, {
+    schema_version: 1,
+    label_id: accept.label_id,
+    revision: 0,
+    pipeline: "feedback",
+    kind: "response",
+    response_id: "r1",
+    query_id: "q-1",
+    session_id: "s-1",
+    user: ALICE,
+    label: "positive",
+    weight: 1,
+    rule: "accept",
+    rule_version: 1,
+    signals: [{ event_id: envs[1]!.event.event_id, event_type: "accept" }],
+    event_time: "2026-01-01T10:00:25.000Z",
+    // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
+    emitted_at: "2026-01-01T10:00:25.000Z",
+  });
+  assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("feedback", "response", ["r1"], "copy"));
+  assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("other", "response", ["r1"], "accept"));
+});
+
+/** A rules file with one rule (YAML of the rule's body, indented by 4). */
+function rulesFile(body: string): string {
+  const file = join(mkdtempSync(join(tmpdir(), "tacit-ld-")), "rules.yaml");
+  writeFileSync(file, `version: 1\nrules:\n  - name: ${body.trimStart()}`);
+  return file;
+}
+
+test("a second copy of the same response re-emits the same label_id with revision 1 and the summed weight", async () => {
+  const envs = [shown(0, "r1"), on("copy_paste", 30, "r1", { span_length: 200 }), on("copy_paste", 60, "r1", { span_length: 400 })];
+  // The default copy rule without its baseline, so the sum is plain.
+  const file = rulesFile(`copy
+    version: 1
+    signal: copy_paste
+    kind: response
+    target: response
+    label: positive
+    weight:
+      base: 1
+      factors:
+        - { field: copied_share, scale: 1.4, offset: 0.4, min: 0.5, max: 1.5 }
+      max: 2
+`);
+  const { h } = await run(envs, { config: { rules_file: file } });
+  const copies = labels(h).filter((l) => l.rule === "copy");
+  assert.deepEqual(copies.map((l) => l.revision), [0, 1]);
+  assert.equal(copies[0]!.label_id, copies[1]!.label_id);
+  assert.ok(near(copies[0]!.weight, 0.4 + 1.4 * 0.2));
+  assert.ok(near(copies[1]!.weight, 0.4 + 1.4 * 0.2 + 0.4 + 1.4 * 0.4));
+  assert.deepEqual(copies[1]!.signals.map((s) => s.event_id), [envs[1]!.event.event_id, envs[2]!.event.event_id]);
+  // The features hold the latest revision's weight, not the sum of both revisions.
+  const f = await readFeatures(h.state, "feedback", "response", "r1");
+  assert.ok(near(f!.fields.pos_weight as number, copies[1]!.weight));
+});
+
+test("a repeated event (same event_id) does not revise a label", async () => {
+  const copy = on("copy_paste", 30, "r1", { span_length: 600 });
+  const again: Envelope = { ...copy, src: { seq: copy.src.seq + 50_000 } };
+  const { h } = await run([shown(0, "r1"), copy, again]);
+  assert.deepEqual(labels(h).filter((l) => l.rule === "copy").map((l) => l.revision), [0]);
+});
+
+test("regenerate then accept: the preference carries the regenerate and the accept as its signals", async () => {
+  const envs = [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 40, "r2")];
+  const { labels: ls } = await run(envs);
+  const pref = ls.find((l) => l.kind === "preference")!;
+  assert.deepEqual(pref.signals, [
+    { event_id: envs[1]!.event.event_id, event_type: "regenerate" },
+    { event_id: envs[3]!.event.event_id, event_type: "accept" },
+  ]);
+  assert.equal(pref.query_id, "q-1");
+  assert.equal(pref.label, undefined);
+  // The old response got its own negative, the new one its positive.
+  assert.deepEqual(ls.filter((l) => l.kind === "response").map((l) => [l.rule, l.response_id]).sort(), [["accept", "r2"], ["regenerate", "r1"]]);
+});
+
+test("click below skipped results: with the default skipped_previous, one pair; skipped_above gives one pair per skipped result", async () => {
+  const envs = () => [...list(0, ["r1", "r2", "r3", "r4"]), on("click", 5, "r4", { position: 4 })];
+  const { labels: ls } = await run(envs());
+  assert.deepEqual(ls.filter((l) => l.kind === "preference").map((l) => [l.chosen_response_id, l.rejected_response_id]), [["r4", "r3"]]);
+  const file = rulesFile("skip_all\n    version: 1\n    signal: click\n    kind: preference\n    target: skipped_above\n    weight: 0.5\n");
+  const all = await run(envs(), { config: { rules_file: file } });
+  assert.deepEqual(all.labels.map((l) => [l.chosen_response_id, l.rejected_response_id]).sort(), [["r4", "r1"], ["r4", "r2"], ["r4", "r3"]]);
+});
+
+test("good vs bad abandonment", async () => {
+  const good = await run([shown(0, "r1"), on("dwell", 40, "r1", { dwell_ms: 40_000, scroll_depth: 0.9 }), on("abandon", 42, "r1")]);
+  assert.deepEqual(good.labels.filter((l) => l.label === "negative"), []);
+  assert.ok(good.labels.every((l) => l.rule !== "abandon_unread"));
+  const bad = await run([shown(0, "r1"), on("dwell", 4, "r1", { dwell_ms: 4000 }), on("abandon", 6, "r1")]);
+  assert.deepEqual(bad.labels.filter((l) => l.kind === "response").map((l) => [l.rule, l.label]).sort(), [["abandon_unread", "negative"], ["read_short", "negative"]]);
+  // Abandonment is never positive, whatever the dwell.
+  for (const r of [good, bad]) assert.ok(!r.labels.some((l) => l.label === "positive" && l.signals.some((s) => s.event_type === "abandon")));
+});
+
+test("per-user baselines: a habitual regenerator's regenerations weigh less; the baseline-free features keep the full weight", async () => {
+  const envs: Envelope[] = [];
+  for (let i = 0; i < 30; i++) envs.push(shown(i * 60, `r${i}`, `q${i}`), on("regenerate", i * 60 + 20, `r${i}`, {}, { qid: `q${i}` }));
+  const { h, labels: ls } = await run(envs);
+  const regen = ls.filter((l) => l.rule === "regenerate").sort((a, b) => a.event_time.localeCompare(b.event_time));
+  assert.equal(regen.length, 30);
+  assert.equal(regen[0]!.weight, 1, "a new user is at the prior: no discount");
+  const last = regen[regen.length - 1]!;
+  assert.ok(last.weight < 0.35 && last.weight >= 0.2, `habitual regenerator's weight ${last.weight}`);
+  const f = await readFeatures(h.state, "feedback", "response", last.response_id!);
+  assert.ok(near(f!.fields.neg_weight as number, last.weight));
+  assert.equal(f!.fields.neg_weight_nobase, 1);
+  const u = await readFeatures(h.state, "feedback", "user", ALICE);
+  assert.ok((u!.fields.regenerate_rate as number) > 0.7);
+  assert.ok(near(u!.fields.baseline_regenerate as number, 0.2));
+  // Another user's first regenerate is not affected by Alice's habits.
+  const other = await run([shown(0, "x1", "qx", { user: BOB }), on("regenerate", 20, "x1", {}, { user: BOB, qid: "qx" })]);
+  assert.equal(other.labels.find((l) => l.rule === "regenerate")!.weight, 1);
+});
+
+test("per-user dwell baseline: a fast reader's 5 s read is not a glance", async () => {
+  const envs: Envelope[] = [];
+  // A fast reader: their reads take 8 s (smoothed with 5 reads at the 30 s prior: about 11.7 s).
+  for (let i = 0; i < 25; i++) envs.push(shown(i * 60, `f${i}`, `q${i}`), on("dwell", i * 60 + 8, `f${i}`, { dwell_ms: 8000 }, { qid: `q${i}` }));
+  envs.push(shown(2000, "r-last", "q-last"), on("dwell", 2005, "r-last", { dwell_ms: 5000 }, { qid: "q-last" }), on("accept", 2006, "r-last", {}, { qid: "q-last" }));
+  const { h, labels: ls } = await run(envs);
+  // 5 s is under 10 s but not under a third of this user's usual dwell: not read_short; the accept counts.
+  assert.ok(!ls.some((l) => l.response_id === "r-last" && l.rule === "read_short"));
+  assert.ok(ls.some((l) => l.response_id === "r-last" && l.rule === "accept"));
+  // Judged against the population's 30 s, the same read is a glance: the baseline-free features say so.
+  const f = await readFeatures(h.state, "feedback", "response", "r-last");
+  assert.deepEqual([f!.fields.pos_weight, f!.fields.neg_weight, f!.fields.pos_weight_nobase, f!.fields.neg_weight_nobase], [1, 0, 0, 0.5]);
+});
+
+test("ambivalent users get features and metrics but no labels", async () => {
+  const o = { band: "ambivalent" as const };
+  const { h } = await run([shown(0, "r1", "q-1", o), on("copy_paste", 30, "r1", { span_length: 900 }, o), on("task_complete", 40, "r1", {}, o)], { close: true });
+  assert.deepEqual(labels(h), []);
+  assert.ok(h.metric("label_inputs_unlabelled") >= 3);
+  const u = await readFeatures(h.state, "feedback", "user", ALICE);
+  assert.equal(u!.fields.count_copy_paste, 1);
+  assert.equal(u!.fields.bot_band, "ambivalent");
+  assert.equal(u!.fields.bot_score, 0.5);
+  const r = await readFeatures(h.state, "feedback", "response", "r1");
+  assert.equal(r!.fields.signal_count, 2);
+  assert.equal(r!.fields.pos_weight, undefined);
+});
+
+test("explicit feedback never produces a label; it is counted in the features", async () => {
+  const { h } = await run([shown(0, "r1"), on("explicit_feedback", 30, "r1", { rating: "up" }), on("explicit_feedback", 31, "r1", { rating: 1 })], { close: true });
+  const ls = labels(h);
+  assert.deepEqual(ls.filter((l) => l.kind !== "session"), []);
+  for (const l of ls) assert.ok(!l.signals.some((s) => (s.event_type as string) === "explicit_feedback"));
+  const r = await readFeatures(h.state, "feedback", "response", "r1");
+  assert.equal(r!.fields.explicit_up, 1);
+  assert.equal(r!.fields.explicit_down, 1);
+  assert.equal(r!.fields.signal_count, undefined, "explicit feedback is not a signal");
+});
+
+test("inputs without a bot verdict produce no labels (bot-score must run first)", async () => {
+  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  for (const x of envs) delete x.attrs.bot;
+  const { h } = await run(envs);
+  assert.deepEqual(labels(h), []);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Sessions at the watermark
+
+test("session labels are decided when the watermark passes the last event + session_gap, then the state is cleaned", async () => {
+  const h = harness({ session_gap: "10m" });
+  await h.push(0, [shown(0, "r1"), on("task_complete", 40, "r1")]);
+  assert.deepEqual(labels(h).filter((l) => l.kind === "session"), []);
+  await h.advanceWatermark(0, T0 + 40 * SEC + 10 * MIN);
+  assert.deepEqual(labels(h).filter((l) => l.kind === "session"), [], "not at exactly end + gap");
+  await h.advanceWatermark(0, T0 + 40 * SEC + 10 * MIN + 1);
+  const s = labels(h).filter((l) => l.kind === "session");
+  assert.equal(s.length, 1);
+  assert.deepEqual([s[0]!.rule, s[0]!.label, s[0]!.session_id, s[0]!.revision, s[0]!.response_id, s[0]!.event_time], ["session_satisfied", "positive", "s-1", 0, "r1", "2026-01-01T10:00:40.000Z"]);
+  const timers = partitionKey("feedback", "label-derive", 0, "timers");
+  const f = await readFeatures(h.state, "feedback", "session", "s-1");
+  assert.deepEqual([f!.fields.events, f!.fields.count_task_complete, f!.fields.duration_ms, f!.fields.pos_weight], [2, 1, 40_000, 2]);
+  // The decided session is kept one more gap (for late events), then forgotten, and its timer removed.
+  const forget = T0 + 40 * SEC + 20 * MIN + 1;
+  assert.deepEqual(await h.state.zrangeByScore(timers, -Infinity, Infinity), [{ member: ALICE, score: forget }]);
+  await h.advanceWatermark(0, forget);
+  assert.deepEqual(await h.state.zrangeByScore(timers, -Infinity, Infinity), []);
+  const raw = JSON.parse((await h.state.get([`tacit:{feedback:u:${ALICE}}:label-derive:state`]))[0]!) as { sess: { id: string }[] };
+  assert.deepEqual(raw.sess.map((x) => x.id), [], "decided sessions forgotten");
+  assert.equal(labels(h).filter((l) => l.kind === "session").length, 1);
+});
+
+test("a late event of a decided session revises its session label (same label_id, revision 1)", async () => {
+  const h = harness({ session_gap: "10m" });
+  await h.push(0, [shown(0, "r1"), on("task_complete", 40, "r1")]);
+  await h.advanceWatermark(0, T0 + 11 * MIN);
+  // Late, within sessionize's allowed lateness: it still carries the session's id.
+  await h.push(0, [on("share", 50, "r1")]);
+  await h.advanceWatermark(0, T0 + 25 * MIN);
+  const s = labels(h).filter((l) => l.kind === "session");
+  assert.deepEqual(s.map((l) => [l.rule, l.revision, l.weight]), [["session_satisfied", 0, 2], ["session_satisfied", 1, 3]]);
+  assert.equal(s[0]!.label_id, s[1]!.label_id);
+  assert.equal(h.metric("label_sessions_reopened"), 1);
+});
+
+test("a late event in the same batch as the input that passed its session's deadline: same revisions whatever the batch size", async () => {
+  const envs = () => [
+    shown(0, "r1"),
+    on("task_complete", 40, "r1"),
+    shown(40 + 11 * 60, "b1", "qb", { user: BOB }),
+    // Alice, late: event time inside her session, arriving after Bob moved the watermark past its deadline.
+    on("share", 50, "r1"),
+  ];
+  const sessionLabels = async (batchSize: number) => {
+    const h = harness({ session_gap: "10m" });
+    await h.push(0, envs(), { batchSize });
+    await h.advanceWatermark(0, T0 + 3600 * SEC);
+    return labels(h).filter((l) => l.kind === "session" && l.user === ALICE).map((l) => [l.revision, l.weight]);
+  };
+  const one = await sessionLabels(1);
+  assert.deepEqual(one, [[0, 2], [1, 3]]);
+  assert.deepEqual(await sessionLabels(4), one);
+});
+
+test("sessions of several users in one partition close from onWatermark, whether or not the user is in the batch", async () => {
+  const h = harness({ session_gap: "10m" });
+  await h.push(0, [shown(0, "a1", "qa"), on("task_complete", 30, "a1", {}, { qid: "qa" }), shown(60, "b1", "qb", { user: BOB }), on("task_complete", 90, "b1", {}, { user: BOB, qid: "qb" })], { batchSize: 2 });
+  // Alice's session is due first; an input of Bob's moves the watermark past it.
+  await h.push(0, [on("share", 11 * 60, "b1", {}, { user: BOB, qid: "qb" })]);
+  assert.deepEqual(labels(h).filter((l) => l.kind === "session").map((l) => l.user), [ALICE]);
+  await h.advanceWatermark(0, T0 + 3600 * SEC);
+  assert.deepEqual(labels(h).filter((l) => l.kind === "session").map((l) => l.user).sort(), [ALICE, BOB].sort());
+});
+
+test("one processor serving two partitions: another partition's batch between a batch and its onWatermark changes nothing", async () => {
+  const store = new MemoryStateStore();
+  const noop = (): void => {};
+  const ctx = { pipeline: "feedback", prefix: "feedback", stage: "label-derive", partitions: 2, state: store, clock: new ManualClock(T0), log: { debug: noop, info: noop, warn: noop, error: noop }, metrics: { count: noop }, env: {}, devMode: true };
+  const proc = await labelDerive.create({ session_gap: "10m" }, ctx);
+  const toInput = (env: Envelope, seqNo: number, partition: number): StageInput => ({ seq: seqNo, subject: "x", data: new Uint8Array(), envelope: { ...env, partition }, deliveries: 1, stream_time_ms: env.event.ts, watermark_ms: env.event.ts, partition });
+  // Partition 0: Alice's whole session in one batch; partition 1: Bob.
+  const p0 = await proc.process([toInput(shown(0, "a1", "qa"), 1, 0), toInput(on("task_complete", 30, "a1", {}, { qid: "qa" }), 2, 0)]);
+  const p1 = await proc.process([toInput(shown(5, "b1", "qb", { user: BOB }), 1, 1)]);
+  // The worker fires partition 0's watermark before applying partition 0's commits.
+  const fired = await proc.onWatermark!(0, T0 + 15 * MIN);
+  const session = fired.emits.filter((x) => x.to === "labels.session").map((x) => x.value as Label);
+  assert.deepEqual(session.map((l) => [l.user, l.rule, l.weight]), [[ALICE, "session_satisfied", 2]]);
+  await store.commit([...p0.flatMap((o) => o.commits ?? []), ...fired.commits, ...p1.flatMap((o) => o.commits ?? [])]);
+  const raw = JSON.parse((await store.get([`tacit:{feedback:u:${ALICE}}:label-derive:state`]))[0]!) as { resp: { id: string }[]; sess: { closed: boolean }[] };
+  assert.deepEqual(raw.resp.map((r) => r.id), ["a1"], "the batch's changes survive the watermark's commit");
+  assert.deepEqual(raw.sess.map((x) => x.closed), [true]);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Features
+
+test("features: per response, user and session, with TTLs, findable by id", async () => {
+  const wall = { t: 0 };
+  const h = new OperatorHarness(labelDerive, { feature_ttl: { response: "1d" } }, { stage: "label-derive", prefix: "feedback", storeNow: () => wall.t });
+  await h.push(0, [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 50, "r2", { dwell_ms: 45_000 }), on("copy_paste", 60, "r2", { span_length: 250 })]);
+  const r2 = await readFeatures(h.state, "feedback", "response", "r2");
+  assert.equal(r2!.user, ALICE);
+  assert.equal(r2!.fields.position, 2);
+  assert.equal(r2!.fields.signal_count, 3);
+  assert.equal(r2!.fields.query_id, "q-1");
+  const click = 0.7 / 0.61;
+  const copy = 0.4 + 1.4 * 0.5;
+  assert.ok(near(r2!.fields.pos_weight as number, click + copy), String(r2!.fields.pos_weight));
+  assert.equal(r2!.fields.neg_weight, 0);
+  const u = await readFeatures(h.state, "feedback", "user", ALICE);
+  assert.deepEqual([u!.fields.count_response_shown, u!.fields.count_click, u!.fields.events], [2, 1, 5]);
+  for (const k of ["accept_rate", "regenerate_rate", "edit_rate", "copy_rate", "dwell_ewma_ms", "bot_score", "baseline_accept", "baseline_regenerate"]) assert.equal(typeof u!.fields[k], "number", k);
+  // Every field written is documented.
+  for (const [entity, rec] of [["response", r2], ["user", u], ["session", await readFeatures(h.state, "feedback", "session", "s-1")]] as const) {
+    for (const k of Object.keys(rec!.fields)) assert.ok(fieldNames(entity).includes(k), `${entity}.${k} is not in FEATURE_FIELDS`);
+  }
+  // Response features expire after feature_ttl.response; the user's after feature_ttl.user.
+  wall.t = 2 * 86_400_000;
+  assert.equal(await readFeatures(h.state, "feedback", "response", "r2"), null);
+  assert.notEqual(await readFeatures(h.state, "feedback", "user", ALICE), null);
+});
+
+test("one state read per batch, and every commit group stays within one hash tag", async () => {
+  const h = harness();
+  const envs: Envelope[] = [];
+  for (let i = 0; i < 20; i++) envs.push(shown(i * 10, `r${i}`, `q${i}`, { user: i % 2 ? ALICE : BOB }), on("accept", i * 10 + 5, `r${i}`, {}, { user: i % 2 ? ALICE : BOB, qid: `q${i}` }));
+  await h.push(0, envs, { batchSize: 10 });
+  // 4 batches; no session is due, so onWatermark reads nothing but the timers.
+  assert.equal(h.stateCalls.get, 4);
+  assert.equal(h.stateCalls.hgetall + h.stateCalls.hgetallMany, 0);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Determinism, redelivery, crashes — on realistic traffic from the simulator
+
+let simInputs: Envelope[] | undefined;
+/** Label-derive's inputs for a small simulated run (upstream stages run once, for all tests). */
+async function simulatedInputs(): Promise<Envelope[]> {
+  if (!simInputs) {
+    const sim = simulate({ seed: 3, users: 40, durationMs: 3 * 3600_000, botFraction: 0.2 });
+    const r = await runChain(sim.events, { partitions: 2 });
+    simInputs = r.labelHarness.log.map((l) => l.input.envelope!);
+  }
+  return simInputs;
+}
+
+/** Everything in the store, for comparing two runs. */
+async function dump(st: MemoryStateStore): Promise<Record<string, unknown>> {
+  const out: Record<string, unknown> = {};
+  for (const k of st.keys()) {
+    const [v] = await st.get([k]);
+    out[k] = v ?? (await st.hgetall(k));
+    if (Object.keys(out[k] as object).length === 0) out[k] = await st.zrangeByScore(k, -Infinity, Infinity);
+  }
+  return out;
+}
+
+async function runAll(envs: Envelope[], opts: { batchSize: number; crashes?: number; crashAt?: CrashPoint; watermarkAfterCommits?: boolean }) {
+  const h = harness({}, { partitions: 2, watermarkAfterCommits: opts.watermarkAfterCommits ?? false });
+  for (let p = 0; p < 2; p++) {
+    const mine = envs.filter((x) => x.partition === p);
+    let pos = 0;
+    let round = 0;
+    while (pos < mine.length) {
+      const crash = opts.crashes && opts.crashAt && round < opts.crashes ? { batch: 1, at: opts.crashAt } : undefined;
+      const res = await h.push(p, mine.slice(pos), { batchSize: opts.batchSize, ...(crash ? { crash } : {}) });
+      pos += res.acked;
+      round++;
+      if (res.crashed) await h.restart();
+    }
+    await h.advanceWatermark(p, Date.parse("2027-01-01T00:00:00Z"));
+  }
+  const ls = labels(h);
+  return { h, ls, emits: new Map(ls.map((l) => [`${l.label_id}:${l.revision}`, l])), state: await dump(h.state) };
+}
+
+test("determinism: the same inputs in different batch sizes give identical labels and identical state and features", async () => {
+  const envs = await simulatedInputs();
+  const one = await runAll(envs, { batchSize: 1 });
+  assert.ok(one.ls.length > 100, `enough labels to compare (${one.ls.length})`);
+  for (const batchSize of [7, 500]) {
+    const other = await runAll(envs, { batchSize });
+    assert.deepEqual([...other.emits.keys()].sort(), [...one.emits.keys()].sort(), `batch size ${batchSize}: label ids`);
+    for (const [k, v] of one.emits) assert.deepEqual(other.emits.get(k), v, `batch size ${batchSize}: ${k}`);
+    assert.deepEqual(other.state, one.state, `batch size ${batchSize}: state and features`);
+  }
+  const late = await runAll(envs, { batchSize: 13, watermarkAfterCommits: true });
+  assert.deepEqual(late.state, one.state, "onWatermark after the commits");
+});
+
+for (const at of ["before_commits", "mid_commits", "after_commits"] as const) {
+  test(`redelivery after a crash ${at.replace("_", " ")}: no label id re-emitted with other content, identical features`, async () => {
+    const envs = await simulatedInputs();
+    const clean = await runAll(envs, { batchSize: 25 });
+    // The harness throws if an emit id comes back with a different value.
+    const crashed = await runAll(envs, { batchSize: 25, crashes: 6, crashAt: at });
+    assert.ok(crashed.h.log.length > envs.length, "some inputs were redelivered");
+    if (at !== "before_commits") assert.ok(crashed.h.dropped("already_applied") > 0);
+    assert.deepEqual([...crashed.emits.keys()].sort(), [...clean.emits.keys()].sort());
+    assert.deepEqual(crashed.state, clean.state);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config, rules file and lint
+
+test("a rules file with an error fails create with a ConfigError naming file:line, and lint reports it", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "tacit-ld-"));
+  const file = join(dir, "bad-rules.yaml");
+  writeFileSync(file, "version: 1\nrules:\n  - name: copy\n    version: 1\n    signal: copy_pasta\n    kind: response\n    target: response\n    label: positive\n    weight: 1\n");
+  const h = harness({ rules_file: file });
+  await assert.rejects(h.push(0, [shown(0, "r1")]), (err: unknown) => err instanceof ConfigError && err.message.includes(`${file}:5:13`) && /copy_pasta/.test(err.message));
+  const issues = labelDerive.lint!({ rules_file: file }, { stages: [], index: 0 });
+  assert.equal(issues.length, 1);
+  assert.deepEqual(issues[0]!.path, ["rules_file"]);
+  assert.match(issues[0]!.message, /bad-rules\.yaml:5:13/);
+});
+
+test("tacit validate: the default pipeline is clean; a session_gap different from sessionize's gap is flagged", () => {
+  const pipeline = readFileSync(join(ROOT, "pipelines/feedback.yaml"), "utf8");
+  assert.deepEqual(loadPipeline("feedback.yaml", { source: pipeline, operators: OPERATORS, env: {}, secrets: false }).problems.map(formatProblem), []);
+  const bad = pipeline.replace("session_gap: 30m", "session_gap: 20m");
+  assert.notEqual(bad, pipeline);
+  const problems = loadPipeline("feedback.yaml", { source: bad, operators: OPERATORS, env: {}, secrets: false }).problems.map(formatProblem);
+  assert.equal(problems.length, 1, problems.join("\n"));
+  assert.match(problems[0]!, /session_gap \(20m\) differs from the sessionize gap \(30m\)/);
+  const badRules = pipeline.replace("rules_file: config/label-rules.yaml", "rules_file: config/no-such-rules.yaml");
+  const p2 = loadPipeline("feedback.yaml", { source: badRules, operators: OPERATORS, env: {}, secrets: false }).problems.map(formatProblem);
+  assert.equal(p2.length, 1);
+  assert.match(p2[0]!, /cannot read the label rules file/);
+});
+
+test("a bad envelope goes to the DLQ without stopping the batch", async () => {
+  const h = harness();
+  const broken = shown(0, "r0");
+  (broken.event as { user?: unknown }).user = undefined;
+  await h.push(0, [broken, shown(1, "r1"), on("accept", 25, "r1")]);
+  assert.equal(h.log[0]!.outcome.error?.code, "bad_envelope");
+  assert.equal(labels(h).filter((l) => l.rule === "accept").length, 1);
+});
+
+test("events pass on unchanged to next", async () => {
+  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const { h } = await run(envs);
+  assert.deepEqual(h.outputs("next"), envs);
+  assert.ok(h.state.keys().includes(userFeaturesKey("feedback", ALICE)));
+});

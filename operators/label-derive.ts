@@ -1,0 +1,1188 @@
+import { createHash } from "node:crypto";
+import { isAbsolute, join } from "node:path";
+import type { JSONSchemaType } from "ajv";
+import { projectRoot } from "../src/cli/paths.js";
+import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
+import { BadInputError, TacitError, TransientError, errorMessage } from "../src/core/errors.js";
+import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
+import type { Label, LabelSignal, SignalEventType } from "../src/core/label.js";
+import type { Emit, LintIssue, OperatorContext, OperatorSpec, Outcome, OutputName, PipelineView, Processor, StageInput } from "../src/core/operator.js";
+import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+import { editDistance } from "../src/core/text.js";
+import { baselineView, emptySums, observe, type BaselineSums, type BaselineView } from "../src/labels/baselines.js";
+import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
+import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
+import { loadRulesFile, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
+
+/*
+ * label-derive: turns the signals of human users into weak labels with the rules of a YAML file
+ * (config/label-rules.yaml by default), and keeps online features per user, response and session.
+ *
+ * Per user it remembers the responses it was shown (position, length, clicks, dwell, which
+ * response replaced which) and its open sessions, so a signal can be judged in context; the
+ * labels it has emitted (id, revision, weight), so a later signal on the same label re-emits it
+ * with a higher revision; and exponentially weighted baselines of the user's habits. All of it
+ * is one JSON value per user, read once per batch and written with the features in one atomic
+ * commit group fenced by the user's last applied input sequence.
+ */
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+/** Configuration of the `label-derive` operator (durations as strings, parsed by `parseDuration`). */
+export interface LabelDeriveConfig {
+  /** The label rules, relative to the project root unless absolute. @default "config/label-rules.yaml" */
+  rules_file?: string;
+  /** Inactivity gap after which a session's labels are decided: the sessionize gap. @default "30m" */
+  session_gap?: string;
+  feature_ttl?: {
+    /** TTL of the user's features hash and state, from its last write. @default "30d" */
+    user?: string;
+    /** TTL of a response's features hash. @default "7d" */
+    response?: string;
+    /** TTL of a session's features hash. @default "7d" */
+    session?: string;
+  };
+  /** How long (event time) after its last signal a response is remembered for later signals and revisions. @default "24h" */
+  response_memory?: string;
+  /** Responses remembered per user (the least recently touched is forgotten first). @default 500 */
+  max_responses?: number;
+}
+
+export const DEFAULT_RULES_FILE = "config/label-rules.yaml";
+
+/** JSON Schema of the stage config: validation, defaults and docs. */
+export const labelDeriveSchema: JSONSchemaType<LabelDeriveConfig> = {
+  type: "object",
+  additionalProperties: false,
+  description: "Label rules, session gap, feature TTLs and the per-user memory of label-derive.",
+  properties: {
+    rules_file: {
+      type: "string",
+      nullable: true,
+      minLength: 1,
+      default: DEFAULT_RULES_FILE,
+      description: "YAML file of label rules, relative to the project root unless absolute; loaded and validated when the stage starts and by `tacit validate`.",
+      examples: [DEFAULT_RULES_FILE],
+    },
+    session_gap: {
+      ...DURATION_SCHEMA,
+      nullable: true,
+      default: "30m",
+      description: "A session is decided (session labels, last-click labels) when the watermark passes its last event + this gap; use the sessionize stage's gap.",
+      examples: ["30m"],
+    },
+    feature_ttl: {
+      type: "object",
+      nullable: true,
+      additionalProperties: false,
+      default: {},
+      description: "Retention of the online features (refreshed on every write).",
+      properties: {
+        user: { ...DURATION_SCHEMA, nullable: true, default: "30d", description: "TTL of a user's features and label state (baselines, remembered responses).", examples: ["30d"] },
+        response: { ...DURATION_SCHEMA, nullable: true, default: "7d", description: "TTL of a response's features.", examples: ["7d"] },
+        session: { ...DURATION_SCHEMA, nullable: true, default: "7d", description: "TTL of a session's features.", examples: ["7d"] },
+      },
+    },
+    response_memory: {
+      ...DURATION_SCHEMA,
+      nullable: true,
+      default: "24h",
+      description:
+        "How long after its last event (in event time) a response is remembered: its position, length, clicks, dwell and the labels emitted on it. A signal on a forgotten response is judged without that context.",
+      examples: ["24h"],
+    },
+    max_responses: { type: "integer", nullable: true, minimum: 10, default: 500, description: "Responses remembered per user; the least recently touched is forgotten first.", examples: [500] },
+  },
+};
+
+/** The config with defaults applied, durations in ms and the rules file resolved. */
+export interface CompiledLabelDerive {
+  rulesFile: string;
+  gapMs: number;
+  ttl: { userMs: number; responseMs: number; sessionMs: number };
+  responseMemoryMs: number;
+  maxResponses: number;
+}
+
+/** Applies defaults, parses durations and resolves the rules file; throws ConfigError naming the field. */
+export function compileLabelDerive(config: LabelDeriveConfig = {}): CompiledLabelDerive {
+  const file = config.rules_file ?? DEFAULT_RULES_FILE;
+  const t = config.feature_ttl ?? {};
+  return {
+    rulesFile: isAbsolute(file) ? file : join(projectRoot(), file),
+    gapMs: parseDuration(config.session_gap ?? "30m", "session_gap"),
+    ttl: {
+      userMs: parseDuration(t.user ?? "30d", "feature_ttl.user"),
+      responseMs: parseDuration(t.response ?? "7d", "feature_ttl.response"),
+      sessionMs: parseDuration(t.session ?? "7d", "feature_ttl.session"),
+    },
+    responseMemoryMs: parseDuration(config.response_memory ?? "24h", "response_memory"),
+    maxResponses: config.max_responses ?? 500,
+  };
+}
+
+function lintLabelDerive(config: LabelDeriveConfig, view: PipelineView): LintIssue[] {
+  let c: CompiledLabelDerive;
+  try {
+    c = compileLabelDerive(config);
+  } catch (err) {
+    return [{ path: [], message: errorMessage(err) }];
+  }
+  const issues: LintIssue[] = [];
+  try {
+    loadRulesFile(c.rulesFile);
+  } catch (err) {
+    issues.push({ path: ["rules_file"], message: errorMessage(err), hint: "fix the rules file; its reference is in the README (Label rules)" });
+  }
+  const gap = view.stages.find((s) => s.operator === "sessionize")?.config.gap ?? (view.stages.some((s) => s.operator === "sessionize") ? "30m" : undefined);
+  if (typeof gap === "string") {
+    let gapMs: number | undefined;
+    try {
+      gapMs = parseDuration(gap);
+    } catch {
+      // sessionize's own schema reports a bad gap
+    }
+    if (gapMs !== undefined && gapMs !== c.gapMs) {
+      issues.push({
+        path: ["session_gap"],
+        message: `session_gap (${formatDuration(c.gapMs)}) differs from the sessionize gap (${gap})`,
+        hint: "sessions would be decided before (or long after) sessionize closes them: use the same gap",
+      });
+    }
+  }
+  if (c.responseMemoryMs < c.gapMs) {
+    issues.push({ path: ["response_memory"], message: `response_memory (${formatDuration(c.responseMemoryMs)}) is shorter than session_gap`, hint: "a response would be forgotten before its session is decided" });
+  }
+  if (c.ttl.userMs < c.responseMemoryMs) {
+    issues.push({ path: ["feature_ttl", "user"], message: `feature_ttl.user (${formatDuration(c.ttl.userMs)}) is shorter than response_memory`, hint: "the user's state (which holds the remembered responses) would expire first" });
+  }
+  return issues;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+/** The label-derive operator. */
+export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
+  name: "label-derive",
+  summary: "Turns human signals into weak labels (response, preference, session) with YAML rules, and keeps online features per user, response and session.",
+  description:
+    "Evaluates the rules of `rules_file` (config/label-rules.yaml: signal, conditions, label, weight, version) on every event of a " +
+    "human user (attrs.bot.band = human; ambivalent users update features and metrics only). Signals are event types and derived " +
+    "ones: click_dwell (a dwell after a click), query (with reformulation's verdict, about the previous response), last_click and " +
+    "session_end (decided when the partition watermark passes a session's last event + session_gap). Weights are de-biased by " +
+    "clipped inverse propensity of the position and by per-user exponentially weighted baselines. Each label has a deterministic " +
+    "label_id (hash of pipeline, kind, target ids and rule); a later signal on the same label re-emits it with revision + 1. " +
+    "explicit_feedback is never a label input: it only feeds the explicit_up / explicit_down features. emitted_at is the stream " +
+    "time of the input that decided the label (the time it was stored), so a replay re-emits byte-identical labels. Events pass on " +
+    "unchanged to `next` (the pipeline's cleaned events). Session labels use the provisional session ids of sessionize: sessions " +
+    "sessionize merges later stay two sessions here.",
+  keyed: true,
+  schema: labelDeriveSchema as unknown as Record<string, unknown>,
+  state: [
+    {
+      key: "tacit:{<prefix>:u:<user>}:<stage>:state",
+      holds: "JSON: per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels)",
+      ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps",
+    },
+    { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "feature_ttl.user" },
+    { key: "tacit:{<prefix>:u:<user>}:features:user", holds: "hash: user features (see `tacit features`)", ttl: "feature_ttl.user" },
+    { key: "tacit:{<prefix>:u:<user>}:features:response:<response_id>", holds: "hash: response features", ttl: "feature_ttl.response" },
+    { key: "tacit:{<prefix>:u:<user>}:features:session:<session_id>", holds: "hash: session features", ttl: "feature_ttl.session" },
+    { key: "tacit:{<prefix>:ix:response|session:<id>}:user", holds: "the user a response or session belongs to (for `tacit features get response|session`)", ttl: "feature_ttl.response / feature_ttl.session" },
+    { key: "tacit:{<prefix>:p:<stage>:<partition>}:timers", holds: "sorted set: member = user, score = watermark at which the user's next session is decided (end + session_gap) or forgotten (end + 2 × session_gap)", ttl: "none: members are removed when the user keeps no session" },
+  ],
+  outputs: ["labels.response", "labels.preference", "labels.session"],
+  examples: [
+    { title: "Default rules, 30-minute sessions", config: {} },
+    {
+      title: "Shorter feature retention, longer response memory",
+      config: { rules_file: DEFAULT_RULES_FILE, session_gap: "30m", feature_ttl: { user: "14d", response: "3d", session: "3d" }, response_memory: "48h", max_responses: 1000 },
+    },
+  ],
+  lint: lintLabelDerive,
+  create: (config, ctx) => {
+    const c = compileLabelDerive(config);
+    return new LabelDeriver(c, loadRulesFile(c.rulesFile), ctx);
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+/** A label emitted (or re-emitted) on a response or session: what a later revision needs. */
+interface LabelRec {
+  id: string;
+  rev: number;
+  w: number;
+  /** Signals: [event_id, event_type, ts], in event-time order (at most MAX_SIGNALS). */
+  sig: [string, SignalEventType, number][];
+}
+
+/** What is remembered of one response (short keys: stored per user). */
+interface Resp {
+  id: string;
+  /** query_id, session id (provisional). */
+  q?: string;
+  s?: string;
+  /** Shown at, text_length, position in its list. */
+  shown?: number;
+  len?: number;
+  pos?: number;
+  /** Last event time it was touched (eviction order). */
+  t: number;
+  /** Earliest click; latest dwell; deepest scroll. */
+  click?: number;
+  dwell?: number;
+  scroll?: number;
+  /** Largest normalized edit distance of its edits. */
+  edit?: number;
+  /** A click_dwell rule labelled it. */
+  decided?: boolean;
+  /** The response this one replaced (regenerate), and the one that replaced it. */
+  replaced?: string;
+  by?: string;
+  /** The regenerate event on it: [event_id, ts]. */
+  regen?: [string, number];
+  /** Labels on it, by rule (response) or rule + rejected id (preference). */
+  labels: Map<string, LabelRec>;
+  /**
+   * The response labels as they would be without per-user baselines (rates and dwell at the
+   * population priors, baseline factors 1): [rule, weight, event ids]. They feed only the
+   * *_nobase features, so evaluation can measure what the baselines add.
+   */
+  nb?: [string, number, string[]][];
+  /** Summed weights of its current response labels: [pos, neg, pos without baselines, neg without]. */
+  tot?: [number, number, number, number];
+}
+
+/** One session's aggregates (provisional session id from sessionize). */
+interface Sess {
+  id: string;
+  start: number;
+  end: number;
+  n: number;
+  counts: Record<string, number>;
+  /** Weights of the response labels decided in it. */
+  pos: number;
+  neg: number;
+  /** The latest event that may be a label signal: [event_id, type, ts, response_id]. */
+  last?: [string, SignalEventType, number, string | undefined];
+  /** The latest click: [event_id, ts, response_id]. */
+  click?: [string, number, string];
+  /** Stream time of the latest input applied to it: emitted_at of its session labels. */
+  st: number;
+  /** Any event of it came from a non-human band: no session labels. */
+  amb: boolean;
+  /** Signals of the response labels decided in it (capped), for the session label. */
+  sig: [string, SignalEventType, number][];
+  closed: boolean;
+  /** Session labels, by rule; and the response last labelled by a last_click rule. */
+  labels: Map<string, LabelRec>;
+  lastClick?: string;
+}
+
+interface UserState {
+  /** Newest event time seen. */
+  at: number;
+  b: BaselineSums;
+  resp: Map<string, Resp>;
+  sess: Map<string, Sess>;
+}
+
+interface StoredResp extends Omit<Resp, "labels"> {
+  labels: [string, LabelRec][];
+}
+interface StoredSess extends Omit<Sess, "labels"> {
+  labels: [string, LabelRec][];
+}
+interface StoredState {
+  v: 1;
+  at: number;
+  b: BaselineSums;
+  resp: StoredResp[];
+  sess: StoredSess[];
+}
+
+function emptyState(): UserState {
+  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map() };
+}
+
+/** Serializes a user's state (Maps as entry lists; -Infinity as null through JSON). */
+function encodeLabelState(s: UserState): string {
+  const stored: StoredState = {
+    v: 1,
+    at: s.at,
+    b: s.b,
+    resp: [...s.resp.values()].map((r) => ({ ...r, labels: [...r.labels] })),
+    sess: [...s.sess.values()].map((x) => ({ ...x, labels: [...x.labels] })),
+  };
+  return JSON.stringify(stored);
+}
+
+/** Parses a stored user state; throws on anything else. */
+function decodeLabelState(raw: string): UserState {
+  const st = JSON.parse(raw) as StoredState;
+  if (st?.v !== 1 || !Array.isArray(st.resp) || !Array.isArray(st.sess)) throw new Error("unknown state version");
+  const b = { ...emptySums(), ...st.b };
+  if (b.t === null) b.t = -Infinity;
+  return {
+    at: st.at ?? -Infinity,
+    b,
+    resp: new Map(st.resp.map((r) => [r.id, { ...r, labels: new Map(r.labels) }])),
+    sess: new Map(st.sess.map((x) => [x.id, { ...x, labels: new Map(x.labels) }])),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Implementation
+
+/** Most signals kept on one label (the oldest are dropped first). */
+const MAX_SIGNALS = 32;
+/** Event types that are signals about the response they name (the features' signal_count). */
+const SIGNAL_EVENT_TYPES: ReadonlySet<EventType> = new Set<EventType>(["click", "copy_paste", "accept", "edit", "regenerate", "dwell", "abandon", "task_complete", "share"]);
+
+const round = (x: number): number => Math.round(x * 1e6) / 1e6;
+const iso = (ms: number): string => new Date(ms).toISOString();
+const num = (v: unknown): number | undefined => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+
+/**
+ * Deterministic label id: a short hash of pipeline, kind, target ids and rule name (session labels
+ * include the user: a producer's session ids need not be unique across users).
+ */
+export function labelId(pipeline: string, kind: string, targets: readonly string[], rule: string): string {
+  const h = createHash("sha256").update(JSON.stringify([pipeline, kind, ...targets, rule])).digest("base64url").slice(0, 22);
+  return `lbl-${h}`;
+}
+
+/** Feature changes of one user in one batch, turned into ops at the end. */
+class FeatureDelta {
+  readonly inc = new Map<string, Map<string, number>>();
+  readonly set = new Map<string, Record<string, string | number>>();
+  readonly ttl = new Map<string, number>();
+  /** New index pointers: [key, user, ttl]. */
+  readonly index = new Map<string, number>();
+
+  add(key: string, ttl: number, field: string, by: number): void {
+    if (by === 0) return;
+    let m = this.inc.get(key);
+    if (!m) this.inc.set(key, (m = new Map()));
+    m.set(field, (m.get(field) ?? 0) + by);
+    this.ttl.set(key, ttl);
+  }
+
+  put(key: string, ttl: number, fields: Record<string, string | number>): void {
+    this.set.set(key, { ...(this.set.get(key) ?? {}), ...fields });
+    this.ttl.set(key, ttl);
+  }
+
+  ops(): StateOp[] {
+    const ops: StateOp[] = [];
+    const keys = [...new Set([...this.set.keys(), ...this.inc.keys()])];
+    for (const key of keys) {
+      const ttl = this.ttl.get(key)!;
+      const fields = this.set.get(key);
+      if (fields) ops.push({ op: "hset", key, fields: { ...fields }, ttl_ms: ttl });
+      for (const [field, by] of this.inc.get(key) ?? []) {
+        const r = round(by);
+        if (r !== 0) ops.push({ op: "hincrbyfloat", key, field, by: r, ttl_ms: ttl });
+      }
+    }
+    return ops;
+  }
+
+  empty(): boolean {
+    return this.inc.size === 0 && this.set.size === 0;
+  }
+}
+
+/** A user's work in one batch (or one watermark round). */
+interface Slot {
+  user: string;
+  state: UserState;
+  applied: number;
+  partition: number;
+  /** Index in the batch of the user's last applied input (its outcome carries the commits). */
+  last: number;
+  features: FeatureDelta;
+  dirty: boolean;
+}
+
+/** The deciding signal of a label: which event, when, and the stream time of the input. */
+interface Deciding {
+  eid: string;
+  type: SignalEventType;
+  ts: number;
+  st: number;
+  sid: string;
+  extra?: [string, SignalEventType, number][];
+}
+
+class LabelDeriver implements Processor {
+  /**
+   * Per partition, the users of its last batch with their in-memory state: onWatermark runs
+   * before the batch's commits are applied, so for them the store is one batch behind. Kept per
+   * partition because one processor serves every partition the worker owns, and their batches
+   * interleave; replaced by the partition's next batch (by then the earlier one is committed).
+   */
+  private readonly pending = new Map<number, Map<string, Slot>>();
+  /** A user exactly at the population priors: what the *_nobase features assume of everyone. */
+  private readonly population: BaselineView;
+
+  constructor(
+    private readonly c: CompiledLabelDerive,
+    private readonly rules: CompiledRules,
+    private readonly ctx: OperatorContext,
+  ) {
+    const pr = rules.baselines.priors;
+    this.population = {
+      rates: { accept: pr.accept, edit: pr.edit, regenerate: pr.regenerate, copy: pr.copy },
+      dwell_ms: pr.dwell_ms,
+      factors: { accept: 1, edit: 1, regenerate: 1, copy: 1 },
+    };
+  }
+
+  private stateKey(user: string): string {
+    return userKey(this.ctx.prefix, user, this.ctx.stage, "state");
+  }
+  private appliedKey(user: string): string {
+    return userKey(this.ctx.prefix, user, this.ctx.stage, "applied");
+  }
+  private timersKey(partition: number): string {
+    return partitionKey(this.ctx.prefix, this.ctx.stage, partition, "timers");
+  }
+
+  private parse(user: string, raw: string | null): UserState {
+    if (raw === null) return emptyState();
+    try {
+      return decodeLabelState(raw);
+    } catch (err) {
+      this.ctx.log.warn({ user, err: errorMessage(err) }, "label-derive: unreadable state, starting afresh");
+      return emptyState();
+    }
+  }
+
+  async process(batch: StageInput[]): Promise<Outcome[]> {
+    const outcomes: Outcome[] = new Array(batch.length);
+    const envs = batch.map((input, i) => {
+      const env = input.envelope;
+      const e = env?.event;
+      if (!env || !e || typeof e.user !== "string" || !Number.isFinite(e.ts) || typeof e.event_id !== "string" || typeof e.event_type !== "string") {
+        outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `label-derive needs an envelope with event.user, event.ts, event_id and event_type (seq ${input.seq})`) };
+        return undefined;
+      }
+      return env;
+    });
+
+    const users = [...new Set(envs.flatMap((e) => (e ? [e.event.user] : [])))];
+    let values: (string | null)[];
+    try {
+      values = users.length ? await this.ctx.state.get(users.flatMap((u) => [this.stateKey(u), this.appliedKey(u)])) : [];
+    } catch (err) {
+      const error = err instanceof TacitError ? err : new TransientError("state_unavailable", `label-derive state read failed: ${errorMessage(err)}`, err);
+      return batch.map((_, i) => outcomes[i] ?? { emits: [], error });
+    }
+    const slots = new Map<string, Slot>();
+    const batchPartitions = new Set<number>();
+    users.forEach((user, k) => {
+      slots.set(user, {
+        user,
+        state: this.parse(user, values[2 * k] ?? null),
+        applied: Number(values[2 * k + 1] ?? 0) || 0,
+        partition: 0,
+        last: -1,
+        features: new FeatureDelta(),
+        dirty: false,
+      });
+    });
+
+    batch.forEach((input, i) => {
+      const env = envs[i];
+      if (!env) return;
+      const slot = slots.get(env.event.user)!;
+      slot.partition = input.partition ?? env.partition;
+      if (input.seq <= slot.applied) {
+        outcomes[i] = { emits: [], dropped: "already_applied" };
+        return;
+      }
+      slot.applied = input.seq;
+      slot.last = i;
+      slot.dirty = true;
+      const emits: Emit[] = [];
+      // Decide what this input's watermark has passed first, so labels do not depend on batch boundaries.
+      if (input.watermark_ms !== undefined) this.closeDue(slot, input.watermark_ms, emits);
+      this.apply(slot, env, input, emits);
+      emits.push({ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env });
+      outcomes[i] = { emits };
+    });
+
+    for (const slot of slots.values()) {
+      let mine = this.pending.get(slot.partition);
+      if (!mine || !batchPartitions.has(slot.partition)) {
+        this.pending.set(slot.partition, (mine = new Map()));
+        batchPartitions.add(slot.partition);
+      }
+      mine.set(slot.user, slot);
+      if (slot.last < 0) continue;
+      const o = outcomes[slot.last]!;
+      o.commits = [...(o.commits ?? []), ...this.commitsFor(slot, true)];
+      // The input commits are built now: what onWatermark changes later goes into its own groups.
+      slot.features = new FeatureDelta();
+      slot.dirty = false;
+    }
+    return outcomes;
+  }
+
+  async onWatermark(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }> {
+    const emits: Emit[] = [];
+    const commits: CommitGroup[] = [];
+    const due = new Set((await this.ctx.state.zrangeByScore(this.timersKey(partition), -Number.MAX_SAFE_INTEGER, watermarkMs)).map((d) => d.member));
+    const pending = this.pending.get(partition) ?? new Map<string, Slot>();
+    for (const [user, slot] of pending) {
+      const next = this.nextDue(slot.state);
+      if (next !== undefined && next <= watermarkMs) due.add(user);
+    }
+    if (due.size === 0) return { emits, commits };
+    const users = [...due].sort();
+    const toRead = users.filter((u) => !pending.has(u));
+    const values = toRead.length ? await this.ctx.state.get(toRead.map((u) => this.stateKey(u))) : [];
+    const stored = new Map(toRead.map((u, k) => [u, values[k] ?? null]));
+    for (const user of users) {
+      let slot = pending.get(user);
+      if (!slot) {
+        slot = { user, state: this.parse(user, stored.get(user) ?? null), applied: 0, partition, last: -1, features: new FeatureDelta(), dirty: false };
+      }
+      this.closeDue(slot, watermarkMs, emits);
+      commits.push(...this.commitsFor(slot, false));
+      slot.features = new FeatureDelta();
+      slot.dirty = false;
+    }
+    return { emits, commits };
+  }
+
+  /**
+   * The commit groups of a user: the timer (when a session is open) first, then the user's state
+   * and features in one group (guarded by the applied sequence for inputs), then the index
+   * pointers, then the timer's removal when nothing is open any more.
+   */
+  private commitsFor(slot: Slot, guarded: boolean): CommitGroup[] {
+    const s = slot.state;
+    const groups: CommitGroup[] = [];
+    const next = this.nextDue(s);
+    const timers = this.timersKey(slot.partition);
+    if (next !== undefined) groups.push({ ops: [{ op: "zadd", key: timers, score: next, member: slot.user }] });
+    const ops: StateOp[] = [];
+    if (slot.dirty) ops.push({ op: "set", key: this.stateKey(slot.user), value: encodeLabelState(s), ttl_ms: this.c.ttl.userMs });
+    ops.push(...slot.features.ops());
+    if (guarded) groups.push({ guard: { key: this.appliedKey(slot.user), seq: slot.applied, ttl_ms: this.c.ttl.userMs }, ops });
+    else if (ops.length) groups.push({ ops });
+    for (const [key, ttl] of slot.features.index) groups.push({ ops: [{ op: "set", key, value: slot.user, ttl_ms: ttl }] });
+    if (next === undefined && !guarded) groups.push({ ops: [{ op: "zrem", key: timers, member: slot.user }] });
+    return groups;
+  }
+
+  /**
+   * The watermark at which something next happens to the user's sessions: an open one is decided
+   * (end + gap), a decided one is forgotten (end + 2 gaps). Undefined: no session kept.
+   */
+  private nextDue(s: UserState): number | undefined {
+    let due: number | undefined;
+    for (const x of s.sess.values()) {
+      const at = x.end + (x.closed ? 2 : 1) * this.c.gapMs + 1;
+      if (due === undefined || at < due) due = at;
+    }
+    return due;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Events
+
+  private resp(slot: Slot, id: string, ts: number, ev?: TacitEvent, sid?: string): Resp {
+    const s = slot.state;
+    let r = s.resp.get(id);
+    if (!r) {
+      r = { id, t: ts, labels: new Map() };
+      s.resp.set(id, r);
+      slot.features.index.set(indexKey(this.ctx.prefix, "response", id), this.c.ttl.responseMs);
+    }
+    r.t = Math.max(r.t, ts);
+    if (ev?.query_id !== undefined && r.q === undefined) r.q = ev.query_id;
+    if (sid !== undefined && r.s === undefined) r.s = sid;
+    return r;
+  }
+
+  private sessionOf(slot: Slot, env: Envelope, input: StageInput): Sess {
+    const a = env.attrs.session as { id?: unknown } | undefined;
+    const id = typeof a?.id === "string" ? a.id : env.event.session_id;
+    const ts = env.event.ts;
+    let x = slot.state.sess.get(id);
+    if (!x) {
+      x = { id, start: ts, end: ts, n: 0, counts: {}, pos: 0, neg: 0, st: input.stream_time_ms, amb: false, sig: [], closed: false, labels: new Map() };
+      slot.state.sess.set(id, x);
+      slot.features.index.set(indexKey(this.ctx.prefix, "session", id), this.c.ttl.sessionMs);
+    }
+    if (x.closed) {
+      // A late event (within sessionize's allowed lateness) reopens a decided session: its labels get a new revision.
+      x.closed = false;
+      this.ctx.metrics.count("label_sessions_reopened", 1);
+    }
+    return x;
+  }
+
+  private apply(slot: Slot, env: Envelope, input: StageInput, emits: Emit[]): void {
+    const ev = env.event;
+    const s = slot.state;
+    const f = slot.features;
+    const ttl = this.c.ttl;
+    const bot = env.attrs.bot as { score?: unknown; band?: unknown } | undefined;
+    const band = typeof bot?.band === "string" ? bot.band : "unknown";
+    const human = band === "human";
+    if (!human) this.ctx.metrics.count("label_inputs_unlabelled", 1, { band });
+    s.at = Math.max(s.at, ev.ts);
+
+    const sess = this.sessionOf(slot, env, input);
+    sess.start = Math.min(sess.start, ev.ts);
+    sess.end = Math.max(sess.end, ev.ts);
+    sess.n++;
+    sess.counts[ev.event_type] = (sess.counts[ev.event_type] ?? 0) + 1;
+    sess.st = Math.max(sess.st, input.stream_time_ms);
+    if (!human) sess.amb = true;
+    if (ev.event_type !== "explicit_feedback" && (!sess.last || ev.ts >= sess.last[2])) sess.last = [ev.event_id, ev.event_type, ev.ts, ev.response_id];
+
+    // Features every event updates.
+    const uk = userFeaturesKey(this.ctx.prefix, slot.user);
+    const sk = sessionFeaturesKey(this.ctx.prefix, slot.user, sess.id);
+    f.add(uk, ttl.userMs, countField(ev.event_type), 1);
+    f.add(uk, ttl.userMs, "events", 1);
+    f.add(sk, ttl.sessionMs, countField(ev.event_type), 1);
+    f.add(sk, ttl.sessionMs, "events", 1);
+    f.put(sk, ttl.sessionMs, { start: sess.start, end: sess.end, duration_ms: sess.end - sess.start });
+    const userSet: Record<string, string | number> = { bot_band: band, last_event_time: s.at };
+    if (typeof bot?.score === "number") userSet.bot_score = bot.score;
+
+    const view = baselineView(s.b, this.rules.baselines);
+    const hl = this.rules.baselines.halfLifeMs;
+    const rid = ev.response_id;
+    const r = rid !== undefined ? this.resp(slot, rid, ev.ts, ev, sess.id) : undefined;
+    const deciding: Deciding = { eid: ev.event_id, type: ev.event_type as SignalEventType, ts: ev.ts, st: input.stream_time_ms, sid: sess.id };
+    const p = ev.payload ?? {};
+
+    if (r) {
+      const rk = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
+      const rs: Record<string, string | number> = { last_event_time: r.t };
+      if (r.q !== undefined) rs.query_id = r.q;
+      if (r.s !== undefined) rs.session_id = r.s;
+      if (SIGNAL_EVENT_TYPES.has(ev.event_type)) f.add(rk, ttl.responseMs, "signal_count", 1);
+      if (ev.event_type === "explicit_feedback") {
+        const up = p.rating === "up" || (typeof p.rating === "number" && p.rating >= 4);
+        const down = p.rating === "down" || (typeof p.rating === "number" && p.rating <= 2);
+        if (up || down) {
+          f.add(rk, ttl.responseMs, up ? "explicit_up" : "explicit_down", 1);
+          f.add(uk, ttl.userMs, up ? "explicit_up" : "explicit_down", 1);
+        }
+      }
+      if (ev.event_type === "response_shown") {
+        r.shown = r.shown === undefined ? ev.ts : Math.min(r.shown, ev.ts);
+        const len = num(p.text_length);
+        if (len !== undefined && len > 0) r.len = len;
+        const pos = num(p.position);
+        if (pos !== undefined && pos >= 1) r.pos = pos;
+        if (r.pos === undefined || r.pos === 1) observe(s.b, hl, ev.ts, "n");
+        if (r.pos === undefined) this.linkRegeneration(s, r, ev.ts);
+      }
+      if (r.pos !== undefined) rs.position = r.pos;
+      f.put(rk, ttl.responseMs, rs);
+    }
+
+    let signal: string | undefined;
+    let extra: Record<string, FieldValue | undefined> = {};
+    switch (ev.event_type) {
+      case "click": {
+        if (!r) break;
+        r.click = r.click === undefined ? ev.ts : Math.min(r.click, ev.ts);
+        if (r.pos === undefined) {
+          const pos = num(p.position);
+          if (pos !== undefined && pos >= 1) r.pos = pos;
+        }
+        if (!sess.click || ev.ts >= sess.click[1]) sess.click = [ev.event_id, ev.ts, r.id];
+        signal = "click";
+        extra = { skipped_above: this.skippedAbove(s, r, ev.ts).length };
+        break;
+      }
+      case "dwell": {
+        if (!r) break;
+        const d = num(p.dwell_ms);
+        if (d !== undefined) {
+          r.dwell = d;
+          observe(s.b, hl, ev.ts, "dwell", d);
+          observe(s.b, hl, ev.ts, "dwell_n");
+        }
+        const sc = num(p.scroll_depth);
+        if (sc !== undefined) r.scroll = Math.max(r.scroll ?? 0, sc);
+        signal = r.click !== undefined ? "click_dwell" : "dwell";
+        break;
+      }
+      case "copy_paste": {
+        if (!r) break;
+        const span = num(p.span_length) ?? (num(p.span_end) !== undefined && num(p.span_start) !== undefined ? (p.span_end as number) - (p.span_start as number) : undefined);
+        extra = { span_length: span, copied_share: span !== undefined && r.len ? Math.min(1, span / r.len) : undefined };
+        observe(s.b, hl, ev.ts, "copy");
+        signal = "copy_paste";
+        break;
+      }
+      case "accept":
+        if (!r) break;
+        observe(s.b, hl, ev.ts, "accept");
+        signal = "accept";
+        break;
+      case "edit": {
+        if (!r) break;
+        let dist = num(p.edit_distance);
+        let orig = num(p.original_length);
+        if (typeof p.original_text === "string" && typeof p.edited_text === "string") {
+          dist ??= editDistance(p.original_text, p.edited_text);
+          orig ??= Math.max(p.original_text.length, p.edited_text.length);
+        }
+        orig ??= r.len;
+        const share = dist !== undefined && orig ? Math.min(1, dist / orig) : undefined;
+        extra = { edit_distance: dist, edit_share: share };
+        if (share !== undefined) r.edit = Math.max(r.edit ?? 0, share);
+        observe(s.b, hl, ev.ts, "edit");
+        signal = "edit";
+        break;
+      }
+      case "regenerate":
+        if (!r) break;
+        r.regen = [ev.event_id, ev.ts];
+        observe(s.b, hl, ev.ts, "regenerate");
+        signal = "regenerate";
+        break;
+      case "abandon":
+      case "share":
+        if (r) signal = ev.event_type;
+        break;
+      case "task_complete":
+        if (!r) break;
+        extra = { outcome: typeof p.outcome === "string" ? p.outcome : undefined };
+        signal = "task_complete";
+        break;
+      case "query":
+        this.onQuery(slot, env, deciding, view, human, emits);
+        break;
+      default:
+        break;
+    }
+
+    if (signal !== undefined && r && human) {
+      const fields = { ...this.respFields(r, ev.ts, view), ...extra };
+      const nbFields = { ...this.respFields(r, ev.ts, this.population), ...extra };
+      this.fireAll(slot, signal, fields, nbFields, r, deciding, view, emits);
+    }
+
+    const after = baselineView(s.b, this.rules.baselines);
+    f.put(uk, ttl.userMs, {
+      ...userSet,
+      accept_rate: round(after.rates.accept),
+      edit_rate: round(after.rates.edit),
+      regenerate_rate: round(after.rates.regenerate),
+      copy_rate: round(after.rates.copy),
+      dwell_ewma_ms: Math.round(after.dwell_ms),
+      baseline_accept: round(after.factors.accept),
+      baseline_edit: round(after.factors.edit),
+      baseline_regenerate: round(after.factors.regenerate),
+      baseline_copy: round(after.factors.copy),
+    });
+    f.put(sk, ttl.sessionMs, { pos_weight: round(sess.pos), neg_weight: round(sess.neg) });
+    this.prune(s);
+  }
+
+  /** A single response shown after a regenerate of another for the same query replaced it. */
+  private linkRegeneration(s: UserState, r: Resp, ts: number): void {
+    if (r.replaced !== undefined || r.q === undefined) return;
+    let best: Resp | undefined;
+    for (const o of s.resp.values()) {
+      if (o === r || o.q !== r.q || o.regen === undefined || o.by !== undefined || o.regen[1] > ts) continue;
+      if (!best || o.regen[1] > best.regen![1]) best = o;
+    }
+    if (best) {
+      r.replaced = best.id;
+      best.by = r.id;
+    }
+  }
+
+  /** Results shown above `r` for the same query that were not clicked before it (Joachims' skip-above). */
+  private skippedAbove(s: UserState, r: Resp, ts: number): Resp[] {
+    if (r.pos === undefined || r.pos <= 1 || r.q === undefined) return [];
+    const out: Resp[] = [];
+    for (const o of s.resp.values()) {
+      if (o === r || o.q !== r.q || o.pos === undefined || o.pos >= r.pos) continue;
+      if (o.click !== undefined && o.click <= ts) return [];
+      out.push(o);
+    }
+    return out.sort((a, b) => a.pos! - b.pos!);
+  }
+
+  private onQuery(slot: Slot, env: Envelope, deciding: Deciding, view: BaselineView, human: boolean, emits: Emit[]): void {
+    const note = env.attrs.reformulation as Record<string, unknown> | undefined;
+    const prevId = note?.previous_response_id;
+    if (!note || typeof prevId !== "string") return;
+    const ev = env.event;
+    const prev = this.resp(slot, prevId, ev.ts, undefined, undefined);
+    if (prev.q === undefined && typeof note.previous_query_id === "string") prev.q = note.previous_query_id;
+    if (note.decision === "reformulation") slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, prev.id), this.c.ttl.responseMs, "signal_count", 1);
+    const reform = {
+      decision: typeof note.decision === "string" ? note.decision : undefined,
+      kind: typeof note.kind === "string" ? note.kind : undefined,
+      levenshtein: num(note.levenshtein),
+      jaccard3: num(note.jaccard3),
+      token_overlap: num(note.token_overlap),
+      gap_ms: num(note.gap_ms),
+      previous_ranked: prev.pos !== undefined,
+    };
+    if (human) this.fireAll(slot, "query", { ...this.respFields(prev, ev.ts, view), ...reform }, { ...this.respFields(prev, ev.ts, this.population), ...reform }, prev, deciding, view, emits);
+  }
+
+  private respFields(r: Resp, ts: number, view: BaselineView): Record<string, FieldValue | undefined> {
+    return {
+      ranked: r.pos !== undefined,
+      position: r.pos,
+      propensity: propensity(this.rules, r.pos),
+      ips: inversePropensity(this.rules, r.pos),
+      text_length: r.len,
+      ms_since_shown: r.shown !== undefined ? ts - r.shown : undefined,
+      dwell_ms: r.dwell,
+      scroll_depth: r.scroll,
+      clicked: r.click !== undefined,
+      regenerated: r.replaced !== undefined,
+      max_edit_share: r.edit,
+      decided: r.decided === true,
+      user_accept_rate: view.rates.accept,
+      user_edit_rate: view.rates.edit,
+      user_regenerate_rate: view.rates.regenerate,
+      user_copy_rate: view.rates.copy,
+      user_dwell_ms: view.dwell_ms,
+      dwell_ratio: r.dwell !== undefined && view.dwell_ms > 0 ? r.dwell / view.dwell_ms : undefined,
+    };
+  }
+
+  /**
+   * Fires every rule of a signal about response `r` and emits (or revises) the labels; `nbFields`
+   * are the same fields at the population priors, for the baseline-free shadow weights.
+   */
+  private fireAll(slot: Slot, signal: string, fields: Fields, nbFields: Fields, r: Resp, d: Deciding, view: BaselineView, emits: Emit[]): void {
+    if (r.q !== undefined) {
+      for (const f of fire(this.rules, signal, nbFields, () => 1)) {
+        if (f.rule.target === "response" || f.rule.target === "previous_response") this.shadow(slot, r, f, d);
+      }
+    }
+    const firings = fire(this.rules, signal, fields, (name) => view.factors[name]);
+    for (const firing of firings) {
+      const rule = firing.rule;
+      switch (rule.target) {
+        case "response":
+        case "previous_response":
+          if (signal === "click_dwell") r.decided = true;
+          this.responseLabel(slot, r, firing, d, emits);
+          break;
+        case "replaced_pair": {
+          const old = r.replaced !== undefined ? slot.state.resp.get(r.replaced) : undefined;
+          if (!old) break;
+          const extra: [string, SignalEventType, number][] = old.regen ? [[old.regen[0], "regenerate", old.regen[1]]] : [];
+          this.preferenceLabel(slot, r, old, firing, { ...d, extra }, emits);
+          break;
+        }
+        case "skipped_above":
+        case "skipped_previous": {
+          const skipped = this.skippedAbove(slot.state, r, d.ts);
+          const list = rule.target === "skipped_previous" ? skipped.filter((o) => o.pos === r.pos! - 1) : skipped;
+          for (const o of list) this.preferenceLabel(slot, r, o, firing, d, emits);
+          break;
+        }
+        case "session":
+          break;
+      }
+    }
+  }
+
+  /** Updates the baseline-free weight of a response label (no emit: it only feeds *_nobase features). */
+  private shadow(slot: Slot, r: Resp, firing: Firing, d: Deciding): void {
+    const rule = firing.rule;
+    r.nb ??= [];
+    let rec = r.nb.find((x) => x[0] === rule.name);
+    if (rec?.[2].includes(d.eid)) return;
+    const before = rec?.[1] ?? 0;
+    const w = round(combineWeight(rule, rec?.[1], firing.weight));
+    if (!rec) r.nb.push((rec = [rule.name, w, []]));
+    rec[1] = w;
+    rec[2].push(d.eid);
+    if (rec[2].length > MAX_SIGNALS) rec[2].shift();
+    this.addWeight(slot, r, rule.label === "positive" ? 2 : 3, w - before);
+  }
+
+  /**
+   * Adds to one of a response's summed label weights and writes the sums as absolute values: the
+   * same label updates in the same order give the same numbers whatever the batch boundaries
+   * (increments in Redis would round differently).
+   */
+  private addWeight(slot: Slot, r: Resp, which: 0 | 1 | 2 | 3, by: number): void {
+    const tot = (r.tot ??= [0, 0, 0, 0]);
+    tot[which] = round(tot[which] + by);
+    slot.features.put(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), this.c.ttl.responseMs, {
+      pos_weight: tot[0],
+      neg_weight: tot[1],
+      pos_weight_nobase: tot[2],
+      neg_weight_nobase: tot[3],
+    });
+  }
+
+  private addSignal(rec: LabelRec, sig: [string, SignalEventType, number]): boolean {
+    if (rec.sig.some((x) => x[0] === sig[0])) return false;
+    rec.sig.push(sig);
+    rec.sig.sort((a, b) => a[2] - b[2] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    if (rec.sig.length > MAX_SIGNALS) rec.sig.splice(0, rec.sig.length - MAX_SIGNALS);
+    return true;
+  }
+
+  /** Creates or revises a label record; returns it, or undefined when nothing changed (the same event again). */
+  private revise(labels: Map<string, LabelRec>, key: string, id: string, firing: Firing, d: Deciding): LabelRec | undefined {
+    const prev = labels.get(key);
+    const rec: LabelRec = prev
+      ? { ...prev, sig: [...prev.sig] }
+      : { id, rev: -1, w: 0, sig: [] };
+    let changed = false;
+    for (const x of d.extra ?? []) changed = this.addSignal(rec, x) || changed;
+    if (!this.addSignal(rec, [d.eid, d.type, d.ts]) && !changed) return undefined;
+    rec.rev += 1;
+    rec.w = round(combineWeight(firing.rule, prev?.w, firing.weight));
+    labels.set(key, rec);
+    return rec;
+  }
+
+  private responseLabel(slot: Slot, r: Resp, firing: Firing, d: Deciding, emits: Emit[]): void {
+    const rule = firing.rule;
+    if (r.q === undefined) {
+      this.ctx.metrics.count("label_skipped", 1, { reason: "no_query_id", rule: rule.name });
+      return;
+    }
+    const prev = r.labels.get(rule.name);
+    const rec = this.revise(r.labels, rule.name, labelId(this.ctx.pipeline, "response", [r.id], rule.name), firing, d);
+    if (!rec) return;
+    const dw = rec.w - (prev?.w ?? 0);
+    const positive = rule.label === "positive";
+    this.addWeight(slot, r, positive ? 0 : 1, dw);
+    const sess = slot.state.sess.get(d.sid);
+    if (sess) {
+      if (positive) sess.pos = round(sess.pos + dw);
+      else sess.neg = round(sess.neg + dw);
+      if (!sess.sig.some((x) => x[0] === d.eid)) {
+        sess.sig.push([d.eid, d.type, d.ts]);
+        if (sess.sig.length > MAX_SIGNALS) sess.sig.shift();
+      }
+    }
+    const label: Label = {
+      schema_version: 1,
+      label_id: rec.id,
+      revision: rec.rev,
+      pipeline: this.ctx.pipeline,
+      kind: "response",
+      response_id: r.id,
+      query_id: r.q,
+      session_id: d.sid,
+      user: slot.user,
+      label: rule.label!,
+      weight: rec.w,
+      rule: rule.name,
+      rule_version: rule.version,
+      signals: signalsOf(rec.sig),
+      event_time: iso(d.ts),
+      emitted_at: iso(d.st),
+    };
+    this.emit(label, emits);
+  }
+
+  private preferenceLabel(slot: Slot, chosen: Resp, rejected: Resp, firing: Firing, d: Deciding, emits: Emit[]): void {
+    const rule = firing.rule;
+    const q = chosen.q ?? rejected.q;
+    if (q === undefined || chosen.id === rejected.id) {
+      this.ctx.metrics.count("label_skipped", 1, { reason: "no_query_id", rule: rule.name });
+      return;
+    }
+    const rec = this.revise(chosen.labels, `${rule.name}\u0000${rejected.id}`, labelId(this.ctx.pipeline, "preference", [chosen.id, rejected.id], rule.name), firing, d);
+    if (!rec) return;
+    const label: Label = {
+      schema_version: 1,
+      label_id: rec.id,
+      revision: rec.rev,
+      pipeline: this.ctx.pipeline,
+      kind: "preference",
+      response_id: chosen.id,
+      query_id: q,
+      session_id: d.sid,
+      user: slot.user,
+      chosen_response_id: chosen.id,
+      rejected_response_id: rejected.id,
+      weight: rec.w,
+      rule: rule.name,
+      rule_version: rule.version,
+      signals: signalsOf(rec.sig),
+      event_time: iso(d.ts),
+      emitted_at: iso(d.st),
+    };
+    this.emit(label, emits);
+  }
+
+  private emit(label: Label, emits: Emit[]): void {
+    this.ctx.metrics.count("labels", 1, { kind: label.kind, rule: label.rule });
+    emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value: label });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Sessions
+
+  /** Decides every open session of the user that the watermark has passed (last event + gap < wm). */
+  private closeDue(slot: Slot, wm: number, emits: Emit[]): void {
+    const s = slot.state;
+    for (const x of s.sess.values()) {
+      if (x.closed || wm <= x.end + this.c.gapMs) continue;
+      x.closed = true;
+      slot.dirty = true;
+      this.ctx.metrics.count("label_sessions_decided", 1);
+      if (!x.amb) this.decideSession(slot, x, emits);
+    }
+    // Closed sessions are kept for one more gap so a late event (within sessionize's allowed lateness) revises them.
+    for (const [id, x] of s.sess) {
+      if (x.closed && wm > x.end + 2 * this.c.gapMs) {
+        s.sess.delete(id);
+        slot.dirty = true;
+      }
+    }
+  }
+
+  private decideSession(slot: Slot, x: Sess, emits: Emit[]): void {
+    const view = baselineView(slot.state.b, this.rules.baselines);
+    // The last click of the session (Yandex's grading: the last action of a session is a satisfied click).
+    if (x.click) {
+      const [eid, ts, rid] = x.click;
+      // A late click changed which click was last: the earlier last-click labels no longer hold.
+      if (x.lastClick !== undefined && x.lastClick !== rid) this.retractLastClick(slot, x, emits);
+      const r = slot.state.resp.get(rid);
+      if (r) {
+        const d: Deciding = { eid, type: "click", ts, st: x.st, sid: x.id };
+        this.fireAll(slot, "last_click", this.respFields(r, ts, view), this.respFields(r, ts, this.population), r, d, view, emits);
+        x.lastClick = rid;
+      }
+      slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), this.c.ttl.sessionMs, { pos_weight: round(x.pos), neg_weight: round(x.neg) });
+    }
+    const fields: Record<string, FieldValue | undefined> = {
+      pos_weight: round(x.pos),
+      neg_weight: round(x.neg),
+      net: round(x.pos - x.neg),
+      events: x.n,
+      queries: x.counts.query ?? 0,
+      responses: x.counts.response_shown ?? 0,
+      duration_ms: x.end - x.start,
+      abandoned: x.last?.[1] === "abandon",
+    };
+    const firings = fire(this.rules, "session_end", fields, (name) => view.factors[name]);
+    const fired = new Set(firings.map((f) => f.rule.name));
+    const sig: [string, SignalEventType, number][] = x.sig.length ? x.sig : x.last ? [[x.last[0], x.last[1], x.last[2]]] : [];
+    if (sig.length === 0) return;
+    const emitSession = (rec: LabelRec, rule: Firing["rule"]): void => {
+      const label: Label = {
+        schema_version: 1,
+        label_id: rec.id,
+        revision: rec.rev,
+        pipeline: this.ctx.pipeline,
+        kind: "session",
+        ...(typeof x.last?.[3] === "string" ? { response_id: x.last[3] } : {}),
+        session_id: x.id,
+        user: slot.user,
+        label: rule.label!,
+        weight: rec.w,
+        rule: rule.name,
+        rule_version: rule.version,
+        signals: signalsOf(rec.sig),
+        event_time: iso(x.end),
+        emitted_at: iso(x.st),
+      };
+      this.emit(label, emits);
+    };
+    for (const firing of firings) {
+      const prev = x.labels.get(firing.rule.name);
+      const rec: LabelRec = { id: labelId(this.ctx.pipeline, "session", [slot.user, x.id], firing.rule.name), rev: (prev?.rev ?? -1) + 1, w: round(firing.weight), sig: [...sig] };
+      if (prev && prev.w === rec.w && JSON.stringify(prev.sig) === JSON.stringify(rec.sig)) continue;
+      x.labels.set(firing.rule.name, rec);
+      emitSession(rec, firing.rule);
+    }
+    // A session label that no longer holds after a late event is re-emitted with weight 0 (labels are never retracted silently).
+    for (const [name, prev] of x.labels) {
+      if (fired.has(name) || prev.w === 0) continue;
+      const rule = this.rules.rules.find((r) => r.name === name);
+      if (!rule) continue;
+      const rec: LabelRec = { ...prev, rev: prev.rev + 1, w: 0 };
+      x.labels.set(name, rec);
+      emitSession(rec, rule);
+    }
+  }
+
+  /** Re-emits the last_click labels of the session's previous last click with weight 0. */
+  private retractLastClick(slot: Slot, x: Sess, emits: Emit[]): void {
+    const r = slot.state.resp.get(x.lastClick!);
+    x.lastClick = undefined;
+    if (!r || r.q === undefined) return;
+    for (const rule of this.rules.bySignal.get("last_click") ?? []) {
+      const prev = r.labels.get(rule.name);
+      if (!prev || prev.w === 0 || rule.kind !== "response") continue;
+      const rec: LabelRec = { ...prev, rev: prev.rev + 1, w: 0 };
+      r.labels.set(rule.name, rec);
+      const positive = rule.label === "positive";
+      this.addWeight(slot, r, positive ? 0 : 1, -prev.w);
+      const nb = r.nb?.find((x) => x[0] === rule.name);
+      if (nb) {
+        this.addWeight(slot, r, positive ? 2 : 3, -nb[1]);
+        nb[1] = 0;
+      }
+      if (positive) x.pos = round(x.pos - prev.w);
+      else x.neg = round(x.neg - prev.w);
+      const last = prev.sig[prev.sig.length - 1]!;
+      this.emit(
+        {
+          schema_version: 1,
+          label_id: rec.id,
+          revision: rec.rev,
+          pipeline: this.ctx.pipeline,
+          kind: "response",
+          response_id: r.id,
+          query_id: r.q,
+          session_id: x.id,
+          user: slot.user,
+          label: rule.label!,
+          weight: 0,
+          rule: rule.name,
+          rule_version: rule.version,
+          signals: signalsOf(rec.sig),
+          event_time: iso(last[2]),
+          emitted_at: iso(x.st),
+        },
+        emits,
+      );
+    }
+  }
+
+  /** Forgets responses not touched for response_memory (unless their session is open) and the oldest beyond max_responses. */
+  private prune(s: UserState): void {
+    const open = new Set([...s.sess.values()].filter((x) => !x.closed).map((x) => x.id));
+    for (const [id, r] of s.resp) {
+      if (r.t < s.at - this.c.responseMemoryMs && !(r.s !== undefined && open.has(r.s))) s.resp.delete(id);
+    }
+    if (s.resp.size > this.c.maxResponses) {
+      const ids = [...s.resp.keys()].sort((a, b) => s.resp.get(a)!.t - s.resp.get(b)!.t || (a < b ? -1 : 1));
+      for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);
+    }
+  }
+}
+
+function signalsOf(sig: readonly [string, SignalEventType, number][]): LabelSignal[] {
+  return sig.map(([event_id, event_type]) => ({ event_id, event_type }));
+}

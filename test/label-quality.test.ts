@@ -1,0 +1,49 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { formatReport } from "../src/cli/evaluate.js";
+import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
+import { evaluate } from "../src/eval/evaluate.js";
+import { simulate } from "../src/sim/simulate.js";
+import { runChain, scoreChain } from "./support/label-chain.js";
+
+/*
+ * Simulated traffic through the whole chain in memory (enrich → dedupe → bot-score → sessionize →
+ * reformulation → label-derive, the real operators from the registry), scored against the
+ * simulator's hidden truth. Floors are deliberately below what the default rules reach, so the
+ * test fails on a regression, not on a seed's noise; the report is printed for the record.
+ * Two seeds, so the rules are not fitted to one.
+ */
+
+for (const seed of [7, 11]) {
+  test(`simulated traffic (seed ${seed}, 300 users, 30 % bots) → labels and features of sane quality`, async (t) => {
+    const sim = simulate({ seed, users: 300, durationMs: 2 * 3600_000 });
+    const r = await runChain(sim.events, { partitions: 4 });
+    const report = scoreChain(r, sim.truth);
+    for (const line of formatReport(report).split("\n")) t.diagnostic(line);
+
+    // Contract: every label validates, none is duplicated, none carries a raw user id.
+    assert.deepEqual(r.invalid, []);
+    assert.equal(report.labels.duplicates, 0);
+    assert.equal(report.labels.raw_user_ids, 0);
+    assert.equal(report.labels.unknown_response, 0);
+    const perRevision = new Set(r.labelEmits.map(([, l]) => `${l.label_id}:${l.revision}`));
+    assert.equal(perRevision.size, r.labelEmits.length, "one message per label_id and revision");
+    assert.ok(report.labels.by_kind.response > 500 && report.labels.by_kind.preference > 20 && report.labels.by_kind.session > 100, JSON.stringify(report.labels.by_kind));
+
+    // Quality floors on everything that reached label-derive.
+    assert.ok(report.positive.precision! >= 0.7, `positive precision ${report.positive.precision}`);
+    assert.ok(report.score.auc! >= 0.75, `AUC ${report.score.auc}`);
+    assert.ok(report.coverage! >= 0.4, `coverage ${report.coverage}`);
+    assert.ok(report.negative.precision! >= 0.6, `negative precision ${report.negative.precision}`);
+    assert.ok(report.preference.accuracy! > 0.5, `preference accuracy ${report.preference.accuracy}`);
+    // Inverse propensity leaves less position correlation in the score than the ranker put into quality.
+    assert.ok(Math.abs(report.score.position_spearman!) < Math.abs(report.score.quality_position_spearman!), "position bias left in the score");
+    assert.ok(report.baselines !== null && report.baselines.auc_gain !== null);
+
+    // The same on human traffic only: what label-derive makes of what bot-score lets through as human.
+    const bots = new Set(sim.truth.flatMap((u) => (u.kind === "user" && u.is_bot ? [pseudonymize(DEV_PSEUDONYM_KEY, u.user_id)] : [])));
+    const human = evaluate({ labels: r.labels.filter((l) => !bots.has(l.user)), truth: sim.truth, features: r.features, pseudonymOf: (id) => pseudonymize(DEV_PSEUDONYM_KEY, id) });
+    t.diagnostic(`human users only: positive precision ${human.positive.precision?.toFixed(3)}, negative precision ${human.negative.precision?.toFixed(3)}, coverage ${human.coverage?.toFixed(3)}, AUC ${human.score.auc?.toFixed(3)}`);
+    assert.ok(human.positive.precision! >= 0.8, `human positive precision ${human.positive.precision}`);
+  });
+}
