@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { DLQ_REASONS } from "../core/errors.js";
 import { projectRoot } from "../cli/paths.js";
 import { renderPipelineReference } from "./docs.js";
+import { FEATURE_FIELDS, FEATURE_ENTITIES } from "../labels/features.js";
 
 /**
  * Every generated section of the README, by marker name. Each renders from its single source
@@ -13,6 +14,7 @@ export const GENERATED_SECTIONS: Record<string, () => string> = {
   "pipeline-reference": () => renderPipelineReference(),
   "label-schema": renderLabelSchema,
   "dlq-reasons": renderDlqReasons,
+  features: renderFeatures,
 };
 
 export function markers(name: string): { begin: string; end: string } {
@@ -65,5 +67,15 @@ export function renderLabelSchema(): string {
 export function renderDlqReasons(): string {
   const out = ["_Generated from `DLQ_REASONS` in `src/core/errors.ts`._", "", "| `Tacit-Reason` | meaning |", "|---|---|"];
   for (const [code, meaning] of Object.entries(DLQ_REASONS)) out.push(`| \`${code}\` | ${meaning} |`);
+  return out.join("\n");
+}
+
+/** Online feature fields per entity, from FEATURE_FIELDS in src/labels/features.ts. */
+export function renderFeatures(): string {
+  const out = ["_Generated from `FEATURE_FIELDS` in `src/labels/features.ts`._"];
+  for (const entity of FEATURE_ENTITIES) {
+    out.push("", `**${entity}**`, "", "| field | meaning |", "|---|---|");
+    for (const f of FEATURE_FIELDS.filter((x) => x.entity === entity)) out.push(`| \`${f.name}\` | ${cell(f.meaning)} |`);
+  }
   return out.join("\n");
 }
