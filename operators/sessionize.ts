@@ -314,15 +314,24 @@ class Sessionizer implements Processor {
    * User states this instance computed but whose commits may not be applied yet: the runtime
    * calls onWatermark before it applies the batch's commits, so the timers and sessions in the
    * store can be one batch behind. These are also the users whose inputs are not acked yet.
-   * Reset by every `process` (by then all earlier commits are applied and acked, or the batch
-   * is being retried from the store's state).
+   * Kept per partition: the worker runs every partition it owns on this one instance, and their
+   * rounds interleave, so a batch resets only its own partition's entries (by then that
+   * partition's earlier commits are applied and acked, or the batch is being retried from the
+   * store's state). The partition's `onWatermark` ends the round and takes them; an empty batch
+   * (the test harness's idle round) resets them all.
    */
-  private pending = new Map<string, { partition: number; json: string; nextDue: number | undefined }>();
+  private pending = new Map<number, Map<string, { json: string; nextDue: number | undefined }>>();
 
   constructor(
     private readonly o: SessionizeOptions,
     private readonly ctx: OperatorContext,
   ) {}
+
+  private pendingOf(partition: number): Map<string, { json: string; nextDue: number | undefined }> {
+    let m = this.pending.get(partition);
+    if (!m) this.pending.set(partition, (m = new Map()));
+    return m;
+  }
 
   private sessionsKey(user: string): string {
     return userKey(this.ctx.prefix, user, this.ctx.stage, "sessions");
@@ -381,10 +390,14 @@ class Sessionizer implements Processor {
     });
 
     // Every user with an input here, applied or skipped, has inputs that are not acked yet.
-    this.pending = new Map();
+    if (batch.length === 0) this.pending.clear();
+    batch.forEach((input, i) => {
+      const partition = input.partition ?? envs[i]?.partition;
+      if (partition !== undefined) this.pending.set(partition, new Map());
+    });
     for (const w of work.values()) {
       const json = this.serialize(w);
-      this.pending.set(w.user, { partition: w.partition, json, nextDue: this.nextDue(w.sessions) });
+      this.pendingOf(w.partition).set(w.user, { json, nextDue: this.nextDue(w.sessions) });
       // A user with no open session keeps no state: a beyond-lateness event of such a user
       // leaves nothing behind (its `late` emit id deduplicates a redelivery).
       if (w.lastIndex < 0 || w.sessions.length === 0) continue;
@@ -398,19 +411,23 @@ class Sessionizer implements Processor {
     const commits: CommitGroup[] = [];
     const timers = this.timersKey(partition);
     const due = new Set((await this.ctx.state.zrangeByScore(timers, NO_SCORE_MIN, watermarkMs)).map((d) => d.member));
-    for (const [user, p] of this.pending) {
-      if (p.partition === partition && p.nextDue !== undefined && p.nextDue <= watermarkMs) due.add(user);
+    // The round's last use of its pending users: a later onWatermark without a batch (an idle
+    // advance) comes after this round's commits and acks.
+    const pending = this.pending.get(partition) ?? new Map<string, { json: string; nextDue: number | undefined }>();
+    this.pending.delete(partition);
+    for (const [user, p] of pending) {
+      if (p.nextDue !== undefined && p.nextDue <= watermarkMs) due.add(user);
     }
     if (due.size === 0) return { emits, commits };
     const users = [...due].sort();
-    const toRead = users.filter((u) => !this.pending.has(u));
+    const toRead = users.filter((u) => !pending.has(u));
     const values = toRead.length ? await this.ctx.state.get(toRead.map((u) => this.sessionsKey(u))) : [];
     const stored = new Map(toRead.map((u, k) => [u, values[k] ?? null]));
 
     for (const user of users) {
       const w: UserWork = {
         user,
-        sessions: this.parse(this.pending.get(user)?.json ?? stored.get(user) ?? null),
+        sessions: this.parse(pending.get(user)?.json ?? stored.get(user) ?? null),
         applied: 0,
         partition,
         lastIndex: -1,
@@ -420,8 +437,7 @@ class Sessionizer implements Processor {
       };
       this.advance(w, watermarkMs, emits, true);
       const json = this.serialize(w);
-      const unacked = this.pending.has(user);
-      if (unacked) this.pending.set(user, { partition, json, nextDue: this.nextDue(w.sessions) });
+      const unacked = pending.has(user);
       if (w.sessions.length === 0 && unacked) {
         // The user's inputs of this batch are not acked yet: a redelivery must still meet the
         // `applied` fence, so it stays one more watermark round (the timer comes back for it).

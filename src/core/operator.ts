@@ -99,8 +99,11 @@ export interface Processor {
    */
   process(batch: StageInput[]): Promise<Outcome[]>;
   /**
-   * Called after a batch when the watermark of a partition has advanced (keyed stages). Returns
-   * what timers fired: emits (published first) and commits (applied after).
+   * Called at the end of every batch of a keyed partition with the partition's watermark (whether
+   * or not it advanced), and when an idle partition's watermark is advanced. Called BEFORE the
+   * batch's commits are applied: keep the batch's uncommitted changes in memory. One operator
+   * instance serves one partition. Returns what timers fired: emits (published first) and
+   * commits (applied after).
    */
   onWatermark?(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }>;
   close?(): Promise<void>;

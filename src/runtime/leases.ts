@@ -23,8 +23,12 @@ export interface LeaseCallbacks {
 export class PartitionLeases {
   private readonly held = new Set<number>();
   private timer: NodeJS.Timeout | undefined;
+  private renewTimer: NodeJS.Timeout | undefined;
   private ticking: Promise<void> = Promise.resolve();
+  private renewing: Promise<void> = Promise.resolve();
   private stopped = false;
+  /** Set by stop(): no more acquiring or rebalancing. */
+  private leaving = false;
 
   constructor(
     private readonly redis: Redis | Cluster,
@@ -50,29 +54,39 @@ export class PartitionLeases {
   }
 
   async start(): Promise<void> {
+    await this.renew();
     await this.tick();
     const every = Math.max(200, Math.floor(this.ttlMs / 3));
+    // Renewal has its own timer: giving a partition up waits for its in-flight work, and that
+    // must never delay the renewal of the other leases past their TTL.
+    this.renewTimer = setInterval(() => {
+      this.renewing = this.renewing.then(() => this.renew()).catch((err) => this.log.warn({ err: String(err) }, "lease renewal failed"));
+    }, every);
     this.timer = setInterval(() => {
       this.ticking = this.ticking.then(() => this.tick()).catch((err) => this.log.warn({ err: String(err) }, "lease tick failed"));
     }, every);
   }
 
-  /** One round: heartbeat, renew, give up extras, take free partitions up to a fair share. */
-  async tick(): Promise<void> {
+  /** Heartbeat and renewal of every held lease; a lease found lost stops its partition at once. */
+  async renew(): Promise<void> {
     if (this.stopped) return;
-    const now = Date.now();
-    await this.redis.zadd(this.workersKey, now, this.workerId);
-    await this.redis.zremrangebyscore(this.workersKey, "-inf", now - this.ttlMs);
+    await this.redis.zadd(this.workersKey, Date.now(), this.workerId);
     await this.redis.pexpire(this.workersKey, this.ttlMs * 10);
-    const alive = Math.max(1, await this.redis.zcard(this.workersKey));
     for (const n of this.owned()) {
       const ok = (await this.redis.eval(RENEW_LUA, 1, this.key(n), this.workerId, this.ttlMs)) as number;
-      if (ok !== 1) {
-        this.held.delete(n);
+      if (ok !== 1 && this.held.delete(n)) {
         this.log.warn({ partition: n, group: this.group }, "lease lost");
-        await this.cb.lost(n);
+        this.cb.lost(n).catch((err) => this.log.error({ partition: n, err: String(err) }, "stopping a lost partition failed"));
       }
     }
+  }
+
+  /** One round: give up extras, take free partitions up to a fair share. */
+  async tick(): Promise<void> {
+    if (this.stopped || this.leaving) return;
+    const now = Date.now();
+    await this.redis.zremrangebyscore(this.workersKey, "-inf", now - this.ttlMs);
+    const alive = Math.max(1, await this.redis.zcard(this.workersKey));
     const fair = Math.ceil(this.partitions / alive);
     while (this.held.size > fair) {
       const n = this.owned().pop()!;
@@ -81,7 +95,7 @@ export class PartitionLeases {
     if (this.held.size < fair) {
       // Start the scan at an offset derived from the worker id so workers don't all race for partition 0.
       const offset = [...this.workerId].reduce((a, c) => (a * 31 + c.charCodeAt(0)) >>> 0, 7) % this.partitions;
-      for (let i = 0; i < this.partitions && this.held.size < fair && !this.stopped; i++) {
+      for (let i = 0; i < this.partitions && this.held.size < fair && !this.stopped && !this.leaving; i++) {
         const n = (offset + i) % this.partitions;
         if (this.held.has(n)) continue;
         const got = await this.redis.set(this.key(n), this.workerId, "PX", this.ttlMs, "NX");
@@ -110,10 +124,18 @@ export class PartitionLeases {
 
   /** Gives up every partition after settling it, and leaves the worker set. */
   async stop(): Promise<void> {
-    this.stopped = true;
+    // No more rebalancing; renewal goes on until every partition is settled and released.
+    this.leaving = true;
     if (this.timer) clearInterval(this.timer);
     await this.ticking.catch(() => undefined);
-    for (const n of this.owned()) await this.release(n);
-    await this.redis.zrem(this.workersKey, this.workerId).catch(() => undefined);
+    try {
+      for (const n of this.owned()) await this.release(n);
+    } finally {
+      this.stopped = true;
+      if (this.renewTimer) clearInterval(this.renewTimer);
+      await this.renewing.catch(() => undefined);
+      await this.redis.zrem(this.workersKey, this.workerId).catch(() => undefined);
+    }
   }
+
 }

@@ -221,7 +221,7 @@ function arrange(list: Draft[], rng: Random, bound: number, lateness: number, ga
 }
 
 /** Offline sessionization of the accepted events: sort per user, cut where the next event is more than the gap after. */
-function expectedSessions(events: Map<number, StreamEvent>, gap: number): ExpectedSession[] {
+export function expectedSessions(events: Map<number, StreamEvent>, gap: number): ExpectedSession[] {
   const byUser = new Map<string, Envelope[]>();
   for (const e of events.values()) {
     if (e.timeliness === "late_beyond") continue;
