@@ -74,9 +74,14 @@ function series(user: string, n: number, gap: number, start = T0): TacitEvent[] 
 }
 
 function bandOf(o: Outcome): "bot" | "ambivalent" | "human" {
-  assert.equal(o.emits.length, 1);
   const e = o.emits[0]!;
-  if (e.to === "bots") return "bot";
+  if (e.to === "bots") {
+    // The flagging event also sends its one marker on; every other bot event only goes to bots.
+    if (o.emits.length === 2) assert.equal(o.emits[1]!.to, "next");
+    else assert.equal(o.emits.length, 1);
+    return "bot";
+  }
+  assert.equal(o.emits.length, 1);
   assert.equal(e.to, "next");
   return ((e.value as Envelope).attrs.bot as BotAnnotation).band;
 }
@@ -116,7 +121,9 @@ test("user agent: enrich's flag or a raw UA that isbot matches makes a bot; a br
     assert.deepEqual(indicatorNames(o), []);
   }
   assert.equal(h.outputs("bots").length, 2);
-  assert.equal(h.outputs("next").length, 2);
+  // The two human events, and for each bot its one flag marker.
+  const next = h.outputs("next") as Envelope[];
+  assert.deepEqual(next.map((e) => [e.event.user, (e.attrs.bot as BotAnnotation).band]), [["u1", "bot"], ["u2", "bot"], ["u3", "human"], ["u4", "human"]]);
   assert.equal(h.metric("bot_band"), 4);
   // Output ids are the stage name and the origin sequence.
   assert.equal(flagged!.emits[0]!.id, `${STAGE}:${envs[0]!.src.seq}`);
@@ -322,7 +329,7 @@ test("ambivalent band: passed on with the annotation and counted, not sent to bo
   const counts = new Map<string, number>();
   const proc = await botScore.create({}, directCtx(new MemoryStateStore(), counts));
   await proc.process(series("u", 11, 80).map((e, i) => inputOf(envOf(e), i + 1)));
-  assert.deepEqual(Object.fromEntries(counts), { "bot_band:human": 5, "bot_band:ambivalent": 5, "bot_band:bot": 1 });
+  assert.deepEqual(Object.fromEntries(counts), { "bot_band:human": 5, "bot_band:ambivalent": 5, "bot_band:bot": 1, "bot_flagged:": 1 });
 });
 
 test("sticky: once a bot, a bot for the state TTL, then forgotten", async () => {
@@ -345,6 +352,55 @@ test("sticky: once a bot, a bot for the state TTL, then forgotten", async () => 
   assert.deepEqual(h.state.keys(), []);
   const [fresh] = await run(h, [ev("u", wall.t)]);
   assert.equal(bandOf(fresh!), "human");
+});
+
+test("flagging: the event that turns a user into a bot sends one marker on (band bot, flagged), once per state lifetime", async () => {
+  const wall = { t: T0 };
+  const h = harness({ state_ttl: "1h" }, wall);
+  const envs = series("u", 12, 80).map((e) => envOf(e, { session: { id: "s1", seq_in_session: 1 } }));
+  const out = await run(h, envs);
+  const first = out.findIndex((o) => o.emits[0]!.to === "bots");
+  assert.equal(first, 10, "the 11th event in 1 s is the first bot event");
+  const o = out[first]!;
+  assert.deepEqual(o.emits.map((e) => [e.to, e.id]), [["bots", `${STAGE}:${envs[first]!.src.seq}`], ["next", `${STAGE}:${envs[first]!.src.seq}:flagged`]]);
+  const marker = o.emits[1]!.value as Envelope;
+  const bot = marker.attrs.bot as BotAnnotation;
+  // The triggering envelope, unchanged but for the annotation, which repeats the bots record's verdict.
+  assert.deepEqual({ ...marker, attrs: { session: marker.attrs.session } }, envs[first]);
+  assert.deepEqual(bot, { score: scoreOf(o), band: "bot", indicators: (o.emits[0]!.value as BotRecord).indicators, flagged: true });
+  // Later bot events of the same user go to bots only.
+  assert.ok(out.slice(first + 1).every((x) => x.emits.length === 1 && x.emits[0]!.to === "bots"));
+  assert.equal(h.outputs("next").filter((e) => ((e as Envelope).attrs.bot as BotAnnotation).band === "bot").length, 1);
+  assert.equal(h.metric("bot_flagged"), 1);
+
+  // A sticky bot event much later: no second marker. After the state expired, a new verdict sends a new one.
+  wall.t = T0 + 1_800_000;
+  const [sticky] = await run(h, [ev("u", wall.t)]);
+  assert.equal(sticky!.emits.length, 1);
+  wall.t = T0 + 1_800_000 + 3_600_001;
+  const again = await run(h, series("u", 11, 80, wall.t));
+  assert.deepEqual(again.map((x) => x.emits.length), [...Array(10).fill(1), 2]);
+  assert.equal(h.metric("bot_flagged"), 2);
+});
+
+test("flagging is exactly once under redelivery: the marker keeps its id and content, and is not emitted again once applied", async () => {
+  const envs = series("u", 12, 80).map((e) => envOf(e));
+  const straight = harness();
+  await run(straight, structuredClone(envs), 12);
+  const h = harness();
+  // Crash before the commits: the batch is recomputed, the same marker (same id, same value) comes again.
+  await h.push(0, envs, { batchSize: 12, crash: { batch: 0, at: "before_commits" } });
+  await h.restart();
+  // The harness throws when an id comes back with another value.
+  await h.push(0, envs, { batchSize: 5, crash: { batch: 2, at: "after_commits" } });
+  await h.restart();
+  await h.push(0, envs, { batchSize: 12 });
+  const markers = (x: OperatorHarness<BotScoreConfig>) => x.emits("next").filter((e) => e.id.endsWith(":flagged"));
+  assert.equal(markers(h).length, 1);
+  assert.deepEqual(markers(h), markers(straight));
+  // The applied inputs of the last delivery emitted nothing, markers included.
+  const last = h.log.slice(-12);
+  assert.ok(last.every((l) => l.outcome.dropped === "already_applied" && l.outcome.emits.length === 0));
 });
 
 test("within a batch the operator sees its own earlier changes; one state read per batch", async () => {

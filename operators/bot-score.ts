@@ -264,11 +264,26 @@ export interface BotIndicator {
   detail: string;
 }
 
-/** The annotation on events passed on (`attrs.bot`). */
+/**
+ * The annotation on events passed on (`attrs.bot`). Band "bot" appears only on the one marker
+ * emitted when a user's verdict turns to bot (`flagged: true`): downstream stages learn that the
+ * user's earlier events came from a bot (label-derive drops the labels it holds for them).
+ */
 export interface BotAnnotation {
   score: number;
-  band: "human" | "ambivalent";
+  band: "human" | "ambivalent" | "bot";
   indicators: BotIndicator[];
+  /** Only on the marker: the user was flagged by this event. */
+  flagged?: true;
+}
+
+/**
+ * True for the marker bot-score sends on when it flags a user (attrs.bot.band = "bot"). Later
+ * keyed stages pass it on unchanged and keep no state from it; label-derive acts on it.
+ */
+export function isBotMarker(env: Envelope): boolean {
+  const bot = env.attrs?.bot as { band?: unknown } | undefined;
+  return bot?.band === "bot";
 }
 
 /** A record on `<prefix>.bots`. */
@@ -444,7 +459,11 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
     "ambivalent band it grows from ambivalent_from to halfway to threshold, so one ambivalent indicator alone never makes a " +
     "bot. Indicators combine as 1 − Π(1 − weight·strength). At or above " +
     "`threshold` the event goes to <prefix>.bots (not on), and the verdict sticks for the state TTL; in [ambivalent_from, threshold) " +
-    "it goes on with attrs.bot.band = \"ambivalent\" (label-derive makes no labels from it); below, band \"human\".",
+    "it goes on with attrs.bot.band = \"ambivalent\" (label-derive makes no labels from it); below, band \"human\". " +
+    "The event that turns a user's verdict to bot (once per state lifetime) also goes on, once, as a marker to `next`: the same " +
+    "envelope with attrs.bot = {score, band: \"bot\", indicators, flagged: true} and emit id <stage>:<src.seq>:flagged. Later " +
+    "keyed stages pass the marker on without using it; label-derive drops the labels it holds for the user on probation and " +
+    "makes no more labels of that user.",
   keyed: true,
   schema: botScoreSchema as unknown as Record<string, unknown>,
   state: [
@@ -461,7 +480,7 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
         ambivalent_from: 0.3,
         user_agent: { enabled: false },
         rate: [{ window: "1s", max_events: 8, ambivalent_events: 4 }, { window: "15m", max_events: 200 }],
-        regularity: { min_events: 30, max_cv: 0.15, ambivalent_cv: 0.3 },
+        regularity: { min_events: 16, max_cv: 0.15, ambivalent_cv: 0.3 },
         impossible: { tolerance: "250ms" },
         state_ttl: "2h",
       },
@@ -618,8 +637,11 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
         const indicators = observe(s, env.event);
         let score = round(combineIndicators(indicators));
         s.score = score;
-        if (score >= c.threshold && !s.bot) s.bot = { score, since: env.event.ts, indicators };
-        else if (s.bot && score >= c.threshold) s.bot.score = Math.max(s.bot.score, score);
+        let flagged = false;
+        if (score >= c.threshold && !s.bot) {
+          s.bot = { score, since: env.event.ts, indicators };
+          flagged = true;
+        } else if (s.bot && score >= c.threshold) s.bot.score = Math.max(s.bot.score, score);
         if (s.bot && score < c.threshold) {
           indicators.push({ name: "sticky", strength: 1, weight: 1, value: s.bot.score, detail: `a bot since ${new Date(s.bot.since).toISOString()} (${s.bot.indicators.map((x) => x.name).join(", ")})` });
           score = s.bot.score;
@@ -628,7 +650,14 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
         if (score >= c.threshold) {
           ctx.metrics.count("bot_band", 1, { band: "bot" });
           const record: BotRecord = { user: env.event.user, score, indicators, event: env.event };
-          outcomes[i] = { emits: [{ to: "bots", id, value: record }] };
+          const emits: Emit[] = [{ to: "bots", id, value: record }];
+          if (flagged) {
+            // The user's earlier events went on as human or ambivalent: tell the later stages, once.
+            ctx.metrics.count("bot_flagged", 1);
+            const bot: BotAnnotation = { score, band: "bot", indicators, flagged: true };
+            emits.push({ to: "next", id: `${id}:flagged`, value: { ...env, attrs: { ...env.attrs, bot } } satisfies Envelope });
+          }
+          outcomes[i] = { emits };
           return;
         }
         const band = score >= c.ambivalentFrom ? "ambivalent" : "human";

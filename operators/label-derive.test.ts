@@ -19,6 +19,7 @@ import type { StageInput } from "../src/core/operator.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { runChain } from "../test/support/label-chain.js";
 import { OPERATORS } from "./index.js";
+import { isBotMarker } from "./bot-score.js";
 import { labelDerive, labelId, type LabelDeriveConfig } from "./label-derive.js";
 
 const T0 = Date.parse("2026-01-01T10:00:00Z");
@@ -40,7 +41,8 @@ interface Opts {
   payload?: Record<string, unknown>;
   user?: string;
   session?: string;
-  band?: "human" | "ambivalent";
+  /** "bot": bot-score's flag marker (no session yet: it comes from before sessionize). */
+  band?: "human" | "ambivalent" | "bot";
   reformulation?: Record<string, unknown>;
 }
 
@@ -60,10 +62,13 @@ function e(type: EventType, atSec: number, o: Opts = {}): Envelope {
     ...(o.qid !== undefined ? { query_id: o.qid } : {}),
     ...(o.rid !== undefined ? { response_id: o.rid } : {}),
   };
-  const attrs: Record<string, unknown> = {
-    bot: { score: o.band === "ambivalent" ? 0.5 : 0.01, band: o.band ?? "human", indicators: [] },
-    session: { id: o.session ?? "s-1", seq_in_session: 1 },
-  };
+  const attrs: Record<string, unknown> =
+    o.band === "bot"
+      ? { bot: { score: 0.95, band: "bot", indicators: [{ name: "regularity", strength: 1, weight: 1, detail: "metronome" }], flagged: true } }
+      : {
+          bot: { score: o.band === "ambivalent" ? 0.5 : 0.01, band: o.band ?? "human", indicators: [] },
+          session: { id: o.session ?? "s-1", seq_in_session: 1 },
+        };
   if (o.reformulation) attrs.reformulation = o.reformulation;
   return { v: 1, event, src: { seq: 10_000 + seq }, partition: 0, attrs };
 }
@@ -82,8 +87,15 @@ const reformulation = (at: number, prevRid: string, decision: string, kind: stri
     ...extra,
   });
 
+/**
+ * The rule and feature tests judge a few events at a time, where probation would hold every label
+ * until the session closes: they run without it unless the config says otherwise. Probation has
+ * its own tests below, and the determinism and redelivery tests run with the default (on).
+ */
+const NO_PROBATION: LabelDeriveConfig = { probation: { enabled: false } };
+
 function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number; watermarkAfterCommits?: boolean } = {}): OperatorHarness<LabelDeriveConfig> {
-  return new OperatorHarness(labelDerive, config, { stage: "label-derive", prefix: "feedback", ...opts });
+  return new OperatorHarness(labelDerive, { ...NO_PROBATION, ...config }, { stage: "label-derive", prefix: "feedback", ...opts });
 }
 
 /** Every label published, deduplicated by emit id; each is checked against label.v1.json. */
@@ -530,7 +542,7 @@ test("one processor serving two partitions: another partition's batch between a 
 
 test("features: per response, user and session, with TTLs, findable by id", async () => {
   const wall = { t: 0 };
-  const h = new OperatorHarness(labelDerive, { feature_ttl: { response: "1d" } }, { stage: "label-derive", prefix: "feedback", storeNow: () => wall.t });
+  const h = new OperatorHarness(labelDerive, { ...NO_PROBATION, feature_ttl: { response: "1d" } }, { stage: "label-derive", prefix: "feedback", storeNow: () => wall.t });
   await h.push(0, [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 50, "r2", { dwell_ms: 45_000 }), on("copy_paste", 60, "r2", { span_length: 250 })]);
   const r2 = await readFeatures(h.state, "feedback", "response", "r2");
   assert.equal(r2!.user, ALICE);
@@ -565,6 +577,220 @@ test("one state read per batch, and every commit group stays within one hash tag
 });
 
 // ---------------------------------------------------------------------------------------------
+// Probation: labels wait until the user is settled as human; bot-score's flag drops them
+
+const PROBATION = (minEvents = 20): LabelDeriveConfig => ({ session_gap: "10m", probation: { enabled: true, min_events: minEvents } });
+/** Labels as a consumer compares them across runs: everything but emitted_at. */
+const content = (ls: Label[]) => ls.map(({ emitted_at: _e, ...rest }) => rest);
+
+test("probation: labels are held until the user's min_events-th event, then released with the ids, revisions and weights they would have had", async () => {
+  const envs = [
+    shown(0, "r1"),
+    on("copy_paste", 10, "r1", { span_length: 600 }),
+    on("copy_paste", 20, "r1", { span_length: 300 }),
+    shown(30, "r2", "q-2"),
+    on("accept", 60, "r2", {}, { qid: "q-2" }),
+    on("share", 90, "r2", {}, { qid: "q-2" }),
+  ];
+  const free = harness({ session_gap: "10m" });
+  await free.push(0, structuredClone(envs));
+  const expected = labels(free);
+  assert.deepEqual(expected.map((l) => [l.rule, l.revision]), [["copy", 0], ["copy", 1], ["accept", 0], ["share", 0]]);
+
+  const h = harness(PROBATION(5));
+  await h.push(0, structuredClone(envs.slice(0, 4)));
+  assert.deepEqual(labels(h), [], "nothing before the 5th event");
+  assert.equal(h.metric("labels_held"), 2);
+  const before = await readFeatures(h.state, "feedback", "response", "r1");
+  assert.equal(before!.fields.signal_count, 2, "event features are written at once");
+  assert.equal(before!.fields.pos_weight, undefined, "label weights wait for the release");
+
+  await h.push(0, structuredClone(envs.slice(4, 5)));
+  const released = labels(h);
+  assert.deepEqual(content(released), content(expected.slice(0, 3)), "the held revisions and the 5th event's own label, as they would have been");
+  // Released by the 5th input: dated by its stream time (the harness stores inputs at their event time).
+  assert.deepEqual(released.map((l) => l.emitted_at), Array(3).fill(envs[4]!.event.timestamp));
+  assert.deepEqual(await readFeatures(h.state, "feedback", "response", "r1"), await readFeatures(free.state, "feedback", "response", "r1"));
+
+  // Settled: the next label goes out at once.
+  await h.push(0, structuredClone(envs.slice(5)));
+  assert.deepEqual(content(labels(h)), content(expected));
+  assert.equal(labels(h)[3]!.emitted_at, expected[3]!.emitted_at);
+  assert.equal(h.metric("label_users_settled"), 1);
+});
+
+test("probation: a human with 3 events gets labels when the watermark closes the session, dated by the input that moved it past, whatever the batches", async () => {
+  const alice = [shown(0, "r1"), on("accept", 25, "r1"), on("share", 40, "r1")];
+  // Bob moves the watermark past Alice's end + gap (40 s + 10 min); Alice comes back in a new session.
+  const rest = [shown(641, "b1", "qb", { user: BOB, session: "s-b" }), on("accept", 700, "b1", {}, { user: BOB, qid: "qb", session: "s-b" }), shown(720, "r9", "q-9", { session: "s-2" })];
+  const free = harness({ session_gap: "10m" });
+  await free.push(0, structuredClone(alice));
+  const expected = labels(free);
+  assert.ok(expected.length >= 2, JSON.stringify(expected.map((l) => l.rule)));
+
+  const results: Label[][] = [];
+  for (const [batchSize, watermarkAfterCommits] of [[1, false], [2, false], [3, false], [6, false], [2, true]] as const) {
+    const h = harness(PROBATION(), { watermarkAfterCommits });
+    await h.push(0, structuredClone(alice), { batchSize });
+    assert.deepEqual(labels(h), [], `batch ${batchSize}: held while the session is open`);
+    await h.push(0, structuredClone(rest), { batchSize });
+    const ls = labels(h).filter((l) => l.user === ALICE && l.kind !== "session");
+    assert.deepEqual(content(ls), content(expected), `batch ${batchSize}: the labels the session would have had`);
+    assert.ok(ls.every((l) => l.emitted_at === rest[0]!.event.timestamp), `batch ${batchSize}: emitted_at ${ls.map((l) => l.emitted_at)}`);
+    results.push(labels(h));
+  }
+  for (const r of results.slice(1)) assert.deepEqual(r, results[0]);
+  // Session labels decided at the close carry the same date.
+  assert.ok(results[0]!.some((l) => l.kind === "session" && l.user === ALICE && l.emitted_at === rest[0]!.event.timestamp));
+
+  // An idle advance (no input moved the watermark): dated by the session's last input.
+  const idle = harness(PROBATION());
+  await idle.push(0, structuredClone(alice));
+  await idle.advanceWatermark(0, T0 + 3600 * SEC);
+  assert.deepEqual(content(labels(idle).filter((l) => l.kind !== "session")), content(expected));
+  assert.ok(labels(idle).every((l) => l.emitted_at === alice[2]!.event.timestamp));
+});
+
+test("probation: bot-score's flag drops the held labels; the user stays a bot (no labels, no label weights, bot_band bot)", async () => {
+  const envs = [
+    shown(0, "r1"),
+    on("copy_paste", 10, "r1", { span_length: 600 }),
+    on("accept", 20, "r1"),
+    e("accept", 25, { rid: "r1", qid: "q-1", band: "bot" }),
+    // Much later, after bot-score forgot the user: human again as far as bot-score knows.
+    shown(4000, "r9", "q-9", { session: "s-9" }),
+    on("accept", 4030, "r9", {}, { qid: "q-9", session: "s-9" }),
+  ];
+  const h = harness(PROBATION());
+  await h.push(0, structuredClone(envs));
+  await h.advanceWatermark(0, T0 + 86_400 * SEC);
+  assert.deepEqual(labels(h), []);
+  assert.equal(h.metric("labels_dropped_bot"), 2);
+  assert.equal(h.metric("label_users_flagged"), 1);
+  const u = await readFeatures(h.state, "feedback", "user", ALICE);
+  assert.deepEqual([u!.fields.bot_band, u!.fields.bot_score, u!.fields.events], ["bot", 0.95, 5], "the marker is not an event of the user");
+  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight, undefined, rid);
+  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight, undefined);
+  // The marker is not passed on: `next` carries the cleaned events.
+  assert.deepEqual(h.outputs("next"), envs.filter((x) => !isBotMarker(x)));
+
+  // Without probation the early labels are out before the flag (nothing recalls them), but the flag still stops later ones.
+  const free = harness({ session_gap: "10m" });
+  await free.push(0, structuredClone(envs));
+  await free.advanceWatermark(0, T0 + 86_400 * SEC);
+  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id]).sort(), [["accept", "r1"], ["copy", "r1"]]);
+});
+
+test("probation: an ambivalent event does not settle the user; the next human event does", async () => {
+  const envs = [shown(0, "r1"), on("accept", 25, "r1"), on("dwell", 30, "r1", { dwell_ms: 30_000 }, { band: "ambivalent" }), on("share", 35, "r1")];
+  const h = harness(PROBATION(3));
+  await h.push(0, structuredClone(envs.slice(0, 3)));
+  assert.deepEqual(labels(h), [], "3 events, the 3rd ambivalent: still on probation");
+  await h.push(0, structuredClone(envs.slice(3)));
+  assert.deepEqual(labels(h).map((l) => [l.rule, l.emitted_at]), [["accept", envs[3]!.event.timestamp], ["share", envs[3]!.event.timestamp]]);
+});
+
+test("probation through the whole chain: a regular-timing script makes no label, a human with 3 events gets them at session close", async () => {
+  const t0 = Date.parse("2026-01-01T09:00:00Z");
+  const at = (ms: number) => new Date(t0 + ms).toISOString();
+  const lines: string[] = [];
+  const raw = (user: string, n: number, ms: number, type: EventType, extra: Record<string, unknown> = {}) =>
+    lines.push(JSON.stringify({ event_id: `${user}-${n}`, session_id: `${user}-s`, user_id: user, timestamp: at(ms), event_type: type, user_agent: "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36", ...extra }));
+  // The script: query, response, accept, … every 2 s sharp (bot-score's regularity flags it at its 20th event).
+  for (let i = 0; i < 45; i++) {
+    const k = Math.floor(i / 3);
+    const ids = { query_id: `bq${k}`, response_id: `br${k}` };
+    if (i % 3 === 0) raw("script", i, i * 2000, "query", { query_id: `bq${k}`, payload: { text: `question number ${k}` } });
+    else if (i % 3 === 1) raw("script", i, i * 2000, "response_shown", { ...ids, payload: { text_length: 800 } });
+    else raw("script", i, i * 2000, "accept", ids);
+  }
+  raw("human", 0, 5_000, "query", { query_id: "hq", payload: { text: "how do I reset my password" } });
+  raw("human", 1, 9_000, "response_shown", { query_id: "hq", response_id: "hr", payload: { text_length: 900 } });
+  raw("human", 2, 40_000, "accept", { query_id: "hq", response_id: "hr" });
+  const script = pseudonymize(DEV_PSEUDONYM_KEY, "script");
+  const human = pseudonymize(DEV_PSEUDONYM_KEY, "human");
+
+  const on_ = await runChain(lines, { partitions: 1 });
+  assert.ok(on_.botUsers.has(script) && !on_.botUsers.has(human), "bot-score flags the script, not the human");
+  assert.deepEqual(on_.labels.filter((l) => l.user === script), [], "no label from the script");
+  const mine = on_.labels.filter((l) => l.user === human);
+  assert.deepEqual(mine.filter((l) => l.kind === "response").map((l) => [l.rule, l.response_id]), [["accept", "hr"]]);
+  // Released when the watermark closed the human's session (at the end of input here), not at the accept.
+  assert.equal(on_.labelHarness.log.find((x) => x.input.envelope?.event.event_id === "human-2")!.outcome.emits.filter((x) => x.to.startsWith("labels.")).length, 0);
+
+  // The same traffic without probation: the script's first events did become labels.
+  const off = await runChain(lines, { partitions: 1, labelConfig: { probation: { enabled: false } } });
+  assert.ok(off.labels.filter((l) => l.user === script).length > 0);
+  assert.deepEqual(content(off.labels.filter((l) => l.user === human && l.kind === "response")), content(mine.filter((l) => l.kind === "response")));
+});
+
+/** One partition: Alice (3 events), Bob (6: settles at 5), Carol (4, then flagged, then more), Dave moving the watermark. */
+function mixed(): Envelope[] {
+  const A = { session: "s-a" };
+  const B = { user: BOB, session: "s-b" };
+  const carol = pseudonymize(DEV_PSEUDONYM_KEY, "carol");
+  const dave = pseudonymize(DEV_PSEUDONYM_KEY, "dave");
+  const C = { user: carol, session: "s-c" };
+  const D = (s: string) => ({ user: dave, session: s });
+  return [
+    shown(0, "a1", "qa", A),
+    shown(1, "b1", "qb", B),
+    on("copy_paste", 10, "a1", { span_length: 600 }, { ...A, qid: "qa" }),
+    shown(12, "c1", "qc", C),
+    on("regenerate", 15, "b1", {}, { ...B, qid: "qb" }),
+    shown(17, "b2", "qb", B),
+    on("accept", 20, "c1", {}, { ...C, qid: "qc" }),
+    on("accept", 30, "b2", {}, { ...B, qid: "qb" }),
+    on("copy_paste", 31, "c1", { span_length: 400 }, { ...C, qid: "qc" }),
+    on("share", 40, "a1", {}, { ...A, qid: "qa" }),
+    shown(45, "c2", "qc2", C),
+    e("query", 46, { user: carol, band: "bot" }),
+    on("dwell", 50, "b2", { dwell_ms: 40_000 }, { ...B, qid: "qb" }),
+    on("share", 60, "b2", {}, { ...B, qid: "qb" }),
+    shown(300, "d1", "qd", D("s-d")),
+    on("accept", 320, "b2", {}, { ...B, qid: "qb" }),
+    shown(700, "d2", "qd2", D("s-d")),
+    on("accept", 800, "c2", {}, { ...C, qid: "qc2" }),
+    shown(1500, "d3", "qd3", D("s-d2")),
+    on("accept", 1510, "d3", {}, { ...D("s-d2"), qid: "qd3" }),
+  ];
+}
+
+test("probation is deterministic: batch sizes, onWatermark before or after the commits, and crashes at every point give the same labels (emitted_at included) and state", async () => {
+  const envs = mixed();
+  const config = PROBATION(5);
+  const base = await runAll(structuredClone(envs), { batchSize: 1, config });
+  const users = new Set(base.ls.map((l) => l.user));
+  assert.ok(users.has(ALICE) && users.has(BOB), "Alice (at the close) and Bob (settled) get labels");
+  assert.ok(!users.has(pseudonymize(DEV_PSEUDONYM_KEY, "carol")), "Carol, flagged, gets none");
+  assert.ok(base.h.metric("labels_dropped_bot") > 0 && base.h.metric("label_users_settled") > 0);
+  const runs = [
+    await runAll(structuredClone(envs), { batchSize: 2, config }),
+    await runAll(structuredClone(envs), { batchSize: 3, config }),
+    await runAll(structuredClone(envs), { batchSize: 7, config }),
+    await runAll(structuredClone(envs), { batchSize: 100, config }),
+    await runAll(structuredClone(envs), { batchSize: 3, config, watermarkAfterCommits: true }),
+    ...(await Promise.all((["before_commits", "mid_commits", "after_commits"] as const).map((at) => runAll(structuredClone(envs), { batchSize: 4, config, crashes: 3, crashAt: at })))),
+  ];
+  for (const [i, r] of runs.entries()) {
+    assert.deepEqual([...r.emits.keys()].sort(), [...base.emits.keys()].sort(), `run ${i}: label ids`);
+    for (const [k, v] of base.emits) assert.deepEqual(r.emits.get(k), v, `run ${i}: ${k}`);
+    assert.deepEqual(r.state, base.state, `run ${i}: state and features`);
+  }
+});
+
+test("lint: probation.min_events below bot-score's regularity.min_events is flagged", () => {
+  const view = (regularity: Record<string, unknown> | undefined) => ({ stages: [{ name: "bot-score", operator: "bot-score", config: regularity ? { regularity } : {} }, { name: "label-derive", operator: "label-derive", config: {} }], index: 1 });
+  const issues = labelDerive.lint!({ probation: { min_events: 10 } }, view(undefined));
+  assert.deepEqual(issues.map((i) => i.path), [["probation", "min_events"]]);
+  assert.match(issues[0]!.message, /probation\.min_events \(10\) is below bot-score's regularity\.min_events \(20\)/);
+  assert.deepEqual(labelDerive.lint!({ probation: { min_events: 10 } }, view({ min_events: 10 })), []);
+  assert.deepEqual(labelDerive.lint!({ probation: { min_events: 10 } }, view({ enabled: false })), []);
+  assert.deepEqual(labelDerive.lint!({ probation: { enabled: false, min_events: 10 } }, view(undefined)), []);
+  assert.deepEqual(labelDerive.lint!({}, view(undefined)), [], "the defaults agree");
+});
+
+// ---------------------------------------------------------------------------------------------
 // Determinism, redelivery, crashes — on realistic traffic from the simulator
 
 let simInputs: Envelope[] | undefined;
@@ -589,8 +815,8 @@ async function dump(st: MemoryStateStore): Promise<Record<string, unknown>> {
   return out;
 }
 
-async function runAll(envs: Envelope[], opts: { batchSize: number; crashes?: number; crashAt?: CrashPoint; watermarkAfterCommits?: boolean }) {
-  const h = harness({}, { partitions: 2, watermarkAfterCommits: opts.watermarkAfterCommits ?? false });
+async function runAll(envs: Envelope[], opts: { batchSize: number; crashes?: number; crashAt?: CrashPoint; watermarkAfterCommits?: boolean; config?: LabelDeriveConfig }) {
+  const h = harness(opts.config ?? { probation: { enabled: true } }, { partitions: 2, watermarkAfterCommits: opts.watermarkAfterCommits ?? false });
   for (let p = 0; p < 2; p++) {
     const mine = envs.filter((x) => x.partition === p);
     let pos = 0;
@@ -612,6 +838,9 @@ test("determinism: the same inputs in different batch sizes give identical label
   const envs = await simulatedInputs();
   const one = await runAll(envs, { batchSize: 1 });
   assert.ok(one.ls.length > 100, `enough labels to compare (${one.ls.length})`);
+  // The traffic exercises probation: bot-score's flag markers, labels released and labels dropped.
+  assert.ok(envs.some(isBotMarker), "flag markers in the input");
+  assert.ok(one.h.metric("labels_released") > 0 && one.h.metric("labels_dropped_bot") > 0, `released ${one.h.metric("labels_released")}, dropped ${one.h.metric("labels_dropped_bot")}`);
   for (const batchSize of [7, 500]) {
     const other = await runAll(envs, { batchSize });
     assert.deepEqual([...other.emits.keys()].sort(), [...one.emits.keys()].sort(), `batch size ${batchSize}: label ids`);

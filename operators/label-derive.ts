@@ -13,6 +13,7 @@ import { baselineView, emptySums, observe, type BaselineSums, type BaselineView 
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
 import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
 import { loadRulesFile, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
+import { isBotMarker } from "./bot-score.js";
 
 /*
  * label-derive: turns the signals of human users into weak labels with the rules of a YAML file
@@ -47,6 +48,17 @@ export interface LabelDeriveConfig {
   response_memory?: string;
   /** Responses remembered per user (the least recently touched is forgotten first). @default 500 */
   max_responses?: number;
+  /**
+   * Labels of a user are held until the user is settled as human: after `min_events` events, or
+   * when the watermark closes the session they belong to, without bot-score having flagged the
+   * user in the meantime (a flag drops them).
+   */
+  probation?: {
+    /** @default true */
+    enabled?: boolean;
+    /** Events of a user (seen by this stage) after which the user is settled. @default 20 */
+    min_events?: number;
+  };
 }
 
 export const DEFAULT_RULES_FILE = "config/label-rules.yaml";
@@ -93,6 +105,29 @@ export const labelDeriveSchema: JSONSchemaType<LabelDeriveConfig> = {
       examples: ["24h"],
     },
     max_responses: { type: "integer", nullable: true, minimum: 10, default: 500, description: "Responses remembered per user; the least recently touched is forgotten first.", examples: [500] },
+    probation: {
+      type: "object",
+      nullable: true,
+      additionalProperties: false,
+      default: {},
+      description:
+        "bot-score needs evidence before it flags a user (a regular-timing script shows only after regularity.min_events events), so a " +
+        "user's labels are held in its state until the user is settled as human: after min_events events of the user, or when the " +
+        "watermark closes the session a label belongs to (its last event + session_gap), whichever comes first. When bot-score flags " +
+        "the user before that, the held labels are dropped and the user makes no labels for as long as its state lives. The label-derived " +
+        "feature weights (pos_weight, neg_weight, their *_nobase twins) count a label only once it is released.",
+      properties: {
+        enabled: { type: "boolean", nullable: true, default: true, description: "Hold labels until the user is settled (false: emit at once; a later flag can then not recall them)." },
+        min_events: {
+          type: "integer",
+          nullable: true,
+          minimum: 1,
+          default: 20,
+          description: "Events of a user after which it is settled and its labels flow at once: at least bot-score's regularity.min_events, so a regular-timing script is flagged first.",
+          examples: [20],
+        },
+      },
+    },
   },
 };
 
@@ -103,6 +138,7 @@ export interface CompiledLabelDerive {
   ttl: { userMs: number; responseMs: number; sessionMs: number };
   responseMemoryMs: number;
   maxResponses: number;
+  probation: { enabled: boolean; minEvents: number };
 }
 
 /** Applies defaults, parses durations and resolves the rules file; throws ConfigError naming the field. */
@@ -119,6 +155,7 @@ export function compileLabelDerive(config: LabelDeriveConfig = {}): CompiledLabe
     },
     responseMemoryMs: parseDuration(config.response_memory ?? "24h", "response_memory"),
     maxResponses: config.max_responses ?? 500,
+    probation: { enabled: config.probation?.enabled ?? true, minEvents: config.probation?.min_events ?? 20 },
   };
 }
 
@@ -154,6 +191,16 @@ function lintLabelDerive(config: LabelDeriveConfig, view: PipelineView): LintIss
   if (c.responseMemoryMs < c.gapMs) {
     issues.push({ path: ["response_memory"], message: `response_memory (${formatDuration(c.responseMemoryMs)}) is shorter than session_gap`, hint: "a response would be forgotten before its session is decided" });
   }
+  const bots = view.stages.find((st) => st.operator === "bot-score");
+  const regularity = bots?.config.regularity as { enabled?: unknown; min_events?: unknown } | undefined;
+  const regularityMin = bots && regularity?.enabled !== false ? (typeof regularity?.min_events === "number" ? regularity.min_events : 20) : undefined;
+  if (c.probation.enabled && regularityMin !== undefined && c.probation.minEvents < regularityMin) {
+    issues.push({
+      path: ["probation", "min_events"],
+      message: `probation.min_events (${c.probation.minEvents}) is below bot-score's regularity.min_events (${regularityMin})`,
+      hint: "a regular-timing script is flagged only at its regularity.min_events-th event: labels released before then may come from bots",
+    });
+  }
   if (c.ttl.userMs < c.responseMemoryMs) {
     issues.push({ path: ["feature_ttl", "user"], message: `feature_ttl.user (${formatDuration(c.ttl.userMs)}) is shorter than response_memory`, hint: "the user's state (which holds the remembered responses) would expire first" });
   }
@@ -177,13 +224,18 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
     "explicit_feedback is never a label input: it only feeds the explicit_up / explicit_down features. emitted_at is the stream " +
     "time of the input that decided the label (the time it was stored), so a replay re-emits byte-identical labels. Events pass on " +
     "unchanged to `next` (the pipeline's cleaned events). Session labels use the provisional session ids of sessionize: sessions " +
-    "sessionize merges later stay two sessions here.",
+    "sessionize merges later stay two sessions here. Probation: a user's labels are held in its state until the user is settled as " +
+    "human (probation.min_events events, or the watermark closing the label's session) and dropped if bot-score's flag marker " +
+    "(attrs.bot.band = \"bot\") arrives first; a flagged user makes no labels for as long as its state lives and its features say " +
+    "bot_band = bot. Held labels keep the ids and revisions they would have had; a label released at a session's close (like every " +
+    "label decided there) takes as emitted_at the stream time of the input after which the watermark passed the session's end + " +
+    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on.",
   keyed: true,
   schema: labelDeriveSchema as unknown as Record<string, unknown>,
   state: [
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
-      holds: "JSON: per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels)",
+      holds: "JSON: per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels); probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
       ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps",
     },
     { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "feature_ttl.user" },
@@ -196,6 +248,7 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
   outputs: ["labels.response", "labels.preference", "labels.session"],
   examples: [
     { title: "Default rules, 30-minute sessions", config: {} },
+    { title: "Longer probation (a bot-score with regularity.min_events 30)", config: { probation: { enabled: true, min_events: 30 } } },
     {
       title: "Shorter feature retention, longer response memory",
       config: { rules_file: DEFAULT_RULES_FILE, session_gap: "30m", feature_ttl: { user: "14d", response: "3d", session: "3d" }, response_memory: "48h", max_responses: 1000 },
@@ -283,12 +336,31 @@ interface Sess {
   lastClick?: string;
 }
 
+/**
+ * Something held while the user is on probation, with the session it belongs to: a label (its
+ * emitted_at is set when it is released) or a change of a response's summed label weights
+ * ([response_id, which sum, by]; see addWeight).
+ */
+interface Held {
+  s: string;
+  l?: Label;
+  w?: [string, 0 | 1 | 2 | 3, number];
+}
+
 interface UserState {
   /** Newest event time seen. */
   at: number;
   b: BaselineSums;
   resp: Map<string, Resp>;
   sess: Map<string, Sess>;
+  /** Events seen (bot-score's flag marker excluded): probation ends at probation.min_events. */
+  n: number;
+  /** Settled as human: labels are emitted at once. */
+  ok: boolean;
+  /** Flagged by bot-score (sticky while the state lives): no labels, held ones dropped. */
+  bot?: { since: number; score: number };
+  /** Held labels and weight changes, in the order they were made. */
+  held: Held[];
 }
 
 interface StoredResp extends Omit<Resp, "labels"> {
@@ -303,10 +375,15 @@ interface StoredState {
   b: BaselineSums;
   resp: StoredResp[];
   sess: StoredSess[];
+  /** Probation (absent in states written before it existed: such a user starts on probation). */
+  n?: number;
+  ok?: boolean;
+  bot?: UserState["bot"];
+  held?: Held[];
 }
 
 function emptyState(): UserState {
-  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map() };
+  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [] };
 }
 
 /** Serializes a user's state (Maps as entry lists; -Infinity as null through JSON). */
@@ -317,7 +394,11 @@ function encodeLabelState(s: UserState): string {
     b: s.b,
     resp: [...s.resp.values()].map((r) => ({ ...r, labels: [...r.labels] })),
     sess: [...s.sess.values()].map((x) => ({ ...x, labels: [...x.labels] })),
+    n: s.n,
   };
+  if (s.ok) stored.ok = true;
+  if (s.bot) stored.bot = s.bot;
+  if (s.held.length) stored.held = s.held;
   return JSON.stringify(stored);
 }
 
@@ -332,6 +413,10 @@ function decodeLabelState(raw: string): UserState {
     b,
     resp: new Map(st.resp.map((r) => [r.id, { ...r, labels: new Map(r.labels) }])),
     sess: new Map(st.sess.map((x) => [x.id, { ...x, labels: new Map(x.labels) }])),
+    n: typeof st.n === "number" ? st.n : 0,
+    ok: st.ok === true,
+    ...(st.bot ? { bot: st.bot } : {}),
+    held: Array.isArray(st.held) ? st.held : [],
   };
 }
 
@@ -427,6 +512,13 @@ class LabelDeriver implements Processor {
    * interleave; replaced by the partition's next batch (by then the earlier one is committed).
    */
   private readonly pending = new Map<number, Map<string, Slot>>();
+  /**
+   * Per partition, its inputs of the current round in stream order: [watermark before the input,
+   * stream time]. The watermark after input k is the one before input k + 1 (after the last: the
+   * round's onWatermark), so a session's close can be dated by the input after which the
+   * watermark passed it, whatever the batch boundaries (see closeAt).
+   */
+  private readonly rounds = new Map<number, [number | undefined, number][]>();
   /** A user exactly at the population priors: what the *_nobase features assume of everyone. */
   private readonly population: BaselineView;
 
@@ -497,11 +589,21 @@ class LabelDeriver implements Processor {
       });
     });
 
+    // A new round for every partition of the batch (an empty batch, an idle round, ends them all).
+    if (batch.length === 0) this.rounds.clear();
+    batch.forEach((input, i) => {
+      const env = envs[i];
+      if (env) this.rounds.set(input.partition ?? env.partition, []);
+    });
     batch.forEach((input, i) => {
       const env = envs[i];
       if (!env) return;
       const slot = slots.get(env.event.user)!;
       slot.partition = input.partition ?? env.partition;
+      // Applied or not, the input is part of the partition's stream order.
+      const round = this.rounds.get(slot.partition)!;
+      round.push([input.watermark_ms, input.stream_time_ms]);
+      const seen = round.length;
       if (input.seq <= slot.applied) {
         outcomes[i] = { emits: [], dropped: "already_applied" };
         return;
@@ -511,7 +613,13 @@ class LabelDeriver implements Processor {
       slot.dirty = true;
       const emits: Emit[] = [];
       // Decide what this input's watermark has passed first, so labels do not depend on batch boundaries.
-      if (input.watermark_ms !== undefined) this.closeDue(slot, input.watermark_ms, emits);
+      if (input.watermark_ms !== undefined) this.closeDue(slot, input.watermark_ms, emits, (t) => closeAt(round, seen, t, undefined));
+      if (isBotMarker(env)) {
+        // bot-score's flag: acted on here, not passed on (`next` carries the cleaned events).
+        this.flag(slot, env);
+        outcomes[i] = { emits };
+        return;
+      }
       this.apply(slot, env, input, emits);
       emits.push({ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env });
       outcomes[i] = { emits };
@@ -537,6 +645,9 @@ class LabelDeriver implements Processor {
   async onWatermark(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }> {
     const emits: Emit[] = [];
     const commits: CommitGroup[] = [];
+    // The round ends here: a later onWatermark without a batch (an idle advance) has no input to date it by.
+    const round = this.rounds.get(partition) ?? [];
+    this.rounds.delete(partition);
     const due = new Set((await this.ctx.state.zrangeByScore(this.timersKey(partition), -Number.MAX_SAFE_INTEGER, watermarkMs)).map((d) => d.member));
     const pending = this.pending.get(partition) ?? new Map<string, Slot>();
     for (const [user, slot] of pending) {
@@ -553,7 +664,7 @@ class LabelDeriver implements Processor {
       if (!slot) {
         slot = { user, state: this.parse(user, stored.get(user) ?? null), applied: 0, partition, last: -1, features: new FeatureDelta(), dirty: false };
       }
-      this.closeDue(slot, watermarkMs, emits);
+      this.closeDue(slot, watermarkMs, emits, (t) => closeAt(round, round.length, t, watermarkMs));
       commits.push(...this.commitsFor(slot, false));
       slot.features = new FeatureDelta();
       slot.dirty = false;
@@ -636,10 +747,12 @@ class LabelDeriver implements Processor {
     const f = slot.features;
     const ttl = this.c.ttl;
     const bot = env.attrs.bot as { score?: unknown; band?: unknown } | undefined;
-    const band = typeof bot?.band === "string" ? bot.band : "unknown";
+    // A user bot-score flagged stays a bot here for as long as this state lives, whatever later events say.
+    const band = s.bot ? "bot" : typeof bot?.band === "string" ? bot.band : "unknown";
     const human = band === "human";
     if (!human) this.ctx.metrics.count("label_inputs_unlabelled", 1, { band });
     s.at = Math.max(s.at, ev.ts);
+    s.n++;
 
     const sess = this.sessionOf(slot, env, input);
     sess.start = Math.min(sess.start, ev.ts);
@@ -659,7 +772,8 @@ class LabelDeriver implements Processor {
     f.add(sk, ttl.sessionMs, "events", 1);
     f.put(sk, ttl.sessionMs, { start: sess.start, end: sess.end, duration_ms: sess.end - sess.start });
     const userSet: Record<string, string | number> = { bot_band: band, last_event_time: s.at };
-    if (typeof bot?.score === "number") userSet.bot_score = bot.score;
+    if (s.bot) userSet.bot_score = s.bot.score;
+    else if (typeof bot?.score === "number") userSet.bot_score = bot.score;
 
     const view = baselineView(s.b, this.rules.baselines);
     const hl = this.rules.baselines.halfLifeMs;
@@ -780,6 +894,14 @@ class LabelDeriver implements Processor {
       this.fireAll(slot, signal, fields, nbFields, r, deciding, view, emits);
     }
 
+    // Settled as human: what was held goes out, dated by this input; later labels go out at once.
+    const prob = this.c.probation;
+    if (prob.enabled && human && !s.ok && s.n >= prob.minEvents) {
+      s.ok = true;
+      this.ctx.metrics.count("label_users_settled", 1);
+      this.release(slot, undefined, input.stream_time_ms, emits);
+    }
+
     const after = baselineView(s.b, this.rules.baselines);
     f.put(uk, ttl.userMs, {
       ...userSet,
@@ -793,8 +915,70 @@ class LabelDeriver implements Processor {
       baseline_regenerate: round(after.factors.regenerate),
       baseline_copy: round(after.factors.copy),
     });
-    f.put(sk, ttl.sessionMs, { pos_weight: round(sess.pos), neg_weight: round(sess.neg) });
+    // On probation the session's weights are written when its labels are released; a bot's never.
+    if (!this.holding(s) && !s.bot) this.putSessionWeights(slot, sess);
     this.prune(s);
+  }
+
+  /** On probation: labels and their feature weights are held (see release). */
+  private holding(s: UserState): boolean {
+    return this.c.probation.enabled && !s.ok && s.bot === undefined;
+  }
+
+  /**
+   * bot-score flagged the user: the held labels and weights are dropped, the user's sessions make
+   * no session labels, and no later event of the user makes a label while this state lives.
+   */
+  private flag(slot: Slot, env: Envelope): void {
+    const s = slot.state;
+    const score = num((env.attrs.bot as { score?: unknown }).score) ?? 1;
+    if (!s.bot) {
+      s.bot = { since: env.event.ts, score };
+      this.ctx.metrics.count("label_users_flagged", 1);
+    }
+    const dropped = s.held.filter((h) => h.l !== undefined).length;
+    if (dropped) this.ctx.metrics.count("labels_dropped_bot", dropped);
+    s.held = [];
+    for (const x of s.sess.values()) x.amb = true;
+    slot.features.put(userFeaturesKey(this.ctx.prefix, slot.user), this.c.ttl.userMs, { bot_band: "bot", bot_score: s.bot.score });
+    slot.dirty = true;
+  }
+
+  /**
+   * Emits what is held for one session (or, with `sid` undefined, for all), in the order it was
+   * made, with `st` as emitted_at, and writes the feature weights it carries.
+   */
+  private release(slot: Slot, sid: string | undefined, st: number, emits: Emit[]): void {
+    const s = slot.state;
+    if (s.held.length === 0) return;
+    const keep: Held[] = [];
+    const sessions = new Set<string>();
+    for (const h of s.held) {
+      if (sid !== undefined && h.s !== sid) {
+        keep.push(h);
+        continue;
+      }
+      sessions.add(h.s);
+      if (h.l) {
+        this.ctx.metrics.count("labels_released", 1, { kind: h.l.kind });
+        this.publish({ ...h.l, emitted_at: iso(st) }, emits);
+      }
+      if (h.w) {
+        // A response forgotten meanwhile (response_memory) has no sums left to add to.
+        const r = s.resp.get(h.w[0]);
+        if (r) this.writeWeight(slot, r, h.w[1], h.w[2]);
+      }
+    }
+    s.held = keep;
+    slot.dirty = true;
+    for (const id of sessions) {
+      const x = s.sess.get(id);
+      if (x) this.putSessionWeights(slot, x);
+    }
+  }
+
+  private putSessionWeights(slot: Slot, x: Sess): void {
+    slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), this.c.ttl.sessionMs, { pos_weight: round(x.pos), neg_weight: round(x.neg) });
   }
 
   /** A single response shown after a regenerate of another for the same query replaced it. */
@@ -917,7 +1101,7 @@ class LabelDeriver implements Processor {
     rec[1] = w;
     rec[2].push(d.eid);
     if (rec[2].length > MAX_SIGNALS) rec[2].shift();
-    this.addWeight(slot, r, rule.label === "positive" ? 2 : 3, w - before);
+    this.addWeight(slot, r, rule.label === "positive" ? 2 : 3, w - before, d.sid);
   }
 
   /**
@@ -925,7 +1109,13 @@ class LabelDeriver implements Processor {
    * same label updates in the same order give the same numbers whatever the batch boundaries
    * (increments in Redis would round differently).
    */
-  private addWeight(slot: Slot, r: Resp, which: 0 | 1 | 2 | 3, by: number): void {
+  private addWeight(slot: Slot, r: Resp, which: 0 | 1 | 2 | 3, by: number, sid: string): void {
+    // On probation the features count a label only once it is released: the change waits with it.
+    if (this.holding(slot.state)) slot.state.held.push({ s: sid, w: [r.id, which, by] });
+    else this.writeWeight(slot, r, which, by);
+  }
+
+  private writeWeight(slot: Slot, r: Resp, which: 0 | 1 | 2 | 3, by: number): void {
     const tot = (r.tot ??= [0, 0, 0, 0]);
     tot[which] = round(tot[which] + by);
     slot.features.put(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), this.c.ttl.responseMs, {
@@ -970,7 +1160,7 @@ class LabelDeriver implements Processor {
     if (!rec) return;
     const dw = rec.w - (prev?.w ?? 0);
     const positive = rule.label === "positive";
-    this.addWeight(slot, r, positive ? 0 : 1, dw);
+    this.addWeight(slot, r, positive ? 0 : 1, dw, d.sid);
     const sess = slot.state.sess.get(d.sid);
     if (sess) {
       if (positive) sess.pos = round(sess.pos + dw);
@@ -998,7 +1188,7 @@ class LabelDeriver implements Processor {
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
     };
-    this.emit(label, emits);
+    this.emit(slot, label, emits);
   }
 
   private preferenceLabel(slot: Slot, chosen: Resp, rejected: Resp, firing: Firing, d: Deciding, emits: Emit[]): void {
@@ -1029,10 +1219,22 @@ class LabelDeriver implements Processor {
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
     };
-    this.emit(label, emits);
+    this.emit(slot, label, emits);
   }
 
-  private emit(label: Label, emits: Emit[]): void {
+  /** Emits a label, or holds it while the user is on probation; a flagged user's labels go nowhere. */
+  private emit(slot: Slot, label: Label, emits: Emit[]): void {
+    const s = slot.state;
+    if (s.bot) return;
+    if (this.holding(s)) {
+      s.held.push({ s: label.session_id, l: label });
+      this.ctx.metrics.count("labels_held", 1, { kind: label.kind });
+      return;
+    }
+    this.publish(label, emits);
+  }
+
+  private publish(label: Label, emits: Emit[]): void {
     this.ctx.metrics.count("labels", 1, { kind: label.kind, rule: label.rule });
     emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value: label });
   }
@@ -1040,15 +1242,24 @@ class LabelDeriver implements Processor {
   // -------------------------------------------------------------------------------------------
   // Sessions
 
-  /** Decides every open session of the user that the watermark has passed (last event + gap < wm). */
-  private closeDue(slot: Slot, wm: number, emits: Emit[]): void {
+  /**
+   * Decides every open session of the user that the watermark has passed (last event + gap < wm),
+   * and releases what probation held for it. `dated` gives the stream time of the input after
+   * which the watermark passed a deadline (undefined when no input of this round did: an idle
+   * advance); labels decided or released at the close take it as emitted_at.
+   */
+  private closeDue(slot: Slot, wm: number, emits: Emit[], dated: (deadline: number) => number | undefined): void {
     const s = slot.state;
     for (const x of s.sess.values()) {
       if (x.closed || wm <= x.end + this.c.gapMs) continue;
       x.closed = true;
       slot.dirty = true;
       this.ctx.metrics.count("label_sessions_decided", 1);
-      if (!x.amb) this.decideSession(slot, x, emits);
+      const st = dated(x.end + this.c.gapMs) ?? x.st;
+      if (!x.amb && !s.bot) this.decideSession(slot, x, st, emits);
+      // No flag came before the session closed: what it held is settled.
+      this.release(slot, x.id, st, emits);
+      if (!s.bot) this.putSessionWeights(slot, x);
     }
     // Closed sessions are kept for one more gap so a late event (within sessionize's allowed lateness) revises them.
     for (const [id, x] of s.sess) {
@@ -1059,20 +1270,19 @@ class LabelDeriver implements Processor {
     }
   }
 
-  private decideSession(slot: Slot, x: Sess, emits: Emit[]): void {
+  private decideSession(slot: Slot, x: Sess, st: number, emits: Emit[]): void {
     const view = baselineView(slot.state.b, this.rules.baselines);
     // The last click of the session (Yandex's grading: the last action of a session is a satisfied click).
     if (x.click) {
       const [eid, ts, rid] = x.click;
       // A late click changed which click was last: the earlier last-click labels no longer hold.
-      if (x.lastClick !== undefined && x.lastClick !== rid) this.retractLastClick(slot, x, emits);
+      if (x.lastClick !== undefined && x.lastClick !== rid) this.retractLastClick(slot, x, st, emits);
       const r = slot.state.resp.get(rid);
       if (r) {
-        const d: Deciding = { eid, type: "click", ts, st: x.st, sid: x.id };
+        const d: Deciding = { eid, type: "click", ts, st, sid: x.id };
         this.fireAll(slot, "last_click", this.respFields(r, ts, view), this.respFields(r, ts, this.population), r, d, view, emits);
         x.lastClick = rid;
       }
-      slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), this.c.ttl.sessionMs, { pos_weight: round(x.pos), neg_weight: round(x.neg) });
     }
     const fields: Record<string, FieldValue | undefined> = {
       pos_weight: round(x.pos),
@@ -1104,9 +1314,9 @@ class LabelDeriver implements Processor {
         rule_version: rule.version,
         signals: signalsOf(rec.sig),
         event_time: iso(x.end),
-        emitted_at: iso(x.st),
+        emitted_at: iso(st),
       };
-      this.emit(label, emits);
+      this.emit(slot, label, emits);
     };
     for (const firing of firings) {
       const prev = x.labels.get(firing.rule.name);
@@ -1127,7 +1337,7 @@ class LabelDeriver implements Processor {
   }
 
   /** Re-emits the last_click labels of the session's previous last click with weight 0. */
-  private retractLastClick(slot: Slot, x: Sess, emits: Emit[]): void {
+  private retractLastClick(slot: Slot, x: Sess, st: number, emits: Emit[]): void {
     const r = slot.state.resp.get(x.lastClick!);
     x.lastClick = undefined;
     if (!r || r.q === undefined) return;
@@ -1137,16 +1347,17 @@ class LabelDeriver implements Processor {
       const rec: LabelRec = { ...prev, rev: prev.rev + 1, w: 0 };
       r.labels.set(rule.name, rec);
       const positive = rule.label === "positive";
-      this.addWeight(slot, r, positive ? 0 : 1, -prev.w);
+      this.addWeight(slot, r, positive ? 0 : 1, -prev.w, x.id);
       const nb = r.nb?.find((x) => x[0] === rule.name);
       if (nb) {
-        this.addWeight(slot, r, positive ? 2 : 3, -nb[1]);
+        this.addWeight(slot, r, positive ? 2 : 3, -nb[1], x.id);
         nb[1] = 0;
       }
       if (positive) x.pos = round(x.pos - prev.w);
       else x.neg = round(x.neg - prev.w);
       const last = prev.sig[prev.sig.length - 1]!;
       this.emit(
+        slot,
         {
           schema_version: 1,
           label_id: rec.id,
@@ -1163,7 +1374,7 @@ class LabelDeriver implements Processor {
           rule_version: rule.version,
           signals: signalsOf(rec.sig),
           event_time: iso(last[2]),
-          emitted_at: iso(x.st),
+          emitted_at: iso(st),
         },
         emits,
       );
@@ -1181,6 +1392,21 @@ class LabelDeriver implements Processor {
       for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);
     }
   }
+}
+
+/**
+ * The stream time of the input after which the watermark passed `deadline`, among the first
+ * `seen` inputs of a partition's round (`finalWm`: the watermark after the last of them, when
+ * the round's onWatermark asks). Undefined when the watermark had passed it before the round, or
+ * no input of the round moved it there (an idle advance).
+ */
+function closeAt(round: readonly [number | undefined, number][], seen: number, deadline: number, finalWm: number | undefined): number | undefined {
+  if (seen === 0 || (round[0]![0] ?? -Infinity) > deadline) return undefined;
+  for (let k = 0; k < seen; k++) {
+    const after = k + 1 < seen ? round[k + 1]![0] : finalWm;
+    if (after !== undefined && after > deadline) return round[k]![1];
+  }
+  return undefined;
 }
 
 function signalsOf(sig: readonly [string, SignalEventType, number][]): LabelSignal[] {

@@ -292,3 +292,28 @@ test("lint: max_gap beyond the state TTL, new_topic as a clarification", () => {
   assert.deepEqual(reformulation.lint!({}, { stages, index: 1 }).map((i) => i.path.join(".")), ["state_ttl"]);
   assert.deepEqual(reformulation.lint!({ state_ttl: "20m" }, { stages, index: 1 }), []);
 });
+
+test("bot-score's flag marker is passed on unchanged and changes no state; the fence still covers it", async () => {
+  const flag = (e: TacitEvent): Envelope => envOf(e, { bot: { score: 0.95, band: "bot", indicators: [], flagged: true } });
+  const q1 = envOf(query(T0, "python tutorial", "q1"));
+  // A query marker (even one without text: the text check is for events this stage compares).
+  const m = flag(ev("query", T0 + 1_000, { query_id: "qm", payload: {} }));
+  const q2 = envOf(query(T0 + 2_000, "python tutorial for kids", "q2"));
+  const h = harness();
+  const out = await run(h, [q1, m, q2], 3);
+  assert.deepEqual(out[1]!.emits, [{ to: "next", id: `${STAGE}:${m.src.seq}`, value: m }]);
+  assert.equal(out[1]!.error, undefined);
+  assert.equal(noteOf(out[2]!).previous_query_id, "q1", "the marker is not the previous query");
+  assert.equal(noteOf(out[2]!).decision, "clarification");
+
+  // Committed, then redelivered: skipped.
+  const c = harness();
+  await c.push(0, [q1, m], { batchSize: 2, crash: { batch: 0, at: "after_commits" } });
+  await c.restart();
+  const again = await run(c, [q1, m], 2);
+  assert.deepEqual(again.map((o) => o.dropped), ["already_applied", "already_applied"]);
+  // A marker alone writes only the fence.
+  const lone = harness();
+  await run(lone, [flag(ev("accept", T0, { response_id: "r1" }))]);
+  assert.deepEqual(lone.state.keys(), [userKey("feedback", "u1", STAGE, "applied")]);
+});

@@ -5,6 +5,7 @@ import type { Envelope, TacitEvent } from "../src/core/event.js";
 import type { LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
 import { userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
 import { classifyReformulation, jaccard3, normalizedLevenshtein, REFORMULATION_KINDS, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
+import { isBotMarker } from "./bot-score.js";
 
 /*
  * reformulation: compares each query with the previous query of the same session and decides
@@ -165,7 +166,8 @@ export const reformulation: OperatorSpec<ReformulationConfig> = {
     "added, superstring) is a clarification; any other kind but new_topic, or a 3-gram Jaccard ≥ jaccard_min, or a " +
     "normalized Levenshtein ≤ levenshtein_max, is a reformulation (dissatisfaction with the previous response); the rest, " +
     "and anything after max_gap, is a new topic. The first query of a session is `none`. Other events pass through; " +
-    "response_shown events record the response a later reformulation refers to.",
+    "response_shown events record the response a later reformulation refers to. bot-score's flag marker (attrs.bot.band = " +
+    "\"bot\") is passed on unchanged and changes no state.",
   keyed: true,
   schema: reformulationSchema as unknown as Record<string, unknown>,
   state: [
@@ -305,7 +307,7 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Pr
           outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `reformulation needs an envelope with event.user and event.ts (seq ${input.seq})`) };
           return undefined;
         }
-        if (env.event.event_type === "query" && typeof env.event.payload?.text !== "string") {
+        if (env.event.event_type === "query" && typeof env.event.payload?.text !== "string" && !isBotMarker(env)) {
           outcomes[i] = { emits: [], error: new BadInputError("schema_violation", `query event ${env.event.event_id} has no payload.text (seq ${input.seq})`) };
           return undefined;
         }
@@ -336,6 +338,11 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Pr
         }
         slot.applied = input.seq;
         slot.last = i;
+        if (isBotMarker(env)) {
+          // bot-score's flag for label-derive: passed on as is, no query remembered from it.
+          outcomes[i] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value: env }] };
+          return;
+        }
         const note = apply(slot, env);
         if (note) ctx.metrics.count("reformulation_decision", 1, { decision: note.decision });
         const value: Envelope = note ? { ...env, attrs: { ...env.attrs, reformulation: note } } : env;

@@ -560,3 +560,49 @@ test("property: across random gaps, lateness and out-of-orderness, with redelive
     }
   }
 });
+
+/** bot-score's flag marker: the event that made the user a bot, annotated band "bot". */
+function marker(user: string, atMs: number): Envelope {
+  const m = ev(user, atMs, "accept");
+  m.attrs = { bot: { score: 0.95, band: "bot", indicators: [], flagged: true } };
+  return m;
+}
+
+test("bot-score's flag marker is passed on unchanged, joins no session and changes no session state", async () => {
+  const events = [ev("u1", 0, "query", { query_id: "q1" }), ev("u1", 1 * MIN), marker("u1", 2 * MIN), ev("u1", 3 * MIN)];
+  const h = harness({}, 0);
+  await h.push(0, structuredClone(events));
+  const out = nexts(h);
+  assert.deepEqual(out[2], events[2], "the marker as it came");
+  assert.deepEqual(h.emits("next")[2]!.id, `${STAGE}:${events[2]!.src.seq}`);
+  assert.deepEqual([0, 1, 3].map((i) => sessionOf(out[i]!).seq_in_session), [1, 2, 3]);
+  // The same events without the marker leave the same sessions behind.
+  const without = harness({}, 0);
+  await without.push(0, structuredClone(events.filter((_, i) => i !== 2)));
+  const key = userKey(PREFIX, "u1", STAGE, "sessions");
+  assert.deepEqual(await h.state.get([key]), await without.state.get([key]));
+  await h.advanceWatermark(0, FAR);
+  await without.advanceWatermark(0, FAR);
+  assert.deepEqual(summaries(h), summaries(without));
+  assert.equal(summaries(h)[0]!.event_count, 3);
+  // Far behind the watermark it is still passed on (it is no event of a session, so never late).
+  await h.push(0, [marker("u1", 0)]);
+  assert.equal(h.outputs("late").length, 0);
+  assert.equal(nexts(h).length, 5);
+});
+
+test("a flag marker counts toward the applied fence: redelivered after its commit, it is skipped", async () => {
+  const events = [ev("u1", 0), marker("u1", 1 * MIN)];
+  const h = harness({}, 0);
+  const r = await h.push(0, events, { batchSize: 2, crash: { batch: 0, at: "after_commits" } });
+  assert.equal(r.crashed, true);
+  await h.restart();
+  await h.push(0, events, { batchSize: 2 });
+  assert.deepEqual(h.log.slice(2).map((l) => l.outcome.dropped), ["already_applied", "already_applied"]);
+  assert.equal(nexts(h).length, 2);
+  // A marker of a user with no session leaves nothing behind.
+  const lone = harness({}, 0);
+  await lone.push(0, [marker("u9", 0)]);
+  assert.equal(nexts(lone).length, 1);
+  assert.deepEqual(lone.state.keys(), []);
+});

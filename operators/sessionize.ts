@@ -13,6 +13,7 @@ import type {
   StageInput,
 } from "../src/core/operator.js";
 import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+import { isBotMarker } from "./bot-score.js";
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -153,7 +154,8 @@ export const sessionize: OperatorSpec<SessionizeConfig> = {
     "them; the merged-away id is listed in `merged_from`. When the partition watermark passes a session's end + gap " +
     "its summary goes to <p>.sessions (revision 0); the session is kept for `allowed_lateness` more so late events " +
     "can revise it (revision 1, 2, …), then removed. Events later than that go to <p>.late with their lateness. " +
-    "Every other event is passed on with `attrs.session = {id, seq_in_session}`.",
+    "Every other event is passed on with `attrs.session = {id, seq_in_session}`. bot-score's flag marker (attrs.bot.band = \"bot\") " +
+    "is passed on unchanged and joins no session.",
   keyed: true,
   schema: sessionizeSchema as unknown as Record<string, unknown>,
   state: [
@@ -386,6 +388,11 @@ class Sessionizer implements Processor {
       w.lastIndex = i;
       w.lastWatermark = input.watermark_ms;
       w.lastTs = env.event.ts;
+      if (isBotMarker(env)) {
+        // bot-score's flag for label-derive: passed on as is; it belongs to no session.
+        outcomes[i] = { emits: [{ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env }] };
+        return;
+      }
       outcomes[i] = this.apply(w, input, env);
     });
 

@@ -79,7 +79,8 @@ test("label-derive's commits apply on Redis, twice applied once, and `tacit feat
     env: {},
     devMode: true,
   };
-  const proc = await labelDerive.create({}, ctx);
+  // Probation off: this test is about the feature layout and the CLI, not about when labels are released.
+  const proc = await labelDerive.create({ probation: { enabled: false } }, ctx);
   const batch = [input(1, "response_shown", 0, { text_length: 1000 }), input(2, "copy_paste", 30, { span_length: 500 }), input(3, "accept", 40)];
   const outs = await proc.process(batch);
   const groups = outs.flatMap((o) => o.commits ?? []);

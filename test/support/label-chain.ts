@@ -26,6 +26,12 @@ export interface ChainOptions {
   /** Inputs per batch in the keyed stages. @default 200 */
   batchSize?: number;
   prefix?: string;
+  /**
+   * At the end of input, advance every watermark far past it, so every session is decided (as a
+   * pipeline that keeps running eventually does). Off: stop where the events left the watermark,
+   * as a live run seen at one moment. @default true
+   */
+  endOfInput?: boolean;
 }
 
 export interface ChainResult {
@@ -106,7 +112,7 @@ export async function runChain(lines: readonly string[], opts: ChainOptions = {}
   }
   const h = harness!;
   // End of input: every session is decided.
-  for (let p = 0; p < partitions; p++) {
+  for (let p = 0; p < partitions && opts.endOfInput !== false; p++) {
     const wm = h.watermark(p);
     if (wm !== undefined) await h.advanceWatermark(p, wm + 365 * 86_400_000);
   }
