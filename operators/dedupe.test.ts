@@ -72,7 +72,7 @@ test("the first copy passes unchanged; a second copy with another origin is drop
   const [o2] = await p.process([input(env("e-1", 11))]);
   droppedDuplicate(o2!);
   // The record names the first copy and lives under the user's hash tag.
-  assert.deepEqual(await store.get([userKey("feedback", "U1", "dedupe", "seen", "e-1")]), ["10"]);
+  assert.deepEqual(await store.get([userKey("feedback", "U1", "dedupe", "seen", "e-1")]), ["1010:10"]);
   // Another user's event with the same id is not a duplicate (ids are scoped per user).
   const other = env("e-1", 12, "U2");
   passed((await p.process([input(other)]))[0]!, other);
@@ -83,11 +83,21 @@ test("a redelivery or replay of the same input passes again with the same emit i
   const e = env("e-7", 42);
   const [a] = await p.process([input(e, 500, 1)]);
   const [b] = await p.process([input(e, 500, 2)]); // redelivered after a crash
-  const [c] = await p.process([input(e, 900, 1)]); // replayed from the input stream: new stage seq, same origin
+  const [c] = await p.process([input(e, 500, 1)]); // dedupe's durable rewound by a replay: same stage seq
   for (const o of [a, b, c]) passed(o!, e);
   assert.equal(a!.emits[0]!.id, c!.emits[0]!.id);
   // And a true duplicate arriving after the replay is still dropped.
   droppedDuplicate((await p.process([input(env("e-7", 43))]))[0]!);
+});
+
+test("a copy re-published by the stage before (same origin, new stage seq) is dropped, so later stages never count it twice", async () => {
+  const { p } = await setup();
+  const e = env("e-8", 77);
+  passed((await p.process([input(e, 600)]))[0]!, e);
+  // enrich replayed beyond the stream's duplicate window: the same event arrives as a new message.
+  assert.deepEqual((await p.process([input(e, 901)]))[0], { emits: [], dropped: "republished" });
+  // The original message, re-read, still passes (its outputs are fenced by the runtime).
+  passed((await p.process([input(e, 600)]))[0]!, e);
 });
 
 test("copies within one batch: the first passes, the others are dropped, with one claim call", async () => {

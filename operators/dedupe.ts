@@ -52,12 +52,14 @@ export const dedupe: OperatorSpec<DedupeConfig> = {
   name: "dedupe",
   summary: "Drops repeats of an event_id (or fingerprint) within a window; redeliveries and replays of the same input pass.",
   description: [
-    "Keyed by user. For every event the stage claims `seen:<event_id>` for the user with the input's origin sequence (`src.seq`, the event's sequence in the pipeline's input stream), " +
-      "one `SET NX GET` per event, all of a batch in one round trip:",
+    "Keyed by user. For every event the stage claims `seen:<event_id>` for the user with `<seq>:<src.seq>`: the sequence of the input in dedupe's own stream " +
+      "and the event's origin sequence in the pipeline's input stream; one `SET NX GET` per event, all of a batch in one round trip:",
     "",
     "- nothing there: the first copy, it passes;",
-    "- the same `src.seq`: this very input again (a redelivery after a crash, or a replay), it passes again with the same output id, " +
-      "so JetStream's `Nats-Msg-Id` de-duplication and the later stages' fences make the repeat harmless;",
+    "- the same input sequence: this very message again (a redelivery after a crash, or a replay of dedupe's durable), it passes again with the same output id; " +
+      "the runtime's replay fence keeps a replayed copy from being published twice;",
+    "- the same `src.seq` but another input sequence: the stage before re-published an input it had already passed on (its replay, beyond the stream's " +
+      "duplicate window), it is dropped as `republished`, so the stages after dedupe never count one event twice;",
     "- another `src.seq`: a producer re-sent the event (a retry, a double tap), it is dropped as `duplicate`.",
     "",
     "Within one batch, copies are decided in order: the first passes, the rest are dropped.",
@@ -75,7 +77,7 @@ export const dedupe: OperatorSpec<DedupeConfig> = {
   state: [
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:seen:<event_id>",
-      holds: "The input-stream sequence (`src.seq`) of the first copy of the event: a first-writer-wins record.",
+      holds: "`<seq>:<src.seq>` of the first copy of the event (its sequence in dedupe's input stream and in the pipeline's input stream): a first-writer-wins record.",
       ttl: "window (default 24h), from the first copy's processing",
     },
   ],
@@ -140,7 +142,7 @@ function createDedupe(config: DedupeConfig, ctx: OperatorContext): Processor {
           return;
         }
         claimed.push({ index: i, env });
-        items.push({ key: seenKey(env), value: String(env.src.seq), ttl_ms: windowMs });
+        items.push({ key: seenKey(env), value: `${input.seq}:${env.src.seq}`, ttl_ms: windowMs });
       });
       if (items.length === 0) return outcomes as Outcome[];
 
@@ -156,8 +158,11 @@ function createDedupe(config: DedupeConfig, ctx: OperatorContext): Processor {
 
       claimed.forEach(({ index, env }, j) => {
         const prior = previous[j];
-        if (prior == null || prior === String(env.src.seq)) {
+        const seq = batch[index]!.seq;
+        if (prior == null || prior === `${seq}:${env.src.seq}`) {
           outcomes[index] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value: env }] };
+        } else if (prior.endsWith(`:${env.src.seq}`)) {
+          outcomes[index] = { emits: [], dropped: "republished" };
         } else {
           outcomes[index] = { emits: [], dropped: "duplicate" };
         }

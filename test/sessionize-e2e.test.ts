@@ -388,9 +388,9 @@ test("sessionize end to end: generated sessions through NATS and Redis, two work
   });
   await publishLines(p, nats.js, stragglers.map((e) => JSON.stringify(e)), { idPrefix: "straggler" });
   await eventually("the stragglers to be processed", settled, 30_000, 100);
-  await eventually("every sessionize partition to be idle", async () => (await wmHashes()).every((h) => Date.now() - Number(h.last_input_at ?? 0) > idleMs + 500), 30_000, 200);
+  await eventually("every sessionize partition to be idle", async () => (await wmHashes()).every((h) => Date.now() - Number(h.last_input_at ?? 0) > idleMs + 500), idleMs + 40_000, 200);
   await publishLines(p, nats.js, [flushLine], { idPrefix: "flush" });
-  await eventually("the flush to close every partition (idle ones by idle advance)", async () => (await consumersDrained(nats!, inputStreams)) && (await wmHashes()).every((h) => Number(h.wm) === finalWm), 30_000, 200);
+  await eventually("the flush to close every partition (idle ones by idle advance)", async () => (await consumersDrained(nats!, inputStreams)) && (await wmHashes()).every((h) => Number(h.wm) === finalWm), idleMs + 40_000, 200);
   const wmEnd = await wmHashes();
   for (let n = 0; n < P; n++) {
     if (n === FLUSH_PARTITION) continue;

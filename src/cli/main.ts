@@ -9,6 +9,9 @@ import { registerTail } from "./tail.js";
 import { registerValidate } from "./validate.js";
 import { registerBench } from "./bench.js";
 import { registerDemo } from "./demo.js";
+import { registerFeatures } from "./features.js";
+import { registerDlq } from "./dlq.js";
+import { registerReplay } from "./replay.js";
 import { registerEvaluate } from "./evaluate.js";
 import { registerSimulate } from "./simulate.js";
 
@@ -30,6 +33,9 @@ export function buildProgram(): Command {
   registerPublish(program);
   registerTail(program);
   registerStatus(program);
+  registerReplay(program);
+  registerDlq(program);
+  registerFeatures(program);
   registerSimulate(program);
   registerEvaluate(program);
   registerBench(program);

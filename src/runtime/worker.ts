@@ -3,18 +3,20 @@ import { hostname } from "node:os";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { DeliverPolicy, JetStreamApiError, type Consumer, type JsMsg } from "@nats-io/jetstream";
 import type { Redis, Cluster } from "ioredis";
-import type { Pipeline } from "../config/types.js";
+import type { Pipeline, Stage } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
 import { BadInputError, TacitError, TransientError, errorMessage } from "../core/errors.js";
 import type { Emit, Logger, OperatorSpec, Outcome, Processor, StageInput } from "../core/operator.js";
-import { partitionKey, type CommitGroup, type StateStore } from "../core/state.js";
+import { partitionKey, pipelineKey, type CommitGroup, type StateStore } from "../core/state.js";
 import { RedisStateStore, openPipelineRedis } from "../state/redis.js";
 import { StageCounters } from "../telemetry/metrics.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { startStageSpan } from "../telemetry/tracing.js";
+import { ControlLoop } from "./control.js";
 import { PartitionLeases } from "./leases.js";
 import { connectNats, type NatsHandles } from "./nats.js";
+import { OP_REVISION_HEADER, decideLabel, fenceField, fencesKey, labelContentHash, parseFence, publishedKey, type Fence, type PublishedLabel } from "./replay.js";
 import { dlqSubject, durableName, nextSubject, outputSubject, stageGroups, type StageGroup } from "./topology.js";
 
 const encoder = new TextEncoder();
@@ -47,6 +49,24 @@ interface MsgResult {
   retry?: { stage: string; err: TacitError };
   /** The traceparent its outputs carry, when the input had one. */
   traceparent?: string;
+  /** `Tacit-Redriven` of the input: carried to its outputs and dead letters (a redrive is not retried forever). */
+  redriven?: string;
+  /** A replayed input below its durable's fence: its outputs were published before (labels excepted). */
+  replayed?: boolean;
+}
+
+/** Header counting how often a dead letter was redriven; carried through stages. */
+export const REDRIVEN_HEADER = "Tacit-Redriven";
+
+/** Outputs that are still published for inputs below a replay fence: labels, which the registry de-duplicates by content. */
+function keptOnReplay(e: Emit): boolean {
+  return e.to.startsWith("labels.");
+}
+
+/** Drops what a fenced (already published) input or timer produced, except labels. */
+function fenceOff(r: MsgResult): void {
+  r.emits = r.emits.filter((x) => keptOnReplay(x.emit));
+  r.replayed = true;
 }
 
 /** An input travelling through a group's stages; `msg` is -1 for records born from a watermark timer. */
@@ -76,10 +96,19 @@ export class Worker {
   private redis?: Redis | Cluster;
   private ownsConnections = { nats: false, redis: false };
   private state?: StateStore;
-  private readonly processors = new Map<string, Processor>();
+  /**
+   * One operator instance per stage and partition (Flink's parallel subtask): partitions of a
+   * keyed group run concurrently, and an operator may keep per-batch state in memory between
+   * `process` and `onWatermark`.
+   */
+  private readonly processors = new Map<string, Promise<Processor>>();
   private readonly clocks = new Map<string, ManualClock>();
   private readonly runners = new Map<string, ConsumerRunner>();
-  private readonly leases: PartitionLeases[] = [];
+  /** Lease loops of the keyed groups that are running (absent while a group is paused). */
+  private readonly leases = new Map<string, PartitionLeases>();
+  /** Groups paused by `tacit replay` (through the control hash). */
+  private readonly paused = new Set<string>();
+  private control?: ControlLoop;
   private stopping = false;
   private started = false;
 
@@ -102,39 +131,78 @@ export class Worker {
     this.redis = this.opts.redis ?? openPipelineRedis(p);
     this.ownsConnections.redis = !this.opts.redis;
     this.state = new RedisStateStore(this.redis);
-    for (const g of this.groups) {
-      for (const s of g.stages) {
-        const spec = this.opts.operators(s.operator);
-        if (!spec) throw new TacitError("unknown_operator", `stage ${s.name}: unknown operator ${s.operator}`);
-        const ctx = {
-          pipeline: p.name,
-          prefix: p.subject_prefix,
-          stage: s.name,
-          partitions: p.partitions,
-          state: this.state,
-          clock: this.clockOf(s.name),
-          log: this.opts.log,
-          metrics: this.counters.get(s.name)!,
-          env: this.opts.env ?? process.env,
-          devMode: this.opts.devMode ?? false,
-        };
-        this.processors.set(s.name, await spec.create(s.config, ctx));
-      }
-    }
-    for (const g of this.groups) {
-      if (!g.keyed) {
-        await this.startRunner(g);
-        continue;
-      }
-      const leases = new PartitionLeases(this.redis, p.subject_prefix, g.name, p.partitions, this.id, p.runtime.lease_ttl_ms, {
-        acquired: (n) => this.startRunner(g, n),
-        releasing: (n) => this.stopRunner(g, n, true),
-        lost: (n) => this.stopRunner(g, n, false),
-      }, this.opts.log);
-      this.leases.push(leases);
-      await leases.start();
-    }
+    // Create each stage's first instance now, so a bad config or a missing secret fails the start.
+    for (const g of this.groups) for (const s of g.stages) await this.processorFor(s, undefined);
+    // The control loop starts every group that is not paused, before it returns: a worker
+    // started during a replay does not touch the paused groups.
+    this.control = new ControlLoop(this.redis, p.subject_prefix, this.id, this.groups.map((g) => g.name), {
+      pause: (name) => this.pauseGroup(name),
+      resume: (name) => this.resumeGroup(name),
+    }, this.opts.log);
+    await this.control.start();
     this.started = true;
+  }
+
+  private group(name: string): StageGroup {
+    const g = this.groups.find((x) => x.name === name);
+    if (!g) throw new TacitError("unknown_group", `this worker does not run stage group ${name}`);
+    return g;
+  }
+
+  /** Starts consuming a group: its shared durable, or leases on its partitions. */
+  private async resumeGroup(name: string): Promise<void> {
+    if (this.stopping) return;
+    const g = this.group(name);
+    this.paused.delete(name);
+    if (!g.keyed) {
+      if (!this.runners.has(this.runnerKey(g))) await this.startRunner(g);
+      return;
+    }
+    if (this.leases.has(name)) return;
+    const p = this.opts.pipeline;
+    const leases = new PartitionLeases(this.redis!, p.subject_prefix, g.name, p.partitions, this.id, p.runtime.lease_ttl_ms, {
+      // Started beside the lease loop, not inside it: starting a runner takes a few round trips,
+      // and a lease tick that waits for several would renew the other leases too late.
+      acquired: async (n) => this.startSoon(g, n),
+      releasing: (n) => this.stopRunner(g, n, true),
+      lost: (n) => this.stopRunner(g, n, false),
+    }, this.opts.log);
+    this.leases.set(name, leases);
+    await leases.start();
+  }
+
+  /** Starts a partition's runner in the background; retries while this worker still holds the lease. */
+  private startSoon(g: StageGroup, n: number): void {
+    const held = () => !this.paused.has(g.name) && !this.stopping && (this.leases.get(g.name)?.owned().includes(n) ?? false);
+    if (!held() || this.runners.has(this.runnerKey(g, n))) return;
+    this.startRunner(g, n).catch((err) => {
+      this.opts.log.warn({ group: g.name, partition: n, err: errorMessage(err) }, "could not start partition; retrying");
+      setTimeout(() => this.startSoon(g, n), 1000).unref();
+    });
+  }
+
+  /** @internal True while this worker holds the lease of a keyed group's partition (the key PartitionLeases writes). */
+  async holdsLease(g: StageGroup, n: number): Promise<boolean> {
+    return (await this.redis!.get(pipelineKey(this.opts.pipeline.subject_prefix, "lease", g.name, n))) === this.id;
+  }
+
+  /**
+   * Stops consuming a group, settling what is in flight: every partition's runner stops at
+   * once (finishing its batch), then the leases are given up, so no other worker takes a
+   * partition while this one still settles it.
+   */
+  private async pauseGroup(name: string): Promise<void> {
+    const g = this.group(name);
+    this.paused.add(name);
+    if (!g.keyed) {
+      await this.stopRunner(g, undefined, true);
+      return;
+    }
+    const leases = this.leases.get(name);
+    this.leases.delete(name);
+    const mine = [...this.runners.keys()].filter((k) => k.startsWith(`${g.name}#`)).map((k) => Number(k.slice(g.name.length + 1)));
+    await Promise.all(mine.map((n) => this.stopRunner(g, n, true)));
+    await leases?.stop();
   }
 
   /** Ready: started, not stopping, and NATS and Redis connected. */
@@ -152,15 +220,42 @@ export class Worker {
     return (g) => g.index === this.allGroups.length - 1;
   }
 
-  private clockOf(stage: string): ManualClock {
-    let c = this.clocks.get(stage);
-    if (!c) this.clocks.set(stage, (c = new ManualClock(0)));
+  private clockOf(stage: string, partition?: number): ManualClock {
+    const key = `${stage}#${partition ?? ""}`;
+    let c = this.clocks.get(key);
+    if (!c) this.clocks.set(key, (c = new ManualClock(0)));
     return c;
+  }
+
+  /** The operator instance of a stage for one partition (created on first use). */
+  private processorFor(s: Stage, partition: number | undefined): Promise<Processor> {
+    const key = `${s.name}#${partition ?? ""}`;
+    let proc = this.processors.get(key);
+    if (!proc) {
+      const p = this.opts.pipeline;
+      const spec = this.opts.operators(s.operator);
+      if (!spec) return Promise.reject(new TacitError("unknown_operator", `stage ${s.name}: unknown operator ${s.operator}`));
+      const ctx = {
+        pipeline: p.name,
+        prefix: p.subject_prefix,
+        stage: s.name,
+        partitions: p.partitions,
+        state: this.state!,
+        clock: this.clockOf(s.name, partition),
+        log: this.opts.log,
+        metrics: this.counters.get(s.name)!,
+        env: this.opts.env ?? process.env,
+        devMode: this.opts.devMode ?? false,
+      };
+      proc = Promise.resolve(spec.create(s.config, ctx));
+      this.processors.set(key, proc);
+    }
+    return proc;
   }
 
   /** Partitions this worker holds, per keyed group. */
   ownedPartitions(): Record<string, number[]> {
-    return Object.fromEntries(this.leases.map((l, i) => [this.groups.filter((g) => g.keyed)[i]!.name, l.owned()]));
+    return Object.fromEntries(this.groups.filter((g) => g.keyed).map((g) => [g.name, this.leases.get(g.name)?.owned() ?? []]));
   }
 
   private runnerKey(g: StageGroup, n?: number): string {
@@ -170,7 +265,12 @@ export class Worker {
   private async startRunner(g: StageGroup, partition?: number): Promise<void> {
     const r = new ConsumerRunner(this, g, partition);
     this.runners.set(this.runnerKey(g, partition), r);
-    await r.start();
+    try {
+      await r.start();
+    } catch (err) {
+      this.runners.delete(this.runnerKey(g, partition));
+      throw err;
+    }
     this.reportOwned(g);
   }
 
@@ -178,11 +278,12 @@ export class Worker {
     if (g.keyed) this.opts.observer?.partitionsOwned(g.name, [...this.runners.keys()].filter((k) => k.startsWith(`${g.name}#`)).length);
   }
 
-  private async stopRunner(g: StageGroup, partition: number, settle: boolean): Promise<void> {
+  private async stopRunner(g: StageGroup, partition: number | undefined, settle: boolean): Promise<void> {
     const key = this.runnerKey(g, partition);
     const r = this.runners.get(key);
     this.runners.delete(key);
-    if (r) await r.stop(settle);
+    // Handing a partition over while running: quick. Shutting down: drain the open pull too.
+    if (r) await r.stop(settle, !this.stopping);
     this.reportOwned(g);
   }
 
@@ -190,10 +291,11 @@ export class Worker {
   async stop(): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
-    for (const l of this.leases) await l.stop();
+    await this.control?.stop();
+    await Promise.all(this.groups.map((g) => this.pauseGroup(g.name)));
     await Promise.all([...this.runners.values()].map((r) => r.stop(true)));
     this.runners.clear();
-    for (const proc of this.processors.values()) await proc.close?.();
+    for (const proc of this.processors.values()) await (await proc.catch(() => undefined))?.close?.();
     if (this.ownsConnections.nats && this.nats) await this.nats.nc.drain().catch(() => undefined);
     if (this.ownsConnections.redis && this.redis) this.redis.disconnect();
   }
@@ -220,6 +322,8 @@ export class Worker {
       };
       const tp = m.headers?.get("traceparent");
       if (tp) results[i]!.traceparent = tp;
+      const rd = m.headers?.get(REDRIVEN_HEADER);
+      if (rd) results[i]!.redriven = rd;
       if (first) return input;
       try {
         const env = JSON.parse(decoder.decode(m.data)) as Envelope;
@@ -239,12 +343,14 @@ export class Worker {
     let current = items;
     for (let k = from; k < g.stages.length && current.length > 0; k++) {
       const stage = g.stages[k]!;
-      const proc = this.processors.get(stage.name)!;
+      const partition = current[0]!.input.partition;
+      const proc = await this.processorFor(stage, partition);
       const counters = this.counters.get(stage.name)!;
       // Event time of the batch: the latest event time among its inputs (operators never read the wall clock).
-      let t = this.clockOf(stage.name).now();
+      const clock = this.clockOf(stage.name, partition);
+      let t = clock.now();
       for (const it of current) if (it.input.envelope && it.input.envelope.event.ts > t) t = it.input.envelope.event.ts;
-      this.clockOf(stage.name).set(t);
+      clock.set(t);
       counters.count("in", current.length);
       const outcomes = await this.processIsolated(proc, current.map((it) => it.input));
       const last = k === g.stages.length - 1;
@@ -296,7 +402,7 @@ export class Worker {
   /** @internal Fires event-time timers of a keyed group after its watermark advanced. */
   async fireWatermark(g: StageGroup, partition: number, wm: number, results: MsgResult[], sink: MsgResult): Promise<void> {
     for (let k = 0; k < g.stages.length; k++) {
-      const proc = this.processors.get(g.stages[k]!.name)!;
+      const proc = await this.processorFor(g.stages[k]!, partition);
       if (!proc.onWatermark) continue;
       const fired = await proc.onWatermark(partition, wm);
       sink.commits.push(...fired.commits);
@@ -312,8 +418,55 @@ export class Worker {
     }
   }
 
-  /** @internal Publishes emits and dead letters of a batch, all in flight at once (bounded). */
-  async publishAll(g: StageGroup, msgs: JsMsg[], results: MsgResult[], sink: MsgResult): Promise<void> {
+  /**
+   * Decides which label emits are published, and at which revision, from the published-label
+   * registry (see replay.ts): a label computed again with the same content is not published
+   * again, whatever the stream's duplicate window. Returns the decisions by emit and the
+   * registry updates, which are committed after the publishes (a crash in between publishes the
+   * same ids again, which JetStream drops).
+   */
+  private async planLabels(results: MsgResult[], sink: MsgResult): Promise<{ plan: Map<Emit, { rev: number; k: number } | null>; commits: CommitGroup[] }> {
+    const p = this.opts.pipeline;
+    const labels: Emit[] = [];
+    for (const r of [...results, sink]) {
+      if (r.retry || r.error) continue;
+      for (const { emit } of r.emits) {
+        const v = emit.value as { label_id?: unknown; user?: unknown; revision?: unknown } | null;
+        if (emit.to.startsWith("labels.") && v && typeof v.label_id === "string" && typeof v.user === "string" && typeof v.revision === "number") labels.push(emit);
+      }
+    }
+    const plan = new Map<Emit, { rev: number; k: number } | null>();
+    if (labels.length === 0) return { plan, commits: [] };
+    const keyOf = (e: Emit) => {
+      const v = e.value as { label_id: string; user: string };
+      return publishedKey(p.subject_prefix, v.user, v.label_id);
+    };
+    const keys = [...new Set(labels.map(keyOf))];
+    const stored = await this.state!.get(keys);
+    const reg = new Map<string, PublishedLabel | undefined>();
+    keys.forEach((k, i) => reg.set(k, stored[i] ? (JSON.parse(stored[i]!) as PublishedLabel) : undefined));
+    const changed = new Set<string>();
+    for (const e of labels) {
+      const key = keyOf(e);
+      const k = (e.value as { revision: number }).revision;
+      const d = decideLabel(reg.get(key), k, labelContentHash(e.value as Record<string, unknown>));
+      plan.set(e, d.publishAt === undefined ? null : { rev: d.publishAt, k });
+      if (d.next !== reg.get(key)) {
+        reg.set(key, d.next);
+        changed.add(key);
+      }
+    }
+    // The registry lives as long as the label stream keeps messages (plus a day).
+    const ttl = p.streams.max_age_ms + 86_400_000;
+    const commits: CommitGroup[] = [...changed].map((key) => ({ ops: [{ op: "set", key, value: JSON.stringify(reg.get(key)), ttl_ms: ttl }] }));
+    return { plan, commits };
+  }
+
+  /**
+   * @internal Publishes emits and dead letters of a batch, all in flight at once (bounded).
+   * Returns the registry updates of the labels it published, to commit with the batch.
+   */
+  async publishAll(g: StageGroup, msgs: JsMsg[], results: MsgResult[], sink: MsgResult): Promise<CommitGroup[]> {
     const p = this.opts.pipeline;
     const js = this.nats!.js;
     const pending: Promise<unknown>[] = [];
@@ -325,25 +478,42 @@ export class Worker {
       }
       pending.push(js.publish(subject, data, { msgID, headers: hdrs, timeout: 10_000 }));
     };
+    const { plan, commits } = await this.planLabels(results, sink);
     const last = g.index === this.allGroups.length - 1;
     const now = Date.now();
-    const emitOut = async (e: Emit, traceparent?: string) => {
-      const subject = e.to === "next" ? nextSubject(p, this.allGroups, g, (e.value as Envelope).partition) : outputSubject(p, e.to);
+    const emitOut = async (e: Emit, traceparent?: string, redriven?: string) => {
+      let value = e.value;
+      let id = e.id;
       let hdrs: ReturnType<typeof natsHeaders> | undefined;
-      if (traceparent) {
-        hdrs = natsHeaders();
-        hdrs.set("traceparent", traceparent);
+      const header = (k: string, v: string) => {
+        hdrs ??= natsHeaders();
+        hdrs.set(k, v);
+      };
+      const decided = plan.get(e);
+      if (decided === null) return;
+      if (decided) {
+        if (decided.rev !== decided.k) {
+          const label = e.value as { label_id: string; revision: number };
+          value = { ...label, revision: decided.rev };
+          id = `label:${label.label_id}:${decided.rev}`;
+        }
+        header(OP_REVISION_HEADER, String(decided.k));
       }
+      const subject = e.to === "next" ? nextSubject(p, this.allGroups, g, (e.value as Envelope).partition) : outputSubject(p, e.to);
+      if (traceparent) header("traceparent", traceparent);
+      if (redriven && e.to === "next") header(REDRIVEN_HEADER, redriven);
       if (this.opts.observer && ((e.to === "next" && last) || e.to.startsWith("labels."))) {
         const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
         if (Number.isFinite(ts)) this.opts.observer.endToEnd(g.name, now - ts);
       }
-      await send(subject, encoder.encode(JSON.stringify(e.value)), e.id, hdrs);
+      await send(subject, encoder.encode(JSON.stringify(value)), id, hdrs);
     };
     for (let i = 0; i < results.length; i++) {
       const r = results[i]!;
       if (r.retry) continue;
       if (r.error) {
+        // A fenced input was dead-lettered when it was first read (or since redriven): once is enough.
+        if (r.replayed) continue;
         const m = msgs[i]!;
         const h = natsHeaders();
         h.set("Tacit-Stage", r.error.stage);
@@ -352,11 +522,12 @@ export class Worker {
         h.set("Tacit-Source-Stream", g.inputStream);
         h.set("Tacit-Source-Subject", m.subject);
         h.set("Tacit-Source-Seq", String(m.seq));
+        if (r.redriven) h.set(REDRIVEN_HEADER, r.redriven);
         await send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
         continue;
       }
       const span = startStageSpan(r.traceparent, g.name);
-      for (const { emit } of r.emits) await emitOut(emit, span?.traceparent);
+      for (const { emit } of r.emits) await emitOut(emit, span?.traceparent, r.redriven);
       span?.span.end();
     }
     for (const { emit } of sink.emits) await emitOut(emit);
@@ -365,6 +536,7 @@ export class Worker {
     } catch (err) {
       throw new TransientError("publish_failed", `publishing outputs failed: ${errorMessage(err)}`, err);
     }
+    return commits;
   }
 
   /** @internal Applies the batch's state commits (after the publishes, before the acks). */
@@ -389,12 +561,20 @@ class ConsumerRunner {
   private stopping = false;
   private abandon = false;
   private wm: WatermarkState = {};
+  /** Keyed: the highest input sequence whose batch is fully applied (inputs at or below it are skipped). */
+  private hwm = 0;
+  /** Set by `tacit replay`: inputs up to here (and timers up to its watermark) were published before. */
+  private fence: Fence | undefined;
   /** Wall-clock time of the last input (for idleness only). */
   private lastInputAt = Date.now();
   /** A stage watermark an idle partition should advance to, set by `checkIdle`. */
   private idleTarget: number | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
   private readonly durable: string;
+  private starting?: Promise<void>;
+  /** The outstanding pull request (a keyed runner handing its partition over stops it at once; see `fetchLoop`). */
+  private pull?: { stop(): void };
+  private quick = false;
 
   constructor(
     private readonly w: Worker,
@@ -408,26 +588,42 @@ class ConsumerRunner {
     return partitionKey(this.w.pipeline.subject_prefix, this.g.name, this.partition ?? 0, "wm");
   }
 
-  async start(): Promise<void> {
-    const { nats, state } = this.w.handles;
+  start(): Promise<void> {
+    this.starting ??= this.begin();
+    return this.starting;
+  }
+
+  private async begin(): Promise<void> {
+    const { state } = this.w.handles;
+    const fences = await state.hgetall(fencesKey(this.w.pipeline.subject_prefix));
+    this.fence = parseFence(fences[fenceField(this.g.inputStream, this.durable)]);
     if (this.partition !== undefined) {
       await this.resumeInOrder();
       const h = await state.hgetall(this.wmKey);
       this.wm = { maxTs: h.max_ts ? Number(h.max_ts) : undefined, wm: h.wm ? Number(h.wm) : undefined };
+      this.hwm = Number(h.applied_seq ?? 0) || 0;
       const every = Math.max(250, Math.floor(this.w.pipeline.event_time.idle_timeout_ms / 2));
+      if (this.stopping) return;
       this.idleTimer = setInterval(() => {
         this.checkIdle().catch((err) => this.w.handles.log.warn({ durable: this.durable, err: errorMessage(err) }, "idle check failed"));
       }, every);
     }
+    // Stopped while starting (the lease went, the group was paused): start nothing.
+    if (this.stopping) return;
     this.fetching = this.fetchLoop();
     this.loop = this.run();
   }
 
   /**
    * Keeps one pull request outstanding and streams what it brings into the buffer; the next
-   * request goes out as soon as one completes. Unlike a free-running `consume`, stopping leaves
-   * no request open, so no message is delivered to a worker that has gone (it would sit
-   * unacknowledged until ack_wait): `stop` waits for the current request (≤ FETCH_EXPIRES_MS).
+   * request goes out as soon as one completes. Unlike a free-running `consume`, a stopped
+   * shared (unkeyed) runner leaves no request open, so no message is delivered to a worker
+   * that has gone (it would sit unacknowledged until ack_wait): `stop` waits for the current
+   * request (≤ FETCH_EXPIRES_MS); so does every runner when the worker shuts down. A keyed
+   * runner that hands its partition over while the worker goes on (rebalance, lost lease,
+   * pause) stops its request at once — a partition must change hands within its lease — and
+   * whoever starts the partition next recreates the durable when a request may still be open
+   * on it (`resumeInOrder`).
    */
   private async fetchLoop(): Promise<void> {
     const { nats, log } = this.w.handles;
@@ -443,6 +639,8 @@ class ConsumerRunner {
           continue;
         }
         const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS });
+        this.pull = iter;
+        if (this.quick) iter.stop();
         for await (const m of iter) {
           this.buffer.push(m);
           this.wake?.();
@@ -463,13 +661,15 @@ class ConsumerRunner {
   /**
    * A keyed partition must be processed in stream order. A previous owner that died leaves
    * messages delivered but unacknowledged, which the server would redeliver only after
-   * ack_wait, behind newer ones. So on takeover, restart the durable at its ack floor.
-   * Servers without a consumer reset API (2.9) need delete + recreate.
+   * ack_wait, behind newer ones; one that stopped its last pull request leaves it open until
+   * it expires, and it may still take messages. So on takeover, restart the durable at its ack
+   * floor (deleting it also cancels every open request). Servers without a consumer reset API
+   * (2.9) need delete + recreate.
    */
   private async resumeInOrder(): Promise<void> {
     const { jsm } = this.w.handles.nats;
     const info = await jsm.consumers.info(this.g.inputStream, this.durable);
-    if (info.num_ack_pending === 0 && info.num_redelivered === 0) return;
+    if (info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
     const start = info.ack_floor.stream_seq + 1;
     this.w.handles.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
     const cfg = { ...info.config };
@@ -491,7 +691,17 @@ class ConsumerRunner {
       });
       this.wake = undefined;
     }
-    const n = this.w.pipeline.runtime.batch_size;
+    let n = this.w.pipeline.runtime.batch_size;
+    // A batch is either wholly below the replay fence or wholly above it.
+    if (this.fence) {
+      const f = this.fence.seq;
+      const below = this.buffer.findIndex((m) => m.seq > f);
+      if (below === 0) {
+        if (this.fence.wm === undefined || (this.wm.wm !== undefined && this.wm.wm >= this.fence.wm)) this.fence = undefined;
+      } else {
+        n = Math.min(n, below < 0 ? this.buffer.length : below);
+      }
+    }
     return this.buffer.splice(0, n);
   }
 
@@ -538,8 +748,9 @@ class ConsumerRunner {
     if (this.wm.wm !== undefined && wm <= this.wm.wm) return;
     const sink: MsgResult = { emits: [], commits: [] };
     await this.w.fireWatermark(this.g, this.partition!, wm, [], sink);
-    await this.w.publishAll(this.g, [], [], sink);
-    await this.w.commitAll([], sink, [{ ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] }]);
+    if (this.fence?.wm !== undefined && wm <= this.fence.wm) fenceOff(sink);
+    const labels = await this.w.publishAll(this.g, [], [], sink);
+    await this.w.commitAll([], sink, [...labels, { ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] }]);
     this.wm = { ...this.wm, wm };
   }
 
@@ -562,11 +773,27 @@ class ConsumerRunner {
     }
   }
 
-  private async handle(msgs: JsMsg[]): Promise<void> {
+  private async handle(batch: JsMsg[]): Promise<void> {
     const t0 = performance.now();
     const w = this.w;
     const g = this.g;
     const keyed = this.partition !== undefined;
+    // Inputs at or below the high-water mark have every effect in Redis and every output
+    // published (a replay re-reads them, or a takeover finds them delivered but not acked).
+    let msgs = batch;
+    if (keyed && this.hwm > 0 && batch[0]!.seq <= this.hwm) {
+      const done = batch.filter((m) => m.seq <= this.hwm);
+      msgs = batch.filter((m) => m.seq > this.hwm);
+      w.counters.get(g.stages[0]!.name)?.count("dropped", done.length, { reason: "already_applied" });
+      for (const m of done) m.ack();
+      if (msgs.length === 0) return;
+    }
+    // The first input past a replay fence continues from the watermark the partition had when
+    // the replay began: timers up to it fired then (their outputs were published).
+    const fwm = this.fence?.wm;
+    if (keyed && fwm !== undefined && msgs[0]!.seq > this.fence!.seq && (this.wm.wm === undefined || this.wm.wm < fwm)) {
+      await this.advanceIdle(fwm);
+    }
     const { inputs, results } = w.decode(g, msgs, this.partition);
     const bound = w.pipeline.event_time.max_out_of_orderness_ms;
     let maxTs = this.wm.maxTs;
@@ -598,17 +825,48 @@ class ConsumerRunner {
       }
     }
 
-    const extra: CommitGroup[] = [];
+    // The partition's progress, written last and in one step, after the batch's other commits.
+    const progress: Record<string, number> = {};
     const newWm = wmOf(maxTs);
-    if (keyed && newWm !== undefined && (this.wm.wm === undefined || newWm > this.wm.wm)) {
+    if (keyed && newWm !== undefined) {
+      // Every keyed round ends with onWatermark, also when the watermark did not move: it is
+      // how an operator learns that the round is complete (and may release what it deferred).
       await w.fireWatermark(g, this.partition!, newWm, results, sink);
-      extra.push({ ops: [{ op: "hset", key: this.wmKey, fields: { max_ts: maxTs!, wm: newWm } }] });
+      if (this.wm.wm === undefined || newWm > this.wm.wm) Object.assign(progress, { max_ts: maxTs!, wm: newWm });
     }
-    if (keyed) extra.push({ ops: [{ op: "hset", key: this.wmKey, fields: { last_input_at: Date.now() } }] });
 
-    await w.publishAll(g, msgs, results, sink);
-    await w.commitAll(results, sink, extra);
+    // Below a replay fence, outputs were published when these inputs were first read: state is
+    // applied again (it may have been wiped), outputs are not (labels go through the registry).
+    const fence = this.fence;
+    if (fence) {
+      let all = true;
+      msgs.forEach((m, i) => {
+        if (m.seq <= fence.seq) fenceOff(results[i]!);
+        else all = false;
+      });
+      // `take` never mixes both sides of the fence in one keyed batch.
+      if (all) fenceOff(sink);
+    }
+
+    const labels = await w.publishAll(g, msgs, results, sink);
+    // Outputs are idempotent; state is not. A partition whose lease ran out (a stalled worker)
+    // may already be processed by its next owner: commit nothing, settle nothing, stop.
+    if (keyed && !(await w.holdsLease(g, this.partition!))) {
+      w.handles.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
+      this.stopping = true;
+      this.abandon = true;
+      this.quick = true;
+      this.pull?.stop();
+      return;
+    }
+    await w.commitAll(results, sink, labels);
     if (keyed) {
+      // Separately and last (on Redis Cluster the commits above run in parallel per hash tag):
+      // a crash before this step reads the batch again with the watermark it first saw; after
+      // it, the batch is skipped. The watermark and the high-water mark move together.
+      const top = msgs[msgs.length - 1]!.seq;
+      await w.handles.state.commit([{ ops: [{ op: "hset", key: this.wmKey, fields: { ...progress, applied_seq: top, last_input_at: Date.now() } }] }]);
+      this.hwm = Math.max(this.hwm, top);
       this.wm = { maxTs, wm: newWm };
       if (newWm !== undefined) w.observer?.watermarkLag(g.name, this.partition!, Date.now() - newWm);
     }
@@ -620,14 +878,17 @@ class ConsumerRunner {
       else if (r.error) m.term();
       else m.ack();
     }
-    w.observer?.batch(g.name, performance.now() - t0, msgs.length);
+    w.observer?.batch(g.name, performance.now() - t0, batch.length);
   }
 
   /** Stops fetching; with `settle`, finishes what was fetched first, else hands it back (nak). */
-  async stop(settle: boolean): Promise<void> {
+  async stop(settle: boolean, quick = false): Promise<void> {
     this.stopping = true;
+    this.quick = quick && this.partition !== undefined;
+    await this.starting?.catch(() => undefined);
     if (this.idleTimer) clearInterval(this.idleTimer);
     this.abandon = !settle;
+    if (this.quick) this.pull?.stop();
     this.wake?.();
     await this.fetching;
     this.wake?.();

@@ -1,0 +1,292 @@
+// Golden-output tests (the Arroyo smoke-test pattern) of the default pipeline on real
+// nats-server and redis-server: a seeded simulated day is run to completion and its labels
+// (without emitted_at) and online features are recorded; then every way of running it again —
+// a replay of the whole pipeline, a replay of one stage from the middle, a rebuild after wiping
+// Redis, a run with two workers of which one is SIGKILLed three times, a redrive of dead letters
+// after a config fix — must end with exactly the same labels and features, and no label_id +
+// revision published twice. The golden pipeline's duplicate window is 1 s, so every replay below
+// is older than it: JetStream's de-duplication cannot hide a repeat.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Redis } from "ioredis";
+import { startServers, type TestServers } from "./harness.js";
+import { Random } from "./support/random.js";
+import { consumersDrained, eventually, readStream } from "./support/streams.js";
+import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";
+import { findOperator } from "../operators/index.js";
+import { projectRoot } from "../src/cli/paths.js";
+import { loadPipelineOrThrow } from "../src/config/load.js";
+import type { Pipeline } from "../src/config/types.js";
+import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
+import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
+import { publishLines } from "../src/runtime/publisher.js";
+import type { ReplayReport } from "../src/runtime/replay.js";
+import { stageGroups, streamName } from "../src/runtime/topology.js";
+import { Worker } from "../src/runtime/worker.js";
+import { simulate } from "../src/sim/simulate.js";
+
+const ROOT = projectRoot();
+const PIPELINE = join(ROOT, "pipelines", "feedback.yaml");
+const NAME = "golden";
+const KEY = "t1:golden-test-secret-0123456789abcdef";
+const SEED = 424242;
+const HOUR = 3_600_000;
+const silent = { debug() {}, info() {}, warn() {}, error() {} };
+/** Test speed: fewer partitions, short leases; no idle advance during a run (it is wall-clock driven). */
+const SETS = ["partitions=4", "runtime.batch_size=200", "runtime.ack_wait=3s", "runtime.lease_ttl=2s", "event_time.idle_timeout=10m"];
+
+/** The simulated day: 150 users, 2 h of event time ending an hour ago, noise on (duplicates, late, out of order, malformed). */
+function day(): string[] {
+  return simulate({ seed: SEED, users: 150, durationMs: 2 * HOUR, startTime: Date.now() - 3 * HOUR }).events;
+}
+
+function envOf(s: TestServers): Record<string, string> {
+  return { NATS_URL: s.natsUrl, REDIS_URL: s.redisUrl, TACIT_PSEUDONYM_KEY: KEY };
+}
+
+function load(s: TestServers, extra: string[] = []): Pipeline {
+  return loadPipelineOrThrow(PIPELINE, { env: envOf(s), set: [...SETS, ...extra], operators: findOperator });
+}
+
+function setArgs(extra: string[] = []): string[] {
+  return [...SETS, ...extra].flatMap((x) => ["--set", x]);
+}
+
+async function deploy(p: Pipeline, nats: NatsHandles): Promise<void> {
+  await applyDeploy(p, nats.jsm, findOperator, await planDeploy(p, nats.jsm, findOperator));
+}
+
+function inputStreams(p: Pipeline): string[] {
+  return stageGroups(p, findOperator).map((g) => g.inputStream);
+}
+
+/** Every durable drained, twice in a row (first stage to last, so nothing is in between). */
+async function quiescent(p: Pipeline, nats: NatsHandles, what: string, timeoutMs = 120_000): Promise<void> {
+  let streak = 0;
+  await eventually(what, async () => {
+    streak = (await consumersDrained(nats, inputStreams(p))) ? streak + 1 : 0;
+    return streak >= 3;
+  }, timeoutMs, 150);
+}
+
+/** What a run produced: labels as published (emitted_at left out), features, side-output counts. */
+interface Snapshot {
+  /** `label_id:revision` → the label without emitted_at, as JSON. */
+  labels: Map<string, string>;
+  /** How many label messages the stream holds (repeats included). */
+  labelMessages: number;
+  /** Feature hash key (without the pipeline prefix) → fields. */
+  features: Map<string, Record<string, string>>;
+  counts: Record<string, number>;
+}
+
+async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<Snapshot> {
+  const labels = new Map<string, string>();
+  const msgs = await readStream(nats, streamName(p, "labels"));
+  const repeats: string[] = [];
+  for (const m of msgs) {
+    const { emitted_at: _e, ...l } = JSON.parse(m.data) as { label_id: string; revision: number; emitted_at: string };
+    const id = `${l.label_id}:${l.revision}`;
+    if (labels.has(id)) repeats.push(id);
+    labels.set(id, JSON.stringify(l));
+  }
+  assert.deepEqual(repeats, [], "no label_id + revision is published twice");
+  const features = new Map<string, Record<string, string>>();
+  let cursor = "0";
+  do {
+    const [next, keys] = await redis.scan(cursor, "MATCH", `tacit:{${p.subject_prefix}:u:*}:features:*`, "COUNT", 1000);
+    cursor = next;
+    for (const k of keys) features.set(k.replace(`{${p.subject_prefix}:`, "{"), await redis.hgetall(k));
+  } while (cursor !== "0");
+  const counts: Record<string, number> = {};
+  for (const s of ["events", "sessions", "late", "bots", "dlq"]) counts[s] = (await nats.jsm.streams.info(streamName(p, s))).state.messages;
+  return { labels, labelMessages: msgs.length, features, counts };
+}
+
+function assertSame(actual: Snapshot, golden: Snapshot, what: string): void {
+  const missing = [...golden.labels.keys()].filter((k) => !actual.labels.has(k));
+  const extra = [...actual.labels.keys()].filter((k) => !golden.labels.has(k));
+  const show = (ks: string[]) => ks.slice(0, 3).map((k) => `${k} ${actual.labels.get(k) ?? golden.labels.get(k)}`);
+  assert.deepEqual({ missing: show(missing), extra: show(extra) }, { missing: [], extra: [] }, `${what}: the same label ids and revisions`);
+  for (const [k, v] of golden.labels) assert.equal(actual.labels.get(k), v, `${what}: label ${k} has the same content`);
+  assert.equal(actual.labelMessages, golden.labelMessages, `${what}: label messages`);
+  assert.equal(actual.features.size, golden.features.size, `${what}: feature hashes`);
+  for (const [k, v] of golden.features) assert.deepEqual(actual.features.get(k), v, `${what}: features of ${k}`);
+  assert.deepEqual(actual.counts, golden.counts, `${what}: events, sessions, late, bots and dead letters are not repeated`);
+}
+
+/** Runs a `tacit` command to its end and returns its JSON output ('close', not 'exit': stdout may still be in flight at exit). */
+async function cliJson<T>(s: TestServers, args: string[]): Promise<T> {
+  const r = spawnTacit([...args, "--json"], { ...envOf(s), TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")) });
+  const code = await new Promise<number | null>((resolve) => r.child.once("close", (c) => resolve(c)));
+  assert.equal(code, 0, r.stderr());
+  return JSON.parse(r.stdout()) as T;
+}
+
+/** Runs `tacit replay …` and returns its report. */
+function replayCli(s: TestServers, args: string[]): Promise<ReplayReport> {
+  return cliJson<ReplayReport>(s, ["replay", PIPELINE, ...setArgs(["streams.duplicate_window=1s"]), "--yes", ...args]);
+}
+
+interface Env {
+  servers: TestServers;
+  nats: NatsHandles;
+  redis: Redis;
+  /** Runs at the end, last registered first, before the servers stop. */
+  cleanup(fn: () => unknown): void;
+}
+
+/** Fresh servers for one test; cleanups (workers, processes) run before they stop, pass or fail. */
+async function withEnv<T>(fn: (e: Env) => Promise<T>): Promise<T> {
+  const servers = await startServers();
+  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "golden-test");
+  const redis = new Redis(servers.redisUrl);
+  const cleanups: (() => unknown)[] = [];
+  try {
+    return await fn({ servers, nats, redis, cleanup: (f) => cleanups.push(f) });
+  } finally {
+    for (const f of cleanups.reverse()) await Promise.resolve(f()).catch(() => undefined);
+    redis.disconnect();
+    await nats.nc.close().catch(() => undefined);
+    await servers.stop();
+  }
+}
+
+/** An in-process worker with its own Redis connection, stopped and disconnected by the env's cleanup. */
+async function startWorker(e: Env, p: Pipeline): Promise<Worker> {
+  const redis = new Redis(e.servers.redisUrl);
+  const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: envOf(e.servers), redis, nats: e.nats });
+  e.cleanup(() => redis.disconnect());
+  e.cleanup(() => worker.stop());
+  await worker.start();
+  return worker;
+}
+
+/** The golden run: one in-process worker, every event published at once. */
+async function goldenRun(e: Env, p: Pipeline, lines: string[]): Promise<Snapshot> {
+  await deploy(p, e.nats);
+  await publishLines(p, e.nats.js, lines, { idPrefix: "day" });
+  await startWorker(e, p);
+  await quiescent(p, e.nats, "the golden run to finish");
+  return snapshot(p, e.nats, e.redis);
+}
+
+let goldenCache: { lines: string[]; golden: Snapshot } | undefined;
+
+/** The golden output: from the first test when it ran in this process, else computed on servers of its own. */
+async function goldenOutput(): Promise<{ lines: string[]; golden: Snapshot }> {
+  if (goldenCache) return goldenCache;
+  const lines = day();
+  const golden = await withEnv((g) => goldenRun(g, load(g.servers, ["streams.duplicate_window=1s"]), lines));
+  return (goldenCache = { lines, golden });
+}
+
+test("golden: replaying the whole pipeline, one stage from the middle, and a rebuild after wiping Redis change no label or feature", { timeout: 180_000 }, async () => {
+  await withEnv(async (e) => {
+    const lines = day();
+    const p = load(e.servers, ["streams.duplicate_window=1s"]);
+    const golden = await goldenRun(e, p, lines);
+    goldenCache = { lines, golden };
+    assert.ok(golden.labels.size > 200, `the day produces labels (${golden.labels.size})`);
+    assert.ok(golden.features.size > 100, `and features (${golden.features.size})`);
+    assert.ok([...golden.labels.keys()].some((k) => !k.endsWith(":0")), "some labels were revised");
+    assert.ok(golden.counts.sessions > 0 && golden.counts.dlq > 0, "sessions closed and malformed lines were dead-lettered");
+    await new Promise((r) => setTimeout(r, 1200)); // past the 1 s duplicate window
+
+    // (a) The whole pipeline from the start, through the CLI, with the worker running.
+    const a = await replayCli(e.servers, ["--from", "start"]);
+    assert.equal(a.caught_up, true);
+    for (const g of stageGroups(p, findOperator)) {
+      assert.equal(a.plan.reread[g.name], (await e.nats.jsm.streams.info(g.inputStream)).state.messages, `${g.name} read its whole stream again`);
+    }
+    assert.equal(a.labels.published, 0, "no label published again");
+    await quiescent(p, e.nats, "replay (a) to settle");
+    assertSame(await snapshot(p, e.nats, e.redis), golden, "(a) whole-pipeline replay");
+
+    // (b) One stage from the middle of its stream.
+    const mid = Math.floor((await e.nats.jsm.streams.info(streamName(p, "x_sessionize"))).state.last_seq / 2);
+    const b = await replayCli(e.servers, ["--stage", "sessionize", "--from", String(mid)]);
+    assert.deepEqual(b.plan.groups, ["sessionize"]);
+    assert.ok(b.reread > 100 && b.reread < a.plan.reread.sessionize!, `about half of sessionize's input is read again (${b.reread})`);
+    await quiescent(p, e.nats, "replay (b) to settle");
+    assertSame(await snapshot(p, e.nats, e.redis), golden, "(b) one stage from the middle");
+
+    // (c) Redis state lost: wipe it and rebuild every stage from the start of its stream.
+    await e.redis.flushall();
+    const c = await replayCli(e.servers, ["--rebuild"]);
+    assert.equal(c.caught_up, true);
+    assert.ok((c.seeded_labels ?? 0) >= new Set([...golden.labels.keys()].map((k) => k.split(":")[0])).size, "the label registry was re-filled from the label stream");
+    await quiescent(p, e.nats, "rebuild (c) to settle");
+    assertSame(await snapshot(p, e.nats, e.redis), golden, "(c) rebuild after Redis loss");
+  });
+});
+
+test("golden: two workers, one SIGKILLed three times at random points, end with the golden labels and features", { timeout: 180_000 }, async () => {
+  const rnd = new Random(SEED);
+  const { lines, golden } = await goldenOutput();
+  await withEnv(async (e) => {
+    const p = load(e.servers);
+    await deploy(p, e.nats);
+    const env = { ...envOf(e.servers), TACIT_LOG_LEVEL: "warn" };
+    const run = (args: string[]) => spawnTacit(["run", PIPELINE, ...setArgs(), "--metrics-port", "0", ...args], { ...env, TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")) });
+    // A reads everything; B only the keyed stages. Enrich stays on one consumer so the partitions'
+    // stream order — which event-time decisions depend on — is the golden run's order.
+    const keyed = stageGroups(p, findOperator).filter((g) => g.keyed).map((g) => g.name);
+    const a = run([]);
+    let b: TacitProcess = run(["--stage", ...keyed]);
+    e.cleanup(() => {
+      for (const x of [a, b]) if (x.running()) x.child.kill("SIGKILL");
+    });
+    await publishLines(p, e.nats.js, lines, { idPrefix: "day" });
+    const labelsStream = streamName(p, "labels");
+    const total = golden.labelMessages;
+    for (let k = 0; k < 3; k++) {
+      // Kill at a random point of the label output, spread over the run.
+      const at = Math.floor(total * (k / 3 + rnd.float() / 4));
+      await eventually(`${at} labels before kill ${k + 1}`, async () => (await e.nats.jsm.streams.info(labelsStream)).state.messages >= at, 120_000, 20);
+      b.child.kill("SIGKILL");
+      await b.exited();
+      b = run(["--stage", ...keyed]);
+    }
+    await quiescent(p, e.nats, "both workers to finish", 150_000);
+    const snap = await snapshot(p, e.nats, e.redis);
+    a.child.kill("SIGTERM");
+    b.child.kill("SIGTERM");
+    assert.equal(await a.exited(), 0, a.stderr());
+    assert.equal(await b.exited(), 0, b.stderr());
+    assertSame(snap, golden, "(d) SIGKILL ×3");
+  });
+});
+
+test("golden: events dead-lettered by a too strict config, redriven after the fix, are labelled exactly once", { timeout: 180_000 }, async () => {
+  const { lines, golden } = await goldenOutput();
+  await withEnv(async (e) => {
+    // A bad deploy: enrich rejects every event older than a minute (the whole day).
+    const strict = load(e.servers, ["stages.enrich.config.max_past_age=1m"]);
+    await deploy(strict, e.nats);
+    await publishLines(strict, e.nats.js, lines, { idPrefix: "day" });
+    const w1 = await startWorker(e, strict);
+    await quiescent(strict, e.nats, "the strict run to dead-letter the day");
+    await w1.stop();
+    const dlq = await readStream(e.nats, streamName(strict, "dlq"));
+    const stale = dlq.filter((m) => m.headers["Tacit-Reason"] === "bad_timestamp").length;
+    assert.ok(stale > lines.length * 0.9, `the day is dead-lettered as bad_timestamp (${stale})`);
+    assert.equal((await e.nats.jsm.streams.info(streamName(strict, "labels"))).state.messages, 0);
+
+    // The fix: the default max_past_age, workers restarted with it, then the redrive.
+    const fixed = load(e.servers);
+    await startWorker(e, fixed);
+    const dlqCli = (args: string[]) => cliJson<{ redriven: number }>(e.servers, ["dlq", PIPELINE, ...setArgs(), ...args]);
+    assert.equal((await dlqCli(["redrive", "--stage", "enrich", "--reason", "bad_timestamp", "--yes"])).redriven, stale);
+    await quiescent(fixed, e.nats, "the redriven day to be processed");
+    // A second redrive finds nothing: redriven letters left the DLQ.
+    assert.equal((await dlqCli(["redrive", "--reason", "bad_timestamp", "--yes"])).redriven, 0);
+    const snap = await snapshot(fixed, e.nats, e.redis);
+    // Everything but the DLQ equals the golden run: the malformed lines stay dead letters.
+    assert.equal(snap.counts.dlq, golden.counts.dlq, "only the truly malformed lines remain in the DLQ");
+    assertSame(snap, golden, "redrive after a config fix");
+  });
+});
