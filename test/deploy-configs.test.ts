@@ -17,7 +17,7 @@ import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/
 import { Redis } from "ioredis";
 import { projectRoot } from "../src/cli/paths.js";
 import { findBinary } from "../src/services/binaries.js";
-import { freePort, readFirstLine } from "../src/services/processes.js";
+import { freePort, freePorts, readFirstLine } from "../src/services/processes.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { FAKE_OPERATORS } from "../src/config/fake-operators.js";
@@ -146,12 +146,23 @@ function startProcess(cmd: string, args: string[], env: NodeJS.ProcessEnv = proc
   };
 }
 
+/** A server that did not come up: its errors first (they are at the end of a long banner), then its last lines. */
+class StartError extends Error {
+  readonly portTaken: boolean;
+  constructor(what: string, output: string) {
+    const lines = output.split("\n");
+    const errors = lines.filter((l) => /\[(ERR|FTL)\]|error|fatal/i.test(l));
+    super(`${what}: ${errors.join(" | ") || "(no error line)"}\n${lines.slice(-15).join("\n")}`);
+    this.portTaken = /address already in use/i.test(output);
+  }
+}
+
 async function waitFor(what: string, p: Proc, ready: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    if (p.child.exitCode !== null) throw new Error(`${what} exited during start-up:\n${p.output()}`);
+    if (p.child.exitCode !== null) throw new StartError(`${what} exited during start-up`, p.output());
     if (await ready().catch(() => false)) return;
-    if (Date.now() > deadline) throw new Error(`${what} not ready within ${timeoutMs} ms:\n${p.output()}`);
+    if (Date.now() > deadline) throw new StartError(`${what} not ready within ${timeoutMs} ms`, p.output());
     await sleep(50);
   }
 }
@@ -274,35 +285,58 @@ test("nats: the worker's permissions name exactly the input streams of the pipel
   assert.equal(p.subject_prefix, "feedback", "accounts.conf is written for the prefix `feedback`");
 });
 
-/** A 3-node cluster from the real node configs; only ports, routes and store dirs differ. */
+const CLUSTER_ATTEMPTS = 3;
+
+/**
+ * A 3-node cluster from the real node configs; only ports, routes and store dirs differ. Started
+ * again on new ports when a node finds one of its ports taken by another process.
+ */
 async function startCluster(t: TestContext, env: Record<string, string>): Promise<{ urls: string[] }> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startClusterOnce(t, env);
+    } catch (err) {
+      if (!(err instanceof StartError && err.portTaken) || attempt >= CLUSTER_ATTEMPTS) throw err;
+      t.diagnostic(`cluster start attempt ${attempt}: ${err.message.split("\n")[0]}; retrying on new ports`);
+    }
+  }
+}
+
+async function startClusterOnce(t: TestContext, env: Record<string, string>): Promise<{ urls: string[] }> {
   const bin = binary("nats-server");
   const dir = mkdtempSync(join(tmpdir(), "tacit-nats-cluster-"));
-  const ports = await Promise.all([1, 2, 3].map(async () => ({ client: await freePort(), route: await freePort(), http: await freePort() })));
+  const free = await freePorts(9);
+  const ports = [0, 1, 2].map((i) => ({ client: free[3 * i]!, route: free[3 * i + 1]!, http: free[3 * i + 2]! }));
   const routes = ports.map((p) => `nats-route://127.0.0.1:${p.route}`).join(",");
   const procs: Proc[] = [];
-  t.after(async () => {
+  const stop = async (): Promise<void> => {
     await Promise.all(procs.map((p) => p.stop()));
     rmSync(dir, { recursive: true, force: true });
-  });
-  for (const [i, conf] of NATS_NODES.entries()) {
-    const nodeDir = join(dir, `n${i + 1}`);
-    mkdirSync(nodeDir);
-    for (const f of NATS_CONF_FILES) copyFileSync(f, join(nodeDir, basename(f)));
-    const cluster = read(join(nodeDir, "cluster.conf"));
-    assert.match(cluster, /store_dir: \/data\/jetstream/);
-    writeFileSync(join(nodeDir, "cluster.conf"), cluster.replace("store_dir: /data/jetstream", `store_dir: "${join(nodeDir, "js")}"`));
-    const p = ports[i]!;
-    procs.push(startProcess(bin, ["-c", join(nodeDir, basename(conf)), "-a", "127.0.0.1", "-p", String(p.client), "-m", String(p.http), "--cluster_listen", `nats://127.0.0.1:${p.route}`, "--routes", routes], { PATH: process.env.PATH, ...env }));
-  }
-  // Ready when every node reports JetStream healthy and the meta group has elected a leader.
-  const healthy = async (port: number): Promise<boolean> => {
-    const h = await fetch(`http://127.0.0.1:${port}/healthz?js-enabled-only=true`);
-    if (!h.ok) return false;
-    const jsz = (await (await fetch(`http://127.0.0.1:${port}/jsz`)).json()) as { meta_cluster?: { leader?: string; cluster_size?: number } };
-    return typeof jsz.meta_cluster?.leader === "string" && jsz.meta_cluster.leader !== "" && jsz.meta_cluster.cluster_size === 3;
   };
-  await Promise.all(procs.map((p, i) => waitFor(`nats-${i + 1}`, p, () => healthy(ports[i]!.http), 12_000)));
+  try {
+    for (const [i, conf] of NATS_NODES.entries()) {
+      const nodeDir = join(dir, `n${i + 1}`);
+      mkdirSync(nodeDir);
+      for (const f of NATS_CONF_FILES) copyFileSync(f, join(nodeDir, basename(f)));
+      const cluster = read(join(nodeDir, "cluster.conf"));
+      assert.match(cluster, /store_dir: \/data\/jetstream/);
+      writeFileSync(join(nodeDir, "cluster.conf"), cluster.replace("store_dir: /data/jetstream", `store_dir: "${join(nodeDir, "js")}"`));
+      const p = ports[i]!;
+      procs.push(startProcess(bin, ["-c", join(nodeDir, basename(conf)), "-a", "127.0.0.1", "-p", String(p.client), "-m", String(p.http), "--cluster_listen", `nats://127.0.0.1:${p.route}`, "--routes", routes], { PATH: process.env.PATH, ...env }));
+    }
+    // Ready when every node reports JetStream healthy and the meta group has elected a leader.
+    const healthy = async (port: number): Promise<boolean> => {
+      const h = await fetch(`http://127.0.0.1:${port}/healthz?js-enabled-only=true`);
+      if (!h.ok) return false;
+      const jsz = (await (await fetch(`http://127.0.0.1:${port}/jsz`)).json()) as { meta_cluster?: { leader?: string; cluster_size?: number } };
+      return typeof jsz.meta_cluster?.leader === "string" && jsz.meta_cluster.leader !== "" && jsz.meta_cluster.cluster_size === 3;
+    };
+    await Promise.all(procs.map((p, i) => waitFor(`nats-${i + 1}`, p, () => healthy(ports[i]!.http), 12_000)));
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  t.after(stop);
   return { urls: ports.map((p) => `nats://127.0.0.1:${p.client}`) };
 }
 

@@ -16,6 +16,8 @@ import {
 } from "../src/services/binaries.js";
 import {
   freePort,
+  freePorts,
+  ephemeralRange,
   isPidAlive,
   isPortFree,
   natsAnswers,
@@ -139,6 +141,15 @@ test("freePort / isPortFree, and a server whose port is taken fails with its out
   const srv = await listen(port);
   t.after(() => srv.close());
   assert.equal(await isPortFree(port), false);
+
+  // A set of ports for a cluster: distinct, free, and outside the range outgoing connections use.
+  const set = await freePorts(9);
+  assert.equal(new Set(set).size, 9);
+  const [lo, hi] = ephemeralRange();
+  for (const p of set) {
+    assert.ok(p < lo || p > hi, `${p} is outside the ephemeral range ${lo}-${hi}`);
+    assert.equal(await isPortFree(p), true);
+  }
 
   const dir = tempDir(t, "tacit-nats-");
   await assert.rejects(startNats({ port, dataDir: dir, readyTimeoutMs: 5_000 }), (err: Error) => {

@@ -78,18 +78,67 @@ function killAttachedOnExit(child: ChildProcess): void {
   });
 }
 
-/** A port the OS considers free right now on `host` (another process may take it later). */
-export function freePort(host = DEFAULT_HOST): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * The range the kernel picks outgoing connections' source ports from (Linux; the IANA range
+ * elsewhere). A port handed out by `listen(0)` comes from it too, so a server started on such a
+ * port can find it taken by somebody's outgoing connection — for example a cluster node dialing
+ * its routes before its peers have bound theirs.
+ */
+export function ephemeralRange(): [number, number] {
+  try {
+    const [lo, hi] = readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/).map(Number);
+    if (lo && hi && lo <= hi) return [lo, hi];
+  } catch {
+    // not Linux
+  }
+  return [49152, 65535];
+}
+
+const LOW_PORT = 20_000;
+const PORT_PROBES = 64;
+
+function listenOn(port: number, host: string): Promise<ReturnType<typeof createServer> | undefined> {
+  return new Promise((resolve) => {
     const srv = createServer();
     srv.unref();
-    srv.once("error", reject);
-    srv.listen({ port: 0, host, exclusive: true }, () => {
-      const addr = srv.address();
-      const port = typeof addr === "object" && addr !== null ? addr.port : 0;
-      srv.close(() => (port > 0 ? resolve(port) : reject(new Error("could not read the allocated port"))));
-    });
+    srv.once("error", () => resolve(undefined));
+    srv.listen({ port, host, exclusive: true }, () => resolve(srv));
   });
+}
+
+/**
+ * `n` distinct ports that are free right now on `host`, chosen below the ephemeral range so no
+ * outgoing connection can be holding one when a server binds it (another process may still
+ * take one later: callers that start servers retry on new ports). Falls back to ports the OS
+ * picks when nothing below the range is free.
+ */
+export async function freePorts(n: number, host = DEFAULT_HOST): Promise<number[]> {
+  const [lo] = ephemeralRange();
+  const held: ReturnType<typeof createServer>[] = [];
+  const ports: number[] = [];
+  try {
+    for (let probes = 0; ports.length < n && probes < PORT_PROBES * n && lo > LOW_PORT; probes++) {
+      const port = LOW_PORT + Math.floor(Math.random() * (lo - LOW_PORT));
+      if (ports.includes(port)) continue;
+      const srv = await listenOn(port, host);
+      if (srv) (held.push(srv), ports.push(port));
+    }
+    while (ports.length < n) {
+      const srv = await listenOn(0, host);
+      const addr = srv?.address();
+      if (!srv || typeof addr !== "object" || addr === null) throw new Error(`could not find a free port on ${host}`);
+      held.push(srv);
+      ports.push(addr.port);
+    }
+    return ports;
+  } finally {
+    await Promise.all(held.map((s) => new Promise((r) => s.close(r))));
+  }
+}
+
+/** A port that is free right now on `host` (see {@link freePorts}). */
+export async function freePort(host = DEFAULT_HOST): Promise<number> {
+  return (await freePorts(1, host))[0]!;
 }
 
 /** Whether `port` can be listened on at `host` right now. */
