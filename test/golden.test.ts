@@ -4,11 +4,13 @@
 // a replay of the whole pipeline, a replay of one stage from the middle, a rebuild after wiping
 // Redis, a run with two workers of which one is SIGKILLed three times, a redrive of dead letters
 // after a config fix — must end with exactly the same labels and features, and no label_id +
-// revision published twice. The golden pipeline's duplicate window is 1 s, so every replay below
-// is older than it: JetStream's de-duplication cannot hide a repeat.
+// revision published twice; and a label rule fixed after the fact, with label-derive rebuilt,
+// must end as if the fixed rule had run from the start, re-publishing only the labels that
+// changed. The golden pipeline's duplicate window is 1 s, so every replay below is older than it:
+// JetStream's de-duplication cannot hide a repeat.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
@@ -23,7 +25,7 @@ import type { Pipeline } from "../src/config/types.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
-import type { ReplayReport } from "../src/runtime/replay.js";
+import { groupState, keptByRebuild, type ReplayReport } from "../src/runtime/replay.js";
 import { stageGroups, streamName } from "../src/runtime/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { simulate } from "../src/sim/simulate.js";
@@ -66,10 +68,18 @@ function inputStreams(p: Pipeline): string[] {
 /** Every durable drained, twice in a row (first stage to last, so nothing is in between). */
 async function quiescent(p: Pipeline, nats: NatsHandles, what: string, timeoutMs = 120_000): Promise<void> {
   let streak = 0;
-  await eventually(what, async () => {
-    streak = (await consumersDrained(nats, inputStreams(p))) ? streak + 1 : 0;
-    return streak >= 3;
-  }, timeoutMs, 150);
+  try {
+    await eventually(what, async () => {
+      streak = (await consumersDrained(nats, inputStreams(p))) ? streak + 1 : 0;
+      return streak >= 3;
+    }, timeoutMs, 150);
+  } catch (err) {
+    const behind: string[] = [];
+    for (const s of inputStreams(p)) {
+      for await (const ci of nats.jsm.consumers.list(s)) if (ci.num_pending || ci.num_ack_pending) behind.push(`${ci.name}: pending ${ci.num_pending}, unacked ${ci.num_ack_pending}, waiting ${ci.num_waiting}`);
+    }
+    throw new Error(`${(err as Error).message}; behind: ${behind.join("; ")}`);
+  }
 }
 
 /** What a run produced: labels as published (emitted_at left out), features, side-output counts. */
@@ -127,8 +137,34 @@ async function cliJson<T>(s: TestServers, args: string[]): Promise<T> {
 }
 
 /** Runs `tacit replay …` and returns its report. */
-function replayCli(s: TestServers, args: string[]): Promise<ReplayReport> {
-  return cliJson<ReplayReport>(s, ["replay", PIPELINE, ...setArgs(["streams.duplicate_window=1s"]), "--yes", ...args]);
+function replayCli(s: TestServers, args: string[], sets: string[] = []): Promise<ReplayReport> {
+  return cliJson<ReplayReport>(s, ["replay", PIPELINE, ...setArgs(["streams.duplicate_window=1s", ...sets]), "--yes", ...args]);
+}
+
+/** The default label rules with one rule changed after the fact: `accept` weighs 0.8 (version 2). */
+function fixedRules(): string {
+  const text = readFileSync(join(ROOT, "config", "label-rules.yaml"), "utf8");
+  const at = text.indexOf("  - name: accept\n");
+  const end = text.indexOf("\n  - name: ", at + 1);
+  assert.ok(at > 0 && end > at, "the default rules have an accept rule");
+  const rule = text.slice(at, end).replace("version: 1", "version: 2").replace("base: 1.0", "base: 0.8");
+  assert.notEqual(rule, text.slice(at, end));
+  const file = join(mkdtempSync(join(tmpdir(), "tacit-rules-")), "label-rules.yaml");
+  writeFileSync(file, text.slice(0, at) + rule + text.slice(end));
+  return file;
+}
+
+/** The latest revision of every label, without its revision number. */
+function latest(s: Snapshot): Map<string, string> {
+  const best = new Map<string, { rev: number; json: string }>();
+  for (const [key, json] of s.labels) {
+    const [id, rev] = [key.slice(0, key.lastIndexOf(":")), Number(key.slice(key.lastIndexOf(":") + 1))];
+    if ((best.get(id)?.rev ?? -1) < rev) best.set(id, { rev, json });
+  }
+  return new Map([...best].map(([id, { json }]) => {
+    const { revision: _r, ...rest } = JSON.parse(json) as { revision: number };
+    return [id, JSON.stringify(rest)];
+  }));
 }
 
 interface Env {
@@ -165,13 +201,30 @@ async function startWorker(e: Env, p: Pipeline): Promise<Worker> {
   return worker;
 }
 
-/** The golden run: one in-process worker, every event published at once. */
-async function goldenRun(e: Env, p: Pipeline, lines: string[]): Promise<Snapshot> {
+/** The golden run: one in-process worker, every event published at once; the worker goes on running. */
+async function goldenRun(e: Env, p: Pipeline, lines: string[]): Promise<{ snap: Snapshot; worker: Worker }> {
   await deploy(p, e.nats);
   await publishLines(p, e.nats.js, lines, { idPrefix: "day" });
-  await startWorker(e, p);
+  const worker = await startWorker(e, p);
   await quiescent(p, e.nats, "the golden run to finish");
-  return snapshot(p, e.nats, e.redis);
+  return { snap: await snapshot(p, e.nats, e.redis), worker };
+}
+
+/** Every key of the pipeline's keyed state (`tacit:{<prefix>:…`), with its value as DUMP gives it. */
+async function stateDump(p: Pipeline, redis: Redis): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  let cursor = "0";
+  do {
+    const [next, keys] = await redis.scan(cursor, "MATCH", `tacit:{${p.subject_prefix}:*`, "COUNT", 1000);
+    cursor = next;
+    const batch = redis.pipeline();
+    for (const k of keys) batch.dumpBuffer(k);
+    for (const [i, [err, v]] of ((await batch.exec()) ?? []).entries()) {
+      if (err) throw err;
+      out.set(keys[i]!, (v as Buffer | null)?.toString("hex") ?? "");
+    }
+  } while (cursor !== "0");
+  return out;
 }
 
 let goldenCache: { lines: string[]; golden: Snapshot } | undefined;
@@ -180,20 +233,32 @@ let goldenCache: { lines: string[]; golden: Snapshot } | undefined;
 async function goldenOutput(): Promise<{ lines: string[]; golden: Snapshot }> {
   if (goldenCache) return goldenCache;
   const lines = day();
-  const golden = await withEnv((g) => goldenRun(g, load(g.servers, ["streams.duplicate_window=1s"]), lines));
+  const golden = await withEnv(async (g) => (await goldenRun(g, load(g.servers, ["streams.duplicate_window=1s"]), lines)).snap);
   return (goldenCache = { lines, golden });
 }
 
-test("golden: replaying the whole pipeline, one stage from the middle, and a rebuild after wiping Redis change no label or feature", { timeout: 180_000 }, async () => {
+test("golden: replaying the whole pipeline, one stage from the middle, and a rebuild after wiping Redis change no label or feature; rebuilding label-derive after a rule fix re-publishes only changed labels", { timeout: 180_000 }, async () => {
   await withEnv(async (e) => {
     const lines = day();
     const p = load(e.servers, ["streams.duplicate_window=1s"]);
-    const golden = await goldenRun(e, p, lines);
+    const { snap: golden, worker } = await goldenRun(e, p, lines);
     goldenCache = { lines, golden };
     assert.ok(golden.labels.size > 200, `the day produces labels (${golden.labels.size})`);
     assert.ok(golden.features.size > 100, `and features (${golden.features.size})`);
     assert.ok([...golden.labels.keys()].some((k) => !k.endsWith(":0")), "some labels were revised");
     assert.ok(golden.counts.sessions > 0 && golden.counts.dlq > 0, "sessions closed and malformed lines were dead-lettered");
+    // What the operators wrote is what their `state` docs say: every key belongs to exactly one
+    // stage group's state (what `--rebuild --stage` wipes) or is kept by every rebuild.
+    const groups = stageGroups(p, findOperator);
+    const stateOf = new Map(groups.map((g) => [g.name, groupState(p, g, findOperator)]));
+    const keep = keptByRebuild(p.subject_prefix);
+    const owners = new Map<string, number>();
+    for (const k of (await stateDump(p, e.redis)).keys()) {
+      const of = groups.filter((g) => stateOf.get(g.name)!.some((m) => m.re.test(k))).map((g) => g.name);
+      assert.equal(of.length + (keep.test(k) ? 1 : 0), 1, `${k}: one owner (${of.join(", ") || (keep.test(k) ? "kept" : "none")})`);
+      for (const g of of) owners.set(g, (owners.get(g) ?? 0) + 1);
+    }
+    for (const g of groups.filter((x) => x.keyed)) assert.ok((owners.get(g.name) ?? 0) > 0, `${g.name} wrote state`);
     await new Promise((r) => setTimeout(r, 1200)); // past the 1 s duplicate window
 
     // (a) The whole pipeline from the start, through the CLI, with the worker running.
@@ -221,6 +286,40 @@ test("golden: replaying the whole pipeline, one stage from the middle, and a reb
     assert.ok((c.seeded_labels ?? 0) >= new Set([...golden.labels.keys()].map((k) => k.split(":")[0])).size, "the label registry was re-filled from the label stream");
     await quiescent(p, e.nats, "rebuild (c) to settle");
     assertSame(await snapshot(p, e.nats, e.redis), golden, "(c) rebuild after Redis loss");
+
+    // (e) A label rule fixed after the fact: workers restarted with the fix, then label-derive
+    // rebuilt. It must end as a run of the fixed rule from the start, re-publishing only the
+    // labels that changed, and leave every other group's state and output as it was.
+    const fix = [`stages.label-derive.config.rules_file=${fixedRules()}`];
+    await worker.stop();
+    const pf = load(e.servers, ["streams.duplicate_window=1s", ...fix]);
+    await startWorker(e, pf);
+    const ld = stateOf.get("label-derive")!;
+    const before = await stateDump(pf, e.redis);
+    const untouched = (d: Map<string, string>) => new Map([...d].filter(([k]) => !ld.some((m) => m.re.test(k)) && !keep.test(k)));
+    const r = await replayCli(e.servers, ["--rebuild", "--stage", "label-derive"], fix);
+    assert.deepEqual([r.plan.groups, r.caught_up], [["label-derive"], true]);
+    assert.equal(r.wiped_keys, [...before.keys()].filter((k) => ld.some((m) => m.re.test(k))).length, "(e) wiped: label-derive's keys");
+    await quiescent(pf, e.nats, "the label-derive rebuild to settle");
+    const rebuilt = await snapshot(pf, e.nats, e.redis);
+    assert.deepEqual(untouched(await stateDump(pf, e.redis)), untouched(before), "(e) the other groups' state is untouched");
+    assert.deepEqual(rebuilt.counts, golden.counts, "(e) no event, session, late, bot record or dead letter again");
+    const expected = await withEnv(async (g) => (await goldenRun(g, load(g.servers, ["streams.duplicate_window=1s", ...fix]), lines)).snap);
+    assert.equal(rebuilt.features.size, expected.features.size, "(e) feature hashes");
+    for (const [k, v] of expected.features) assert.deepEqual(rebuilt.features.get(k), v, `(e) features of ${k} as with the fixed rule from the start`);
+    const [was, now, want] = [latest(golden), latest(rebuilt), latest(expected)];
+    const revs = (snap: Snapshot, id: string) => [...snap.labels.keys()].filter((k) => k.startsWith(`${id}:`)).sort();
+    let changed = 0;
+    for (const id of new Set([...was.keys(), ...now.keys(), ...want.keys()])) {
+      if (want.has(id)) assert.equal(now.get(id), want.get(id), `(e) label ${id} ends as with the fixed rule from the start`);
+      // A label the fixed rule no longer makes cannot be taken back (labels have no retraction):
+      // like an unchanged one, it is not published again.
+      if (!want.has(id) || was.get(id) === want.get(id)) assert.deepEqual(revs(rebuilt, id), revs(golden, id), `(e) label ${id} is not published again`);
+      else changed++;
+    }
+    assert.equal(r.labels.distinct_labels, changed, "(e) the rebuild published the changed labels, and only them");
+    const accepts = [...now.values()].filter((c) => c.includes('"rule":"accept"'));
+    assert.ok(changed > 10 && accepts.length > 10 && accepts.every((c) => c.includes('"rule_version":2')), `(e) the accept labels changed (${changed} labels changed, ${accepts.length} accept labels)`);
   });
 });
 

@@ -1,7 +1,7 @@
-// Replay: the published-label registry (unit), and against real nats-server and redis-server on
-// the small enrich → dedupe pipeline: the pause that running workers obey, replays older than
-// the duplicate window, time → sequence resolution, a rebuild that really re-applies state, and
-// the command line's usage errors.
+// Replay: the published-label registry and what a per-stage rebuild wipes (unit), and against
+// real nats-server and redis-server on the small enrich → dedupe pipeline: the pause that running
+// workers obey, replays older than the duplicate window, time → sequence resolution, a rebuild
+// (whole and of one stage) that really re-applies state, and the command line's usage errors.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync } from "node:fs";
@@ -18,23 +18,31 @@ import { projectRoot } from "../src/cli/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { ConfigError, TacitError } from "../src/core/errors.js";
-import { userKey } from "../src/core/state.js";
-import { controlKey, controlWorkersKey, pauseGroups, readControl, resumeGroups } from "../src/runtime/control.js";
+import { partitionKey, pipelineKey, userKey } from "../src/core/state.js";
+import { indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
+import { controlAcksKey, controlKey, controlWorkersKey, pauseGroups, readControl, resumeGroups } from "../src/runtime/control.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
 import {
   decideLabel,
   executeReplay,
+  fenceField,
+  fencesKey,
+  groupState,
   keptByRebuild,
   labelContentHash,
   parseReplayPoint,
   planReplay,
   seedLabel,
   selectGroups,
+  publishedKey,
   seqAtTime,
+  stateMatcher,
   versionAtLeast,
+  wipeState,
   type PublishedLabel,
+  type StateMatcher,
 } from "../src/runtime/replay.js";
 import { stageGroups, streamName } from "../src/runtime/topology.js";
 import { Worker } from "../src/runtime/worker.js";
@@ -149,6 +157,75 @@ test("replay points, versions, groups and what a rebuild keeps", () => {
   assert.throws(() => selectGroups(p, findOperator, "nope"), /unknown stage nope/);
 });
 
+// --- what a per-stage rebuild wipes --------------------------------------------------------------
+
+const FEEDBACK = join(ROOT, "pipelines", "feedback.yaml");
+const owns = (ms: StateMatcher[], key: string) => ms.some((m) => m.re.test(key));
+
+/**
+ * Keys of every kind the default pipeline writes, made with the functions that write them, by the
+ * stage that owns them (`kept`: what every rebuild keeps; `pipeline`: pipeline-wide). Ids carry
+ * colons and the tail of another stage's key, which a SCAN glob (`*` spans anything) would take.
+ */
+function keysOfFeedback(prefix: string): Record<string, string[]> {
+  const u = "Ab3_-xYz9";
+  const trap = "e:1}:features:user";
+  const stage = (name: string, ...parts: string[]) => userKey(prefix, u, name, ...parts);
+  return {
+    kept: [userKey(prefix, u, "context"), publishedKey(prefix, u, "lbl:1}:label-derive:state")],
+    pipeline: [pipelineKey(prefix, "fences"), controlKey(prefix, "label-derive"), controlAcksKey(prefix, "label-derive"), controlWorkersKey(prefix, "label-derive"), pipelineKey(prefix, "lease", "label-derive", 3), pipelineKey(prefix, "workers", "label-derive")],
+    dedupe: [stage("dedupe", "seen", "e1"), stage("dedupe", "seen", trap), stage("dedupe", "seen", "r:9}:label-derive:applied"), partitionKey(prefix, "dedupe", 0, "wm")],
+    "bot-score": [stage("bot-score", "state"), stage("bot-score", "applied"), partitionKey(prefix, "bot-score", 7, "wm")],
+    sessionize: [stage("sessionize", "sessions"), stage("sessionize", "applied"), partitionKey(prefix, "sessionize", 2, "timers"), partitionKey(prefix, "sessionize", 2, "wm")],
+    reformulation: [stage("reformulation", "state"), stage("reformulation", "applied"), partitionKey(prefix, "reformulation", 1, "wm")],
+    "label-derive": [
+      stage("label-derive", "state"),
+      stage("label-derive", "applied"),
+      userFeaturesKey(prefix, u),
+      responseFeaturesKey(prefix, u, "r:1"),
+      sessionFeaturesKey(prefix, u, "s:1"),
+      indexKey(prefix, "response", "r:1"),
+      indexKey(prefix, "session", "s:1"),
+      partitionKey(prefix, "label-derive", 5, "timers"),
+      partitionKey(prefix, "label-derive", 5, "wm"),
+    ],
+  };
+}
+
+test("a per-stage rebuild wipes exactly its group's documented state and partition marks; state shared with another group is refused", () => {
+  assert.equal(stateMatcher("tacit:{<prefix>:u:<user>}:<stage>:seen:<event_id>", "feedback", "dedupe")?.glob, "tacit:{feedback:u:*}:dedupe:seen:*");
+  assert.equal(stateMatcher("tacit:{<p>:p:<stage>:<partition>}:timers", "feedback", "sessionize")?.glob, "tacit:{feedback:p:sessionize:*}:timers");
+  const ix = stateMatcher("tacit:{<prefix>:ix:response|session:<id>}:user", "feedback", "label-derive")!;
+  assert.equal(ix.key, "tacit:{feedback:ix:response|session:<id>}:user");
+  assert.ok(ix.re.test("tacit:{feedback:ix:session:s1}:user") && !ix.re.test("tacit:{feedback:ix:query:s1}:user"));
+  assert.ok(!stateMatcher("tacit:{<p>:p:<stage>:<partition>}:timers", "feedback", "sessionize")!.re.test(partitionKey("feedback", "sessionize-b", 1, "timers")));
+  assert.equal(stateMatcher("tacit:{other}:x", "feedback", "s"), undefined, "never outside the pipeline's namespace");
+  assert.equal(stateMatcher("tacit:{<prefix>}:fences", "feedback", "s"), undefined, "never a pipeline-wide key");
+
+  const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: [], operators: findOperator });
+  const keys = keysOfFeedback(full.subject_prefix);
+  const groups = stageGroups(full, findOperator);
+  for (const g of groups) {
+    const ms = groupState(full, g, findOperator);
+    for (const [owner, ks] of Object.entries(keys)) {
+      for (const k of ks) assert.equal(owns(ms, k), owner === g.name, `${g.name} ${owner === g.name ? "wipes" : "leaves"} ${k}`);
+    }
+  }
+  // The glob alone would take another stage's key whose id carries the tail of one of ours.
+  const ld = groupState(full, groups.find((g) => g.name === "label-derive")!, findOperator);
+  assert.ok(ld.some((m) => m.glob === "tacit:{feedback:u:*}:features:user"));
+
+  // Two label-derive stages write the same features: a rebuild of one alone would lose the
+  // other's part. Stages whose keys name them (two sessionizes) share nothing.
+  const twice = (op: string) => ({ ...full, stages: [...full.stages, { ...full.stages.find((s) => s.operator === op)!, name: `${op}-b` }] });
+  const two = twice("label-derive");
+  for (const g of stageGroups(two, findOperator).filter((x) => x.name.startsWith("label-derive"))) {
+    assert.throws(() => groupState(two, g, findOperator), (err: unknown) => err instanceof ConfigError && /shared with group label-derive.*features.*without --stage/.test(err.message), g.name);
+  }
+  const s2 = twice("sessionize");
+  for (const g of stageGroups(s2, findOperator)) assert.doesNotThrow(() => groupState(s2, g, findOperator), g.name);
+});
+
 // --- against real servers ----------------------------------------------------------------------
 
 interface Env {
@@ -212,6 +289,31 @@ async function eventIds(e: Env, p: Pipeline): Promise<Map<string, number>> {
   }
   return ids;
 }
+
+/** Every key under a glob (SCAN). */
+async function scanKeys(redis: Redis, glob: string): Promise<string[]> {
+  const out: string[] = [];
+  let cursor = "0";
+  do {
+    const [next, keys] = await redis.scan(cursor, "MATCH", glob, "COUNT", 1000);
+    cursor = next;
+    out.push(...keys);
+  } while (cursor !== "0");
+  return out.sort();
+}
+
+test("wipeState on redis-server: a group's state goes, every other key of the pipeline and other pipelines' keys stay", { timeout: 30_000 }, async () => {
+  await withEnv(async (e) => {
+    const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: [], operators: findOperator });
+    const mine = keysOfFeedback(full.subject_prefix);
+    const other = Object.values(keysOfFeedback("feedback-b")).flat();
+    for (const k of [...Object.values(mine).flat(), ...other]) await e.redis.set(k, "1");
+    const ld = groupState(full, stageGroups(full, findOperator).find((g) => g.name === "label-derive")!, findOperator);
+    assert.equal(await wipeState(e.redis, full.subject_prefix, ld), mine["label-derive"]!.length);
+    const left = Object.entries(mine).filter(([owner]) => owner !== "label-derive").flatMap(([, ks]) => ks);
+    assert.deepEqual(await scanKeys(e.redis, "*"), [...left, ...other].sort());
+  });
+});
 
 test("pause: running workers stop consuming and acknowledge; a worker started meanwhile waits; resume restarts them; an unresponsive worker is named", { timeout: 90_000 }, async () => {
   await withEnv(async (e) => {
@@ -288,6 +390,29 @@ test("replaying the whole pipeline past the duplicate window repeats nothing; a 
     await publishLines(p, e.nats.js, lines.slice(0, 100), { idPrefix: "resend" });
     await drained(e, p);
     assert.equal(await count(e, p, "events"), 3000, "re-sent events are dropped by the rebuilt dedupe state");
+
+    // Only dedupe rebuilt: its claims are wiped and made again, the same; enrich's context, the
+    // label registry and enrich's fence stay, and dedupe is resumed.
+    const values = async (ks: string[]) => new Map(await Promise.all(ks.map(async (k) => [k, (await e.redis.type(k)) === "hash" ? JSON.stringify(await e.redis.hgetall(k)) : await e.redis.get(k)] as const)));
+    const prefix = p.subject_prefix;
+    await e.redis.hset(userKey(prefix, "U1", "context"), { cohort: "a" });
+    await e.redis.set(publishedKey(prefix, "U1", "lbl-1"), JSON.stringify({ R: 0, H: "h", off: 0, h: { 0: "h" } }));
+    const claims = await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:seen:*`);
+    const kept = [userKey(prefix, "U1", "context"), publishedKey(prefix, "U1", "lbl-1")];
+    const enrichFence = () => e.redis.hget(fencesKey(prefix), fenceField(streamName(p, "in"), "enrich"));
+    const [claimsBefore, keptBefore, fenceBefore] = [await values(claims), await values(kept), await enrichFence()];
+    assert.ok(fenceBefore);
+    const marks = (await scanKeys(e.redis, `tacit:{${prefix}:p:dedupe:*`)).length;
+    assert.ok(claims.length >= 2900 && marks === 4, `dedupe holds its claims (${claims.length}) and partition marks (${marks})`);
+    const st = await executeReplay(p, e.nats, e.redis, findOperator, { rebuild: true, stage: "dedupe" }, { waitMs: 60_000 });
+    assert.deepEqual([st.plan.groups, st.reread, st.caught_up], [["dedupe"], 3100, true]);
+    assert.equal(st.wiped_keys, claims.length + marks, "exactly dedupe's claims and partition marks were wiped");
+    await drained(e, p);
+    assert.deepEqual(await values(await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:seen:*`)), claimsBefore, "the same claims again");
+    assert.deepEqual(await values(kept), keptBefore);
+    assert.equal(await enrichFence(), fenceBefore);
+    assert.equal((await readControl(e.redis, p.subject_prefix, "dedupe")).paused, false);
+    assert.equal(await count(e, p, "events"), 3000, "the per-stage rebuild published nothing again");
   });
 });
 
@@ -304,7 +429,7 @@ test("tacit replay: usage errors exit 2; --dry-run reports per durable; --resume
       const code = await new Promise<number | null>((res) => r.child.once("close", res));
       return { code, out: r.stdout(), err: r.stderr() };
     };
-    for (const args of [[], ["--from", "start", "--rebuild"], ["--rebuild", "--stage", "dedupe"], ["--from", "yesterday"], ["--from", "start", "--stage", "nope"]]) {
+    for (const args of [[], ["--from", "start", "--rebuild"], ["--rebuild", "--to", "5"], ["--from", "yesterday"], ["--from", "start", "--stage", "nope"]]) {
       const r = await run(args);
       assert.equal(r.code, 2, `${args.join(" ")}: ${r.err}`);
       assert.match(r.err, /tacit: /);
@@ -314,6 +439,11 @@ test("tacit replay: usage errors exit 2; --dry-run reports per durable; --resume
     assert.match(dry.out, /enrich: 200 messages to read again/);
     assert.match(dry.out, /dedupe: 200 messages to read again/);
     assert.match(dry.out, /0 live worker\(s\)/);
+    const dryRebuild = await run(["--rebuild", "--stage", "dedupe", "--dry-run"]);
+    assert.equal(dryRebuild.code, 0, dryRebuild.err);
+    assert.match(dryRebuild.out, /^rebuild of cli from start/);
+    assert.doesNotMatch(dryRebuild.out, /enrich:/);
+    assert.match(dryRebuild.out, /wipes: tacit:\{cli:p:dedupe:<partition>\}:<key>, tacit:\{cli:u:<user>\}:dedupe:seen:<event_id> \(keeps/);
     // Without --yes and without a terminal, a replay refuses.
     const noYes = await run(["--from", "start"]);
     assert.equal(noYes.code, 2);

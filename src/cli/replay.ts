@@ -6,7 +6,7 @@ import { parseDuration } from "../core/duration.js";
 import { ConfigError } from "../core/errors.js";
 import { resumeGroups, readControl } from "../runtime/control.js";
 import { connectNats } from "../runtime/nats.js";
-import { executeReplay, formatPlan, formatReport, parseReplayPoint, planReplay, selectGroups, type ReplayRequest } from "../runtime/replay.js";
+import { executeReplay, formatPlan, formatReport, groupState, parseReplayPoint, planReplay, selectGroups, type ReplayRequest } from "../runtime/replay.js";
 import { stageGroups } from "../runtime/topology.js";
 import { openPipelineRedis } from "../state/redis.js";
 import { action, loadForCli, out, pipelineCommand, type PipelineOptions } from "./common.js";
@@ -53,23 +53,30 @@ paused through Redis for the rewind and resume by themselves.
 --rebuild  for lost or corrupt Redis state: wipes the pipeline's state (keeps enrich's context
          lookups and the published-label registry, which is re-filled from the label stream),
          and replays every stage from the start of its stream
+--rebuild --stage <group>  wipes only that group's state (what its operators document as their
+         state, and its partitions' marks) and replays it from the start of its input stream:
+         after a fixed label rule is deployed, \`--rebuild --stage label-derive\` recomputes labels
+         and features with it; labels that change get a new revision of their label_id, the
+         others are not published again. Only labels are re-published: the groups after the
+         rebuilt one keep what they received. The dry run lists the keys it wipes
 --resume   clears a pause left by a replay that died
 
 Examples:
   tacit replay pipelines/feedback.yaml --from 2026-01-01T09:00:00Z --dry-run
   tacit replay pipelines/feedback.yaml --stage sessionize --from 120345 --yes
   tacit replay pipelines/feedback.yaml --rebuild --yes
+  tacit replay pipelines/feedback.yaml --rebuild --stage label-derive --dry-run
 `;
 
 export function registerReplay(program: Command): void {
   pipelineCommand(
     program
       .command("replay <pipeline>")
-      .description("rewind stage consumers to a time or sequence (or rebuild all state); workers pause and resume by themselves")
+      .description("rewind stage consumers to a time or sequence (or rebuild state); workers pause and resume by themselves")
       .option("--from <time|seq|start>", "where to start re-reading (RFC 3339 time, stream sequence, or start)")
       .option("--to <time|seq>", "where progress and the report stop counting")
       .option("--stage <group>", "only this stage group (by its first stage's name); default: the whole pipeline, in order")
-      .option("--rebuild", "wipe the pipeline's Redis state and replay every stage from the start")
+      .option("--rebuild", "wipe the Redis state (of --stage's group, or all) and replay from the start of the streams")
       .option("--resume", "clear a pause left behind by a replay that died, and exit")
       .option("--dry-run", "show what would be read again (messages per durable, time span) and change nothing")
       .option("--yes", "do not ask for confirmation")
@@ -81,7 +88,6 @@ export function registerReplay(program: Command): void {
       const p = loadForCli(file, opts);
       const modes = [opts.from !== undefined, !!opts.rebuild, !!opts.resume].filter(Boolean).length;
       if (modes !== 1) throw new ConfigError("give exactly one of --from <time|seq|start>, --rebuild or --resume");
-      if (opts.rebuild && opts.stage) throw new ConfigError("--rebuild covers the whole pipeline (state is shared by the stages); leave out --stage");
       if (opts.rebuild && opts.to) throw new ConfigError("--rebuild reads everything; leave out --to");
       const req: ReplayRequest = {
         ...(opts.from !== undefined ? { from: parseReplayPoint(opts.from, "--from") } : {}),
@@ -91,7 +97,8 @@ export function registerReplay(program: Command): void {
       };
       const pauseTimeoutMs = parseDuration(opts.pauseTimeout, "--pause-timeout");
       const waitMs = parseDuration(opts.wait, "--wait");
-      if (opts.stage) selectGroups(p, findOperator, opts.stage); // usage errors before connecting
+      // Usage errors before connecting.
+      if (opts.stage) for (const g of selectGroups(p, findOperator, opts.stage)) if (opts.rebuild) groupState(p, g, findOperator);
 
       const redis = openPipelineRedis(p);
       const nats = await connectNats(p, "tacit-replay");
@@ -114,7 +121,9 @@ export function registerReplay(program: Command): void {
         const total = Object.values(plan.reread).reduce((a, b) => a + b, 0);
         if (!opts.json) process.stderr.write(formatPlan(plan) + "\n");
         await confirm(
-          opts.rebuild ? `Wipe the Redis state of ${p.name} and replay ${total} messages?` : `Replay ${total} messages of ${plan.groups.join(", ")}?`,
+          opts.rebuild
+            ? `Wipe the Redis state of ${opts.stage ? `stage group ${opts.stage} of ` : ""}${p.name} and replay ${total} messages?`
+            : `Replay ${total} messages of ${plan.groups.join(", ")}?`,
           opts.yes,
         );
         const tty = process.stderr.isTTY && !opts.json;

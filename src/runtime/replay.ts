@@ -202,6 +202,8 @@ export interface ReplayPlan {
   live_workers: Record<string, string[]>;
   /** True when the server has a consumer reset API (nats-server ≥ 2.14); else durables are deleted and recreated. */
   reset_api: boolean;
+  /** Rebuild: the Redis keys it wipes (documented keys, placeholders for any value); enrich's context and the label registry are kept. */
+  wipe?: string[];
 }
 
 export interface ReplayRequest {
@@ -209,6 +211,11 @@ export interface ReplayRequest {
   to?: ReplayPoint;
   /** A stage group (its first stage's name); every group when absent. */
   stage?: string;
+  /**
+   * Wipe the state (of `stage`'s group, or all of it) and read the streams from their start.
+   * Outputs other than labels are not published again, so the groups after a rebuilt one keep
+   * what they received; labels that come out different are published as new revisions.
+   */
   rebuild?: boolean;
 }
 
@@ -285,7 +292,8 @@ async function streamTime(nats: NatsHandles, stream: string, seq: number): Promi
  * settled ack floors.
  */
 export async function planReplay(p: Pipeline, nats: NatsHandles, redis: Redis | Cluster, operators: (n: string) => OperatorSpec<any> | undefined, req: ReplayRequest): Promise<ReplayPlan> {
-  const groups = req.rebuild ? stageGroups(p, operators) : selectGroups(p, operators, req.stage);
+  const groups = selectGroups(p, operators, req.stage);
+  const wipe = req.rebuild ? wipedState(p, groups, operators, req.stage) : undefined;
   const from: ReplayPoint = req.rebuild ? { kind: "start" } : (req.from ?? { kind: "start" });
   const desired = new Map(desiredConsumers(p, stageGroups(p, operators)).map((d) => [fenceField(d.stream, d.config.durable_name), d]));
   const fences = await redis.hgetall(fencesKey(p.subject_prefix));
@@ -368,6 +376,7 @@ export async function planReplay(p: Pipeline, nats: NatsHandles, redis: Redis | 
     span,
     live_workers: live,
     reset_api: versionAtLeast(version, "2.14.0"),
+    ...(wipe ? { wipe: wipe === "all" ? [`tacit:{${p.subject_prefix}:*`] : wipe.map((m) => m.key) } : {}),
   };
 }
 
@@ -392,30 +401,138 @@ export function keptByRebuild(prefix: string): RegExp {
   return new RegExp(`^tacit:\\{${p}:u:[^}]*\\}:(context|published:.*)$`);
 }
 
+/** Keys of one piece of documented state: a SCAN glob for the server and an exact test for each key found. */
+export interface StateMatcher {
+  /** The documented key, with the pipeline's prefix and the stage filled in (for plans and errors). */
+  key: string;
+  glob: string;
+  re: RegExp;
+}
+
+const PLACEHOLDER = /<([a-z_]+)>|([\w-]+(?:\|[\w-]+)+)/g;
+const reEscape = (t: string) => t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+const globEscape = (t: string) => t.replace(/[*?[\]\\]/g, "\\$&");
+
 /**
- * Deletes the pipeline's state (`tacit:{<prefix>:*`: users, partitions, feature indexes) except
- * what `keptByRebuild` names. Pipeline-wide keys (`tacit:{<prefix>}:…`: leases, control, fences)
- * are not matched. Returns how many keys were deleted.
+ * The keys of one state doc (`tacit:{<prefix>:u:<user>}:<stage>:state`, as operators write it in
+ * `state`) for one stage: prefix and stage filled in, `a|b` either word, `<partition>` digits,
+ * any other placeholder any value. A placeholder inside the hash tag never spans its `}`: a user
+ * or id cannot carry the tail of another stage's key, so the exact test never takes another
+ * stage's key even when the SCAN glob (whose `*` spans anything) does. Undefined for a key
+ * outside the pipeline's keyed state (`tacit:{<prefix>:…`): pipeline-wide keys are never wiped.
  */
-export async function wipeState(redis: Redis | Cluster, prefix: string): Promise<number> {
+export function stateMatcher(template: string, prefix: string, stage: string): StateMatcher | undefined {
+  let key = "";
+  let glob = "";
+  let re = "";
+  let inTag = false;
+  const literal = (t: string) => {
+    for (const ch of t) {
+      if (ch === "{") inTag = true;
+      else if (ch === "}") inTag = false;
+    }
+    key += t;
+    glob += globEscape(t);
+    re += reEscape(t);
+  };
+  let at = 0;
+  for (const m of template.matchAll(PLACEHOLDER)) {
+    literal(template.slice(at, m.index));
+    at = m.index + m[0].length;
+    const name = m[1];
+    if (name === "prefix" || name === "p") literal(prefix);
+    else if (name === "stage") literal(stage);
+    else {
+      key += m[0];
+      glob += "*";
+      re += name === undefined ? `(?:${m[2]!.split("|").map(reEscape).join("|")})` : name === "partition" ? "\\d+" : inTag ? "[^{}]+" : ".+";
+    }
+  }
+  literal(template.slice(at));
+  return key.startsWith(`tacit:{${prefix}:`) ? { key, glob, re: new RegExp(`^${re}$`) } : undefined;
+}
+
+/** One key a doc names, placeholders filled with sample values (`a|b`: one key per word). */
+function sampleKeys(template: string, prefix: string, stage: string): string[] {
+  const alt = /[\w-]+(?:\|[\w-]+)+/.exec(template);
+  if (alt) return alt[0].split("|").flatMap((w) => sampleKeys(template.slice(0, alt.index) + w + template.slice(alt.index + alt[0].length), prefix, stage));
+  return [template.replace(/<([a-z_]+)>/g, (_m, n: string) => (n === "prefix" || n === "p" ? prefix : n === "stage" ? stage : n === "partition" ? "0" : `x-${n}`))];
+}
+
+/** Every state doc of a group's stages, plus the runtime's per-partition keys (watermarks, applied marks) under the group's name. */
+function groupDocs(g: StageGroup, operators: (n: string) => OperatorSpec<any> | undefined): { template: string; stage: string }[] {
+  const docs = [{ template: "tacit:{<prefix>:p:<stage>:<partition>}:<key>", stage: g.name }];
+  for (const s of g.stages) for (const d of operators(s.operator)?.state ?? []) docs.push({ template: d.key, stage: s.name });
+  return docs;
+}
+
+/**
+ * What `--rebuild --stage` wipes of one group: its operators' documented state and the runtime's
+ * per-partition keys of the group, without what every rebuild keeps (`keptByRebuild`). A key
+ * that does not name its stage (label-derive's features and feature index) belongs to the group
+ * only while no stage of another group writes the same key; otherwise wiping it would drop the
+ * other group's part, which a replay of this group does not recompute — so that is a ConfigError
+ * (rebuild the whole pipeline instead). Wiping label-derive's features with its state is
+ * what makes the rebuild right: they are increments applied in the same commits as the state,
+ * so kept, the replay would count every input a second time.
+ */
+export function groupState(p: Pipeline, g: StageGroup, operators: (n: string) => OperatorSpec<any> | undefined): StateMatcher[] {
+  const prefix = p.subject_prefix;
+  const keep = keptByRebuild(prefix);
+  const matchers = (x: StageGroup) =>
+    groupDocs(x, operators)
+      .filter((d) => sampleKeys(d.template, prefix, d.stage).some((k) => !keep.test(k)))
+      .flatMap((d) => stateMatcher(d.template, prefix, d.stage) ?? []);
+  const samples = (x: StageGroup) => groupDocs(x, operators).flatMap((d) => sampleKeys(d.template, prefix, d.stage)).filter((k) => !keep.test(k));
+  const mine = matchers(g);
+  for (const other of stageGroups(p, operators)) {
+    if (other.name === g.name) continue;
+    const theirs = matchers(other);
+    const shared = [
+      ...samples(other).flatMap((k) => mine.filter((m) => m.re.test(k))),
+      ...samples(g).flatMap((k) => theirs.filter((m) => m.re.test(k))),
+    ];
+    if (shared.length > 0) {
+      throw new ConfigError(
+        `the state of stage group ${g.name} is shared with group ${other.name} (${shared[0]!.key}): a rebuild of ${g.name} alone would wipe what ${other.name} wrote there; rebuild the whole pipeline (--rebuild without --stage)`,
+      );
+    }
+  }
+  return mine;
+}
+
+/**
+ * Deletes the pipeline's state (`tacit:{<prefix>:*`: users, partitions, feature indexes), or only
+ * the keys of `only` (a group's state), except what `keptByRebuild` names. Pipeline-wide keys
+ * (`tacit:{<prefix>}:…`: leases, control, fences) are never matched. Returns how many were deleted.
+ */
+export async function wipeState(redis: Redis | Cluster, prefix: string, only?: StateMatcher[]): Promise<number> {
   const keep = keptByRebuild(prefix);
   const nodes = redis instanceof RedisCluster ? redis.nodes("master") : [redis as Redis];
+  const scans = only?.map((m) => ({ glob: m.glob, test: (k: string) => m.re.test(k) })) ?? [{ glob: `tacit:{${globEscape(prefix)}:*`, test: () => true }];
   let n = 0;
   for (const node of nodes) {
-    let cursor = "0";
-    do {
-      const [next, keys] = await node.scan(cursor, "MATCH", `tacit:{${prefix}:*`, "COUNT", 1000);
-      cursor = next;
-      const doomed = keys.filter((k) => !keep.test(k));
-      if (doomed.length === 0) continue;
-      const res = (await node.pipeline(doomed.map((k) => ["unlink", k])).exec()) ?? [];
-      for (const [err, v] of res) {
-        if (err) throw err;
-        n += Number(v);
-      }
-    } while (cursor !== "0");
+    for (const scan of scans) {
+      let cursor = "0";
+      do {
+        const [next, keys] = await node.scan(cursor, "MATCH", scan.glob, "COUNT", 1000);
+        cursor = next;
+        const doomed = keys.filter((k) => scan.test(k) && !keep.test(k));
+        if (doomed.length === 0) continue;
+        const res = (await node.pipeline(doomed.map((k) => ["unlink", k])).exec()) ?? [];
+        for (const [err, v] of res) {
+          if (err) throw err;
+          n += Number(v);
+        }
+      } while (cursor !== "0");
+    }
   }
   return n;
+}
+
+/** What a rebuild wipes: everything (no stage given), or the state of the stage's group. */
+function wipedState(p: Pipeline, groups: StageGroup[], operators: (n: string) => OperatorSpec<any> | undefined, stage: string | undefined): StateMatcher[] | "all" {
+  return stage === undefined ? "all" : groups.flatMap((g) => groupState(p, g, operators));
 }
 
 /**
@@ -561,11 +678,13 @@ export async function executeReplay(
   opts: ExecuteOptions = {},
 ): Promise<ReplayReport> {
   const t0 = Date.now();
-  const groups = req.rebuild ? stageGroups(p, operators) : selectGroups(p, operators, req.stage);
+  const groups = selectGroups(p, operators, req.stage);
   const names = groups.map((g) => g.name);
+  // Before the pause: a group whose state is shared with another is refused with nothing changed.
+  const wipe = req.rebuild ? wipedState(p, groups, operators, req.stage) : undefined;
   const log = opts.log ?? (() => undefined);
   const paused = await pauseGroups(redis, p.subject_prefix, names, {
-    reason: req.rebuild ? "tacit replay --rebuild" : `tacit replay --from ${req.from?.kind === "seq" ? req.from.seq : req.from?.kind === "time" ? new Date(req.from.ms).toISOString() : "start"}`,
+    reason: req.rebuild ? `tacit replay --rebuild${req.stage ? ` --stage ${req.stage}` : ""}` : `tacit replay --from ${req.from?.kind === "seq" ? req.from.seq : req.from?.kind === "time" ? new Date(req.from.ms).toISOString() : "start"}`,
     by: `${hostname()}:${process.pid}`,
     timeoutMs: opts.pauseTimeoutMs,
     onWait: opts.onPauseWait,
@@ -577,10 +696,10 @@ export async function executeReplay(
     const before = await streamMarks(p, nats, operators);
     let wiped: number | undefined;
     let seeded: number | undefined;
-    if (req.rebuild) {
-      wiped = await wipeState(redis, p.subject_prefix);
+    if (wipe) {
+      wiped = await wipeState(redis, p.subject_prefix, wipe === "all" ? undefined : wipe);
       seeded = await seedRegistry(p, nats, redis);
-      log(`wiped ${wiped} state keys; the label registry knows ${seeded} more labels from the label stream`);
+      log(`wiped ${wiped} state keys${wipe === "all" ? "" : ` of ${names.join(", ")}`}; the label registry knows ${seeded} more labels from the label stream`);
     }
     // Fences first: a durable must never deliver again before its fence is in place.
     const fences = new Map<string, string>();
@@ -695,6 +814,7 @@ export function formatPlan(plan: ReplayPlan): string {
       lines.push(`    ${d.durable}: from seq ${d.start} to ${d.target} (${d.reread} msgs; ack floor ${d.ack_floor}${d.exists ? "" : ", durable missing: will be created"})`);
     }
   }
+  if (plan.wipe) lines.push(`  wipes: ${plan.wipe.join(", ")} (keeps enrich's context and the label registry)`);
   lines.push(`  total: ${Object.values(plan.reread).reduce((a, b) => a + b, 0)} messages`);
   return lines.join("\n");
 }
