@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Cluster, Redis } from "ioredis";
 import { ensureBinaries } from "../src/services/binaries.js";
-import { freePort, redisAnswers } from "../src/services/processes.js";
+import { freePort, freePorts, redisAnswers } from "../src/services/processes.js";
 import { TransientError } from "../src/core/errors.js";
 import { partitionKey, userKey, type StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
@@ -245,6 +245,22 @@ test("a fractional guard TTL and non-finite range bounds are accepted", async ()
   assert.deepEqual(await store.zrangeByScore(k("z"), Number.NEGATIVE_INFINITY, Number.POSITIVE_INFINITY), [{ member: "a", score: 2 }]);
 });
 
+test("on one Redis a commit is all or nothing when Redis refuses it while queueing (out of memory), and keeps its order", async (t) => {
+  assert.equal(store.inOrder, true);
+  const k = (n: number) => userKey("oomtest", `u${n}`, "x");
+  const progress = partitionKey("oomtest", "s", 0, "wm");
+  const groups = [1, 2, 3].map((n) => ({ ops: [{ op: "set" as const, key: k(n), value: `v${n}` }] }));
+  await redis.config("SET", "maxmemory-policy", "noeviction");
+  await redis.config("SET", "maxmemory", "1");
+  t.after(() => redis.config("SET", "maxmemory", "0"));
+  await assert.rejects(store.commit([...groups, { ops: [{ op: "hset", key: progress, fields: { applied_seq: 9 } }] }]), TransientError);
+  await redis.config("SET", "maxmemory", "0");
+  assert.deepEqual(await store.get([k(1), k(2), k(3)]), [null, null, null], "no group applied");
+  assert.deepEqual(await store.hgetall(progress), {}, "and not the progress put last");
+  assert.deepEqual(await store.commit([...groups, { ops: [{ op: "hset", key: progress, fields: { applied_seq: 9 } }] }]), [true, true, true, true]);
+  assert.deepEqual(await store.get([k(1), k(2), k(3)]), ["v1", "v2", "v3"]);
+});
+
 test("commands fail as retryable TransientErrors when Redis is unreachable", async () => {
   const dead = new Redis({ port: 1, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false });
   const s = new RedisStateStore(dead);
@@ -274,16 +290,15 @@ async function startCluster(t: TestContext): Promise<{ ports: number[] }> {
     }
     rmSync(dir, { recursive: true, force: true });
   });
-  const ports: number[] = [];
-  for (let i = 0; i < 3; i++) {
-    const port = await freePort();
+  // Each node's cluster bus listens on port + 10000: both must be free.
+  const ports = await freePorts(3, "127.0.0.1", 10_000);
+  for (const port of ports) {
     const child = spawn(
       bins.redis,
       ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", `nodes-${port}.conf`, "--protected-mode", "no"],
       { stdio: "ignore" },
     );
     children.push(child);
-    ports.push(port);
   }
   for (const port of ports) {
     const deadline = Date.now() + 10_000;

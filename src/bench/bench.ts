@@ -4,6 +4,7 @@ import type { Logger, OperatorSpec } from "../core/operator.js";
 import { percentile } from "../telemetry/metrics.js";
 import { applyDeploy, planDeploy } from "../runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
+import { publisherFor } from "../runtime/jspub.js";
 import { publishLines } from "../runtime/publisher.js";
 import { durableName, stageGroups, streamName } from "../runtime/topology.js";
 import { Worker } from "../runtime/worker.js";
@@ -26,6 +27,12 @@ export interface RateResult {
   events: number;
   seconds: number;
   events_per_s: number;
+  /**
+   * CPU time of this process (user + system) per event over the timed phase: what the work costs
+   * the worker, which a busy machine changes far less than it changes the rate. The servers'
+   * CPU is not included.
+   */
+  cpu_us_per_event: number;
 }
 
 export interface LatencyResult {
@@ -80,6 +87,11 @@ export function* benchEvents(n: number, users: number, t0: number, stamp?: () =>
   }
 }
 
+function cpuMicros(since: NodeJS.CpuUsage): number {
+  const d = process.cpuUsage(since);
+  return d.user + d.system;
+}
+
 async function waitUntil(pred: () => Promise<boolean>, timeoutMs: number, everyMs = 50): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (!(await pred())) {
@@ -94,8 +106,9 @@ async function ensureStream(nats: NatsHandles, name: string, subjects: string[])
 }
 
 /**
- * The do-nothing relay: consume → publish → ack, written with the runtime's batching (micro-batches
- * from `consume`, all publishes of a batch in flight, then the acks). The yardstick for the pipeline.
+ * The do-nothing relay: consume → publish → ack, written with the runtime's batching and publisher
+ * (micro-batches from `consume`, all publishes of a batch in flight at once, then the acks). The
+ * yardstick for the pipeline.
  */
 async function relay(nats: NatsHandles, inStream: string, outSubject: string, batch: number, signal: { stop: boolean }): Promise<void> {
   await nats.jsm.consumers.add(inStream, { durable_name: "relay", ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All, max_ack_pending: batch * 4, ack_wait: 30_000_000_000 });
@@ -109,7 +122,8 @@ async function relay(nats: NatsHandles, inStream: string, outSubject: string, ba
       continue;
     }
     const take = buffer.splice(0, batch);
-    await Promise.all(take.map((m) => nats.js.publish(outSubject, m.data, { msgID: `relay:${m.seq}` })));
+    const pub = publisherFor(nats.nc);
+    await Promise.all(take.map((m) => pub.publish(outSubject, m.data, { msgID: `relay:${m.seq}` })));
     for (const m of take) m.ack();
   }
   await msgs.close();
@@ -196,10 +210,12 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
     await publishRaw(nats, `${pipeline.subject_prefix}.relay.in`, lines);
     const sig = { stop: false };
+    const cpu0 = process.cpuUsage();
     const start = performance.now();
     const relayDone = relay(nats, rin, `${pipeline.subject_prefix}.relay.out`, batch, sig);
     await waitUntil(async () => (await streamMessages(nats, rout)) >= opts.events, 600_000);
     const relaySecs = (performance.now() - start) / 1000;
+    const relayCpu = cpuMicros(cpu0);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users, `${pipeline.subject_prefix}.relay.in`);
     const relayLatencies = await relayLat;
@@ -213,6 +229,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const groups = stageGroups(pipeline, operators);
     const durables = groups.flatMap((g) => (g.keyed ? [...Array(pipeline.partitions).keys()].map((n) => [g.inputStream, durableName(g, n)]) : [[g.inputStream, durableName(g)]]));
     const worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    const pcpu0 = process.cpuUsage();
     const pstart = performance.now();
     await worker.start();
     const first = groups[0]!;
@@ -226,6 +243,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       return true;
     }, 900_000, 100);
     const pipeSecs = (performance.now() - pstart) / 1000;
+    const pipeCpu = cpuMicros(pcpu0);
     const outputs = await streamMessages(nats, streamName(pipeline, "events"));
     const dlq = await streamMessages(nats, streamName(pipeline, "dlq"));
     let dropped = 0;
@@ -243,12 +261,14 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       relay: {
         events: opts.events,
         seconds: relaySecs,
+        cpu_us_per_event: relayCpu / opts.events,
         events_per_s: relayRate,
         latency: { events: relayLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(relayLatencies, 50), p99_ms: percentile(relayLatencies, 99) },
       },
       pipeline: {
         events: opts.events,
         seconds: pipeSecs,
+        cpu_us_per_event: pipeCpu / opts.events,
         events_per_s: pipeRate,
         stages: pipeline.stages.map((s) => s.name),
         outputs,

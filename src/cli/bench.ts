@@ -15,8 +15,8 @@ function fmt(r: BenchResult): string {
   const ms = (x: number) => (Number.isFinite(x) ? `${x.toFixed(1)} ms` : "-");
   return [
     `events: ${r.events} on ${r.machine.cpus} cores, node ${r.machine.node}`,
-    `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
-    `pipeline  ${n(r.pipeline.events_per_s).padStart(9)} events/s  (${r.pipeline.seconds.toFixed(2)} s)   latency p50 ${ms(r.pipeline.latency.p50_ms)}  p99 ${ms(r.pipeline.latency.p99_ms)} at ${r.pipeline.latency.rate_per_s}/s`,
+    `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
+    `pipeline  ${n(r.pipeline.events_per_s).padStart(9)} events/s  (${r.pipeline.seconds.toFixed(2)} s, ${n(r.pipeline.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.pipeline.latency.p50_ms)}  p99 ${ms(r.pipeline.latency.p99_ms)} at ${r.pipeline.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${r.pipeline.stages.join(" → ")}`,
     `outputs ${r.pipeline.outputs}, dropped ${r.pipeline.dropped}, dead letters ${r.pipeline.dlq}`,
   ].join("\n");

@@ -45,6 +45,14 @@ export interface StateStore {
   claim(items: ClaimItem[]): Promise<(string | null)[]>;
   /** Applies commit groups (each atomically); true where applied, false where fenced off. */
   commit(groups: CommitGroup[]): Promise<boolean[]>;
+  /**
+   * Whether `commit` applies its groups in the order given and together (one Redis server: one
+   * MULTI/EXEC, which applies none when Redis refuses one while queueing, out of memory above
+   * all), so a group put last lands with the others. A group that fails while running (a wrong
+   * key type: a bug) does not undo the rest; the commit still rejects and the batch is retried.
+   * False on Redis Cluster, where groups of different hash tags run in parallel on different nodes.
+   */
+  readonly inOrder: boolean;
   /** Deletes every key under a prefix pattern (used by rebuild); returns how many. */
   wipe(pattern: string): Promise<number>;
 }

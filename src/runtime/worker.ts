@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import { headers as natsHeaders } from "@nats-io/transport-node";
-import { DeliverPolicy, JetStreamApiError, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type JsMsg } from "@nats-io/jetstream";
 import type { Redis, Cluster } from "ioredis";
 import type { Pipeline, Stage } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
@@ -16,6 +16,7 @@ import { startStageSpan } from "../telemetry/tracing.js";
 import { ControlLoop } from "./control.js";
 import { PartitionLeases } from "./leases.js";
 import { connectNats, type NatsHandles } from "./nats.js";
+import { publisherFor } from "./jspub.js";
 import { OP_REVISION_HEADER, decideLabel, fenceField, fencesKey, labelContentHash, parseFence, publishedKey, type Fence, type PublishedLabel } from "./replay.js";
 import { dlqSubject, durableName, nextSubject, outputSubject, stageGroups, type StageGroup } from "./topology.js";
 
@@ -468,20 +469,23 @@ export class Worker {
    */
   async publishAll(g: StageGroup, msgs: JsMsg[], results: MsgResult[], sink: MsgResult): Promise<CommitGroup[]> {
     const p = this.opts.pipeline;
-    const js = this.nats!.js;
-    const pending: Promise<unknown>[] = [];
+    const pub = publisherFor(this.nats!.nc);
+    // Issued without an await in between (until max_in_flight are out), so a batch's publishes
+    // leave in a few socket writes.
     const limit = p.runtime.max_in_flight;
-    const send = async (subject: string, data: Uint8Array, msgID: string, hdrs?: ReturnType<typeof natsHeaders>) => {
-      if (pending.length >= limit) {
-        await Promise.all(pending);
-        pending.length = 0;
-      }
-      pending.push(js.publish(subject, data, { msgID, headers: hdrs, timeout: 10_000 }));
+    const pending: Promise<unknown>[] = [];
+    const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: ReturnType<typeof natsHeaders>) => {
+      pending.push(pub.publish(subject, data, { msgID, headers: hdrs }));
+    };
+    // Awaited only when full: an await per input would yield to nats.js's flush each time.
+    const drain = async () => {
+      await Promise.all(pending);
+      pending.length = 0;
     };
     const { plan, commits } = await this.planLabels(results, sink);
     const last = g.index === this.allGroups.length - 1;
     const now = Date.now();
-    const emitOut = async (e: Emit, traceparent?: string, redriven?: string) => {
+    const emitOut = (e: Emit, traceparent?: string, redriven?: string) => {
       let value = e.value;
       let id = e.id;
       let hdrs: ReturnType<typeof natsHeaders> | undefined;
@@ -506,7 +510,7 @@ export class Worker {
         const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
         if (Number.isFinite(ts)) this.opts.observer.endToEnd(g.name, now - ts);
       }
-      await send(subject, encoder.encode(JSON.stringify(value)), id, hdrs);
+      send(subject, encoder.encode(JSON.stringify(value)), id, hdrs);
     };
     for (let i = 0; i < results.length; i++) {
       const r = results[i]!;
@@ -523,14 +527,19 @@ export class Worker {
         h.set("Tacit-Source-Subject", m.subject);
         h.set("Tacit-Source-Seq", String(m.seq));
         if (r.redriven) h.set(REDRIVEN_HEADER, r.redriven);
-        await send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
+        send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
+        if (pending.length >= limit) await drain();
         continue;
       }
       const span = startStageSpan(r.traceparent, g.name);
-      for (const { emit } of r.emits) await emitOut(emit, span?.traceparent, r.redriven);
+      for (const { emit } of r.emits) emitOut(emit, span?.traceparent, r.redriven);
+      if (pending.length >= limit) await drain();
       span?.span.end();
     }
-    for (const { emit } of sink.emits) await emitOut(emit);
+    for (const { emit } of sink.emits) {
+      emitOut(emit);
+      if (pending.length >= limit) await drain();
+    }
     try {
       await Promise.all(pending);
     } catch (err) {
@@ -630,6 +639,7 @@ class ConsumerRunner {
     const max = this.w.pipeline.runtime.batch_size * 2;
     let consumer: Consumer | undefined;
     let failures = 0;
+    let missed = 0;
     while (!this.stopping) {
       try {
         consumer ??= await nats.js.consumers.get(this.g.inputStream, this.durable);
@@ -646,8 +656,13 @@ class ConsumerRunner {
           this.wake?.();
         }
         failures = 0;
+        missed = 0;
       } catch (err) {
         if (this.stopping) break;
+        // nats.js ends a fetch whose server heartbeats it missed; with heartbeats at half the
+        // expiry that races the server's own end of the request. Nothing is lost: pull again.
+        // Twice in a row is a real problem (server or consumer gone), handled as a failure.
+        if (err instanceof JetStreamError && err.message === "heartbeats missed" && missed++ === 0) continue;
         consumer = undefined;
         failures++;
         log.warn({ durable: this.durable, err: errorMessage(err) }, "fetch failed; retrying");
@@ -780,11 +795,23 @@ class ConsumerRunner {
     const keyed = this.partition !== undefined;
     // Inputs at or below the high-water mark have every effect in Redis and every output
     // published (a replay re-reads them, or a takeover finds them delivered but not acked).
+    // Redeliveries are out of stream order: an input whose ack_wait ran out while it waited in
+    // the buffer (a loaded machine) comes again behind newer inputs, in any batch, even in its
+    // first copy's. Run again, it would meet a later watermark (late, not in its session), so
+    // only inputs past every earlier one run; the first copy's ack settles a copy in this batch
+    // (acks go by stream sequence).
     let msgs = batch;
-    if (keyed && this.hwm > 0 && batch[0]!.seq <= this.hwm) {
+    if (keyed) {
+      let top = this.hwm;
+      msgs = batch.filter((m) => {
+        if (m.seq <= top) return false;
+        top = m.seq;
+        return true;
+      });
       const done = batch.filter((m) => m.seq <= this.hwm);
-      msgs = batch.filter((m) => m.seq > this.hwm);
-      w.counters.get(g.stages[0]!.name)?.count("dropped", done.length, { reason: "already_applied" });
+      const counters = w.counters.get(g.stages[0]!.name);
+      if (done.length) counters?.count("dropped", done.length, { reason: "already_applied" });
+      if (batch.length > msgs.length + done.length) counters?.count("dropped", batch.length - msgs.length - done.length, { reason: "redelivered" });
       for (const m of done) m.ack();
       if (msgs.length === 0) return;
     }
@@ -848,10 +875,14 @@ class ConsumerRunner {
       if (all) fenceOff(sink);
     }
 
+    // The lease is read while the outputs are in flight (one round trip less per batch); it is
+    // as good as a read after them, since the lease can run out between any read and the commit.
+    const leased = keyed ? w.holdsLease(g, this.partition!) : Promise.resolve(true);
+    leased.catch(() => undefined);
     const labels = await w.publishAll(g, msgs, results, sink);
     // Outputs are idempotent; state is not. A partition whose lease ran out (a stalled worker)
     // may already be processed by its next owner: commit nothing, settle nothing, stop.
-    if (keyed && !(await w.holdsLease(g, this.partition!))) {
+    if (!(await leased)) {
       w.handles.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
       this.stopping = true;
       this.abandon = true;
@@ -859,13 +890,16 @@ class ConsumerRunner {
       this.pull?.stop();
       return;
     }
-    await w.commitAll(results, sink, labels);
+    // The partition's progress goes last: a crash before it reads the batch again with the
+    // watermark it first saw; after it, the batch is skipped. The watermark and the high-water
+    // mark move together. One Redis applies a commit in order, so progress rides along with the
+    // batch's commits; on Cluster those run in parallel per hash tag, so it waits for them.
+    const top = msgs[msgs.length - 1]!.seq;
+    const progressed: CommitGroup[] = keyed ? [{ ops: [{ op: "hset", key: this.wmKey, fields: { ...progress, applied_seq: top, last_input_at: Date.now() } }] }] : [];
+    const inOrder = w.handles.state.inOrder;
+    await w.commitAll(results, sink, inOrder ? [...labels, ...progressed] : labels);
     if (keyed) {
-      // Separately and last (on Redis Cluster the commits above run in parallel per hash tag):
-      // a crash before this step reads the batch again with the watermark it first saw; after
-      // it, the batch is skipped. The watermark and the high-water mark move together.
-      const top = msgs[msgs.length - 1]!.seq;
-      await w.handles.state.commit([{ ops: [{ op: "hset", key: this.wmKey, fields: { ...progress, applied_seq: top, last_input_at: Date.now() } }] }]);
+      if (!inOrder) await w.handles.state.commit(progressed);
       this.hwm = Math.max(this.hwm, top);
       this.wm = { maxTs, wm: newWm };
       if (newWm !== undefined) w.observer?.watermarkLag(g.name, this.partition!, Date.now() - newWm);

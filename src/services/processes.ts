@@ -109,19 +109,28 @@ function listenOn(port: number, host: string): Promise<ReturnType<typeof createS
 /**
  * `n` distinct ports that are free right now on `host`, chosen below the ephemeral range so no
  * outgoing connection can be holding one when a server binds it (another process may still
- * take one later: callers that start servers retry on new ports). Falls back to ports the OS
- * picks when nothing below the range is free.
+ * take one later: callers that start servers retry on new ports). With `pairedOffset`, port +
+ * offset is free and below the range too (Redis Cluster's bus listens on port + 10000). Falls
+ * back to ports the OS picks when nothing below the range is free.
  */
-export async function freePorts(n: number, host = DEFAULT_HOST): Promise<number[]> {
-  const [lo] = ephemeralRange();
+export async function freePorts(n: number, host = DEFAULT_HOST, pairedOffset = 0): Promise<number[]> {
+  const top = ephemeralRange()[0] - pairedOffset;
   const held: ReturnType<typeof createServer>[] = [];
   const ports: number[] = [];
+  const taken = (p: number) => ports.includes(p) || ports.includes(p - pairedOffset) || ports.includes(p + pairedOffset);
   try {
-    for (let probes = 0; ports.length < n && probes < PORT_PROBES * n && lo > LOW_PORT; probes++) {
-      const port = LOW_PORT + Math.floor(Math.random() * (lo - LOW_PORT));
-      if (ports.includes(port)) continue;
+    for (let probes = 0; ports.length < n && probes < PORT_PROBES * n && top > LOW_PORT; probes++) {
+      const port = LOW_PORT + Math.floor(Math.random() * (top - LOW_PORT));
+      if (taken(port)) continue;
       const srv = await listenOn(port, host);
-      if (srv) (held.push(srv), ports.push(port));
+      if (!srv) continue;
+      const pair = pairedOffset ? await listenOn(port + pairedOffset, host) : undefined;
+      if (pairedOffset && !pair) {
+        await new Promise((r) => srv.close(r));
+        continue;
+      }
+      held.push(srv, ...(pair ? [pair] : []));
+      ports.push(port);
     }
     while (ports.length < n) {
       const srv = await listenOn(0, host);

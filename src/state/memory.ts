@@ -12,6 +12,7 @@ interface Entry {
  */
 export class MemoryStateStore implements StateStore {
   private readonly data = new Map<string, Entry>();
+  readonly inOrder = true;
   constructor(private readonly now: () => number = () => 0) {}
 
   private live(key: string): Entry | undefined {

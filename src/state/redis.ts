@@ -67,7 +67,9 @@ function transient(err: unknown): TransientError {
 
 /** The Redis StateStore: pipelines many keys per round trip, one Lua call per commit group. */
 export class RedisStateStore implements StateStore {
+  readonly inOrder: boolean;
   constructor(readonly redis: RedisClient) {
+    this.inOrder = !(redis instanceof Cluster);
     redis.defineCommand("tacitCommit", { lua: COMMIT_LUA });
   }
 
@@ -166,7 +168,7 @@ export class RedisStateStore implements StateStore {
         add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number)[]): void }).tacitCommit(keys.length, ...keys, ...argv),
       });
     }
-    const res = await this.pipelined(cmds);
+    const res = await this.pipelined(cmds, true);
     return res.map((v) => v === 1);
   }
 
@@ -175,10 +177,13 @@ export class RedisStateStore implements StateStore {
    * one pipeline. ioredis refuses a Cluster pipeline whose keys live on different nodes, so on
    * Cluster the commands are split by hash tag (one tag, one slot) into pipelines that run in
    * parallel; commands of one tag keep their order, which is all claims and fences rely on.
+   * With `transaction` on a single Redis they run in MULTI/EXEC: an error Redis finds while
+   * queueing (out of memory above all) applies none of them, so a later command (a partition's
+   * progress) never lands without the earlier ones.
    */
-  private async pipelined(cmds: PipelineCommand[]): Promise<unknown[]> {
+  private async pipelined(cmds: PipelineCommand[], transaction = false): Promise<unknown[]> {
     const run = async (list: PipelineCommand[]): Promise<unknown[]> => {
-      const p = this.redis.pipeline();
+      const p = transaction && !(this.redis instanceof Cluster) ? this.redis.multi() : this.redis.pipeline();
       for (const c of list) c.add(p);
       const res = (await p.exec()) ?? [];
       if (res.length !== list.length) throw new Error(`pipeline answered ${res.length} of ${list.length} commands`);

@@ -70,6 +70,9 @@ export interface PushResult {
 class CountingStore implements StateStore {
   readonly calls = { get: 0, hgetall: 0, hgetallMany: 0, zrangeByScore: 0, claim: 0, commit: 0, wipe: 0 };
   constructor(private readonly inner: StateStore) {}
+  get inOrder() {
+    return this.inner.inOrder;
+  }
   get(keys: string[]) {
     this.calls.get++;
     return this.inner.get(keys);
