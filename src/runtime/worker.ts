@@ -875,14 +875,11 @@ class ConsumerRunner {
       if (all) fenceOff(sink);
     }
 
-    // The lease is read while the outputs are in flight (one round trip less per batch); it is
-    // as good as a read after them, since the lease can run out between any read and the commit.
-    const leased = keyed ? w.holdsLease(g, this.partition!) : Promise.resolve(true);
-    leased.catch(() => undefined);
     const labels = await w.publishAll(g, msgs, results, sink);
     // Outputs are idempotent; state is not. A partition whose lease ran out (a stalled worker)
-    // may already be processed by its next owner: commit nothing, settle nothing, stop.
-    if (!(await leased)) {
+    // may already be processed by its next owner: commit nothing, settle nothing, stop. Read
+    // after the publishes, which can take long, so the window before the commit stays short.
+    if (keyed && !(await w.holdsLease(g, this.partition!))) {
       w.handles.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
       this.stopping = true;
       this.abandon = true;
