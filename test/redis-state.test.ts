@@ -9,7 +9,7 @@ import { Cluster, Redis } from "ioredis";
 import { ensureBinaries } from "../src/services/binaries.js";
 import { freePort, freePorts, redisAnswers } from "../src/services/processes.js";
 import { TransientError } from "../src/core/errors.js";
-import { partitionKey, userKey, type StateStore } from "../src/core/state.js";
+import { LeaseLostError, partitionKey, userKey, type StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { RedisStateStore } from "../src/state/redis.js";
 import { startServers, type TestServers } from "./harness.js";
@@ -259,6 +259,26 @@ test("on one Redis a commit is all or nothing when Redis refuses it while queuei
   assert.deepEqual(await store.hgetall(progress), {}, "and not the progress put last");
   assert.deepEqual(await store.commit([...groups, { ops: [{ op: "hset", key: progress, fields: { applied_seq: 9 } }] }]), [true, true, true, true]);
   assert.deepEqual(await store.get([k(1), k(2), k(3)]), ["v1", "v2", "v3"]);
+});
+
+test("a lease-fenced commit applies only while the lease is held, on Redis and in memory alike, and applies nothing otherwise", async () => {
+  const mem = new MemoryStateStore();
+  for (const [name, st] of [["redis", store], ["memory", mem]] as const) {
+    const lease = { key: `tacit:{leasetest-${name}}:lease:g:0`, holder: "w1" };
+    const k = userKey(`leasetest-${name}`, "u1", "x");
+    const groups = [{ guard: { key: `${k}:applied`, seq: 5 }, ops: [{ op: "set" as const, key: k, value: "a" }] }, { ops: [{ op: "hset" as const, key: `${k}:h`, fields: { f: 1 } }] }];
+    // Not held at all, then held by another worker: refused, nothing applied (the guard neither).
+    await assert.rejects(st.commit(groups, { lease }), LeaseLostError, name);
+    await st.commit([{ ops: [{ op: "set", key: lease.key, value: "w2" }] }]);
+    await assert.rejects(st.commit(groups, { lease }), (err: Error) => err instanceof LeaseLostError && err.message.includes(lease.key), name);
+    assert.deepEqual(await st.get([k, `${k}:applied`]), [null, null], name);
+    assert.deepEqual(await st.hgetall(`${k}:h`), {}, name);
+    // Held: applied, guards as usual.
+    await st.commit([{ ops: [{ op: "set", key: lease.key, value: "w1" }] }]);
+    assert.deepEqual(await st.commit(groups, { lease }), [true, true], name);
+    assert.deepEqual(await st.commit(groups, { lease }), [false, true], `${name}: the guard still fences a repeat`);
+    assert.deepEqual(await st.get([k]), ["a"], name);
+  }
 });
 
 test("commands fail as retryable TransientErrors when Redis is unreachable", async () => {

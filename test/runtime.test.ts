@@ -19,7 +19,7 @@ import { publishLines } from "../src/runtime/publisher.js";
 import { pipelineStreams, stageGroups, streamName } from "../src/runtime/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { benchEvents } from "../src/bench/bench.js";
-import { pipelineKey } from "../src/core/state.js";
+import { partitionKey, pipelineKey } from "../src/core/state.js";
 import { projectRoot } from "../src/cli/paths.js";
 
 const ROOT = projectRoot();
@@ -255,6 +255,42 @@ test("a dead worker's partitions move to the survivor, which finishes the work",
       a.kill("SIGKILL");
       b.kill("SIGTERM");
       await exited(b);
+      redis.disconnect();
+    }
+  });
+});
+
+test("a worker whose partition lease was taken commits nothing and settles nothing there: the commit itself checks the lease", { timeout: 120_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    // Long lease and ack_wait: neither the renewal timer nor a redelivery may act during the test,
+    // so only the fenced commit can notice the takeover.
+    const p = load(servers, "fence", ["runtime.lease_ttl=60s", "runtime.ack_wait=60s"]);
+    await deploy(p, nats);
+    const redis = new Redis(servers.redisUrl);
+    const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, "fence"), redis, nats });
+    await worker.start();
+    const leaseKeys = [...Array(p.partitions).keys()].map((n) => pipelineKey(p.subject_prefix, "lease", "dedupe", n));
+    const progress = [...Array(p.partitions).keys()].map((n) => partitionKey(p.subject_prefix, "dedupe", n, "wm"));
+    try {
+      await eventually("the worker to hold every dedupe partition", async () => (await redis.mget(leaseKeys)).every((v) => v === worker.id), 30_000);
+      // Another worker takes every partition over (as after this one stalled past its lease).
+      for (const k of leaseKeys) await redis.set(k, "intruder", "KEEPTTL");
+      const good = [...benchEvents(400, 40, Date.now() - 3_600_000)];
+      await publishLines(p, nats.js, good, { idPrefix: "f" });
+      const dedupe = stageGroups(p, findOperator).find((g) => g.name === "dedupe")!;
+      await eventually("enrich to pass every event on", async () => (await nats.jsm.streams.info(dedupe.inputStream)).state.messages >= good.length, 30_000);
+      await eventually("the dedupe runners to receive their batches", async () => {
+        let pending = 0;
+        for await (const ci of nats.jsm.consumers.list(dedupe.inputStream)) pending += ci.num_ack_pending;
+        return pending > 0;
+      }, 30_000);
+      await new Promise((r) => setTimeout(r, 2_000));
+      for (const k of progress) assert.equal(await redis.hget(k, "applied_seq"), null, `${k}: no progress committed without the lease`);
+      for await (const ci of nats.jsm.consumers.list(dedupe.inputStream)) assert.equal(ci.ack_floor.stream_seq, 0, `${ci.name}: nothing acked without the lease`);
+      const state = await redis.keys(`tacit:{${p.subject_prefix}:u:*}:dedupe:*`);
+      assert.deepEqual(state.filter((k) => !k.includes(":seen:")), [], "no dedupe state beyond its first-writer claims");
+    } finally {
+      await worker.stop();
       redis.disconnect();
     }
   });

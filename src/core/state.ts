@@ -23,6 +23,20 @@ export interface CommitGroup {
   ops: StateOp[];
 }
 
+/** Who must hold which lease for a commit to apply (see {@link StateStore.commit}). */
+export interface CommitLease {
+  key: string;
+  holder: string;
+}
+
+/** A commit refused because the lease it was fenced by is no longer held: nothing was applied. */
+export class LeaseLostError extends Error {
+  constructor(readonly lease: CommitLease) {
+    super(`lease ${lease.key} is no longer held by ${lease.holder}; nothing was committed`);
+    this.name = "LeaseLostError";
+  }
+}
+
 export interface ClaimItem {
   key: string;
   value: string;
@@ -43,8 +57,13 @@ export interface StateStore {
    * else the value that was already there. Used for first-writer-wins records such as dedupe.
    */
   claim(items: ClaimItem[]): Promise<(string | null)[]>;
-  /** Applies commit groups (each atomically); true where applied, false where fenced off. */
-  commit(groups: CommitGroup[]): Promise<boolean[]>;
+  /**
+   * Applies commit groups (each atomically); true where applied, false where fenced off. With
+   * `lease` (only where `inOrder`), every group is applied only while `lease.key` holds
+   * `lease.holder`, checked inside the same atomic step: otherwise nothing is applied and it
+   * rejects with LeaseLostError. That fences a stalled worker whose partition moved on.
+   */
+  commit(groups: CommitGroup[], opts?: { lease?: CommitLease }): Promise<boolean[]>;
   /**
    * Whether `commit` applies its groups in the order given and together (one Redis server: one
    * MULTI/EXEC, which applies none when Redis refuses one while queueing, out of memory above

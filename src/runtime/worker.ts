@@ -8,7 +8,7 @@ import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
 import { BadInputError, TacitError, TransientError, errorMessage } from "../core/errors.js";
 import type { Emit, Logger, OperatorSpec, Outcome, Processor, StageInput } from "../core/operator.js";
-import { partitionKey, pipelineKey, type CommitGroup, type StateStore } from "../core/state.js";
+import { LeaseLostError, partitionKey, pipelineKey, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { RedisStateStore, openPipelineRedis } from "../state/redis.js";
 import { StageCounters } from "../telemetry/metrics.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
@@ -549,11 +549,16 @@ export class Worker {
   }
 
   /** @internal Applies the batch's state commits (after the publishes, before the acks). */
-  async commitAll(results: MsgResult[], sink: MsgResult, extra: CommitGroup[]): Promise<void> {
+  async commitAll(results: MsgResult[], sink: MsgResult, extra: CommitGroup[], lease?: CommitLease): Promise<void> {
     const groups: CommitGroup[] = [];
     for (const r of results) if (!r.retry && !r.error) groups.push(...r.commits);
     groups.push(...sink.commits, ...extra);
-    if (groups.length) await this.state!.commit(groups);
+    if (groups.length) await this.state!.commit(groups, lease ? { lease } : {});
+  }
+
+  /** @internal The lease a keyed partition's commits are fenced by, where the store can check it atomically. */
+  commitLease(g: StageGroup, n: number): CommitLease | undefined {
+    return this.state!.inOrder ? { key: pipelineKey(this.opts.pipeline.subject_prefix, "lease", g.name, n), holder: this.id } : undefined;
   }
 }
 
@@ -759,13 +764,27 @@ class ConsumerRunner {
     }
   }
 
+  /** The batch is left to the partition's next owner: nothing committed or settled; this runner stops. */
+  private leaseLost(): void {
+    this.w.handles.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
+    this.stopping = true;
+    this.abandon = true;
+    this.quick = true;
+    this.pull?.stop();
+  }
+
   private async advanceIdle(wm: number): Promise<void> {
     if (this.wm.wm !== undefined && wm <= this.wm.wm) return;
     const sink: MsgResult = { emits: [], commits: [] };
     await this.w.fireWatermark(this.g, this.partition!, wm, [], sink);
     if (this.fence?.wm !== undefined && wm <= this.fence.wm) fenceOff(sink);
     const labels = await this.w.publishAll(this.g, [], [], sink);
-    await this.w.commitAll([], sink, [...labels, { ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] }]);
+    try {
+      await this.w.commitAll([], sink, [...labels, { ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] }], this.w.commitLease(this.g, this.partition!));
+    } catch (err) {
+      if (err instanceof LeaseLostError) return this.leaseLost();
+      throw err;
+    }
     this.wm = { ...this.wm, wm };
   }
 
@@ -877,16 +896,11 @@ class ConsumerRunner {
 
     const labels = await w.publishAll(g, msgs, results, sink);
     // Outputs are idempotent; state is not. A partition whose lease ran out (a stalled worker)
-    // may already be processed by its next owner: commit nothing, settle nothing, stop. Read
-    // after the publishes, which can take long, so the window before the commit stays short.
-    if (keyed && !(await w.holdsLease(g, this.partition!))) {
-      w.handles.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
-      this.stopping = true;
-      this.abandon = true;
-      this.quick = true;
-      this.pull?.stop();
-      return;
-    }
+    // may already be processed by its next owner: commit nothing, settle nothing, stop. On one
+    // Redis the commit itself checks the lease, atomically; on Cluster (the lease lives in
+    // another slot) it is read just before the commit, which leaves a short window.
+    const lease = keyed ? w.commitLease(g, this.partition!) : undefined;
+    if (keyed && !lease && !(await w.holdsLease(g, this.partition!))) return this.leaseLost();
     // The partition's progress goes last: a crash before it reads the batch again with the
     // watermark it first saw; after it, the batch is skipped. The watermark and the high-water
     // mark move together. One Redis applies a commit in order, so progress rides along with the
@@ -894,7 +908,12 @@ class ConsumerRunner {
     const top = msgs[msgs.length - 1]!.seq;
     const progressed: CommitGroup[] = keyed ? [{ ops: [{ op: "hset", key: this.wmKey, fields: { ...progress, applied_seq: top, last_input_at: Date.now() } }] }] : [];
     const inOrder = w.handles.state.inOrder;
-    await w.commitAll(results, sink, inOrder ? [...labels, ...progressed] : labels);
+    try {
+      await w.commitAll(results, sink, inOrder ? [...labels, ...progressed] : labels, lease);
+    } catch (err) {
+      if (err instanceof LeaseLostError) return this.leaseLost();
+      throw err;
+    }
     if (keyed) {
       if (!inOrder) await w.handles.state.commit(progressed);
       this.hwm = Math.max(this.hwm, top);

@@ -1,4 +1,4 @@
-import type { ClaimItem, CommitGroup, StateOp, StateStore } from "../core/state.js";
+import { LeaseLostError, type ClaimItem, type CommitGroup, type CommitLease, type StateOp, type StateStore } from "../core/state.js";
 
 interface Entry {
   kind: "string" | "hash" | "zset";
@@ -70,7 +70,12 @@ export class MemoryStateStore implements StateStore {
     });
   }
 
-  async commit(groups: CommitGroup[]): Promise<boolean[]> {
+  async commit(groups: CommitGroup[], opts: { lease?: CommitLease } = {}): Promise<boolean[]> {
+    const lease = opts.lease;
+    if (lease) {
+      const cur = this.live(lease.key);
+      if (cur?.kind !== "string" || cur.value !== lease.holder) throw new LeaseLostError(lease);
+    }
     return groups.map((g) => {
       if (g.guard) {
         const cur = this.live(g.guard.key);

@@ -1,20 +1,23 @@
 import { Redis, Cluster, type ChainableCommander } from "ioredis";
-import { hashTagOf, type ClaimItem, type CommitGroup, type StateStore } from "../core/state.js";
+import { LeaseLostError, hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
 
 /**
  * Applies one commit group atomically. KEYS[1] is the guard key ('' when none); ARGV is
- * guard seq, guard ttl, then a flat list of ops: name, key index, and its arguments.
- * All keys share one hash tag, so this runs unchanged on Redis Cluster.
+ * guard seq, guard ttl, lease key index and holder ('' when none: a lease key lives outside
+ * the group's hash tag, so only on a single Redis), then a flat list of ops: name, key index,
+ * and its arguments. Without a lease all keys share one hash tag, so this runs unchanged on
+ * Redis Cluster. Returns 1 applied, 0 fenced off by the guard, -1 lease not held.
  */
 const COMMIT_LUA = `
+if ARGV[3] ~= '' and redis.call('GET', KEYS[tonumber(ARGV[3])]) ~= ARGV[4] then return -1 end
 local g = KEYS[1]
 if ARGV[1] ~= '' then
   local cur = redis.call('GET', g)
   if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
   if tonumber(ARGV[2]) > 0 then redis.call('SET', g, ARGV[1], 'PX', ARGV[2]) else redis.call('SET', g, ARGV[1]) end
 end
-local i = 3
+local i = 5
 local function ttl(k, t) if tonumber(t) > 0 then redis.call('PEXPIRE', k, t) end end
 while i <= #ARGV do
   local op = ARGV[i]
@@ -121,8 +124,10 @@ export class RedisStateStore implements StateStore {
     return res.map((v) => (v as string | null) ?? null);
   }
 
-  async commit(groups: CommitGroup[]): Promise<boolean[]> {
+  async commit(groups: CommitGroup[], opts: { lease?: CommitLease } = {}): Promise<boolean[]> {
     if (groups.length === 0) return [];
+    const lease = opts.lease;
+    if (lease && !this.inOrder) throw new Error("a lease-fenced commit needs a single Redis (the lease key is in another hash slot)");
     const cmds: PipelineCommand[] = [];
     for (const g of groups) {
       const keys: string[] = [g.guard?.key ?? ""];
@@ -136,7 +141,7 @@ export class RedisStateStore implements StateStore {
         }
         return n;
       };
-      const argv: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0)];
+      const argv: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0), lease ? ki(lease.key) : "", lease?.holder ?? ""];
       for (const op of g.ops) {
         switch (op.op) {
           case "set":
@@ -169,6 +174,8 @@ export class RedisStateStore implements StateStore {
       });
     }
     const res = await this.pipelined(cmds, true);
+    // One MULTI/EXEC: no other client ran in between, so every group saw the same lease.
+    if (lease && res.some((v) => v === -1)) throw new LeaseLostError(lease);
     return res.map((v) => v === 1);
   }
 

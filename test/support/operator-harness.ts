@@ -10,7 +10,7 @@ import type {
   Processor,
   StageInput,
 } from "../../src/core/operator.js";
-import { hashTagOf, type ClaimItem, type CommitGroup, type StateStore } from "../../src/core/state.js";
+import { hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
 import { MemoryStateStore } from "../../src/state/memory.js";
 
 /**
@@ -93,9 +93,9 @@ class CountingStore implements StateStore {
     this.calls.claim++;
     return this.inner.claim(items);
   }
-  commit(groups: CommitGroup[]) {
+  commit(groups: CommitGroup[], opts?: { lease?: CommitLease }) {
     this.calls.commit++;
-    return this.inner.commit(groups);
+    return this.inner.commit(groups, opts);
   }
   wipe(pattern: string) {
     this.calls.wipe++;
