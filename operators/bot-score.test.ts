@@ -249,6 +249,23 @@ test("impossible: a click before the response was shown, in either arrival order
   assert.deepEqual(off.map(bandOf), ["human", "human"]);
 });
 
+test("impossible: an accept, copy or edit before the response was shown, or a dwell that began before it", async () => {
+  const shown = (ts: number) => ev("u", ts, "response_shown", { response_id: "r1", payload: { text_length: 1000 } });
+  const accept = (ts: number) => ev("u", ts, "accept", { response_id: "r1" });
+  const dwell = (ts: number, ms: number) => ev("u", ts, "dwell", { response_id: "r1", payload: { dwell_ms: ms } });
+  assert.deepEqual((await run(harness(), [shown(T0 + 5_000), accept(T0 + 1_000)])).map(bandOf), ["human", "bot"]);
+  assert.deepEqual((await run(harness(), [accept(T0 + 1_000), shown(T0 + 5_000)])).map(bandOf), ["human", "bot"]);
+  const copy = ev("u", T0 + 1_000, "copy_paste", { response_id: "r1", payload: { span_start: 0, span_end: 50, span_length: 50 } });
+  assert.deepEqual((await run(harness(), [shown(T0 + 5_000), copy])).map(bandOf), ["human", "bot"]);
+  // A 60 s dwell reported 2 s after the impression: the read began 58 s before the response existed.
+  assert.deepEqual((await run(harness(), [shown(T0), dwell(T0 + 2_000, 60_000)])).map(bandOf), ["human", "bot"]);
+  assert.deepEqual((await run(harness(), [dwell(T0 + 2_000, 60_000), shown(T0)])).map(bandOf), ["human", "bot"]);
+  // A read from the impression on, rounded 1 ms long, and an accept after it are human.
+  assert.deepEqual((await run(harness(), [shown(T0), dwell(T0 + 30_000, 30_001), accept(T0 + 31_000)])).map(bandOf), ["human", "human", "human"]);
+  const off = await run(harness({ impossible: { used_before_shown: false } }), [shown(T0 + 5_000), accept(T0 + 1_000), dwell(T0 + 6_000, 60_000)]);
+  assert.deepEqual(off.map(bandOf), ["human", "human", "human"]);
+});
+
 test("impossible: a copy longer than the response, in either arrival order", async () => {
   const shown = (ts: number) => ev("u", ts, "response_shown", { response_id: "r1", payload: { text_length: 100 } });
   const copy = (ts: number, len: number) => ev("u", ts, "copy_paste", { response_id: "r1", payload: { span_start: 0, span_end: len, span_length: len } });

@@ -63,6 +63,11 @@ export interface BotScoreConfig {
     click_before_shown?: boolean;
     /** A copy of more characters than the response's `text_length`. @default true */
     copy_longer_than_response?: boolean;
+    /**
+     * An accept, copy_paste or edit of a response earlier than it was shown, or a dwell on it that
+     * began (event time − dwell_ms) before it was shown. @default true
+     */
+    used_before_shown?: boolean;
     /** @default 1 */
     weight?: number;
     /** Clock skew forgiven between a response being shown and a click on it. @default "0ms" */
@@ -149,8 +154,14 @@ export const botScoreSchema: JSONSchemaType<BotScoreConfig> = {
       properties: {
         click_before_shown: { type: "boolean", default: true, nullable: true, description: "A click earlier than the response was shown." },
         copy_longer_than_response: { type: "boolean", default: true, nullable: true, description: "A copy_paste span longer than the response's text_length." },
+        used_before_shown: {
+          type: "boolean",
+          default: true,
+          nullable: true,
+          description: "An accept, copy_paste or edit earlier than the response was shown, or a dwell that began (event time − dwell_ms) before it was shown.",
+        },
         weight: weightSchema,
-        tolerance: { ...DURATION_SCHEMA, default: "0ms", nullable: true, description: "Clock skew forgiven for click_before_shown (raise it when clients and servers log with different clocks).", examples: ["0ms", "500ms"] },
+        tolerance: { ...DURATION_SCHEMA, default: "0ms", nullable: true, description: "Clock skew forgiven for click_before_shown and used_before_shown (raise it when clients and servers log with different clocks).", examples: ["0ms", "500ms"] },
         max_responses: { type: "integer", minimum: 1, default: 20, nullable: true, description: "Responses remembered per user (the least recently touched is forgotten first).", examples: [20] },
       },
     },
@@ -173,7 +184,7 @@ export interface CompiledBotScore {
   userAgent: { enabled: boolean; weight: number };
   rate: { window: string; windowMs: number; maxEvents: number; ambivalentEvents: number; weight: number }[];
   regularity: { enabled: boolean; weight: number; minEvents: number; maxCv: number; ambivalentCv: number };
-  impossible: { clickBeforeShown: boolean; copyLongerThanResponse: boolean; weight: number; toleranceMs: number; maxResponses: number };
+  impossible: { clickBeforeShown: boolean; copyLongerThanResponse: boolean; usedBeforeShown: boolean; weight: number; toleranceMs: number; maxResponses: number };
   /** State TTL: max(state_ttl, longest rate window). */
   ttlMs: number;
   /** Most event times kept per user: enough to decide every rate rule and the regularity rule. */
@@ -204,6 +215,7 @@ export function compileBotScore(config: BotScoreConfig = {}): CompiledBotScore {
   const impossible = {
     clickBeforeShown: imp.click_before_shown ?? true,
     copyLongerThanResponse: imp.copy_longer_than_response ?? true,
+    usedBeforeShown: imp.used_before_shown ?? true,
     weight: imp.weight ?? 1,
     toleranceMs: parseDuration(imp.tolerance ?? "0ms", "impossible.tolerance"),
     maxResponses: imp.max_responses ?? 20,
@@ -297,6 +309,12 @@ export interface BotRecord {
 // ---------------------------------------------------------------------------------------------
 // State
 
+/**
+ * A dwell's start is its event time minus dwell_ms, two whole-millisecond values each rounded on
+ * the client: a read that began exactly at the impression can come out 1 ms before it.
+ */
+const USE_SLACK_MS = 1;
+
 /** What is remembered of one response for impossible-sequence checks (short keys: stored per user). */
 export interface ResponseMemo {
   /** Event time it was shown. */
@@ -307,6 +325,8 @@ export interface ResponseMemo {
   c?: number;
   /** Longest copy from it. */
   p?: number;
+  /** Earliest use of it: an accept, copy or edit, or the start of a dwell (event time − dwell_ms). */
+  u?: number;
   /** Last event time it was touched (eviction order). */
   t: number;
 }
@@ -347,8 +367,11 @@ interface StoredState {
   t: number[];
   /** Per event time, "1" for a user action, "0" for an impression; absent when all are actions. */
   k?: string;
-  /** Responses: [response_id, at − touched, at − shown, text_length, at − first click, longest copy] (null when unknown). */
-  r: [string, number, number | null, number | null, number | null, number | null][];
+  /**
+   * Responses: [response_id, at − touched, at − shown, text_length, at − first click, longest copy,
+   * at − first use] (null when unknown; the last one left out when unknown, as states written before it have it).
+   */
+  r: ([string, number, number | null, number | null, number | null, number | null] | [string, number, number | null, number | null, number | null, number | null, number])[];
   bot?: UserState["bot"];
 }
 
@@ -359,7 +382,9 @@ const fwd = (at: number, x: number | null): number | undefined => (x === null ? 
 export function encodeBotState(s: UserState): string {
   const at = Number.isFinite(s.max_ts) ? s.max_ts : 0;
   const t = s.times.map((x, i) => (i === 0 ? at - x : x - s.times[i - 1]!));
-  const r = [...s.resp].map(([id, m]): StoredState["r"][number] => [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null]);
+  const r = [...s.resp].map(([id, m]): StoredState["r"][number] =>
+    m.u === undefined ? [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null] : [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null, at - m.u],
+  );
   const stored: StoredState = { v: 1, at, score: s.score, t, r };
   if (s.act.some((a) => !a)) stored.k = s.act.map((a) => (a ? "1" : "0")).join("");
   if (s.bot) stored.bot = s.bot;
@@ -373,7 +398,7 @@ export function decodeBotState(raw: string): UserState {
   const times: number[] = [];
   for (let i = 0; i < st.t.length; i++) times.push(i === 0 ? st.at - st.t[0]! : times[i - 1]! + st.t[i]!);
   const resp = new Map<string, ResponseMemo>();
-  for (const [id, t, sh, l, c, p] of st.r) {
+  for (const [id, t, sh, l, c, p, u] of st.r) {
     const m: ResponseMemo = { t: st.at - t };
     const shown = fwd(st.at, sh);
     const click = fwd(st.at, c);
@@ -381,6 +406,7 @@ export function decodeBotState(raw: string): UserState {
     if (l !== null) m.l = l;
     if (click !== undefined) m.c = click;
     if (p !== null) m.p = p;
+    if (typeof u === "number") m.u = st.at - u;
     resp.set(id, m);
   }
   const act = times.map((_, i) => st.k === undefined || st.k[i] !== "0");
@@ -454,8 +480,8 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
   description:
     "Scores every event's user in [0, 1] from four indicators, each with a soft and a hard threshold (Duskin & Feitelson): " +
     "a user agent matched by isbot's full pattern; more than max_events events in any sliding event-time window; gaps between the " +
-    "last min_events events with a coefficient of variation below max_cv; physically impossible sequences (a click before the " +
-    "response was shown, a copy longer than the response). Past its hard threshold an indicator's strength is 1; in its " +
+    "last min_events events with a coefficient of variation below max_cv; physically impossible sequences (a click, accept, copy or edit " +
+    "before the response was shown, a dwell that began before it, a copy longer than the response). Past its hard threshold an indicator's strength is 1; in its " +
     "ambivalent band it grows from ambivalent_from to halfway to threshold, so one ambivalent indicator alone never makes a " +
     "bot. Indicators combine as 1 − Π(1 − weight·strength). At or above " +
     "`threshold` the event goes to <prefix>.bots (not on), and the verdict sticks for the state TTL; in [ambivalent_from, threshold) " +
@@ -467,7 +493,7 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
   keyed: true,
   schema: botScoreSchema as unknown as Record<string, unknown>,
   state: [
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:state", holds: "JSON: recent event times (at most max(min_events, max_events + 1)), responses seen (shown time, text_length, first click, longest copy; at most max_responses), the sticky bot verdict, the latest score", ttl: "state_ttl (≥ the longest rate window), from the user's last event" },
+    { key: "tacit:{<prefix>:u:<user>}:<stage>:state", holds: "JSON: recent event times (at most max(min_events, max_events + 1)), responses seen (shown time, text_length, first click, first use, longest copy; at most max_responses), the sticky bot verdict, the latest score", ttl: "state_ttl (≥ the longest rate window), from the user's last event" },
     { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "same as state" },
   ],
   outputs: ["bots"],
@@ -570,7 +596,7 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
 
     const rid = ev.response_id;
     const imp = c.impossible;
-    if (rid !== undefined && (imp.clickBeforeShown || imp.copyLongerThanResponse)) {
+    if (rid !== undefined && (imp.clickBeforeShown || imp.copyLongerThanResponse || imp.usedBeforeShown)) {
       const memo = rememberResponse(s, rid, ts);
       const impossible = (detail: string) => found.push({ name: "impossible", strength: 1, weight: imp.weight, detail });
       if (ev.event_type === "response_shown") {
@@ -579,6 +605,7 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
         if (typeof len === "number" && Number.isFinite(len)) memo.l = len;
         if (imp.clickBeforeShown && memo.c !== undefined && memo.c + imp.toleranceMs < memo.s) impossible(`click on ${rid} ${memo.s - memo.c} ms before it was shown`);
         if (imp.copyLongerThanResponse && memo.p !== undefined && memo.l !== undefined && memo.p > memo.l) impossible(`copy of ${memo.p} characters from ${rid}, which has ${memo.l}`);
+        if (imp.usedBeforeShown && memo.u !== undefined && memo.u + imp.toleranceMs + USE_SLACK_MS < memo.s) impossible(`${rid} used ${memo.s - memo.u} ms before it was shown`);
       } else if (ev.event_type === "click") {
         memo.c = memo.c === undefined ? ts : Math.min(memo.c, ts);
         if (imp.clickBeforeShown && memo.s !== undefined && ts + imp.toleranceMs < memo.s) impossible(`click on ${rid} ${memo.s - ts} ms before it was shown`);
@@ -588,6 +615,19 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
         if (span !== undefined && Number.isFinite(span)) {
           memo.p = Math.max(memo.p ?? 0, span);
           if (imp.copyLongerThanResponse && memo.l !== undefined && span > memo.l) impossible(`copy of ${span} characters from ${rid}, which has ${memo.l}`);
+        }
+      }
+      if (imp.usedBeforeShown) {
+        const d = ev.event_type === "dwell" ? ev.payload.dwell_ms : undefined;
+        const start =
+          ev.event_type === "accept" || ev.event_type === "copy_paste" || ev.event_type === "edit"
+            ? ts
+            : typeof d === "number" && Number.isFinite(d) && d >= 0
+              ? ts - d
+              : undefined;
+        if (start !== undefined) {
+          memo.u = memo.u === undefined ? start : Math.min(memo.u, start);
+          if (memo.s !== undefined && start + imp.toleranceMs + USE_SLACK_MS < memo.s) impossible(`${rid} used ${memo.s - start} ms before it was shown`);
         }
       }
     }

@@ -152,7 +152,8 @@ const CASES: Case[] = [
   { rule: "copy", title: "not a snippet (10 %)", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 100, span_length: 100 })] },
   { rule: "copy", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("copy_paste", 3, "r1", { span_length: 600, span_start: 0, span_end: 600 })] },
   { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 25, "r1")], weight: 1, target: "r1" },
-  { rule: "accept", title: "quick accept (< 2 s after shown) weighs half", events: () => [shown(0, "r1"), on("accept", 1.5, "r1")], weight: 0.5, target: "r1" },
+  { rule: "accept", title: "not a quick accept (< 2 s after shown: no reading)", events: () => [shown(0, "r1"), on("accept", 1.5, "r1")] },
+  { rule: "accept", title: "accept 2 s after shown", events: () => [shown(0, "r1"), on("accept", 2, "r1")], weight: 1, target: "r1" },
   { rule: "accept", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 3, "r1", { dwell_ms: 3000 }), on("accept", 4, "r1")] },
   { rule: "edit_light", title: "edit distance 10 %", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 100, original_length: 1000 })], weight: 0.8, target: "r1" },
   { rule: "edit_light", title: "edit given as texts", events: () => [shown(0, "r1"), on("edit", 30, "r1", { original_text: "abcdefghij", edited_text: "abcdefghiX" })], weight: 0.8, target: "r1" },
@@ -300,7 +301,7 @@ test("a label carries the deciding signal, deterministic id, event time and emit
     label: "positive",
     weight: 1,
     rule: "accept",
-    rule_version: 1,
+    rule_version: 2,
     signals: [{ event_id: envs[1]!.event.event_id, event_type: "accept" }],
     event_time: "2026-01-01T10:00:25.000Z",
     // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
