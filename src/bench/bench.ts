@@ -69,7 +69,8 @@ export function* benchEvents(n: number, users: number, t0: number, stamp?: () =>
       type === "query" ? { text: `how to tune nats consumers ${k % 7}` }
       : type === "response_shown" ? { position: 1, text_length: 400 }
       : type === "click" ? { position: 1 }
-      : type === "dwell" ? { dwell_ms: 30_000 }
+      // Ended 2 s after the response was shown (a dwell's timestamp is its end): no longer than that.
+      : type === "dwell" ? { dwell_ms: 1_500 }
       : type === "copy_paste" ? { span_start: 0, span_end: 40, span_length: 40 }
       : type === "edit" ? { edit_distance: 12, original_length: 400 }
       : {};
