@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import { isMap, isSeq, parseDocument, type Node as YamlNode } from "yaml";
 import { join } from "node:path";
 import { DLQ_REASONS } from "../core/errors.js";
 import { projectRoot } from "../cli/paths.js";
@@ -15,6 +16,7 @@ export const GENERATED_SECTIONS: Record<string, () => string> = {
   "label-schema": renderLabelSchema,
   "dlq-reasons": renderDlqReasons,
   features: renderFeatures,
+  "label-rules": renderLabelRules,
 };
 
 export function markers(name: string): { begin: string; end: string } {
@@ -76,6 +78,79 @@ export function renderFeatures(): string {
   for (const entity of FEATURE_ENTITIES) {
     out.push("", `**${entity}**`, "", "| field | meaning |", "|---|---|");
     for (const f of FEATURE_FIELDS.filter((x) => x.entity === entity)) out.push(`| \`${f.name}\` | ${cell(f.meaning)} |`);
+  }
+  return out.join("\n");
+}
+
+/** A comment the rules file puts before a node, on one line (`#` and line breaks dropped). */
+function commentOf(n: unknown): string {
+  const c = (n as { commentBefore?: string | null } | null)?.commentBefore ?? "";
+  return c
+    .split("\n")
+    .map((l) => l.replace(/^\s*#?\s?/, "").trim())
+    .filter((l) => l && !/^[─-]+/.test(l) && !/^──/.test(l))
+    .join(" ");
+}
+
+/** A condition or factor as one short line of code. */
+function inline(v: unknown): string {
+  if (v === null || typeof v !== "object") return JSON.stringify(v);
+  if (Array.isArray(v)) return `[${v.map(inline).join(", ")}]`;
+  return `{ ${Object.entries(v as Record<string, unknown>).map(([k, x]) => `${k}: ${inline(x)}`).join(", ")} }`;
+}
+
+/**
+ * The default label rules, from config/label-rules.yaml: what each rule listens to and emits,
+ * its conditions and weight, and the reasons the file gives for its numbers (rule descriptions
+ * and the comments on conditions, factors and settings).
+ */
+export function renderLabelRules(): string {
+  const rel = "config/label-rules.yaml";
+  const doc = parseDocument(readFileSync(join(projectRoot(), rel), "utf8"));
+  const out = [`_Generated from \`${rel}\` by \`node scripts/gen-readme.mjs\`; the file's own comments hold the sources (RESEARCH.md)._`, ""];
+  const top = doc.contents;
+  if (!isMap(top)) return out.join("\n");
+  const plain = top.toJSON() as { description?: string; position_bias?: Record<string, unknown>; baselines?: Record<string, unknown> };
+  if (plain.description) out.push(cell(plain.description), "");
+  for (const section of ["position_bias", "baselines"] as const) {
+    const m = top.get(section, true);
+    if (!isMap(m)) continue;
+    out.push(`**${section}**`, "", "| setting | value | why |", "|---|---|---|");
+    for (const [i, pair] of m.items.entries()) {
+      const key = String((pair.key as { value?: unknown }).value ?? pair.key);
+      // A comment before a collection's first entry belongs to the collection in the YAML model.
+      const lead = i === 0 ? commentOf(m) : "";
+      const value = pair.value as YamlNode | null;
+      if (isMap(value)) {
+        for (const sub of value.items) {
+          const subKey = String((sub.key as { value?: unknown }).value ?? sub.key);
+          const why = [commentOf(sub.key) || (sub === value.items[0] ? commentOf(value) : ""), (sub.value as { comment?: string } | null)?.comment?.trim()].filter(Boolean).join(" ");
+          out.push(`| \`${key}.${subKey}\` | \`${inline((sub.value as YamlNode).toJSON())}\` | ${cell(why)} |`);
+        }
+      } else {
+        out.push(`| \`${key}\` | \`${inline(value?.toJSON())}\` | ${cell(commentOf(pair.key) || lead)} |`);
+      }
+    }
+    out.push("");
+  }
+  const rules = top.get("rules", true);
+  if (!isSeq(rules)) return out.join("\n");
+  out.push("| rule (version) | signal → label | conditions | weight | why |", "|---|---|---|---|---|");
+  for (const item of rules.items) {
+    if (!isMap(item)) continue;
+    const r = item.toJSON() as { name: string; version: unknown; description?: string; signal: string | string[]; kind: string; target?: string; label?: string; weight: unknown };
+    const conds = item.get("conditions", true);
+    const why = (list: unknown, n: unknown, i: number) => commentOf(n) || (i === 0 ? commentOf(list) : "");
+    const condLines = isSeq(conds) ? conds.items.map((c, i) => `\`${inline((c as YamlNode).toJSON())}\`${why(conds, c, i) ? ` — ${why(conds, c, i)}` : ""}`) : [];
+    const w = item.get("weight", true);
+    let weight = `\`${inline(r.weight)}\``;
+    if (isMap(w)) {
+      const factors = w.get("factors", true);
+      const parts = Object.entries(w.toJSON() as Record<string, unknown>).filter(([k]) => k !== "factors").map(([k, v]) => `${k} ${inline(v)}`);
+      const fl = isSeq(factors) ? factors.items.map((f, i) => `× \`${inline((f as YamlNode).toJSON())}\`${why(factors, f, i) ? ` — ${why(factors, f, i)}` : ""}`) : [];
+      weight = [parts.join(", "), ...fl].join("<br>");
+    }
+    out.push(`| \`${r.name}\` (${String(r.version)}) | ${[r.signal].flat().join(", ")} → ${r.label ? `${r.label} ` : ""}${r.kind}${r.target && r.target !== r.kind ? ` (${r.target})` : ""} | ${cell(condLines.join("<br>")) || "—"} | ${cell(weight)} | ${cell(r.description?.trim())} |`);
   }
   return out.join("\n");
 }
