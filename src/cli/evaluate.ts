@@ -46,8 +46,11 @@ const TARGET_NAMES: Record<TargetResult["name"], string> = {
   human_fpr: "human false-positive rate",
 };
 
-function targetRow(t: TargetResult): string {
-  const value = t.name === "human_fpr" ? pct(t.value) : f(t.value);
+export function targetRow(t: TargetResult): string {
+  // A value that rounds onto its goal is shown with more digits, so the verdict never looks
+  // contradictory (0.850 next to FAIL when it is 0.8497).
+  const digits = t.value !== null && t.pass !== null && Number(t.value.toFixed(3)) === t.threshold ? 4 : 3;
+  const value = t.name === "human_fpr" ? pct(t.value) : f(t.value, digits);
   const threshold = t.name === "human_fpr" ? pct(t.threshold) : f(t.threshold, 2);
   const verdict = t.pass === null ? "n/a" : t.pass ? "pass" : "FAIL";
   return `  ${TARGET_NAMES[t.name].padEnd(42)}${value.padStart(9)}   ${t.op === ">=" ? "≥" : "≤"} ${threshold.padEnd(8)} ${verdict}`;

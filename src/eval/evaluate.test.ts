@@ -175,3 +175,12 @@ test("AUC gain from baselines, preference accuracy and position correlation", ()
   assert.equal(r.coverage_any_kind, 1);
   assert.equal(r.coverage, 3 / 4);
 });
+
+test("a target value that rounds onto its goal is printed with enough digits to match its verdict", async () => {
+  const { targetRow } = await import("../cli/evaluate.js");
+  const row = (value: number, pass: boolean) => targetRow({ name: "positive_precision", value, op: ">=", threshold: 0.85, pass });
+  assert.match(row(0.8497, false), /0\.8497\s.*FAIL/);
+  assert.match(row(0.8503, true), /0\.8503\s.*pass/);
+  assert.match(row(0.833, false), /0\.833\s.*FAIL/);
+  assert.doesNotMatch(row(0.833, false), /0\.8330/);
+});
