@@ -5,7 +5,7 @@ import type { Redis, Cluster } from "ioredis";
 import type { Pipeline } from "../config/types.js";
 import { ConfigError, TacitError, errorMessage } from "../core/errors.js";
 import type { OperatorSpec } from "../core/operator.js";
-import { Cluster as RedisCluster } from "ioredis";
+import { unlinkMatching } from "../state/redis.js";
 import { partitionKey, pipelineKey, userKey } from "../core/state.js";
 import { pauseGroups, resumeGroups, liveWorkers, type PauseResult } from "./control.js";
 import { desiredConsumers } from "./deploy.js";
@@ -508,25 +508,9 @@ export function groupState(p: Pipeline, g: StageGroup, operators: (n: string) =>
  */
 export async function wipeState(redis: Redis | Cluster, prefix: string, only?: StateMatcher[]): Promise<number> {
   const keep = keptByRebuild(prefix);
-  const nodes = redis instanceof RedisCluster ? redis.nodes("master") : [redis as Redis];
   const scans = only?.map((m) => ({ glob: m.glob, test: (k: string) => m.re.test(k) })) ?? [{ glob: `tacit:{${globEscape(prefix)}:*`, test: () => true }];
   let n = 0;
-  for (const node of nodes) {
-    for (const scan of scans) {
-      let cursor = "0";
-      do {
-        const [next, keys] = await node.scan(cursor, "MATCH", scan.glob, "COUNT", 1000);
-        cursor = next;
-        const doomed = keys.filter((k) => scan.test(k) && !keep.test(k));
-        if (doomed.length === 0) continue;
-        const res = (await node.pipeline(doomed.map((k) => ["unlink", k])).exec()) ?? [];
-        for (const [err, v] of res) {
-          if (err) throw err;
-          n += Number(v);
-        }
-      } while (cursor !== "0");
-    }
-  }
+  for (const scan of scans) n += await unlinkMatching(redis, scan.glob, (k) => scan.test(k) && !keep.test(k));
   return n;
 }
 

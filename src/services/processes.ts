@@ -151,13 +151,11 @@ export async function freePort(host = DEFAULT_HOST): Promise<number> {
 }
 
 /** Whether `port` can be listened on at `host` right now. */
-export function isPortFree(port: number, host = DEFAULT_HOST): Promise<boolean> {
-  return new Promise((resolve) => {
-    const srv = createServer();
-    srv.unref();
-    srv.once("error", () => resolve(false));
-    srv.listen({ port, host, exclusive: true }, () => srv.close(() => resolve(true)));
-  });
+export async function isPortFree(port: number, host = DEFAULT_HOST): Promise<boolean> {
+  const srv = await listenOn(port, host);
+  if (!srv) return false;
+  await new Promise((r) => srv.close(r));
+  return true;
 }
 
 /**

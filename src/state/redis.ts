@@ -221,26 +221,36 @@ export class RedisStateStore implements StateStore {
     }
   }
 
-  async wipe(pattern: string): Promise<number> {
-    let n = 0;
-    const nodes = this.redis instanceof Cluster ? this.redis.nodes("master") : [this.redis];
-    for (const node of nodes) {
-      let cursor = "0";
-      do {
-        const [next, keys] = await node.scan(cursor, "MATCH", pattern, "COUNT", 1000);
-        cursor = next;
-        if (keys.length === 0) continue;
-        // One round trip per scanned page rather than per key; UNLINK frees memory off the main thread.
-        const res = (await node.pipeline(keys.map((k) => ["unlink", k])).exec()) ?? [];
-        for (const [err, v] of res) {
-          if (err) throw err;
-          n += Number(v);
-        }
-      } while (cursor !== "0");
-    }
-    return n;
+  wipe(pattern: string): Promise<number> {
+    return unlinkMatching(this.redis, pattern);
   }
 }
+
+/**
+ * Deletes every key matching the SCAN glob `pattern` (on every master of a Cluster) for which
+ * `doomed` holds, a page at a time: one round trip per scanned page rather than per key, and
+ * UNLINK frees memory off the main thread. Returns how many keys were deleted.
+ */
+export async function unlinkMatching(redis: RedisClient, pattern: string, doomed: (key: string) => boolean = () => true): Promise<number> {
+  let n = 0;
+  const nodes = redis instanceof Cluster ? redis.nodes("master") : [redis];
+  for (const node of nodes) {
+    let cursor = "0";
+    do {
+      const [next, keys] = await node.scan(cursor, "MATCH", pattern, "COUNT", 1000);
+      cursor = next;
+      const chosen = keys.filter(doomed);
+      if (chosen.length === 0) continue;
+      const res = (await node.pipeline(chosen.map((k) => ["unlink", k])).exec()) ?? [];
+      for (const [err, v] of res) {
+        if (err) throw err;
+        n += Number(v);
+      }
+    } while (cursor !== "0");
+  }
+  return n;
+}
+
 
 /** Connection settings beside the URL: the pipeline's `redis.password` (from a file or env) and `redis.tls`. */
 export interface RedisConnectOptions {
