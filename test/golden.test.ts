@@ -19,7 +19,7 @@ import { Random } from "./support/random.js";
 import { consumersDrained, eventually, readStream } from "./support/streams.js";
 import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";
 import { findOperator } from "../operators/index.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
@@ -32,7 +32,6 @@ import { simulate } from "../src/sim/simulate.js";
 
 const ROOT = projectRoot();
 const PIPELINE = join(ROOT, "pipelines", "feedback.yaml");
-const NAME = "golden";
 const KEY = "t1:golden-test-secret-0123456789abcdef";
 const SEED = 424242;
 const HOUR = 3_600_000;

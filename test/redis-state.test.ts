@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Cluster, Redis } from "ioredis";
 import { ensureBinaries } from "../src/services/binaries.js";
-import { freePort, freePorts, redisAnswers } from "../src/services/processes.js";
+import { freePorts, redisAnswers } from "../src/services/processes.js";
 import { TransientError } from "../src/core/errors.js";
 import { LeaseLostError, partitionKey, userKey, type StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";

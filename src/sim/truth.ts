@@ -9,8 +9,6 @@ export type TruthRecord = MetaTruth | UserTruth | QueryTruth | ResponseTruth | N
 
 /** Habits of human users; each shifts which signals the user gives and how routinely. */
 export type Habit = "typical" | "fast_reader" | "heavy_editor" | "regenerator" | "copier" | "mobile";
-/** Every habit, in a fixed order. */
-export const HABITS: readonly Habit[] = ["typical", "fast_reader", "heavy_editor", "regenerator", "copier", "mobile"];
 
 /** How a bot gives itself away: its user agent, its metronomic timing, or impossible sequences. */
 export type BotKind = "ua_bot" | "regular_script" | "human_paced_script";
