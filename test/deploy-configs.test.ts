@@ -15,7 +15,7 @@ import { parse as parseYaml, parseAllDocuments } from "yaml";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Redis } from "ioredis";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { findBinary } from "../src/services/binaries.js";
 import { freePort, freePorts, readFirstLine } from "../src/services/processes.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";

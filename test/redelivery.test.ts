@@ -10,7 +10,7 @@ import { Redis } from "ioredis";
 import { startServers } from "./harness.js";
 import { consumersDrained, eventually } from "./support/streams.js";
 import { findOperator } from "../operators/index.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Envelope } from "../src/core/event.js";
 import type { OperatorSpec, Processor } from "../src/core/operator.js";

@@ -14,7 +14,7 @@ import { consumersDrained, eventually, readStream } from "./support/streams.js";
 import { spawnTacit } from "./support/tacit-process.js";
 import { findOperator } from "../operators/index.js";
 import { benchEvents } from "../src/bench/bench.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { ConfigError, TacitError } from "../src/core/errors.js";

@@ -20,7 +20,7 @@ import { pipelineStreams, stageGroups, streamName } from "../src/runtime/topolog
 import { Worker } from "../src/runtime/worker.js";
 import { benchEvents } from "../src/bench/bench.js";
 import { partitionKey, pipelineKey } from "../src/core/state.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 
 const ROOT = projectRoot();
 const PIPELINE = join(ROOT, "test", "fixtures", "e2e", "clean.yaml");

@@ -19,7 +19,7 @@ import { consumersDrained, eventually, readStream, type StoredMsg } from "./supp
 import { isWorkerOf, spawnTacit, type TacitProcess } from "./support/tacit-process.js";
 import { findOperator } from "../operators/index.js";
 import { compileSessionizeConfig, sessionize, type LateRecord, type SessionAttr, type SessionizeConfig, type SessionSummary } from "../operators/sessionize.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import type { Envelope, EventType, RawEvent } from "../src/core/event.js";

@@ -8,7 +8,7 @@ import { runBench, type BenchResult } from "../bench/bench.js";
 import { ensureBinaries } from "../services/binaries.js";
 import { freePort, startNats, startRedis, type ServiceHandle } from "../services/processes.js";
 import { action, cliLogger, collect, out } from "./common.js";
-import { defaultPipelinePath } from "./paths.js";
+import { defaultPipelinePath } from "../config/paths.js";
 
 function fmt(r: BenchResult): string {
   const n = (x: number) => Math.round(x).toLocaleString("en-US");

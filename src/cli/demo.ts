@@ -22,7 +22,7 @@ import { formatReport } from "./evaluate.js";
 import { desiredStreams } from "../runtime/deploy.js";
 import { stageGroups } from "../runtime/topology.js";
 import { action, cliLogger, collect } from "./common.js";
-import { defaultPipelinePath } from "./paths.js";
+import { defaultPipelinePath } from "../config/paths.js";
 
 const decoder = new TextDecoder();
 

@@ -2,7 +2,7 @@ import { readFileSync } from "node:fs";
 import { isMap, isSeq, parseDocument, type Node as YamlNode } from "yaml";
 import { join } from "node:path";
 import { DLQ_REASONS } from "../core/errors.js";
-import { projectRoot } from "../cli/paths.js";
+import { projectRoot } from "./paths.js";
 import { renderPipelineReference } from "./docs.js";
 import { FEATURE_FIELDS, FEATURE_ENTITIES } from "../labels/features.js";
 
@@ -32,7 +32,10 @@ export function replaceSection(readme: string, name: string, content: string): s
   return `${readme.slice(0, b + begin.length)}\n${content}\n${readme.slice(e)}`;
 }
 
-/** Every generated section rewritten. */
+/**
+ * Every generated section rewritten.
+ * @public imported at run time by scripts/gen-readme.mjs (from dist/), which knip cannot follow.
+ */
 export function regenerate(readme: string): string {
   let out = readme;
   for (const [name, render] of Object.entries(GENERATED_SECTIONS)) out = replaceSection(out, name, render());

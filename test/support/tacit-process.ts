@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
-import { projectRoot } from "../../src/cli/paths.js";
+import { projectRoot } from "../../src/config/paths.js";
 
 /** A `tacit` CLI subprocess, with the tail of its stderr kept for assertion messages. */
 export interface TacitProcess {
