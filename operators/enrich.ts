@@ -258,7 +258,12 @@ const RFC3339_RE = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9
 export function parseRfc3339(s: string): number | null {
   const m = RFC3339_RE.exec(s);
   if (!m) return null;
-  const [year, month, day, hour, minute, second] = [m[1], m[2], m[3], m[4], m[5], m[6]].map(Number) as [number, number, number, number, number, number];
+  const year = Number(m[1]);
+  const month = Number(m[2]);
+  const day = Number(m[3]);
+  const hour = Number(m[4]);
+  const minute = Number(m[5]);
+  const second = Number(m[6]);
   if (month < 1 || month > 12 || day < 1 || hour > 23 || minute > 59 || second > 60) return null;
   const leap = (year % 4 === 0 && year % 100 !== 0) || year % 400 === 0;
   if (day > (month === 2 ? (leap ? 29 : 28) : DAYS_IN_MONTH[month - 1]!)) return null;
@@ -270,10 +275,16 @@ export function parseRfc3339(s: string): number | null {
     offsetMin = (m[9] === "+" ? 1 : -1) * (oh * 60 + om);
   }
   const ms = m[7] ? Math.floor(Number(m[7]) * 1000) : 0;
-  const d = new Date(Date.UTC(2000, month - 1, day, hour, minute));
-  d.setUTCFullYear(year); // Date.UTC would map years 0–99 to 1900–1999
+  let t: number;
+  if (year >= 100) {
+    t = Date.UTC(year, month - 1, day, hour, minute);
+  } else {
+    const d = new Date(Date.UTC(2000, month - 1, day, hour, minute));
+    d.setUTCFullYear(year); // Date.UTC would map years 0–99 to 1900–1999
+    t = d.getTime();
+  }
   // Seconds are added last so a leap second (:60) becomes the instant after :59.999.
-  return d.getTime() + second * 1000 + ms - offsetMin * 60_000;
+  return t + second * 1000 + ms - offsetMin * 60_000;
 }
 
 /** A raw event that passed the checks, with its parsed event time. */
@@ -468,6 +479,11 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
   };
 
   const rateOf = (t: EventType): number => (t === "explicit_feedback" ? 1 : (cfg.rates[t] ?? cfg.defaultRate));
+  // unitHash is below 1, so a rate of 1 keeps every event without hashing its id.
+  const keeps = (p: Pending): boolean => {
+    const rate = rateOf(p.raw.event_type);
+    return rate >= 1 || unitHash(p.eventId) < rate;
+  };
 
   /** Parses and checks one message: the pending event, or the outcome that ends it. */
   const admit = (input: StageInput, index: number): Pending | Outcome => {
@@ -553,7 +569,7 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
           r = { emits: [], error: new BadInputError("processing_failed", `enrich failed on this message: ${errorMessage(err)}`, err) };
         }
         if ("emits" in r) outcomes[i] = r;
-        else if (unitHash(r.eventId) < rateOf(r.raw.event_type)) kept.push(r);
+        else if (keeps(r)) kept.push(r);
         else outcomes[i] = { emits: [], dropped: "sampled_out" };
       });
 
