@@ -423,6 +423,15 @@ function lintEnrich(config: EnrichConfig, view: PipelineView): LintIssue[] {
 
 type ParsedUa = NonNullable<TacitEvent["ua"]>;
 
+/** Browser, OS, device type and isbot verdict of a user agent, uncached. */
+export function parseUserAgent(ua: string): ParsedUa {
+  const r = new UAParser(ua).getResult();
+  const parsed: ParsedUa = { device: r.device.type ?? "desktop", raw_is_bot: isbot(ua) };
+  if (r.browser.name) parsed.browser = r.browser.name;
+  if (r.os.name) parsed.os = r.os.name;
+  return parsed;
+}
+
 /**
  * User agents whose parse and isbot verdict are kept. Parsing costs 10–20 µs and isbot another
  * 2 µs, while real traffic repeats a small set of agent strings (a handful of browser
@@ -430,13 +439,32 @@ type ParsedUa = NonNullable<TacitEvent["ua"]>;
  * worker's recent batches. Bounded in entries because agent strings come from clients: a bot
  * sending a new string per request only evicts.
  */
-const UA_CACHE_ENTRIES = 1_000;
+export const UA_CACHE_ENTRIES = 1_000;
 
-/**
- * Users whose pseudonym is kept (see PseudonymCache): 10,000, several times the users active in
- * a worker's recent batches at the benchmark's scale, at a few MB.
- */
-const PSEUDONYM_CACHE_ENTRIES = 10_000;
+/** {@link parseUserAgent} with a bounded LRU of recent agents (see {@link UA_CACHE_ENTRIES}). */
+export class UserAgentCache {
+  private readonly lru: LRUCache<string, ParsedUa>;
+
+  constructor(maxEntries = UA_CACHE_ENTRIES) {
+    this.lru = new LRUCache({ max: maxEntries });
+  }
+
+  /** What `parseUserAgent(ua)` returns, as a new object each call. */
+  parse(ua: string): ParsedUa {
+    let parsed = this.lru.get(ua);
+    if (!parsed) {
+      parsed = parseUserAgent(ua);
+      this.lru.set(ua, parsed);
+    }
+    // A copy: the cached entry must not change if a later stage edits the event it is on.
+    return { ...parsed };
+  }
+
+  /** Entries held now (never more than the bound). */
+  get size(): number {
+    return this.lru.size;
+  }
+}
 
 interface Pending {
   index: number;
@@ -463,20 +491,9 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
   // Compile the event schema now so a broken schema fails at start-up, not on the first message.
   eventValidator();
 
-  const pseudonyms = new PseudonymCache(PSEUDONYM_CACHE_ENTRIES);
-  const uaCache = new LRUCache<string, ParsedUa>({ max: UA_CACHE_ENTRIES });
-  const parseUa = (ua: string): ParsedUa => {
-    let parsed = uaCache.get(ua);
-    if (!parsed) {
-      const r = new UAParser(ua).getResult();
-      parsed = { device: r.device.type ?? "desktop", raw_is_bot: isbot(ua) };
-      if (r.browser.name) parsed.browser = r.browser.name;
-      if (r.os.name) parsed.os = r.os.name;
-      uaCache.set(ua, parsed);
-    }
-    // A copy: the cached entry must not change if a later stage edits the event it is on.
-    return { ...parsed };
-  };
+  // Bounded caches of what repeats per user and per agent (the bounds' reasons are on each class).
+  const pseudonyms = new PseudonymCache();
+  const userAgents = new UserAgentCache(UA_CACHE_ENTRIES);
 
   const rateOf = (t: EventType): number => (t === "explicit_feedback" ? 1 : (cfg.rates[t] ?? cfg.defaultRate));
   // unitHash is below 1, so a rate of 1 keeps every event without hashing its id.
@@ -550,7 +567,7 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
       eventContext = { ...eventContext, experiment: context.variant ? { id: context.experiment_id, variant: context.variant } : { id: context.experiment_id } };
     }
     if (eventContext) event.context = eventContext;
-    if (raw.user_agent) event.ua = parseUa(raw.user_agent);
+    if (raw.user_agent) event.ua = userAgents.parse(raw.user_agent);
     if (context?.cohort) event.cohort = context.cohort;
     if (redacted.length) event.redacted = redacted;
     const envelope: Envelope = { v: 1, event, src: { seq: p.input.seq }, partition: partitionOf(p.user, ctx.partitions), attrs: {} };
