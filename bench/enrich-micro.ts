@@ -3,7 +3,9 @@ import { benchEvents } from "../src/bench/bench.js";
 import { ManualClock } from "../src/core/clock.js";
 import type { OperatorContext, StageInput } from "../src/core/operator.js";
 import { userKey } from "../src/core/state.js";
+import type { StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
+import { openRedis, RedisStateStore, unlinkMatching } from "../src/state/redis.js";
 import { enrich, type EnrichConfig } from "../operators/enrich.js";
 import { sampleBrowserAgents } from "./bot-ua-eval.js";
 
@@ -11,9 +13,11 @@ import { sampleBrowserAgents } from "./bot-ua-eval.js";
  * CPU cost of the `enrich` operator alone, in µs per event: `tacit bench`'s events (plus one
  * traffic-weighted browser user agent per user, and a context hash for every other user) pushed
  * through `enrich.create(…).process` in batches, with an in-memory state store, so neither NATS
- * nor Redis is measured. A warm-up pass runs first; then `--runs` timed passes, median reported.
+ * nor Redis is measured; `--redis <url>` looks contexts up in that Redis instead (under the
+ * prefix `enrich-micro`, deleted afterwards) to see the client's share. A warm-up pass runs
+ * first; then `--runs` timed passes, median reported.
  *
- *   node dist/bench/enrich-micro.js [--events 20000] [--users 2000] [--batch 500] [--runs 3]
+ *   node dist/bench/enrich-micro.js [--events 20000] [--users 2000] [--batch 500] [--runs 3] [--redis redis://127.0.0.1:6379]
  *   node --cpu-prof --cpu-prof-dir=/tmp/prof dist/bench/enrich-micro.js
  */
 
@@ -28,6 +32,8 @@ export interface EnrichMicroOptions {
   /** Timed passes. @default 3 */
   runs?: number;
   config?: EnrichConfig;
+  /** Redis to look contexts up in; in-memory state when absent. */
+  redisUrl?: string;
 }
 
 /** What one `benchEnrich` call measured. */
@@ -55,10 +61,11 @@ export async function benchEnrich(opts: EnrichMicroOptions = {}): Promise<Enrich
   const runs = opts.runs ?? 3;
   const T0 = Date.parse("2025-01-01T00:00:00Z");
   const clock = new ManualClock(T0);
-  const state = new MemoryStateStore(() => clock.now());
+  const redis = opts.redisUrl ? openRedis(opts.redisUrl) : undefined;
+  const state: StateStore = redis ? new RedisStateStore(redis) : new MemoryStateStore(() => clock.now());
   const ctx: OperatorContext = {
-    pipeline: "bench",
-    prefix: "bench",
+    pipeline: "enrich-micro",
+    prefix: "enrich-micro",
     stage: "enrich",
     partitions: 8,
     state,
@@ -110,6 +117,10 @@ export async function benchEnrich(opts: EnrichMicroOptions = {}): Promise<Enrich
     cpu.push(p.cpu);
     wall.push(p.wall);
   }
+  if (redis) {
+    await unlinkMatching(redis, userKey(ctx.prefix, "*", "context"));
+    redis.disconnect();
+  }
   return { events, users, batch: batchSize, cpu_us_per_event: cpu, median_cpu_us_per_event: median(cpu), wall_us_per_event: wall, median_wall_us_per_event: median(wall) };
 }
 
@@ -119,14 +130,16 @@ async function main(): Promise<void> {
     const i = argv.indexOf(name);
     return i >= 0 ? Number(argv[i + 1]) : undefined;
   };
-  const r = await benchEnrich({ events: num("--events"), users: num("--users"), batch: num("--batch"), runs: num("--runs") });
+  const i = argv.indexOf("--redis");
+  const redisUrl = i >= 0 ? argv[i + 1] : undefined;
+  const r = await benchEnrich({ events: num("--events"), users: num("--users"), batch: num("--batch"), runs: num("--runs"), redisUrl });
   if (argv.includes("--json")) {
     process.stdout.write(JSON.stringify(r, null, 2) + "\n");
     return;
   }
   const fmt = (xs: number[]) => xs.map((x) => x.toFixed(2)).join(", ");
   process.stdout.write(
-    `enrich micro-benchmark: ${r.events} events, ${r.users} users, batches of ${r.batch}\n` +
+    `enrich micro-benchmark: ${r.events} events, ${r.users} users, batches of ${r.batch}, state ${redisUrl ?? "in memory"}\n` +
       `  CPU  µs/event  median ${r.median_cpu_us_per_event.toFixed(2)}  (runs ${fmt(r.cpu_us_per_event)})\n` +
       `  wall µs/event  median ${r.median_wall_us_per_event.toFixed(2)}  (runs ${fmt(r.wall_us_per_event)})\n`,
   );
