@@ -9,7 +9,16 @@ import { partitionOf } from "../src/core/partition.js";
 import { parsePseudonymKey, pseudonymize } from "../src/core/pseudonym.js";
 import { userKey, type StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
-import { canonicalJson, compileEnrichConfig, enrich, fingerprint, parseRfc3339, type EnrichConfig } from "./enrich.js";
+import {
+  UserAgentCache,
+  canonicalJson,
+  compileEnrichConfig,
+  enrich,
+  fingerprint,
+  parseRfc3339,
+  parseUserAgent,
+  type EnrichConfig,
+} from "./enrich.js";
 
 const T0 = Date.UTC(2024, 4, 1, 12, 0, 0); // stream time of every test message unless stated
 const ISO0 = new Date(T0).toISOString();
@@ -266,6 +275,63 @@ test("the user agent is parsed, bot-checked and dropped", async () => {
   const serialized = JSON.stringify(outcomes);
   for (const ua of [chrome, iphone, googlebot]) assert.ok(!serialized.includes(ua), "the raw user agent must not be passed on");
   assert.ok(!serialized.includes("user_agent"));
+});
+
+/** Browser agents in many versions: more distinct strings than a small cache holds. */
+function agentVariants(n: number): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const v = 100 + (i % 40);
+    out.push(
+      i % 3 === 0 ? `Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/${v}.0.${i}.0 Safari/537.36`
+      : i % 3 === 1 ? `Mozilla/5.0 (iPhone; CPU iPhone OS 17_${i % 7} like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.${i} Mobile/15E148 Safari/604.1`
+      : `Mozilla/5.0 (compatible; ExampleBot/${i}.0; +http://example.com/bot.html)`,
+    );
+  }
+  return out;
+}
+
+test("UserAgentCache gives parseUserAgent's result, hit or miss, holds at most its bound, and hands out copies", () => {
+  const agents = agentVariants(60);
+  const cache = new UserAgentCache(50);
+  for (let round = 0; round < 2; round++) {
+    for (const ua of agents) assert.deepEqual(cache.parse(ua), parseUserAgent(ua), ua);
+    assert.ok(cache.size <= 50, `size ${cache.size}`);
+  }
+  assert.ok(agents.some((ua) => parseUserAgent(ua).raw_is_bot) && agents.some((ua) => !parseUserAgent(ua).raw_is_bot));
+  const first = cache.parse(agents[0]!);
+  first.browser = "edited downstream";
+  assert.deepEqual(cache.parse(agents[0]!), parseUserAgent(agents[0]!));
+});
+
+test("enrich's output is the same whether its pseudonym and user-agent caches hit or miss", async () => {
+  const agents = agentVariants(40);
+  const batch = () =>
+    Array.from({ length: 120 }, (_, i) =>
+      input(ev({ event_id: `e-${i}`, user_id: `user-${i % 30}`, user_agent: agents[i % agents.length] }), { seq: 1000 + i }),
+    );
+  const warm = await processor();
+  const firstPass = await warm.process(batch());
+  const secondPass = await warm.process(batch()); // every user and agent is cached by now
+  const fresh = await (await processor()).process(batch());
+  assert.deepEqual(secondPass, firstPass);
+  assert.deepEqual(fresh, firstPass);
+  const key = parsePseudonymKey(KEY);
+  for (const [i, o] of secondPass.entries()) {
+    const e = envelopeOf(o).event;
+    assert.equal(e.user, pseudonymize(key, `user-${i % 30}`));
+    assert.deepEqual(e.ua, parseUserAgent(agents[i % agents.length]!));
+  }
+});
+
+test("a rotated key pseudonymizes afresh: same user, new version, new pseudonym", async () => {
+  const rotated = "k2:fedcba9876543210fedcba9876543210";
+  const before = envelopeOf((await (await processor()).process([input(ev())]))[0]!).event;
+  const after = envelopeOf((await (await processor({}, harness({ env: { TACIT_PSEUDONYM_KEY: rotated } }))).process([input(ev())]))[0]!).event;
+  assert.equal(before.user_key_version, "k1");
+  assert.equal(after.user_key_version, "k2");
+  assert.equal(after.user, pseudonymize(parsePseudonymKey(rotated), "alice@example.com"));
+  assert.notEqual(after.user, before.user);
 });
 
 test("cohort and experiment come from one Redis lookup per batch; the event's own experiment wins", async () => {

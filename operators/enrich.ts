@@ -3,6 +3,7 @@ import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Ajv, type ErrorObject, type JSONSchemaType, type ValidateFunction } from "ajv";
 import { isbot } from "isbot";
+import { LRUCache } from "lru-cache";
 import UAParser from "ua-parser-js";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
 import { BadInputError, ConfigError, TransientError, errorMessage, type TacitError } from "../src/core/errors.js";
@@ -10,7 +11,7 @@ import { EVENT_TYPES, type Envelope, type EventType, type RawEvent, type TacitEv
 import type { Emit, LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
 import { partitionOf, unitHash } from "../src/core/partition.js";
 import { redactPii, type RedactKinds } from "../src/core/pii.js";
-import { pseudonymize, resolvePseudonymKey, weakKeyReason } from "../src/core/pseudonym.js";
+import { PseudonymCache, resolvePseudonymKey, weakKeyReason } from "../src/core/pseudonym.js";
 import { userKey } from "../src/core/state.js";
 
 // ---------------------------------------------------------------------------------------------
@@ -257,7 +258,12 @@ const RFC3339_RE = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9
 export function parseRfc3339(s: string): number | null {
   const m = RFC3339_RE.exec(s);
   if (!m) return null;
-  const [year, month, day, hour, minute, second] = [m[1], m[2], m[3], m[4], m[5], m[6]].map(Number) as [number, number, number, number, number, number];
+  const year = Number(m[1]);
+  const month = Number(m[2]);
+  const day = Number(m[3]);
+  const hour = Number(m[4]);
+  const minute = Number(m[5]);
+  const second = Number(m[6]);
   if (month < 1 || month > 12 || day < 1 || hour > 23 || minute > 59 || second > 60) return null;
   const leap = (year % 4 === 0 && year % 100 !== 0) || year % 400 === 0;
   if (day > (month === 2 ? (leap ? 29 : 28) : DAYS_IN_MONTH[month - 1]!)) return null;
@@ -269,10 +275,16 @@ export function parseRfc3339(s: string): number | null {
     offsetMin = (m[9] === "+" ? 1 : -1) * (oh * 60 + om);
   }
   const ms = m[7] ? Math.floor(Number(m[7]) * 1000) : 0;
-  const d = new Date(Date.UTC(2000, month - 1, day, hour, minute));
-  d.setUTCFullYear(year); // Date.UTC would map years 0–99 to 1900–1999
+  let t: number;
+  if (year >= 100) {
+    t = Date.UTC(year, month - 1, day, hour, minute);
+  } else {
+    const d = new Date(Date.UTC(2000, month - 1, day, hour, minute));
+    d.setUTCFullYear(year); // Date.UTC would map years 0–99 to 1900–1999
+    t = d.getTime();
+  }
   // Seconds are added last so a leap second (:60) becomes the instant after :59.999.
-  return d.getTime() + second * 1000 + ms - offsetMin * 60_000;
+  return t + second * 1000 + ms - offsetMin * 60_000;
 }
 
 /** A raw event that passed the checks, with its parsed event time. */
@@ -410,7 +422,49 @@ function lintEnrich(config: EnrichConfig, view: PipelineView): LintIssue[] {
 // ---------------------------------------------------------------------------------------------
 
 type ParsedUa = NonNullable<TacitEvent["ua"]>;
-const UA_CACHE_SIZE = 2048;
+
+/** Browser, OS, device type and isbot verdict of a user agent, uncached. */
+export function parseUserAgent(ua: string): ParsedUa {
+  const r = new UAParser(ua).getResult();
+  const parsed: ParsedUa = { device: r.device.type ?? "desktop", raw_is_bot: isbot(ua) };
+  if (r.browser.name) parsed.browser = r.browser.name;
+  if (r.os.name) parsed.os = r.os.name;
+  return parsed;
+}
+
+/**
+ * User agents whose parse and isbot verdict are kept. Parsing costs 10–20 µs and isbot another
+ * 2 µs, while real traffic repeats a small set of agent strings (a handful of browser
+ * versions on a handful of systems make up most of it), so 1,000 covers the common agents of a
+ * worker's recent batches. Bounded in entries because agent strings come from clients: a bot
+ * sending a new string per request only evicts.
+ */
+export const UA_CACHE_ENTRIES = 1_000;
+
+/** {@link parseUserAgent} with a bounded LRU of recent agents (see {@link UA_CACHE_ENTRIES}). */
+export class UserAgentCache {
+  private readonly lru: LRUCache<string, ParsedUa>;
+
+  constructor(maxEntries = UA_CACHE_ENTRIES) {
+    this.lru = new LRUCache({ max: maxEntries });
+  }
+
+  /** What `parseUserAgent(ua)` returns, as a new object each call. */
+  parse(ua: string): ParsedUa {
+    let parsed = this.lru.get(ua);
+    if (!parsed) {
+      parsed = parseUserAgent(ua);
+      this.lru.set(ua, parsed);
+    }
+    // A copy: the cached entry must not change if a later stage edits the event it is on.
+    return { ...parsed };
+  }
+
+  /** Entries held now (never more than the bound). */
+  get size(): number {
+    return this.lru.size;
+  }
+}
 
 interface Pending {
   index: number;
@@ -437,21 +491,16 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
   // Compile the event schema now so a broken schema fails at start-up, not on the first message.
   eventValidator();
 
-  const uaCache = new Map<string, ParsedUa>();
-  const parseUa = (ua: string): ParsedUa => {
-    let parsed = uaCache.get(ua);
-    if (!parsed) {
-      const r = new UAParser(ua).getResult();
-      parsed = { device: r.device.type ?? "desktop", raw_is_bot: isbot(ua) };
-      if (r.browser.name) parsed.browser = r.browser.name;
-      if (r.os.name) parsed.os = r.os.name;
-      if (uaCache.size >= UA_CACHE_SIZE) uaCache.clear();
-      uaCache.set(ua, parsed);
-    }
-    return { ...parsed };
-  };
+  // Bounded caches of what repeats per user and per agent (the bounds' reasons are on each class).
+  const pseudonyms = new PseudonymCache();
+  const userAgents = new UserAgentCache(UA_CACHE_ENTRIES);
 
   const rateOf = (t: EventType): number => (t === "explicit_feedback" ? 1 : (cfg.rates[t] ?? cfg.defaultRate));
+  // unitHash is below 1, so a rate of 1 keeps every event without hashing its id.
+  const keeps = (p: Pending): boolean => {
+    const rate = rateOf(p.raw.event_type);
+    return rate >= 1 || unitHash(p.eventId) < rate;
+  };
 
   /** Parses and checks one message: the pending event, or the outcome that ends it. */
   const admit = (input: StageInput, index: number): Pending | Outcome => {
@@ -485,7 +534,7 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
       );
     }
     const eventId = event.event_id ?? fingerprint(value);
-    return { index, input, raw: event, ts, eventId, user: pseudonymize(key, event.user_id) };
+    return { index, input, raw: event, ts, eventId, user: pseudonyms.pseudonymize(key, event.user_id) };
   };
 
   const build = (p: Pending, context: Record<string, string> | undefined): Emit => {
@@ -518,7 +567,7 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
       eventContext = { ...eventContext, experiment: context.variant ? { id: context.experiment_id, variant: context.variant } : { id: context.experiment_id } };
     }
     if (eventContext) event.context = eventContext;
-    if (raw.user_agent) event.ua = parseUa(raw.user_agent);
+    if (raw.user_agent) event.ua = userAgents.parse(raw.user_agent);
     if (context?.cohort) event.cohort = context.cohort;
     if (redacted.length) event.redacted = redacted;
     const envelope: Envelope = { v: 1, event, src: { seq: p.input.seq }, partition: partitionOf(p.user, ctx.partitions), attrs: {} };
@@ -537,7 +586,7 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
           r = { emits: [], error: new BadInputError("processing_failed", `enrich failed on this message: ${errorMessage(err)}`, err) };
         }
         if ("emits" in r) outcomes[i] = r;
-        else if (unitHash(r.eventId) < rateOf(r.raw.event_type)) kept.push(r);
+        else if (keeps(r)) kept.push(r);
         else outcomes[i] = { emits: [], dropped: "sampled_out" };
       });
 

@@ -122,6 +122,18 @@ test("redactPii honours disabled kinds", () => {
   assert.deepEqual(redactPii(text, { emails: false, phones: false, cards: false, ips: false }), { text, found: [] });
 });
 
+test("redactPii finds PII with the fewest digits each kind can have (the digit-count guards)", () => {
+  // 13-digit card, 7-digit local phone, 4-digit IPv4: the smallest of each kind.
+  assert.deepEqual(redactPii("visa 4222222222222 ok"), { text: "visa [card] ok", found: ["card"] });
+  assert.deepEqual(redactPii("ring 555-1234 now"), { text: "ring [phone] now", found: ["phone"] });
+  assert.deepEqual(redactPii("host 1.2.3.4 down"), { text: "host [ip] down", found: ["ip"] });
+  // Digits spread over the text count towards no single candidate.
+  assert.deepEqual(redactPii("v1 of 2 in 3 by 4 at 5 to 6 on 7 for 8 up 9 and 10 to 11 12 13"), {
+    text: "v1 of 2 in 3 by 4 at 5 to 6 on 7 for 8 up 9 and 10 to 11 12 13",
+    found: [],
+  });
+});
+
 test("redactPii stays fast on adversarial input (no catastrophic backtracking)", () => {
   const inputs = [
     "+1 " + "1234567890".repeat(4) + " ",

@@ -105,9 +105,24 @@ export function luhnValid(digits: string): boolean {
   return digits.length > 0 && sum % 10 === 0;
 }
 
+const MIN_CARD_DIGITS = 13;
+const MAX_CARD_DIGITS = 19;
+const MIN_PHONE_DIGITS = Math.min(...PHONE_RES.map((p) => p.min));
+const MIN_IPV4_DIGITS = 4;
+
+/** The number of ASCII digits in `s` (what `\d` matches in these patterns). */
+function countDigits(s: string): number {
+  let n = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 48 && c <= 57) n++;
+  }
+  return n;
+}
+
 function isCardNumber(candidate: string): boolean {
   const d = digitsOf(candidate);
-  if (d.length < 13 || d.length > 19) return false;
+  if (d.length < MIN_CARD_DIGITS || d.length > MAX_CARD_DIGITS) return false;
   // A run of one repeated digit passes Luhn for some lengths but is never a card.
   if (/^(\d)\1+$/.test(d)) return false;
   return luhnValid(d);
@@ -176,10 +191,11 @@ export function redactPii(text: string, kinds: RedactKinds = {}): Redaction {
     t = r.text;
     if (r.hit && !found.includes(kind)) found.push(kind);
   };
-  // Cheap guards keep the common case (no digits, no @) fast.
-  const hasDigit = /\d/.test(t);
+  // Cheap guards keep the common case (few digits, no @) fast. Each step only removes digits, so
+  // the count in the original text bounds every later candidate's.
+  const digits = countDigits(t);
   step("email", kinds.emails, (s) => (s.includes("@") ? replaceAll(s, EMAIL_RE, () => true, PII_PLACEHOLDER.email) : { text: s, hit: false }));
-  if (hasDigit) step("card", kinds.cards, (s) => replaceWith(s, CARD_RE, redactCard));
+  if (digits >= MIN_CARD_DIGITS) step("card", kinds.cards, (s) => replaceWith(s, CARD_RE, redactCard));
   step("ip", kinds.ips, (s) => {
     let hit = false;
     if (s.includes(":")) {
@@ -187,14 +203,14 @@ export function redactPii(text: string, kinds: RedactKinds = {}): Redaction {
       s = r6.text;
       hit = r6.hit;
     }
-    if (hasDigit) {
+    if (digits >= MIN_IPV4_DIGITS) {
       const r4 = replaceAll(s, IPV4_RE, () => true, PII_PLACEHOLDER.ip);
       s = r4.text;
       hit ||= r4.hit;
     }
     return { text: s, hit };
   });
-  if (hasDigit) {
+  if (digits >= MIN_PHONE_DIGITS) {
     step("phone", kinds.phones, (s) => {
       let hit = false;
       for (const { re, min, max } of PHONE_RES) {

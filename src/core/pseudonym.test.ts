@@ -2,7 +2,16 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { ConfigError } from "./errors.js";
-import { DEV_PSEUDONYM_KEY, PSEUDONYM_LENGTH, parsePseudonymKey, pseudonymize, resolvePseudonymKey, weakKeyReason } from "./pseudonym.js";
+import {
+  DEFAULT_PSEUDONYM_CACHE_ENTRIES,
+  DEV_PSEUDONYM_KEY,
+  PSEUDONYM_LENGTH,
+  PseudonymCache,
+  parsePseudonymKey,
+  pseudonymize,
+  resolvePseudonymKey,
+  weakKeyReason,
+} from "./pseudonym.js";
 
 const SECRET = "0123456789abcdef0123456789abcdef";
 
@@ -39,4 +48,39 @@ test("resolvePseudonymKey: env var, dev fallback, and a ConfigError naming the v
   assert.deepEqual(resolvePseudonymKey({}, "K", true), { key: DEV_PSEUDONYM_KEY, dev: true });
   assert.deepEqual(resolvePseudonymKey({ K: "  " }, "K", true).key.version, "dev");
   assert.throws(() => resolvePseudonymKey({}, "TACIT_PSEUDONYM_KEY", false), (e: unknown) => e instanceof ConfigError && e.message.includes("TACIT_PSEUDONYM_KEY"));
+});
+
+test("PseudonymCache returns pseudonymize's result, hit or miss, and holds at most its bound", () => {
+  const key = { version: "k1", secret: SECRET };
+  const cache = new PseudonymCache(100);
+  assert.equal(cache.maxEntries, 100);
+  for (let round = 0; round < 2; round++) {
+    for (let u = 0; u < 150; u++) assert.equal(cache.pseudonymize(key, `user-${u}`), pseudonymize(key, `user-${u}`));
+    assert.ok(cache.size <= 100, `size ${cache.size}`);
+  }
+  // The most recent users are the ones kept: asking again gives the same answers.
+  for (let u = 149; u >= 50; u--) assert.equal(cache.pseudonymize(key, `user-${u}`), pseudonymize(key, `user-${u}`));
+  assert.equal(cache.size, 100);
+  assert.equal(new PseudonymCache().maxEntries, DEFAULT_PSEUDONYM_CACHE_ENTRIES);
+});
+
+test("PseudonymCache never serves a pseudonym of another key: rotation, a reused version, look-alike cache keys", () => {
+  const k1 = { version: "k1", secret: SECRET };
+  const k2 = { version: "k2", secret: SECRET + "-rotated" };
+  const cache = new PseudonymCache(10);
+  const p1 = cache.pseudonymize(k1, "alice");
+  const p2 = cache.pseudonymize(k2, "alice");
+  assert.equal(p1, pseudonymize(k1, "alice"));
+  assert.equal(p2, pseudonymize(k2, "alice"));
+  assert.notEqual(p1, p2);
+  assert.equal(cache.size, 2, "both versions are cached side by side during a rotation");
+  // Same version, different secret (a misconfigured rotation): recomputed, not reused.
+  const k1b = { version: "k1", secret: SECRET + "-other" };
+  assert.equal(cache.pseudonymize(k1b, "alice"), pseudonymize(k1b, "alice"));
+  assert.equal(cache.pseudonymize(k1, "alice"), p1);
+  // Version "a" with user "b:c" and version "a:b" with user "c" (same secret) must not share an entry.
+  const a = { version: "a", secret: SECRET };
+  const ab = { version: "a:b", secret: SECRET };
+  assert.equal(cache.pseudonymize(a, "b:c"), pseudonymize(a, "b:c"));
+  assert.equal(cache.pseudonymize(ab, "c"), pseudonymize(ab, "c"));
 });
