@@ -289,14 +289,6 @@ export interface BotAnnotation {
   flagged?: true;
 }
 
-/**
- * True for the marker bot-score sends on when it flags a user (attrs.bot.band = "bot"). Later
- * keyed stages pass it on unchanged and keep no state from it; label-derive acts on it.
- */
-export function isBotMarker(env: Envelope): boolean {
-  const bot = env.attrs?.bot as { band?: unknown } | undefined;
-  return bot?.band === "bot";
-}
 
 /** A record on `<prefix>.bots`. */
 export interface BotRecord {

@@ -340,7 +340,7 @@ export function fingerprint(event: unknown): string {
 const CONTEXT_KEY = "tacit:{<prefix>:u:<user>}:context";
 
 /** The `enrich` operator: validation, pseudonymization, PII redaction, UA parsing, context lookup, sampling. */
-export const enrich: OperatorSpec<EnrichConfig> = {
+export const enrich: OperatorSpec<EnrichConfig, Processor> = {
   name: "enrich",
   summary: "Validates raw events, pseudonymizes users, redacts PII, parses the user agent, adds cohort/experiment context and samples per event type.",
   description: [

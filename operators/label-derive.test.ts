@@ -19,7 +19,7 @@ import type { StageInput } from "../src/core/operator.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { runChain } from "../test/support/label-chain.js";
 import { OPERATORS } from "./index.js";
-import { isBotMarker } from "./bot-score.js";
+import { isBotMarker } from "../src/core/event.js";
 import { labelDerive, labelId, type LabelDeriveConfig } from "./label-derive.js";
 
 const T0 = Date.parse("2026-01-01T10:00:00Z");

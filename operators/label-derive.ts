@@ -13,7 +13,7 @@ import { baselineView, emptySums, observe, type BaselineSums, type BaselineView 
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
 import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
 import { loadRulesFile, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
-import { isBotMarker } from "./bot-score.js";
+import { isBotMarker } from "../src/core/event.js";
 
 /*
  * label-derive: turns the signals of human users into weak labels with the rules of a YAML file

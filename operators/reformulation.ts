@@ -5,7 +5,7 @@ import type { Envelope, TacitEvent } from "../src/core/event.js";
 import type { LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
 import { userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
 import { classifyReformulation, jaccard3, normalizedLevenshtein, REFORMULATION_KINDS, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
-import { isBotMarker } from "./bot-score.js";
+import { isBotMarker } from "../src/core/event.js";
 
 /*
  * reformulation: compares each query with the previous query of the same session and decides

@@ -13,7 +13,7 @@ import type {
   StageInput,
 } from "../src/core/operator.js";
 import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
-import { isBotMarker } from "./bot-score.js";
+import { isBotMarker } from "../src/core/event.js";
 
 // ---------------------------------------------------------------------------------------------
 // Config

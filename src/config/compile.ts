@@ -179,6 +179,8 @@ export function compilePipeline(data: PipelineFile, sm: SourceMap, opts: Compile
       lease_ttl_ms: ms(["runtime", "lease_ttl"], rt.lease_ttl!),
       max_event_bytes: rt.max_event_bytes!,
       max_in_flight: rt.max_in_flight!,
+      state_cache: { max_entries: rt.state_cache!.max_entries! },
+      commit_interval_ms: ms(["runtime", "commit_interval"], rt.commit_interval!),
     },
     event_time: {
       max_out_of_orderness_ms: ms(["event_time", "max_out_of_orderness"], et.max_out_of_orderness!),

@@ -41,6 +41,8 @@ export interface PipelineFile {
     lease_ttl?: string;
     max_event_bytes?: number;
     max_in_flight?: number;
+    state_cache?: { max_entries?: number };
+    commit_interval?: string;
   };
   event_time?: { max_out_of_orderness?: string; idle_timeout?: string };
   stages: StageFile[];
@@ -84,6 +86,8 @@ export interface Pipeline {
     lease_ttl_ms: number;
     max_event_bytes: number;
     max_in_flight: number;
+    state_cache: { max_entries: number };
+    commit_interval_ms: number;
   };
   event_time: { max_out_of_orderness_ms: number; idle_timeout_ms: number };
   stages: Stage[];

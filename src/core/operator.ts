@@ -91,21 +91,14 @@ export interface OperatorContext {
   devMode: boolean;
 }
 
-/** The processing function an operator returns from `create`. */
+/** The processing function an unkeyed operator returns from `create`. */
 export interface Processor {
   /**
    * Processes a batch in order and returns one Outcome per input, in the same order. Batches
-   * let an operator read and write state in one Redis round trip for many messages.
+   * let an unkeyed operator look up what it needs in one Redis round trip for many messages.
+   * (Keyed operators return a {@link KeyedProcessor} instead: their state is the runtime's.)
    */
   process(batch: StageInput[]): Promise<Outcome[]>;
-  /**
-   * Called at the end of every batch of a keyed partition with the partition's watermark (whether
-   * or not it advanced), and when an idle partition's watermark is advanced. Called BEFORE the
-   * batch's commits are applied: keep the batch's uncommitted changes in memory. One operator
-   * instance serves one partition. Returns what timers fired: emits (published first) and
-   * commits (applied after).
-   */
-  onWatermark?(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }>;
   close?(): Promise<void>;
 }
 
@@ -134,7 +127,7 @@ export interface PipelineView {
  * An operator: one file under `operators/`, read top to bottom as config type and schema,
  * metadata, lint, then `create`. The schema is the single source for validation, defaults and docs.
  */
-export interface OperatorSpec<C = Record<string, unknown>> {
+export interface OperatorSpec<C = Record<string, unknown>, P extends Processor | KeyedProcessor<any> = Processor | KeyedProcessor<any>> {
   name: string;
   summary: string;
   description: string;
@@ -147,5 +140,88 @@ export interface OperatorSpec<C = Record<string, unknown>> {
   outputs: OutputName[];
   examples: { title: string; config: Record<string, unknown> }[];
   lint?(config: C, view: PipelineView): LintIssue[];
-  create(config: C, ctx: OperatorContext): Processor | Promise<Processor>;
+  /** Unkeyed operators return a Processor, keyed ones a KeyedProcessor (below). */
+  create(config: C, ctx: OperatorContext): P | Promise<P>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keyed operators
+/**
+ * Keyed operators, in the manner of Flink's `KeyedProcessFunction`: the operator holds domain
+ * logic only. The runtime owns each user's state (an in-memory cache valid while the worker
+ * holds the partition's lease, loaded on first touch, written back when it changed, in the
+ * batch's atomic commit with the partition's progress), the exactly-once guard (an input at or
+ * below the user's applied sequence never runs twice), and event-time timers (persisted with
+ * the state, fired in stream order with the watermark each input saw).
+ */
+
+/** How the runtime stores one user's state of a keyed operator. */
+export interface StateCodec<S> {
+  encode(state: S): string;
+  decode(raw: string): S;
+  /**
+   * How long the stored state lives after a write, in ms; `eventTimeMs` is the event time of
+   * the write. Undefined state (cleared) is kept as a small tombstone for this long too.
+   */
+  ttlMs(state: S | undefined, eventTimeMs: number): number;
+}
+
+/** One user's state, guard and timer, as an operator sees them while it handles that user. */
+export interface KeyScope<S> {
+  readonly user: string;
+  readonly partition: number;
+  /** The user's state (undefined: none yet, or cleared). Sees this batch's earlier changes. */
+  get(): S | undefined;
+  /**
+   * Records the user's new state. Call it after changing the state object in place too: only
+   * states put since the last commit are written.
+   */
+  put(state: S): void;
+  /** Forgets the user's state. */
+  clear(): void;
+  /** The user's event-time timer: `onTimer` runs once the watermark reaches `atMs`. Undefined cancels it. */
+  setTimer(atMs: number | undefined): void;
+}
+
+/** A timer that fired. */
+export interface TimerFiring {
+  /** The time the timer was set for. */
+  at_ms: number;
+  /** The watermark that passed it. */
+  watermark_ms: number;
+  /**
+   * Stream time of the input after which the watermark passed the timer; undefined when no
+   * input moved it there (an idle partition's advance). Deterministic on replay.
+   */
+  stream_time_ms: number | undefined;
+}
+
+/** An input of a keyed operator: always an envelope, of the user the scope belongs to. */
+export interface KeyedInput extends StageInput {
+  envelope: Envelope;
+}
+
+/** What a keyed operator's timer produced. */
+export interface TimerOutcome {
+  emits: Emit[];
+  /** Effects outside the operator's own state (online features), applied with the batch. */
+  commits?: CommitGroup[];
+}
+
+/** The processing functions a keyed operator's `create` returns. */
+export interface KeyedProcessor<S> {
+  readonly codec: StateCodec<S>;
+  /**
+   * One input, in the partition's stream order, with its user's scope. Synchronous: every
+   * state it can touch is in memory. Return an error outcome rather than throwing for bad
+   * input, before changing any state.
+   */
+  processElement(input: KeyedInput, key: KeyScope<S>): Outcome;
+  /** The user's timer fired. */
+  onTimer?(key: KeyScope<S>, firing: TimerFiring): TimerOutcome;
+}
+
+/** True when a processor is keyed (built by a keyed operator's `create`). */
+export function isKeyedProcessor(p: unknown): p is KeyedProcessor<unknown> {
+  return typeof (p as { processElement?: unknown } | null)?.processElement === "function";
 }

@@ -1,31 +1,32 @@
 import { isDeepStrictEqual } from "node:util";
 import { ManualClock } from "../../src/core/clock.js";
 import type { Envelope } from "../../src/core/event.js";
-import type {
-  Emit,
-  OperatorContext,
-  OperatorSpec,
-  Outcome,
-  OutputName,
-  Processor,
-  StageInput,
+import {
+  isKeyedProcessor,
+  type Emit,
+  type KeyedProcessor,
+  type OperatorContext,
+  type OperatorMetrics,
+  type OperatorSpec,
+  type Outcome,
+  type OutputName,
+  type StageInput,
 } from "../../src/core/operator.js";
 import { hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
+import { KeyedChain, emptyResult, type KeyedStage, type MsgResult } from "../../src/runtime/chain.js";
+import { CacheBudget, StageState } from "../../src/runtime/keyed-state.js";
+import { admitInOrder, assignWatermarks, type PartitionProgress } from "../../src/runtime/watermarks.js";
 import { MemoryStateStore } from "../../src/state/memory.js";
 
 /**
  * A test driver for one operator in the style of Flink's operator test harnesses and Kafka
- * Streams' TopologyTestDriver: it feeds StageInputs per partition in order, computes each
- * input's watermark the way the runtime does, calls `onWatermark` when a partition's watermark
- * advances, publishes emits before applying commits (deduplicating by emit id as JetStream
- * does, and failing on an id re-emitted with a different value), and can simulate a crash at
- * any point of a batch so tests can restart the operator on the same state.
- *
- * Order per batch, as `src/runtime/worker.ts` runs it: `process`, then `onWatermark` if the
- * partition's watermark advanced (before any commit of the batch is applied), then every emit
- * is published, then the inputs' commits, then the watermark's commits (and the watermark is
- * persisted), then the batch is acked. `watermarkAfterCommits` runs `onWatermark` after the
- * inputs' commits instead; an operator should be correct under both.
+ * Streams' TopologyTestDriver: it feeds StageInputs per partition in order and runs them through
+ * the runtime's own code — `admitInOrder` and `assignWatermarks` (src/runtime/watermarks.ts),
+ * the keyed state and timers (src/runtime/keyed-state.ts) and the chain (src/runtime/chain.ts)
+ * — as the worker does: emits are published before the commit (deduplicated by id as JetStream
+ * does; an id re-emitted with a different value fails), then the batch's changes are committed
+ * with the partition's progress, then the batch is acked. It can simulate a crash at any point
+ * of a batch so tests can restart the operator on the same state.
  */
 
 export interface HarnessOptions {
@@ -39,16 +40,19 @@ export interface HarnessOptions {
   prefix?: string;
   /** Time the state store uses for TTL expiry (a test's fake wall clock). @default () => 0 (nothing expires) */
   storeNow?: () => number;
-  /** Call onWatermark only once the batch's commits are applied. @default false (the worker's order) */
-  watermarkAfterCommits?: boolean;
+  /** Entries the runtime's state cache keeps (over every partition). @default 100000 */
+  cacheEntries?: number;
   env?: Record<string, string | undefined>;
 }
 
 /** How far a batch got before the simulated crash. The batch is never acked: it is redelivered. */
 export type CrashPoint =
-  /** Every emit of the batch (and of its watermark) published; no commit applied. */
+  /** Every emit of the batch published; nothing committed. */
   | "before_commits"
-  /** The inputs' commits applied; the watermark's commits not, and the watermark not persisted. */
+  /**
+   * Each user's state and effects committed, the partition's progress not (on Redis Cluster the
+   * groups of one commit land one hash tag at a time): the guard in each user's state must hold.
+   */
   | "mid_commits"
   /** Every commit applied and the watermark persisted; only the ack is missing. */
   | "after_commits";
@@ -103,17 +107,25 @@ class CountingStore implements StateStore {
   }
 }
 
+
 interface InputRecord {
   seq: number;
-  watermark_ms: number | undefined;
   deliveries: number;
+}
+
+interface PartitionRun {
+  partition: number;
+  proc: KeyedProcessor<unknown>;
+  chain: KeyedChain;
+  /** What the runner holds in memory. */
+  progress: PartitionProgress;
 }
 
 export class OperatorHarness<C = Record<string, unknown>> {
   /** The state the operator sees; survives `restart()`. */
   readonly state: MemoryStateStore;
   readonly clock = new ManualClock();
-  /** Every input processed with its outcome, in order (including redeliveries). */
+  /** Every input handed to the partition, with its outcome, in order (including redeliveries). */
   readonly log: { input: StageInput; outcome: Outcome }[] = [];
   readonly partitions: number;
   readonly stage: string;
@@ -121,16 +133,13 @@ export class OperatorHarness<C = Record<string, unknown>> {
   private readonly store: CountingStore;
   private readonly outOfOrdernessMs: number;
   private readonly env: Record<string, string | undefined>;
-  private readonly watermarkAfterCommits: boolean;
   private readonly metricCounts = new Map<string, number>();
   private readonly published = new Map<OutputName, Map<string, unknown>>();
   private readonly inputs = new Map<number, InputRecord>();
-  private readonly maxTs = new Map<number, number>();
-  private readonly floor = new Map<number, number>();
-  /** What the runtime persists per partition at the end of a round: the watermark fired and the max event time. */
-  private readonly fired = new Map<number, number>();
-  private readonly persistedMaxTs = new Map<number, number>();
-  private processor: Processor | undefined;
+  private readonly budget: CacheBudget;
+  private readonly runs = new Map<number, PartitionRun>();
+  /** What the runtime persisted per partition with its last commit. */
+  private readonly persisted = new Map<number, PartitionProgress>();
   private lastSeq = 0;
 
   constructor(
@@ -138,84 +147,77 @@ export class OperatorHarness<C = Record<string, unknown>> {
     private readonly config: C,
     opts: HarnessOptions = {},
   ) {
+    if (!spec.keyed) throw new Error(`${spec.name} is not keyed: drive it with its Processor directly`);
     this.partitions = opts.partitions ?? 1;
     this.outOfOrdernessMs = opts.outOfOrdernessMs ?? 0;
     this.stage = opts.stage ?? spec.name;
     this.prefix = opts.prefix ?? "test";
     this.env = opts.env ?? {};
-    this.watermarkAfterCommits = opts.watermarkAfterCommits ?? false;
     this.state = new MemoryStateStore(opts.storeNow ?? (() => 0));
     this.store = new CountingStore(this.state);
+    this.budget = new CacheBudget(opts.cacheEntries ?? 100_000);
   }
 
-  /** StateStore calls made by the operator so far. */
+  /** StateStore calls made by the runtime for the operator so far. */
   get stateCalls(): Readonly<CountingStore["calls"]> {
     return this.store.calls;
   }
 
-  /** The watermark of a partition now: max event time seen − out-of-orderness, or an explicit advance. */
+  /** The watermark of a partition now (what its next input would see). */
   watermark(partition: number): number | undefined {
-    const seen = this.maxTs.get(partition);
-    const fromEvents = seen === undefined ? undefined : seen - this.outOfOrdernessMs;
-    const floor = this.floor.get(partition);
-    if (fromEvents === undefined) return floor;
-    return floor === undefined ? fromEvents : Math.max(floor, fromEvents);
+    return (this.runs.get(partition)?.progress ?? this.persisted.get(partition))?.wm;
   }
 
   /** Feeds envelopes of one partition in order, in batches; see PushOptions for crashes. */
   async push(partition: number, envelopes: Envelope[], opts: PushOptions = {}): Promise<PushResult> {
     const size = Math.max(1, opts.batchSize ?? 100);
-    const proc = await this.operator();
+    const run = await this.runOf(partition);
     for (let off = 0, b = 0; off < envelopes.length; off += size, b++) {
       const crash = opts.crash && opts.crash.batch === b ? opts.crash.at : undefined;
       const batch = envelopes.slice(off, off + size).map((env) => this.input(partition, env));
-      this.clock.set(this.maxTs.get(partition) ?? 0);
-      const outcomes = await proc.process(batch);
-      if (outcomes.length !== batch.length) {
-        throw new Error(`${this.spec.name}: process returned ${outcomes.length} outcomes for ${batch.length} inputs`);
-      }
-      batch.forEach((input, i) => this.log.push({ input, outcome: outcomes[i]! }));
-      const inputCommits = outcomes.flatMap((o) => (o.error ? [] : (o.commits ?? [])));
-      for (const o of outcomes) this.publish(o.emits);
-
-      if (this.watermarkAfterCommits) {
-        if (crash === "before_commits") return { acked: off, crashed: true };
-        await this.commit(inputCommits);
-        const fired = await this.fireWatermark(partition);
-        if (crash === "mid_commits") return { acked: off, crashed: true };
-        await this.commitWatermark(partition, fired);
-      } else {
-        const fired = await this.fireWatermark(partition);
-        if (crash === "before_commits") return { acked: off, crashed: true };
-        await this.commit(inputCommits);
-        if (crash === "mid_commits") return { acked: off, crashed: true };
-        await this.commitWatermark(partition, fired);
-      }
-      if (crash === "after_commits") return { acked: off, crashed: true };
+      const { run: admitted, done, redelivered } = admitInOrder(batch, run.progress.hwm);
+      if (redelivered > 0) throw new Error("the harness feeds each batch in stream order: no redelivered copies within a batch");
+      for (const input of done) this.log.push({ input, outcome: { emits: [], dropped: "already_applied" } });
+      const after = assignWatermarks(admitted, run.progress, this.outOfOrdernessMs);
+      const results = admitted.map(emptyResult);
+      const sink = emptyResult();
+      await run.chain.run(admitted.map((input, msg) => ({ msg, input })), after.wm, results, sink);
+      admitted.forEach((input, i) => {
+        const r = results[i]!;
+        const outcome: Outcome = { emits: r.emits.map((e) => e.emit) };
+        if (r.error) outcome.error = r.error.err;
+        if (r.dropped) outcome.dropped = r.dropped;
+        this.log.push({ input, outcome });
+      });
+      for (const r of [...results, sink]) if (!r.error) this.publish(r.emits.map((e) => e.emit));
+      if (crash === "before_commits") return this.crash(off);
+      const top = admitted.length ? admitted[admitted.length - 1]!.seq : run.progress.hwm;
+      run.progress = { hwm: Math.max(run.progress.hwm, top), maxTs: after.maxTs, wm: after.wm };
+      await this.commit(run, results, sink, crash === "mid_commits");
+      if (crash === "mid_commits") return this.crash(off);
+      if (crash === "after_commits") return this.crash(off);
     }
     return { acked: envelopes.length, crashed: false };
   }
 
-  /**
-   * Raises a partition's watermark explicitly (idle time, end of input) and fires its timers: a
-   * round with an empty batch, so the operator knows every earlier input was acked.
-   */
+  /** Raises a partition's watermark explicitly (an idle partition's advance, end of input) and fires its timers. */
   async advanceWatermark(partition: number, watermarkMs: number): Promise<void> {
-    this.floor.set(partition, Math.max(this.floor.get(partition) ?? watermarkMs, watermarkMs));
-    const outcomes = await (await this.operator()).process([]);
-    if (outcomes.length !== 0) throw new Error(`${this.spec.name}: process([]) returned outcomes`);
-    await this.commitWatermark(partition, await this.fireWatermark(partition));
+    const run = await this.runOf(partition);
+    if (run.progress.wm !== undefined && watermarkMs <= run.progress.wm) return;
+    const sink = emptyResult();
+    await run.chain.advance(watermarkMs, sink);
+    this.publish(sink.emits.map((e) => e.emit));
+    run.progress = { ...run.progress, wm: watermarkMs };
+    await this.commit(run, [], sink, false);
   }
 
   /**
-   * Drops the operator instance (as a crashed worker would) and creates a new one on the same
-   * state; the partitions' max event time goes back to what was persisted, as the worker
-   * restores it, so unacked inputs count again only when they are redelivered.
+   * Drops every operator instance and its in-memory state (as a crashed worker would); the
+   * partitions continue from what was persisted.
    */
   async restart(): Promise<void> {
-    this.processor = undefined;
-    this.maxTs.clear();
-    for (const [p, ts] of this.persistedMaxTs) this.maxTs.set(p, ts);
+    for (const r of this.runs.values()) r.chain.close();
+    this.runs.clear();
   }
 
   /** Values published to an output, deduplicated by emit id, in publish order. */
@@ -228,19 +230,41 @@ export class OperatorHarness<C = Record<string, unknown>> {
     return [...(this.published.get(to) ?? new Map<string, unknown>())].map(([id, value]) => ({ to, id, value }));
   }
 
-  /** A counter bumped through ctx.metrics (summed over attributes). */
+  /** A counter bumped through ctx.metrics or by the runtime (summed over attributes). */
   metric(name: string): number {
     return this.metricCounts.get(name) ?? 0;
   }
 
-  /** How many outcomes were dropped with this reason. */
+  /** How many inputs were dropped with this reason (by the operator or by the runtime's guard). */
   dropped(reason: string): number {
     return this.log.filter((l) => l.outcome.dropped === reason).length;
   }
 
-  private async operator(): Promise<Processor> {
-    if (!this.processor) this.processor = await this.spec.create(this.config, this.context());
-    return this.processor;
+  private async crash(acked: number): Promise<PushResult> {
+    await this.restart();
+    return { acked, crashed: true };
+  }
+
+  private async runOf(partition: number): Promise<PartitionRun> {
+    let run = this.runs.get(partition);
+    if (!run) {
+      const proc = await this.spec.create(this.config, this.context());
+      if (!isKeyedProcessor(proc)) throw new Error(`${this.spec.name}: create did not return a keyed processor`);
+      const noop = (): void => {};
+      const state = new StageState(this.store, this.prefix, this.stage, partition, proc.codec, { debug: noop, info: noop, warn: noop, error: noop }, this.budget);
+      const stage: KeyedStage = { name: this.stage, proc, state, counters: this.metrics(), clock: this.clock };
+      run = { partition, proc, chain: new KeyedChain([stage], partition), progress: { ...(this.persisted.get(partition) ?? { hwm: 0 }) } };
+      this.runs.set(partition, run);
+    }
+    return run;
+  }
+
+  private metrics(): OperatorMetrics {
+    return {
+      count: (name, by = 1) => {
+        this.metricCounts.set(name, (this.metricCounts.get(name) ?? 0) + by);
+      },
+    };
   }
 
   private context(): OperatorContext {
@@ -253,30 +277,20 @@ export class OperatorHarness<C = Record<string, unknown>> {
       state: this.store,
       clock: this.clock,
       log: { debug: noop, info: noop, warn: noop, error: noop },
-      metrics: {
-        count: (name, by = 1) => {
-          this.metricCounts.set(name, (this.metricCounts.get(name) ?? 0) + by);
-        },
-      },
+      metrics: this.metrics(),
       env: this.env,
       devMode: true,
     };
   }
 
-  /**
-   * The StageInput for an envelope. A redelivered envelope (same `src.seq`) keeps its stream
-   * sequence and the watermark it had the first time: the runtime derives both from the
-   * partition's stream order, not from delivery.
-   */
+  /** The StageInput for an envelope: a redelivered envelope (same `src.seq`) keeps its stream sequence. */
   private input(partition: number, env: Envelope): StageInput {
     let rec = this.inputs.get(env.src.seq);
     if (!rec) {
-      rec = { seq: ++this.lastSeq, watermark_ms: this.watermark(partition), deliveries: 0 };
+      rec = { seq: ++this.lastSeq, deliveries: 0 };
       this.inputs.set(env.src.seq, rec);
     }
     rec.deliveries++;
-    const ts = env.event?.ts;
-    if (typeof ts === "number") this.maxTs.set(partition, Math.max(this.maxTs.get(partition) ?? ts, ts));
     return {
       seq: rec.seq,
       subject: `${this.prefix}.x.${this.stage}.${partition}`,
@@ -284,30 +298,8 @@ export class OperatorHarness<C = Record<string, unknown>> {
       envelope: env,
       deliveries: rec.deliveries,
       stream_time_ms: env.event?.ts ?? 0,
-      watermark_ms: rec.watermark_ms,
       partition,
     };
-  }
-
-  /** Calls onWatermark if the partition's watermark advanced past the persisted one; publishes its emits. */
-  private async fireWatermark(partition: number): Promise<{ wm: number; commits: CommitGroup[] } | undefined> {
-    const wm = this.watermark(partition);
-    const last = this.fired.get(partition);
-    const proc = await this.operator();
-    if (wm === undefined || (last !== undefined && wm <= last) || !proc.onWatermark) return undefined;
-    const res = await proc.onWatermark(partition, wm);
-    this.publish(res.emits);
-    return { wm, commits: res.commits };
-  }
-
-  /** Applies the watermark's commits and persists the watermark (as the worker does, in the same round). */
-  private async commitWatermark(partition: number, fired: { wm: number; commits: CommitGroup[] } | undefined): Promise<void> {
-    if (fired) {
-      await this.commit(fired.commits);
-      this.fired.set(partition, fired.wm);
-    }
-    const max = this.maxTs.get(partition);
-    if (max !== undefined) this.persistedMaxTs.set(partition, max);
   }
 
   private publish(emits: Emit[]): void {
@@ -325,13 +317,18 @@ export class OperatorHarness<C = Record<string, unknown>> {
     }
   }
 
-  private async commit(groups: CommitGroup[]): Promise<void> {
+  /** Commits what the partition changed, then (unless `stateOnly`) its progress, as the worker does. */
+  private async commit(run: PartitionRun, results: MsgResult[], sink: MsgResult, stateOnly: boolean): Promise<void> {
+    const groups = run.chain.takeCommits(results, sink, this.clock.now());
     for (const g of groups) {
-      const keys = [...(g.guard ? [g.guard.key] : []), ...g.ops.map((op) => op.key)];
-      const tags = new Set(keys.map(hashTagOf));
+      const tags = new Set(g.ops.map((op) => hashTagOf(op.key)));
       if (tags.size > 1) throw new Error(`${this.spec.name}: a commit group spans hash tags ${[...tags].join(", ")}`);
     }
-    // Applied beside the operator's store, so `stateCalls` counts only the operator's own calls.
+    // Applied beside the operator's store, so `stateCalls` counts only the runtime's reads.
     if (groups.length) await this.state.commit(groups);
+    if (!stateOnly) {
+      this.persisted.set(run.partition, { ...run.progress });
+      run.chain.trim();
+    }
   }
 }

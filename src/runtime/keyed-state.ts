@@ -1,0 +1,312 @@
+import { TransientError, errorMessage } from "../core/errors.js";
+import type { KeyScope, StateCodec } from "../core/operator.js";
+import type { Logger } from "../core/operator.js";
+import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type StateStore } from "../core/state.js";
+
+/**
+ * Keyed state and timers of one keyed stage in one partition, owned by the runtime (Flink's heap
+ * keyed-state backend, Kafka Streams' cached store). Valid only while the worker holds the
+ * partition's lease: created when a partition starts, dropped when it stops, is lost or fenced.
+ *
+ * - Each user's state is one Redis string, `tacit:{<prefix>:u:<user>}:<stage>:state`, holding
+ *   `<applied seq>:<encoded state>` (an empty state after the colon: cleared). It is read on the
+ *   user's first touch after the partition started, then served from memory; the value carries
+ *   the exactly-once guard, so an input at or below it never runs twice (also on Redis Cluster,
+ *   where a batch's groups land one user at a time).
+ * - Timers: one per user, in memory as a min-heap and persisted in the partition's sorted set
+ *   `tacit:{<prefix>:p:<stage>:<n>}:timers` (read whole when the partition starts).
+ * - Only what changed since the last commit is written, in the batch's atomic commit.
+ * - The cache is bounded: clean entries are evicted (least recently used first) after a commit;
+ *   Redis stays the source of truth.
+ */
+
+interface Entry<S> {
+  state: S | undefined;
+  applied: number;
+}
+
+/** The bound of the in-memory state of one worker, shared by every stage and partition it runs. */
+export class CacheBudget {
+  private readonly members = new Set<StageState<unknown>>();
+  constructor(readonly maxEntries: number) {}
+  join(s: StageState<unknown>): void {
+    this.members.add(s);
+  }
+  leave(s: StageState<unknown>): void {
+    this.members.delete(s);
+  }
+  /** Entries each member may keep: an equal share, at least one batch's worth of users is always allowed by the caller. */
+  share(): number {
+    return Math.max(1, Math.floor(this.maxEntries / Math.max(1, this.members.size)));
+  }
+  /** Entries held now, over every member. */
+  size(): number {
+    let n = 0;
+    for (const m of this.members) n += m.size;
+    return n;
+  }
+}
+
+/** Encodes the stored value: the applied sequence, a colon, then the operator's encoding ('' when cleared). */
+function encodeValue(applied: number, payload: string): string {
+  return `${applied}:${payload}`;
+}
+
+function decodeValue(raw: string): { applied: number; payload: string } {
+  const colon = raw.indexOf(":");
+  return colon < 0 ? { applied: 0, payload: raw } : { applied: Number(raw.slice(0, colon)) || 0, payload: raw.slice(colon + 1) };
+}
+
+export class StageState<S> {
+  /** Insertion order is recency order: a touch moves an entry to the end. */
+  private readonly entries = new Map<string, Entry<S>>();
+  private readonly dirty = new Set<string>();
+  private readonly timers = new Map<string, number>();
+  /** [at, user] min-heap; an element is live only while `timers` maps its user to its time. */
+  private heap: [number, string][] = [];
+  private readonly timerChanges = new Map<string, number | undefined>();
+  private loadedTimers = false;
+  readonly timersKey: string;
+
+  constructor(
+    private readonly store: StateStore,
+    private readonly prefix: string,
+    readonly stage: string,
+    readonly partition: number,
+    private readonly codec: StateCodec<S>,
+    private readonly log: Logger,
+    private readonly budget?: CacheBudget,
+  ) {
+    this.timersKey = partitionKey(prefix, stage, partition, "timers");
+    budget?.join(this as StageState<unknown>);
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  stateKey(user: string): string {
+    return userKey(this.prefix, user, this.stage, "state");
+  }
+
+  /** Reads the partition's timers once (first use after the partition started). */
+  async loadTimers(): Promise<void> {
+    if (this.loadedTimers) return;
+    let all: { member: string; score: number }[];
+    try {
+      all = await this.store.zrangeByScore(this.timersKey, Number.NEGATIVE_INFINITY, Number.POSITIVE_INFINITY);
+    } catch (err) {
+      throw err instanceof TransientError ? err : new TransientError("state_unavailable", `${this.stage}: timers read failed: ${errorMessage(err)}`, err);
+    }
+    for (const { member, score } of all) this.timers.set(member, score);
+    this.heap = [...this.timers].map(([u, at]) => [at, u] as [number, string]).sort(cmp);
+    this.loadedTimers = true;
+  }
+
+  /** Loads the users not in memory, in one round trip. */
+  async load(users: Iterable<string>): Promise<void> {
+    const missing: string[] = [];
+    for (const u of users) if (!this.entries.has(u)) missing.push(u);
+    if (missing.length === 0) return;
+    let values: (string | null)[];
+    try {
+      values = await this.store.get(missing.map((u) => this.stateKey(u)));
+    } catch (err) {
+      throw err instanceof TransientError ? err : new TransientError("state_unavailable", `${this.stage}: state read failed: ${errorMessage(err)}`, err);
+    }
+    missing.forEach((user, i) => {
+      const raw = values[i];
+      let entry: Entry<S> = { state: undefined, applied: 0 };
+      if (raw != null) {
+        const { applied, payload } = decodeValue(raw);
+        entry = { state: undefined, applied };
+        if (payload !== "") {
+          try {
+            entry.state = this.codec.decode(payload);
+          } catch (err) {
+            this.log.warn({ stage: this.stage, user, err: errorMessage(err) }, "unreadable state, starting afresh");
+          }
+        }
+      }
+      this.entries.set(user, entry);
+    });
+  }
+
+  /** Users whose timer is due at `wm` or earlier (loaded or not). */
+  dueUsers(wm: number): string[] {
+    const out: string[] = [];
+    for (const [u, at] of this.timers) if (at <= wm) out.push(u);
+    return out;
+  }
+
+  /** The earliest live timer at or before `wm`, removed; undefined when none is due. */
+  popDue(wm: number): { user: string; at: number } | undefined {
+    while (this.heap.length > 0) {
+      const [at, user] = this.heap[0]!;
+      if (this.timers.get(user) !== at) {
+        heapPop(this.heap);
+        continue;
+      }
+      if (at > wm) return undefined;
+      heapPop(this.heap);
+      this.timers.delete(user);
+      this.timerChanges.set(user, undefined);
+      return { user, at };
+    }
+    return undefined;
+  }
+
+  /** The guard: the highest input sequence applied to the user's state. */
+  applied(user: string): number {
+    return this.entry(user).applied;
+  }
+
+  /** Records that an input was applied to the user (its state is written with the next commit). */
+  markApplied(user: string, seq: number): void {
+    const e = this.entry(user);
+    if (seq > e.applied) e.applied = seq;
+    this.dirty.add(user);
+  }
+
+  /** The scope an operator sees for one user. */
+  scope(user: string, partition: number): KeyScope<S> {
+    const e = this.entry(user);
+    // Recency: a touched entry goes to the end of the eviction order.
+    this.entries.delete(user);
+    this.entries.set(user, e);
+    return {
+      user,
+      partition,
+      get: () => e.state,
+      put: (state) => {
+        e.state = state;
+        this.dirty.add(user);
+      },
+      clear: () => {
+        e.state = undefined;
+        this.dirty.add(user);
+      },
+      setTimer: (at) => this.setTimer(user, at),
+    };
+  }
+
+  private setTimer(user: string, at: number | undefined): void {
+    if (this.timers.get(user) === at) return;
+    if (at === undefined) this.timers.delete(user);
+    else {
+      this.timers.set(user, at);
+      heapPush(this.heap, [at, user]);
+    }
+    this.timerChanges.set(user, at);
+  }
+
+  private entry(user: string): Entry<S> {
+    const e = this.entries.get(user);
+    if (!e) throw new Error(`${this.stage}: state of ${user} used before it was loaded (a runtime bug)`);
+    return e;
+  }
+
+  /**
+   * What changed since the last commit, as commit groups: timer changes first (a crash before
+   * the state leaves a timer that finds nothing to do), then one group per user. `eventTimeMs`
+   * dates the TTLs. Clears the change sets: call `drop` if the commit then fails.
+   */
+  takeChanges(eventTimeMs: number): { timers: CommitGroup[]; users: CommitGroup[] } {
+    const timerOps: StateOp[] = [];
+    for (const [user, at] of this.timerChanges) {
+      timerOps.push(at === undefined ? { op: "zrem", key: this.timersKey, member: user } : { op: "zadd", key: this.timersKey, score: at, member: user });
+    }
+    this.timerChanges.clear();
+    const users: CommitGroup[] = [];
+    for (const user of this.dirty) {
+      const e = this.entries.get(user)!;
+      const payload = e.state === undefined ? "" : this.codec.encode(e.state);
+      const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
+      users.push({ ops: [{ op: "set", key: this.stateKey(user), value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
+    }
+    this.dirty.clear();
+    return { timers: timerOps.length ? [{ ops: timerOps }] : [], users };
+  }
+
+  /** After a commit: evicts clean entries beyond this stage's share of the budget, least recently used first. */
+  trim(): void {
+    const keep = this.budget?.share();
+    if (keep === undefined || this.entries.size <= keep) return;
+    for (const user of this.entries.keys()) {
+      if (this.entries.size <= keep) break;
+      if (!this.dirty.has(user)) this.entries.delete(user);
+    }
+  }
+
+  /** Forgets everything in memory (lease lost, failed batch): the next use reads Redis again. */
+  drop(): void {
+    this.entries.clear();
+    this.dirty.clear();
+    this.timers.clear();
+    this.timerChanges.clear();
+    this.heap = [];
+    this.loadedTimers = false;
+  }
+
+  close(): void {
+    this.drop();
+    this.budget?.leave(this as StageState<unknown>);
+  }
+}
+
+/**
+ * Merges commit groups that share a hash tag into one group each, in first-seen order: a user's
+ * state and the features it writes land together (one atomic step per user, on Cluster too).
+ */
+export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
+  const byTag = new Map<string, CommitGroup>();
+  const out: CommitGroup[] = [];
+  for (const g of groups) {
+    if (g.guard || g.ops.length === 0) {
+      if (g.ops.length || g.guard) out.push(g);
+      continue;
+    }
+    const tag = hashTagOf(g.ops[0]!.key);
+    const same = g.ops.every((op) => hashTagOf(op.key) === tag);
+    const into = same ? byTag.get(tag) : undefined;
+    if (into) into.ops.push(...g.ops);
+    else {
+      const copy = { ops: [...g.ops] };
+      if (same) byTag.set(tag, copy);
+      out.push(copy);
+    }
+  }
+  return out;
+}
+
+function cmp(a: [number, string], b: [number, string]): number {
+  return a[0] - b[0] || (a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0);
+}
+
+function heapPush(h: [number, string][], x: [number, string]): void {
+  h.push(x);
+  let i = h.length - 1;
+  while (i > 0) {
+    const p = (i - 1) >> 1;
+    if (cmp(h[p]!, h[i]!) <= 0) break;
+    [h[p], h[i]] = [h[i]!, h[p]!];
+    i = p;
+  }
+}
+
+function heapPop(h: [number, string][]): void {
+  const last = h.pop()!;
+  if (h.length === 0) return;
+  h[0] = last;
+  let i = 0;
+  for (;;) {
+    const l = 2 * i + 1;
+    const r = l + 1;
+    let m = i;
+    if (l < h.length && cmp(h[l]!, h[m]!) < 0) m = l;
+    if (r < h.length && cmp(h[r]!, h[m]!) < 0) m = r;
+    if (m === i) return;
+    [h[m], h[i]] = [h[i]!, h[m]!];
+    i = m;
+  }
+}
