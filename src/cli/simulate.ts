@@ -83,7 +83,7 @@ export function registerSimulate(program: Command, io: CliIo = STD_IO): Command 
       "write realistic synthetic traffic (humans with habits, bots, position bias, noise) and its hidden ground truth, seeded; " +
         "without --start the traffic's event time ends at the moment it runs, ready for `tacit publish`",
     )
-    .option("--seed <seed>", "seed of the generator (integer or any string); same seed, same bytes", "1")
+    .option("--seed <seed>", "seed of the generator (integer or any string); same seed, same traffic (byte-identical with the same --start)", "1")
     .option("--users <n>", "number of users, humans and bots", "1000")
     .option("--duration <duration>", "event-time span over which sessions start (e.g. 60s, 1h)", "1h")
     .option("--bots <fraction>", "share of users that are bots", "0.3")
