@@ -1,23 +1,101 @@
 import type { Command } from "commander";
+import type { Cluster, Redis } from "ioredis";
+import { hostname } from "node:os";
 import { findOperator } from "../../operators/index.js";
+import type { Pipeline } from "../config/types.js";
+import { TransientError, errorMessage } from "../core/errors.js";
+import type { Logger } from "../core/operator.js";
+import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { Worker } from "../runtime/worker.js";
+import { redactUrl } from "../services/embedded.js";
+import { openPipelineRedis } from "../state/redis.js";
 import { WorkerTelemetry } from "../telemetry/otel.js";
 import { action, cliLogger, effectiveEnv, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
+
+/** How long `tacit run` waits for Redis to answer at start before it gives up (exit 1). */
+const REDIS_START_TIMEOUT_MS = 5_000;
+/**
+ * After a failed start, the longest the process may linger on handles it does not own (a
+ * library's reconnect timer) before it exits anyway: a worker that cannot start must not stay.
+ */
+const FAILED_START_EXIT_MS = 500;
+
+/**
+ * Opens the pipeline's Redis and waits until it answers a PING. Connection errors are logged,
+ * not left to ioredis's "Unhandled error event" printout; an unreachable server at start is a
+ * TransientError (`redis_unavailable`, exit 1) naming the URL without its password.
+ */
+export async function openRedisChecked(p: Pipeline, log: Logger, timeoutMs = REDIS_START_TIMEOUT_MS): Promise<Redis | Cluster> {
+  const redis = openPipelineRedis(p);
+  let lastError: string | undefined;
+  let up = false;
+  redis.on("error", (err: unknown) => {
+    const msg = errorMessage(err);
+    // Once per outage, not once per reconnect attempt.
+    if (up && lastError === undefined) log.warn({ err: msg }, "Redis connection lost; reconnecting");
+    lastError = msg;
+  });
+  redis.on("ready", () => {
+    if (up && lastError !== undefined) log.info("Redis connection back");
+    lastError = undefined;
+  });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      redis.ping(),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+      }),
+    ]);
+    up = true;
+    return redis;
+  } catch (err) {
+    redis.disconnect();
+    throw new TransientError("redis_unavailable", `cannot connect to Redis at ${redactUrl(p.redis.url)}: ${lastError ?? errorMessage(err)}`, err);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Closes the connections the CLI opened for a worker (the worker does not own injected ones). */
+async function closeConnections(nats: NatsHandles | undefined, redis: Redis | Cluster | undefined, drain: boolean): Promise<void> {
+  if (nats) await (drain ? nats.nc.drain() : nats.nc.close()).catch(() => undefined);
+  redis?.disconnect();
+}
 
 export function registerRun(program: Command): void {
   pipelineCommand(
     program
       .command("run <pipeline>")
-      .description("run workers for the pipeline's stages; SIGTERM/SIGINT drain in-flight work and exit 0")
+      .description(
+        "run workers for the pipeline's stages; SIGTERM/SIGINT drain in-flight work and exit 0. " +
+          "A worker that cannot start exits at once and binds nothing: 2 for bad config or a missing secret, 1 for an unreachable server",
+      )
       .option("--stage <name...>", "run only these stage groups (by first stage name)")
-      .option("--metrics-port <port>", "serve Prometheus /metrics, /healthz and /readyz on this port (0 = off)", (v) => Number(v), 9464),
+      .option("--metrics-port <port>", "serve Prometheus /metrics, /healthz and /readyz on this port once the worker has started (0 = off)", (v) => Number(v), 9464),
   ).action(
     action(async (file: string, opts: PipelineOptions & { stage?: string[]; metricsPort: number }) => {
       const p = loadForCli(file, opts);
       const log = cliLogger(process.env.TACIT_LOG_LEVEL ?? "info");
       let worker: Worker | undefined = undefined;
       const telemetry = new WorkerTelemetry(() => worker?.counters.values() ?? [], () => worker?.ready() ?? false);
-      worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, log, env: effectiveEnv(), devMode: false, observer: telemetry });
+      // The CLI opens (and so closes) the connections: a start that fails half way must leave no
+      // reconnecting client behind to keep the process alive.
+      let nats: NatsHandles | undefined;
+      let redis: Redis | Cluster | undefined;
+      try {
+        nats = await connectNats(p, `tacit-worker-${hostname()}-${process.pid}`);
+        redis = await openRedisChecked(p, log);
+        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis });
+        await worker.start();
+      } catch (err) {
+        await worker?.stop().catch(() => undefined);
+        await closeConnections(nats, redis, false);
+        await telemetry.stop();
+        setTimeout(() => process.exit(), FAILED_START_EXIT_MS).unref();
+        throw err;
+      }
+      // Bound only now, so a worker that cannot start never holds the port.
       if (opts.metricsPort > 0) {
         try {
           const port = await telemetry.listen(opts.metricsPort);
@@ -26,7 +104,6 @@ export function registerRun(program: Command): void {
           log.warn({ port: opts.metricsPort, err: String(err) }, "metrics port unavailable; running without the endpoint");
         }
       }
-      await worker.start();
       log.info({ worker: worker.id, pipeline: p.name }, "worker started");
       process.stderr.write(`tacit: worker ${worker.id} running ${p.name}; Ctrl-C or SIGTERM to stop\n`);
       await new Promise<void>((resolve) => {
@@ -40,6 +117,7 @@ export function registerRun(program: Command): void {
         process.once("SIGTERM", () => stop("SIGTERM"));
         process.once("SIGINT", () => stop("SIGINT"));
       });
+      await closeConnections(nats, redis, true);
       await telemetry.stop();
       process.stderr.write("tacit: worker stopped cleanly\n");
       return 0;

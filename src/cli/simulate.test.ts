@@ -25,7 +25,8 @@ async function cli(args: string[]): Promise<{ out: string; err: string; code: nu
 test("tacit simulate writes events and truth, the same bytes for the same seed, and a JSON summary", async (t) => {
   const dir = await mkdtemp(join(tmpdir(), "tacit-sim-"));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const args = (name: string): string[] => ["simulate", "--seed", "7", "--users", "40", "--duration", "10m", "--bots", "0.25", "--out", join(dir, `${name}.events.jsonl`), "--truth", join(dir, `${name}.truth.jsonl`)];
+  // An explicit --start: without it the timestamps follow the wall clock.
+  const args = (name: string): string[] => ["simulate", "--seed", "7", "--users", "40", "--duration", "10m", "--bots", "0.25", "--start", "2026-01-01T00:00:00Z", "--out", join(dir, `${name}.events.jsonl`), "--truth", join(dir, `${name}.truth.jsonl`)];
   const a = await cli([...args("a"), "--json"]);
   assert.equal(a.code, undefined, a.err);
   const summary = JSON.parse(a.out) as { users: number; bots: number; lines: number; seed: number };
@@ -37,6 +38,29 @@ test("tacit simulate writes events and truth, the same bytes for the same seed, 
   const b = await cli(args("b"));
   assert.match(b.out, /simulated 40 users over 10m \(seed 7\): 30 humans, 10 bots/);
   assert.equal(await readFile(join(dir, "b.events.jsonl"), "utf8"), events);
+});
+
+test("tacit simulate without --start: the traffic ends now, and the seed still fixes everything but the timestamps", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), "tacit-sim-"));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const args = (name: string): string[] => ["simulate", "--seed", "7", "--users", "40", "--duration", "10m", "--out", join(dir, `${name}.events.jsonl`), "--truth", join(dir, `${name}.truth.jsonl`), "--json"];
+  type Summary = { lines: number; events: number; first_event_time: string; last_event_time: string };
+  const before = Date.now();
+  const a = await cli(args("a"));
+  const after = Date.now();
+  assert.equal(a.code, undefined, a.err);
+  const sa = JSON.parse(a.out) as Summary;
+  const last = Date.parse(sa.last_event_time);
+  assert.ok(last >= before && last <= after, `last event ${sa.last_event_time} is not the moment simulate ran`);
+  assert.ok(last - Date.parse(sa.first_event_time) < 3_600_000, `${sa.first_event_time} → ${sa.last_event_time}`);
+  const b = await cli(args("b"));
+  const sb = JSON.parse(b.out) as Summary;
+  const { first_event_time: fa, last_event_time: la, ...restA } = sa;
+  const { first_event_time: fb, last_event_time: lb, ...restB } = sb;
+  assert.deepEqual({ ...restB, out: "", truth: "" }, { ...restA, out: "", truth: "" });
+  assert.equal(Date.parse(lb) - Date.parse(la), Date.parse(fb) - Date.parse(fa));
+  const ids = async (name: string) => (await readFile(join(dir, `${name}.events.jsonl`), "utf8")).match(/"event_id":"[^"]+"/g);
+  assert.deepEqual(await ids("b"), await ids("a"));
 });
 
 test("tacit simulate: bad usage exits 2 with a message naming the flag", async () => {

@@ -79,13 +79,20 @@ function humanSummary(s: SimSummary, durationMs: number, out: string, truth: str
 export function registerSimulate(program: Command, io: CliIo = STD_IO): Command {
   return program
     .command("simulate")
-    .description("write realistic synthetic traffic (humans with habits, bots, position bias, noise) and its hidden ground truth, seeded")
-    .option("--seed <seed>", "seed of the generator (integer or any string); same seed, same bytes", "1")
+    .description(
+      "write realistic synthetic traffic (humans with habits, bots, position bias, noise) and its hidden ground truth, seeded; " +
+        "without --start the traffic's event time ends at the moment it runs, ready for `tacit publish`",
+    )
+    .option("--seed <seed>", "seed of the generator (integer or any string); same seed, same traffic (byte-identical with the same --start)", "1")
     .option("--users <n>", "number of users, humans and bots", "1000")
     .option("--duration <duration>", "event-time span over which sessions start (e.g. 60s, 1h)", "1h")
     .option("--bots <fraction>", "share of users that are bots", "0.3")
     .option("--eta <exponent>", "position-bias exponent η: examination probability (1/rank)^η", "1")
-    .option("--start <time>", "event time of the start (RFC 3339)", "2026-01-01T00:00:00Z")
+    .option(
+      "--start <time>",
+      "event time of the start (RFC 3339); default: the traffic ends now (wall clock), so a fresh file passes enrich's max_past_age. " +
+        "--seed fixes everything but the timestamps then; give --start too for byte-identical files",
+    )
     .option("--late <fraction>", "share of events delivered minutes to hours late", "0.01")
     .option("--out-of-order <fraction>", "share of events delivered a few seconds out of order", "0.05")
     .option("--duplicates <fraction>", "share of events re-sent with the same event_id", "0.02")
@@ -107,7 +114,7 @@ export function registerSimulate(program: Command, io: CliIo = STD_IO): Command 
           durationMs,
           botFraction: fractionOption(flags.bots ?? "0.3", "--bots"),
           positionBiasEta: eta,
-          startTime: flags.start,
+          ...(flags.start === undefined ? { endTime: Date.now() } : { startTime: flags.start }),
           lateFraction: fractionOption(flags.late ?? "0.01", "--late"),
           outOfOrderFraction: fractionOption(flags.outOfOrder ?? "0.05", "--out-of-order"),
           duplicateFraction: fractionOption(flags.duplicates ?? "0.02", "--duplicates"),

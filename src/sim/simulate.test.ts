@@ -76,12 +76,34 @@ test("event time comes only from startTime: shifting it shifts every timestamp a
   }
 });
 
+test("endTime: the last event carries exactly that time, and the traffic is the startTime run shifted", () => {
+  const end = Date.parse("2026-03-04T05:06:07.089Z");
+  const ending = simulate({ ...BASE, endTime: end });
+  assert.equal(ending.summary.last_event_time, new Date(end).toISOString());
+  assert.equal(Math.max(...wellFormed(ending).map((e) => e.t)), end);
+  const a = events;
+  const b = wellFormed(ending);
+  assert.equal(a.length, b.length);
+  const shift = b[0]!.t - a[0]!.t;
+  for (let i = 0; i < a.length; i++) {
+    const { timestamp: ta, t: xa, ...restA } = a[i]!;
+    const { timestamp: tb, t: xb, ...restB } = b[i]!;
+    assert.equal(xb - xa, shift, `${ta} vs ${tb}`);
+    assert.deepEqual(restB, restA);
+  }
+  // The span of session starts ends before endTime by however long the last sessions ran.
+  assert.ok(Date.parse(ending.summary.first_event_time!) < end - BASE.durationMs + 60_000);
+  assert.equal(JSON.stringify(simulate({ ...BASE, endTime: new Date(end).toISOString() }).events), JSON.stringify(ending.events));
+});
+
 test("options are checked and errors name the option", () => {
   for (const [opts, field] of [
     [{ ...BASE, users: 0 }, "users"],
     [{ ...BASE, botFraction: 1.5 }, "botFraction"],
     [{ ...BASE, durationMs: 0 }, "durationMs"],
     [{ ...BASE, startTime: "yesterday" }, "startTime"],
+    [{ ...BASE, endTime: "tomorrow" }, "endTime"],
+    [{ ...BASE, startTime: 0, endTime: 1 }, "startTime and endTime"],
     [{ ...BASE, positionBiasEta: -1 }, "positionBiasEta"],
   ] as const) {
     assert.throws(() => simulate(opts), (e: unknown) => e instanceof ConfigError && e.message.startsWith(field));

@@ -37,8 +37,15 @@ export interface SimulateOptions {
   botFraction?: number;
   /** Exponent η of the examination probability (1/rank)^η of ranked results. @default 1 */
   positionBiasEta?: number;
-  /** Event time of the start of the simulation (RFC 3339 or ms). @default "2026-01-01T00:00:00Z" */
+  /** Event time of the start of the simulation (RFC 3339 or ms). @default "2026-01-01T00:00:00Z" (when endTime is absent) */
   startTime?: string | number;
+  /**
+   * Instead of startTime: the event time the traffic ends at (RFC 3339 or ms). The whole run is
+   * shifted so that its last event carries exactly this time (sessions that start late run past
+   * the span of session starts, so that span ends earlier). Only the timestamps depend on it:
+   * the same seed and options give the same events otherwise.
+   */
+  endTime?: string | number;
   /** Share of events delivered minutes to hours after their event time. @default 0.01 */
   lateFraction?: number;
   /** Share of events delivered a few seconds out of order. @default 0.05 */
@@ -57,6 +64,8 @@ export interface CompiledSimOptions {
   botFraction: number;
   positionBiasEta: number;
   startMs: number;
+  /** Set when the caller gave endTime: the time the last event must carry (startMs is then a first guess). */
+  endMs?: number;
   lateFraction: number;
   outOfOrderFraction: number;
   duplicateFraction: number;
@@ -116,17 +125,24 @@ function fraction(value: number | undefined, fallback: number, field: string): n
   return v;
 }
 
+/** An RFC 3339 time or ms as whole ms (event times stay whole ms, so a shift moves every timestamp by the same amount). */
+function timeMs(value: string | number, field: string): number {
+  const ms = typeof value === "number" ? value : Date.parse(value);
+  if (!Number.isFinite(ms) || (typeof value === "string" && !/^\d{4}-\d\d-\d\dT/.test(value))) {
+    throw new ConfigError(`${field}: "${value}" is not an RFC 3339 time or a number of ms`);
+  }
+  return Math.floor(ms);
+}
+
 /** Applies defaults and checks ranges; errors name the option at fault. */
 export function compileSimOptions(o: SimulateOptions): CompiledSimOptions {
   if (!Number.isInteger(o.users) || o.users < 1) throw new ConfigError(`users: ${o.users} is not a positive integer`);
   if (!Number.isFinite(o.durationMs) || o.durationMs <= 0) throw new ConfigError(`durationMs: ${o.durationMs} is not a positive number of ms`);
   const eta = o.positionBiasEta ?? 1;
   if (!Number.isFinite(eta) || eta < 0) throw new ConfigError(`positionBiasEta: ${eta} is not a non-negative number`);
-  const start = o.startTime ?? DEFAULT_START_TIME;
-  const startMs = typeof start === "number" ? start : Date.parse(start);
-  if (!Number.isFinite(startMs) || (typeof start === "string" && !/^\d{4}-\d\d-\d\dT/.test(start))) {
-    throw new ConfigError(`startTime: "${start}" is not an RFC 3339 time or a number of ms`);
-  }
+  if (o.startTime !== undefined && o.endTime !== undefined) throw new ConfigError("startTime and endTime: give one of them, not both");
+  const endMs = o.endTime === undefined ? undefined : timeMs(o.endTime, "endTime");
+  const startMs = endMs === undefined ? timeMs(o.startTime ?? DEFAULT_START_TIME, "startTime") : endMs - o.durationMs;
   const late = fraction(o.lateFraction, 0.01, "lateFraction");
   const ooo = fraction(o.outOfOrderFraction, 0.05, "outOfOrderFraction");
   if (late + ooo > 1) throw new ConfigError(`lateFraction + outOfOrderFraction: ${late + ooo} exceeds 1`);
@@ -137,6 +153,7 @@ export function compileSimOptions(o: SimulateOptions): CompiledSimOptions {
     botFraction: fraction(o.botFraction, 0.3, "botFraction"),
     positionBiasEta: eta,
     startMs,
+    ...(endMs === undefined ? {} : { endMs }),
     lateFraction: late,
     outOfOrderFraction: ooo,
     duplicateFraction: fraction(o.duplicateFraction, 0.02, "duplicateFraction"),
@@ -840,6 +857,15 @@ function deliver(w: World): { lines: string[]; noise: NoiseTruth[] } {
  */
 export function simulate(options: SimulateOptions): SimResult {
   const opts = compileSimOptions(options);
+  const first = generate(opts);
+  if (opts.endMs === undefined || first.lastMs === undefined || first.lastMs === opts.endMs) return first.result;
+  // Event times are the start plus offsets that do not depend on it: shifting the start by the
+  // overshoot puts the last event exactly at endMs and changes nothing else.
+  return generate({ ...opts, startMs: opts.startMs - (first.lastMs - opts.endMs) }).result;
+}
+
+/** One run from opts.startMs, and the time its last event carries. */
+function generate(opts: CompiledSimOptions): { result: SimResult; lastMs: number | undefined } {
   const w = new World(opts);
   makeUsers(w);
   const end = opts.startMs + opts.durationMs;
@@ -902,5 +928,5 @@ export function simulate(options: SimulateOptions): SimResult {
     first_event_time: w.generated.length ? new Date(first).toISOString() : null,
     last_event_time: w.generated.length ? new Date(last).toISOString() : null,
   };
-  return { events: lines, truth, summary };
+  return { result: { events: lines, truth, summary }, lastMs: w.generated.length ? Math.round(last) : undefined };
 }

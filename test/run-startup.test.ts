@@ -1,0 +1,111 @@
+// A `tacit run` worker that cannot start (SPEC §7): it exits at once — 2 for a config error such
+// as a missing pseudonymization key, 1 for a server it cannot reach — with one clear line on
+// stderr, and leaves its metrics port free, so a second `tacit run` does not run beside a
+// half-started one. Real nats-server and redis-server from the harness.
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { projectRoot } from "../src/cli/paths.js";
+import { freePort, isPortFree } from "../src/services/processes.js";
+import { startServers, type TestServers } from "./harness.js";
+import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";
+
+const PIPELINE = join(projectRoot(), "pipelines", "feedback.yaml");
+const KEY = "t1:run-startup-test-secret-0123456789";
+/** Exit within this, process start-up included (the worker itself must give up within a second). */
+const EXIT_WITHIN_MS = 5_000;
+
+let servers: TestServers;
+
+before(async () => {
+  servers = await startServers();
+});
+
+after(async () => {
+  await servers?.stop();
+});
+
+/** Runs `tacit run` and waits for it to exit; kills it (and fails) if it is still running after EXIT_WITHIN_MS. */
+async function runUntilExit(env: Record<string, string>, metricsPort: number, args: string[] = []): Promise<{ code: number | null; stderr: string }> {
+  const p: TacitProcess = spawnTacit(["run", PIPELINE, "--metrics-port", String(metricsPort), ...args], {
+    TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")),
+    TACIT_LOG_LEVEL: "info",
+    ...env,
+  });
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([p.exited(), new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), EXIT_WITHIN_MS)))]);
+  clearTimeout(timer);
+  if (code === "timeout") {
+    p.child.kill("SIGKILL");
+    await p.exited();
+    assert.fail(`tacit run still running after ${EXIT_WITHIN_MS} ms; stderr:\n${p.stderr()}`);
+  }
+  return { code, stderr: p.stderr() };
+}
+
+function lines(text: string): string[] {
+  return text.split("\n").filter((l) => l.trim() !== "");
+}
+
+test("tacit run without TACIT_PSEUDONYM_KEY exits 2 with one line naming the variable, and its metrics port is free", { timeout: 20_000 }, async () => {
+  const port = await freePort();
+  const r = await runUntilExit({ NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: "" }, port);
+  assert.equal(r.code, 2, r.stderr);
+  assert.deepEqual(lines(r.stderr).length, 1, r.stderr);
+  assert.match(r.stderr, /^tacit: config: .*TACIT_PSEUDONYM_KEY/);
+  assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
+});
+
+test("tacit run with an unreachable NATS exits 1 with one line naming the URL, and binds nothing", { timeout: 20_000 }, async () => {
+  const [natsPort, metricsPort] = [await freePort(), await freePort()];
+  const r = await runUntilExit({ NATS_URL: `nats://127.0.0.1:${natsPort}`, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY }, metricsPort);
+  assert.equal(r.code, 1, r.stderr);
+  assert.deepEqual(lines(r.stderr), [`tacit: nats_unavailable: cannot connect to NATS at nats://127.0.0.1:${natsPort}: connection refused`]);
+  assert.ok(await isPortFree(metricsPort, "0.0.0.0"), `metrics port ${metricsPort} is still taken after the exit`);
+});
+
+test("tacit run with an unreachable Redis exits 1 with one line naming the URL (no reconnect noise), and binds nothing", { timeout: 20_000 }, async () => {
+  const [redisPort, metricsPort] = [await freePort(), await freePort()];
+  const r = await runUntilExit({ NATS_URL: servers.natsUrl, REDIS_URL: `redis://:hunter2-secret@127.0.0.1:${redisPort}`, TACIT_PSEUDONYM_KEY: KEY }, metricsPort);
+  assert.equal(r.code, 1, r.stderr);
+  const out = lines(r.stderr);
+  assert.equal(out.length, 1, r.stderr);
+  assert.match(out[0]!, new RegExp(`^tacit: redis_unavailable: cannot connect to Redis at redis://:\\*\\*\\*@127\\.0\\.0\\.1:${redisPort}: .*ECONNREFUSED`));
+  assert.doesNotMatch(r.stderr, /hunter2/);
+  assert.ok(await isPortFree(metricsPort, "0.0.0.0"), `metrics port ${metricsPort} is still taken after the exit`);
+});
+
+test("tacit run with a bad pipeline exits 2 with the problem, and binds nothing", { timeout: 20_000 }, async () => {
+  const port = await freePort();
+  const r = await runUntilExit({ NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY }, port, ["--set", "stages.dedupe.operator=dedup"]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /^tacit: config: .*feedback\.yaml: 1 problem\n.*:35:15 +stage "dedupe": unknown operator "dedup"/);
+  assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
+});
+
+test("tacit run that starts serves /readyz on its metrics port, and SIGTERM exits 0 and frees the port", { timeout: 20_000 }, async (t) => {
+  const port = await freePort();
+  const p = spawnTacit(["run", PIPELINE, "--metrics-port", String(port)], {
+    TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")),
+    TACIT_LOG_LEVEL: "error",
+    NATS_URL: servers.natsUrl,
+    REDIS_URL: servers.redisUrl,
+    TACIT_PSEUDONYM_KEY: KEY,
+  });
+  t.after(() => void (p.running() && p.child.kill("SIGKILL")));
+  const deadline = Date.now() + 10_000;
+  let status = 0;
+  while (Date.now() < deadline && p.running()) {
+    status = await fetch(`http://127.0.0.1:${port}/readyz`).then((r) => r.status, () => 0);
+    if (status === 200) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(status, 200, p.stderr());
+  assert.match(p.stderr(), /running feedback/);
+  p.child.kill("SIGTERM");
+  assert.equal(await p.exited(), 0, p.stderr());
+  assert.match(p.stderr(), /worker stopped cleanly/);
+  assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
+});
