@@ -25,7 +25,7 @@ import type { OperatorSpec } from "../src/core/operator.js";
 import { parsePseudonymKey } from "../src/core/pseudonym.js";
 import { findOperator } from "../operators/index.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
-import { dlqSubject, durableName, eventsSubject, outputSubject, pipelineStreams, stageGroups, stageSubject, streamName, SIDE_OUTPUTS } from "../src/runtime/topology.js";
+import { dlqSubject, durableName, eventsSubject, outputSubject, pipelineStreams, stageGroups, stageSubject, streamName, SIDE_OUTPUTS } from "../src/config/topology.js";
 import { openRedis } from "../src/state/redis.js";
 import { WorkerTelemetry } from "../src/telemetry/otel.js";
 import { StageCounters } from "../src/telemetry/metrics.js";

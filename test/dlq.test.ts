@@ -20,7 +20,7 @@ import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import type { DlqSummary, RedriveResult } from "../src/runtime/dlq.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
-import { stageGroups, stageSubject, streamName } from "../src/runtime/topology.js";
+import { stageGroups, stageSubject, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 
 const PIPELINE = join(projectRoot(), "test", "fixtures", "e2e", "clean.yaml");

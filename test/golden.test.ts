@@ -26,7 +26,7 @@ import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
 import { groupState, keptByRebuild, type ReplayReport } from "../src/runtime/replay.js";
-import { stageGroups, streamName } from "../src/runtime/topology.js";
+import { stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { simulate } from "../src/sim/simulate.js";
 

@@ -16,7 +16,7 @@ import type { Envelope } from "../src/core/event.js";
 import type { OperatorSpec, Processor } from "../src/core/operator.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
-import { stageGroups, stageSubject } from "../src/runtime/topology.js";
+import { stageGroups, stageSubject } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 
 const PIPELINE = join(projectRoot(), "test", "fixtures", "e2e", "clean.yaml");
@@ -90,7 +90,7 @@ test("redelivered inputs behind newer ones: each input of a partition runs once,
   worker = new Worker({ pipeline: p, operators: (name) => (name === "dedupe" ? recording : findOperator(name)), groups: ["dedupe"], log: silent, env, redis, nats });
   await worker.start();
   await eventually("partition 0 to be processed and acked", async () => given.length >= N && (await consumersDrained(nats!, [group.inputStream])), 60_000, 100);
-  const counts = worker.counters.get("dedupe")!.counts;
+  const counts = worker.stageCounters.get("dedupe")!.counts;
   const dropped = (counts.get("dropped{reason=already_applied}") ?? 0) + (counts.get("dropped{reason=redelivered}") ?? 0);
   await worker.stop();
   worker = undefined;

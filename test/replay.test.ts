@@ -44,7 +44,7 @@ import {
   type PublishedLabel,
   type StateMatcher,
 } from "../src/runtime/replay.js";
-import { stageGroups, streamName } from "../src/runtime/topology.js";
+import { stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 
 const ROOT = projectRoot();

@@ -16,7 +16,7 @@ import { findOperator } from "../operators/index.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
-import { pipelineStreams, stageGroups, streamName } from "../src/runtime/topology.js";
+import { pipelineStreams, stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { benchEvents } from "../src/bench/bench.js";
 import { partitionKey, pipelineKey } from "../src/core/state.js";
@@ -149,7 +149,7 @@ test("events flow through enrich and dedupe exactly once; every bad input is dea
     const ids = await outputIds(p, nats);
     assert.equal(ids.size, good.length);
     assert.ok([...ids.values()].every((n) => n === 1), "no event_id is output twice");
-    assert.equal(worker.counters.get("dedupe")!.get("dropped"), dups.length);
+    assert.equal(worker.stageCounters.get("dedupe")!.get("dropped"), dups.length);
 
     const dlq = await readStream(nats, streamName(p, "dlq"));
     for (const b of bad) {

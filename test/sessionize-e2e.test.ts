@@ -33,7 +33,7 @@ import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
 import type { PipelineStatus } from "../src/runtime/status.js";
-import { stageGroups, streamName } from "../src/runtime/topology.js";
+import { stageGroups, streamName } from "../src/config/topology.js";
 
 const PIPELINE = join(projectRoot(), "test", "fixtures", "e2e", "sessions.yaml");
 const NAME = "sess";

@@ -14,7 +14,7 @@ import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { readDeadLetters } from "../src/runtime/dlq.js";
 import { connectNats } from "../src/runtime/nats.js";
-import { stageGroups } from "../src/runtime/topology.js";
+import { stageGroups } from "../src/config/topology.js";
 import { parseTruth } from "../src/sim/truth.js";
 import { withServers } from "./harness.js";
 import { consumersDrained, eventually } from "./support/streams.js";

@@ -6,7 +6,7 @@ import { applyDeploy, planDeploy } from "../runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { publisherFor } from "../runtime/jspub.js";
 import { publishLines } from "../runtime/publisher.js";
-import { durableName, stageGroups, streamName } from "../runtime/topology.js";
+import { durableName, stageGroups, streamName } from "../config/topology.js";
 import { Worker } from "../runtime/worker.js";
 import { openPipelineRedis } from "../state/redis.js";
 
@@ -248,7 +248,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const outputs = await streamMessages(nats, streamName(pipeline, "events"));
     const dlq = await streamMessages(nats, streamName(pipeline, "dlq"));
     let dropped = 0;
-    for (const c of worker.counters.values()) dropped += c.get("dropped");
+    for (const c of worker.stageCounters.values()) dropped += c.get("dropped");
     const pipeLat = latencyProbe(nats, streamName(pipeline, "events"), tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users);
     const pipeLatencies = await pipeLat;

@@ -9,7 +9,7 @@ import { applyDeploy, formatPlan, planDeploy } from "../runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { publishLines } from "../runtime/publisher.js";
 import { formatStatus, pipelineStatus, type PipelineStatus } from "../runtime/status.js";
-import { streamName } from "../runtime/topology.js";
+import { streamName } from "../config/topology.js";
 import { Worker } from "../runtime/worker.js";
 import { servicesUp } from "../services/embedded.js";
 import { RedisStateStore, openPipelineRedis } from "../state/redis.js";
@@ -20,7 +20,7 @@ import { collectLive } from "../eval/live.js";
 import { evaluate, type Report } from "../eval/evaluate.js";
 import { formatReport } from "./evaluate.js";
 import { desiredStreams } from "../runtime/deploy.js";
-import { stageGroups } from "../runtime/topology.js";
+import { stageGroups } from "../config/topology.js";
 import { action, cliLogger, collect } from "./common.js";
 import { defaultPipelinePath } from "../config/paths.js";
 

@@ -7,7 +7,7 @@ import { ConfigError } from "../core/errors.js";
 import { resumeGroups, readControl } from "../runtime/control.js";
 import { connectNats } from "../runtime/nats.js";
 import { executeReplay, formatPlan, formatReport, groupState, parseReplayPoint, planReplay, selectGroups, type ReplayRequest } from "../runtime/replay.js";
-import { stageGroups } from "../runtime/topology.js";
+import { stageGroups } from "../config/topology.js";
 import { openPipelineRedis } from "../state/redis.js";
 import { action, loadForCli, out, pipelineCommand, type PipelineOptions } from "./common.js";
 

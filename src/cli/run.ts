@@ -78,7 +78,7 @@ export function registerRun(program: Command): void {
       const p = loadForCli(file, opts);
       const log = cliLogger(process.env.TACIT_LOG_LEVEL ?? "info");
       let worker: Worker | undefined = undefined;
-      const telemetry = new WorkerTelemetry(() => worker?.counters.values() ?? [], () => worker?.ready() ?? false);
+      const telemetry = new WorkerTelemetry(() => worker?.stageCounters.values() ?? [], () => worker?.ready() ?? false);
       // The CLI opens (and so closes) the connections: a start that fails half way must leave no
       // reconnecting client behind to keep the process alive.
       let nats: NatsHandles | undefined;

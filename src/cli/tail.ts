@@ -4,7 +4,7 @@ import { randomBytes } from "node:crypto";
 import type { Pipeline } from "../config/types.js";
 import { ConfigError } from "../core/errors.js";
 import { connectNats } from "../runtime/nats.js";
-import { streamName } from "../runtime/topology.js";
+import { streamName } from "../config/topology.js";
 import { action, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
 
 const OUTPUTS = ["labels", "dlq", "late", "bots", "sessions", "events"] as const;

@@ -4,7 +4,7 @@ import { loadPipeline } from "../config/load.js";
 import { parseSetExpression } from "../config/overrides.js";
 import { formatProblem } from "../config/problems.js";
 import type { Pipeline } from "../config/types.js";
-import { pipelineStreams, stageGroups } from "../runtime/topology.js";
+import { pipelineStreams, stageGroups } from "../config/topology.js";
 import { action, effectiveEnv, out } from "./common.js";
 
 /**

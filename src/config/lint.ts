@@ -1,6 +1,6 @@
 import type { OperatorSpec, PipelineView } from "../core/operator.js";
 import { errorMessage } from "../core/errors.js";
-import { pipelineStreams, stageGroups } from "../runtime/topology.js";
+import { pipelineStreams, stageGroups } from "./topology.js";
 import type { Pipeline, Stage } from "./types.js";
 import { closest, type Problem } from "./problems.js";
 import type { DocPath } from "./source.js";

@@ -13,6 +13,13 @@ export type OutputName =
   | "labels.preference"
   | "labels.session";
 
+/**
+ * The label outputs (for ML teams). Their records go through the runtime's published-label
+ * registry: a label computed again with the same content is not published again, so they are
+ * still computed and published (as new revisions where they changed) below a replay fence.
+ */
+export const LABEL_OUTPUTS: ReadonlySet<OutputName> = new Set<OutputName>(["labels.response", "labels.preference", "labels.session"]);
+
 /** One record an operator sends out. `id` must be deterministic: it becomes the `Nats-Msg-Id`. */
 export interface Emit {
   to: OutputName;

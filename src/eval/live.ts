@@ -3,7 +3,7 @@ import { AckPolicy, DeliverPolicy } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import type { Label } from "../core/label.js";
 import type { NatsHandles } from "../runtime/nats.js";
-import { streamName } from "../runtime/topology.js";
+import { streamName } from "../config/topology.js";
 import { responseFeaturesKey } from "../labels/features.js";
 import type { TruthRecord } from "../sim/truth.js";
 import type { ResponseFeatures } from "./evaluate.js";

@@ -23,6 +23,8 @@ export interface MsgResult {
   traceparent?: string;
   /** `Tacit-Redriven` of the input: carried to its outputs and dead letters (a redrive is not retried forever). */
   redriven?: string;
+  /** The envelope the message carried (stages after the first): an output that is this very object is forwarded as the message's bytes. */
+  envelope?: Envelope;
   /** Why the input was intentionally dropped (duplicate, sampled out, already applied), if it was. */
   dropped?: string;
   /** A replayed input below its durable's fence: its outputs were published before (labels excepted). */

@@ -13,7 +13,7 @@ import {
 import type { Pipeline } from "../config/types.js";
 import type { OperatorSpec } from "../core/operator.js";
 import { ConfigError } from "../core/errors.js";
-import { durableName, pipelineStreams, stageGroups, stageSubject, type StageGroup } from "./topology.js";
+import { durableName, pipelineStreams, stageGroups, stageSubject, type StageGroup } from "../config/topology.js";
 
 const NS_PER_MS = 1_000_000;
 

@@ -4,8 +4,8 @@ import type { Pipeline } from "../config/types.js";
 import { ConfigError, TacitError, errorMessage } from "../core/errors.js";
 import type { OperatorSpec } from "../core/operator.js";
 import type { NatsHandles } from "./nats.js";
-import { stageGroups, streamName } from "./topology.js";
-import { REDRIVEN_HEADER } from "./worker.js";
+import { stageGroups, streamName } from "../config/topology.js";
+import { DLQ_HEADERS } from "./outputs.js";
 
 /*
  * Dead letters (`<p>.dlq.<stage>`, stream `<name>_dlq`) carry the original bytes and headers
@@ -84,7 +84,7 @@ export async function readDeadLetters(p: Pipeline, nats: NatsHandles, filter: Dl
           source_stream: h("Tacit-Source-Stream"),
           source_subject: h("Tacit-Source-Subject"),
           source_seq: h("Tacit-Source-Seq") ? Number(h("Tacit-Source-Seq")) : undefined,
-          redriven: Number(h(REDRIVEN_HEADER) ?? 0) || 0,
+          redriven: Number(h(DLQ_HEADERS.redriven) ?? 0) || 0,
           data: m.data,
         };
         if (filter.reason === undefined || letter.reason === filter.reason) out.push(letter);
@@ -225,7 +225,7 @@ export async function redrive(p: Pipeline, nats: NatsHandles, operators: (n: str
       await Promise.all(
         batch.map((l, j) => {
           const h = natsHeaders();
-          h.set(REDRIVEN_HEADER, String(l.redriven + 1));
+          h.set(DLQ_HEADERS.redriven, String(l.redriven + 1));
           h.set("Tacit-Redrive-Of", String(l.seq));
           return nats.js.publish(targets[at + j]!, l.data, { msgID: `redrive:${l.seq}`, headers: h, timeout: 10_000 });
         }),

@@ -5,7 +5,7 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { EVENT_TYPES } from "../core/event.js";
 import { TransientError, errorMessage } from "../core/errors.js";
-import { inputSubject } from "./topology.js";
+import { inputSubject } from "../config/topology.js";
 
 const encoder = new TextEncoder();
 const KNOWN = new Set<string>(EVENT_TYPES);

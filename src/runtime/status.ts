@@ -3,7 +3,7 @@ import type { Redis, Cluster } from "ioredis";
 import type { Pipeline } from "../config/types.js";
 import type { OperatorSpec } from "../core/operator.js";
 import { partitionKey } from "../core/state.js";
-import { durableName, stageGroups, streamName, SIDE_OUTPUTS } from "./topology.js";
+import { durableName, stageGroups, streamName, SIDE_OUTPUTS } from "../config/topology.js";
 
 export interface PartitionStatus {
   partition: number;

@@ -52,8 +52,25 @@ export function outputSubject(p: Pipeline, to: Exclude<OutputName, "next">): str
   return `${p.subject_prefix}.${to}`;
 }
 
-/** Splits stages into groups at every stage not marked `fuse_with_previous`. */
-export function stageGroups(p: Pipeline, operators: (name: string) => OperatorSpec<any> | undefined): StageGroup[] {
+type OperatorLookup = (name: string) => OperatorSpec<any> | undefined;
+
+/** Compiled topologies, per pipeline object and operator lookup: a pipeline is compiled once. */
+const compiled = new WeakMap<Pipeline, WeakMap<OperatorLookup, readonly StageGroup[]>>();
+
+/**
+ * The stage groups of a pipeline, split at every stage not marked `fuse_with_previous`:
+ * compiled once per loaded pipeline (deploy, bench, the worker, status and replay all ask for
+ * it; they get the same frozen groups). Treat the result as read-only.
+ */
+export function stageGroups(p: Pipeline, operators: OperatorLookup): StageGroup[] {
+  let byOps = compiled.get(p);
+  if (!byOps) compiled.set(p, (byOps = new WeakMap()));
+  let groups = byOps.get(operators);
+  if (!groups) byOps.set(operators, (groups = Object.freeze(compileGroups(p, operators))));
+  return groups as StageGroup[];
+}
+
+function compileGroups(p: Pipeline, operators: OperatorLookup): StageGroup[] {
   const groups: StageGroup[] = [];
   for (const s of p.stages) {
     const keyed = operators(s.operator)?.keyed ?? false;

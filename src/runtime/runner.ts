@@ -1,0 +1,498 @@
+import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import type { Pipeline } from "../config/types.js";
+import { ManualClock } from "../core/clock.js";
+import type { Envelope } from "../core/event.js";
+import { BadInputError, TacitError, TransientError, errorMessage } from "../core/errors.js";
+import { LABEL_OUTPUTS, isKeyedProcessor, type Logger, type Processor, type StageInput } from "../core/operator.js";
+import { LeaseLostError, partitionKey, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
+import type { StageCounters } from "../telemetry/metrics.js";
+import type { RuntimeObserver } from "../telemetry/otel.js";
+import { KeyedChain, emptyResult, runUnkeyed, type Item, type KeyedStage, type MsgResult, type UnkeyedStage } from "./chain.js";
+import { CacheBudget, StageState } from "./keyed-state.js";
+import { fenceField, fencesKey, parseFence, type Fence } from "./label-registry.js";
+import type { NatsHandles } from "./nats.js";
+import { DLQ_HEADERS, Outputs } from "./outputs.js";
+import { durableName, type StageGroup } from "../config/topology.js";
+import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
+
+/** How long one pull request waits for messages; also the longest a stop waits for it. */
+const FETCH_EXPIRES_MS = 2000;
+const decoder = new TextDecoder();
+
+/** What a runner needs from its worker. */
+export interface RunnerHost {
+  readonly pipeline: Pipeline;
+  readonly nats: NatsHandles;
+  readonly state: StateStore;
+  readonly log: Logger;
+  readonly outputs: Outputs;
+  readonly budget: CacheBudget;
+  readonly observer?: RuntimeObserver;
+  counters(stage: string): StageCounters;
+  /** The shared processor of an unkeyed stage, with its clock. */
+  unkeyed(stage: string): Promise<{ proc: Processor; clock: ManualClock }>;
+  /** A new instance of a stage's operator on its own event-time clock (keyed stages: one per partition). */
+  create(stage: string, clock: ManualClock): Promise<unknown>;
+  /** The lease a keyed partition's commits are fenced by, where the store can check it atomically. */
+  commitLease(g: StageGroup, n: number): CommitLease | undefined;
+  holdsLease(g: StageGroup, n: number): Promise<boolean>;
+}
+
+/** Drops what a fenced (already published) input or timer produced, except labels. */
+function fenceOff(r: MsgResult): void {
+  r.emits = r.emits.filter((x) => LABEL_OUTPUTS.has(x.emit.to));
+  r.replayed = true;
+}
+
+/**
+ * Consumes one durable (a shared one, or one partition's) in micro-batches: messages arriving
+ * while a batch is processed form the next batch, so batches grow with load. Per batch: decode,
+ * run the group's chain, publish every output, commit (a keyed partition: the changed state,
+ * timers, effects and its progress in one atomic step, fenced by its lease), then settle each
+ * message exactly once (ack; term after dead-lettering; nak for a retryable error).
+ */
+export class ConsumerRunner {
+  private buffer: JsMsg[] = [];
+  private wake: (() => void) | undefined;
+  private fetching?: Promise<void>;
+  private fetchDone = false;
+  private loop?: Promise<void>;
+  private stopping = false;
+  private abandon = false;
+  private progress: PartitionProgress = { hwm: 0 };
+  /** Set by `tacit replay`: inputs up to here (and timers up to its watermark) were published before. */
+  private fence: Fence | undefined;
+  /** Wall-clock time of the last input (for idleness only). */
+  private lastInputAt = Date.now();
+  /** A stage watermark an idle partition should advance to, set by `checkIdle`. */
+  private idleTarget: number | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private readonly durable: string;
+  private starting?: Promise<void>;
+  /** The outstanding pull request (a keyed runner handing its partition over stops it at once; see `fetchLoop`). */
+  private pull?: { stop(): void };
+  private quick = false;
+  /** Keyed: the chain with its in-memory state, valid while this runner holds the partition. */
+  private chain?: KeyedChain;
+  private unkeyedStages?: UnkeyedStage[];
+
+  constructor(
+    private readonly w: RunnerHost,
+    private readonly g: StageGroup,
+    private readonly partition?: number,
+  ) {
+    this.durable = durableName(g, partition);
+  }
+
+  private get wmKey(): string {
+    return partitionKey(this.w.pipeline.subject_prefix, this.g.name, this.partition ?? 0, "wm");
+  }
+
+  start(): Promise<void> {
+    this.starting ??= this.begin();
+    return this.starting;
+  }
+
+  private async begin(): Promise<void> {
+    const { state } = this.w;
+    const fences = await state.hgetall(fencesKey(this.w.pipeline.subject_prefix));
+    this.fence = parseFence(fences[fenceField(this.g.inputStream, this.durable)]);
+    if (this.partition !== undefined) {
+      await this.resumeInOrder();
+      const h = await state.hgetall(this.wmKey);
+      this.progress = { hwm: Number(h.applied_seq ?? 0) || 0, maxTs: h.max_ts ? Number(h.max_ts) : undefined, wm: h.wm ? Number(h.wm) : undefined };
+      const stages: KeyedStage[] = [];
+      for (const s of this.g.stages) {
+        const clock = new ManualClock(0);
+        const proc = await this.w.create(s.name, clock);
+        if (!isKeyedProcessor(proc)) throw new TacitError("not_keyed", `stage ${s.name} is in a keyed group but its operator is not keyed`);
+        const st = new StageState(state, this.w.pipeline.subject_prefix, s.name, this.partition, proc.codec, this.w.log, this.w.budget);
+        stages.push({ name: s.name, proc, state: st, counters: this.w.counters(s.name), clock });
+      }
+      this.chain = new KeyedChain(stages, this.partition);
+      const every = Math.max(250, Math.floor(this.w.pipeline.event_time.idle_timeout_ms / 2));
+      if (this.stopping) return;
+      this.idleTimer = setInterval(() => {
+        this.checkIdle().catch((err) => this.w.log.warn({ durable: this.durable, err: errorMessage(err) }, "idle check failed"));
+      }, every);
+    } else {
+      this.unkeyedStages = [];
+      for (const s of this.g.stages) this.unkeyedStages.push({ name: s.name, ...(await this.w.unkeyed(s.name)), counters: this.w.counters(s.name) });
+    }
+    // Stopped while starting (the lease went, the group was paused): start nothing.
+    if (this.stopping) return;
+    this.fetching = this.fetchLoop();
+    this.loop = this.run();
+  }
+
+  /**
+   * Keeps one pull request outstanding and streams what it brings into the buffer; the next
+   * request goes out as soon as one completes. Unlike a free-running `consume`, a stopped
+   * shared (unkeyed) runner leaves no request open, so no message is delivered to a worker
+   * that has gone (it would sit unacknowledged until ack_wait): `stop` waits for the current
+   * request (≤ FETCH_EXPIRES_MS); so does every runner when the worker shuts down. A keyed
+   * runner that hands its partition over while the worker goes on (rebalance, lost lease,
+   * pause) stops its request at once — a partition must change hands within its lease — and
+   * whoever starts the partition next recreates the durable when a request may still be open
+   * on it (`resumeInOrder`).
+   */
+  private async fetchLoop(): Promise<void> {
+    const { nats, log } = this.w;
+    const max = this.w.pipeline.runtime.batch_size * 2;
+    let consumer: Consumer | undefined;
+    let failures = 0;
+    let missed = 0;
+    while (!this.stopping) {
+      try {
+        consumer ??= await nats.js.consumers.get(this.g.inputStream, this.durable);
+        // Back-pressure: do not pull more while plenty is buffered.
+        if (this.buffer.length >= max) {
+          await new Promise((r) => setTimeout(r, 5));
+          continue;
+        }
+        const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS });
+        this.pull = iter;
+        if (this.quick) iter.stop();
+        for await (const m of iter) {
+          this.buffer.push(m);
+          this.wake?.();
+        }
+        failures = 0;
+        missed = 0;
+      } catch (err) {
+        if (this.stopping) break;
+        // nats.js ends a fetch whose server heartbeats it missed; with heartbeats at half the
+        // expiry that races the server's own end of the request. Nothing is lost: pull again.
+        // Twice in a row is a real problem (server or consumer gone), handled as a failure.
+        if (err instanceof JetStreamError && err.message === "heartbeats missed" && missed++ === 0) continue;
+        consumer = undefined;
+        failures++;
+        log.warn({ durable: this.durable, err: errorMessage(err) }, "fetch failed; retrying");
+        await new Promise((r) => setTimeout(r, Math.min(5000, 200 * failures)));
+      }
+    }
+    this.fetchDone = true;
+    this.wake?.();
+  }
+
+  /**
+   * A keyed partition must be processed in stream order. A previous owner that died leaves
+   * messages delivered but unacknowledged, which the server would redeliver only after
+   * ack_wait, behind newer ones; one that stopped its last pull request leaves it open until
+   * it expires, and it may still take messages. So on takeover, restart the durable at its ack
+   * floor (deleting it also cancels every open request). Servers without a consumer reset API
+   * (2.9) need delete + recreate.
+   */
+  private async resumeInOrder(): Promise<void> {
+    const { jsm } = this.w.nats;
+    const info = await jsm.consumers.info(this.g.inputStream, this.durable);
+    if (info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
+    const start = info.ack_floor.stream_seq + 1;
+    this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
+    const cfg = { ...info.config };
+    await jsm.consumers.delete(this.g.inputStream, this.durable);
+    try {
+      await jsm.consumers.add(this.g.inputStream, { ...cfg, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start });
+    } catch (err) {
+      if (!(err instanceof JetStreamApiError)) throw err;
+      throw new TransientError("consumer_recreate_failed", `could not recreate ${this.durable}: ${err.message}`, err);
+    }
+  }
+
+  private async take(): Promise<JsMsg[] | "idle" | undefined> {
+    while (this.buffer.length === 0) {
+      if (this.stopping && this.fetchDone) return undefined;
+      if (this.idleTarget !== undefined) return "idle";
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+      });
+      this.wake = undefined;
+    }
+    let n = this.w.pipeline.runtime.batch_size;
+    // A batch is either wholly below the replay fence or wholly above it.
+    if (this.fence) {
+      const f = this.fence.seq;
+      const below = this.buffer.findIndex((m) => m.seq > f);
+      if (below === 0) {
+        if (this.fence.wm === undefined || (this.progress.wm !== undefined && this.progress.wm >= this.fence.wm)) this.fence = undefined;
+      } else {
+        n = Math.min(n, below < 0 ? this.buffer.length : below);
+      }
+    }
+    return this.buffer.splice(0, n);
+  }
+
+  private async run(): Promise<void> {
+    for (;;) {
+      const msgs = await this.take();
+      if (!msgs || this.abandon) return;
+      if (msgs === "idle") {
+        const target = this.idleTarget!;
+        this.idleTarget = undefined;
+        await this.withRetry([], () => this.advanceIdle(target));
+      } else {
+        this.lastInputAt = Date.now();
+        await this.withRetry(msgs, () => (this.chain ? this.handleKeyed(msgs) : this.handleUnkeyed(msgs)));
+      }
+    }
+  }
+
+  /**
+   * Idle partitions must not hold event time back: a partition with no input for
+   * `event_time.idle_timeout` takes the stage watermark (the minimum over the partitions that
+   * are not idle), so its sessions and timers still close. When every partition is idle, nothing
+   * advances (a replay with no traffic does not move event time by itself). This is the one
+   * wall-clock-driven step in event time; it only ever fires timers, never reorders input.
+   */
+  private async checkIdle(): Promise<void> {
+    const p = this.w.pipeline;
+    const now = Date.now();
+    if (this.stopping || now - this.lastInputAt < p.event_time.idle_timeout_ms) return;
+    const keys = [...Array(p.partitions).keys()].filter((n) => n !== this.partition).map((n) => partitionKey(p.subject_prefix, this.g.name, n, "wm"));
+    let stageWm: number | undefined;
+    for (const h of await this.w.state.hgetallMany(keys)) {
+      if (!h.wm || now - Number(h.last_input_at ?? 0) >= p.event_time.idle_timeout_ms) continue;
+      stageWm = stageWm === undefined ? Number(h.wm) : Math.min(stageWm, Number(h.wm));
+    }
+    if (stageWm !== undefined && (this.progress.wm === undefined || stageWm > this.progress.wm)) {
+      this.idleTarget = stageWm;
+      this.wake?.();
+    }
+  }
+
+  /** The batch is left to the partition's next owner: nothing committed or settled; this runner stops. */
+  private leaseLost(): void {
+    this.w.log.warn({ durable: this.durable }, "lease no longer held: batch left to the partition's next owner");
+    this.stopping = true;
+    this.abandon = true;
+    this.quick = true;
+    this.chain?.drop();
+    this.pull?.stop();
+  }
+
+  private async advanceIdle(wm: number): Promise<void> {
+    if (this.progress.wm !== undefined && wm <= this.progress.wm) return;
+    const sink = emptyResult();
+    await this.chain!.advance(wm, sink);
+    if (this.fence?.wm !== undefined && wm <= this.fence.wm) fenceOff(sink);
+    const labels = await this.w.outputs.publish(this.g, [], [], sink);
+    const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] };
+    const next = { ...this.progress, wm };
+    await this.commitKeyed([], sink, labels, progress, next);
+  }
+
+  /** Transient failures (Redis or NATS down) retry the whole batch in order, with backoff. */
+  private async withRetry(msgs: JsMsg[], step: () => Promise<void>): Promise<void> {
+    const backoff = this.w.pipeline.runtime.retry_backoff_ms;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await step();
+        return;
+      } catch (err) {
+        // What the failed batch changed in memory was not committed: read it again from Redis.
+        this.chain?.drop();
+        if (this.abandon) return;
+        const retryable = err instanceof TacitError ? err.retryable : true;
+        const delay = backoff[Math.min(attempt, backoff.length - 1)] ?? 1000;
+        this.w.log.warn({ durable: this.durable, attempt, delay, retryable, err: errorMessage(err) }, "batch failed; retrying");
+        for (const m of msgs) m.working();
+        await new Promise((r) => setTimeout(r, delay));
+        if (this.abandon) return;
+      }
+    }
+  }
+
+  /** Turns messages into stage inputs; undecodable envelopes fail at once. */
+  private decode(msgs: JsMsg[]): { inputs: (StageInput | undefined)[]; results: MsgResult[] } {
+    const first = this.g.index === 0;
+    const results: MsgResult[] = msgs.map(emptyResult);
+    const inputs = msgs.map((m, i): StageInput | undefined => {
+      const input: StageInput = {
+        seq: m.seq,
+        subject: m.subject,
+        data: m.data,
+        deliveries: m.info.deliveryCount,
+        stream_time_ms: Number(m.info.timestampNanos / 1_000_000),
+        partition: this.partition,
+      };
+      const r = results[i]!;
+      if (m.headers) {
+        const tp = m.headers.get("traceparent");
+        if (tp) r.traceparent = tp;
+        const rd = m.headers.get(DLQ_HEADERS.redriven);
+        if (rd) r.redriven = rd;
+      }
+      if (first) return input;
+      try {
+        const env = JSON.parse(decoder.decode(m.data)) as Envelope;
+        if (env?.v !== 1 || typeof env.event?.ts !== "number" || typeof env.event.user !== "string") throw new Error("not a v1 envelope");
+        input.envelope = env;
+        r.envelope = env;
+        return input;
+      } catch (err) {
+        r.error = { stage: this.g.stages[0]!.name, err: new BadInputError("bad_envelope", `cannot decode envelope: ${errorMessage(err)}`) };
+        return undefined;
+      }
+    });
+    return { inputs, results };
+  }
+
+  private async handleUnkeyed(msgs: JsMsg[]): Promise<void> {
+    const t0 = performance.now();
+    const { inputs, results } = this.decode(msgs);
+    const items: Item[] = [];
+    inputs.forEach((input, msg) => {
+      if (input) items.push({ msg, input });
+    });
+    await runUnkeyed(this.unkeyedStages!, items, results);
+    const maxDeliver = this.w.pipeline.runtime.max_deliver;
+    results.forEach((r, i) => {
+      if (r.retry && msgs[i]!.info.deliveryCount >= maxDeliver) {
+        r.error = { stage: r.retry.stage, err: new TacitError("max_deliveries", `gave up after ${maxDeliver} deliveries: ${r.retry.err.message}`) };
+        r.retry = undefined;
+      }
+    });
+    this.applyFence(msgs, results, undefined);
+    const sink = emptyResult();
+    const labels = await this.w.outputs.publish(this.g, msgs, results, sink);
+    const groups: CommitGroup[] = [];
+    for (const r of results) if (!r.retry && !r.error) groups.push(...r.commits);
+    groups.push(...labels);
+    if (groups.length) await this.w.state.commit(groups);
+    this.settle(msgs, results);
+    this.w.observer?.batch(this.g.name, performance.now() - t0, msgs.length);
+  }
+
+  private async handleKeyed(batch: JsMsg[]): Promise<void> {
+    const t0 = performance.now();
+    const chain = this.chain!;
+    const counters = this.w.counters(this.g.stages[0]!.name);
+    const { run: msgs, done, redelivered } = admitInOrder(batch, this.progress.hwm);
+    if (done.length) counters.count("dropped", done.length, { reason: "already_applied" });
+    if (redelivered) counters.count("dropped", redelivered, { reason: "redelivered" });
+    for (const m of done) m.ack();
+    if (msgs.length === 0) return;
+    // The first input past a replay fence continues from the watermark the partition had when
+    // the replay began: timers up to it fired then (their outputs were published).
+    const fwm = this.fence?.wm;
+    if (fwm !== undefined && msgs[0]!.seq > this.fence!.seq && (this.progress.wm === undefined || this.progress.wm < fwm)) {
+      await this.advanceIdle(fwm);
+    }
+    const { inputs, results } = this.decode(msgs);
+    const items: Item[] = [];
+    const valid: StageInput[] = [];
+    inputs.forEach((input, msg) => {
+      if (!input) return;
+      items.push({ msg, input });
+      valid.push(input);
+    });
+    const after = assignWatermarks(valid, this.progress, this.w.pipeline.event_time.max_out_of_orderness_ms);
+    const sink = emptyResult();
+    await chain.run(items, after.wm, results, sink);
+
+    // Retryable per-message errors: in a keyed partition, order matters, so retry the batch.
+    const maxDeliver = this.w.pipeline.runtime.max_deliver;
+    results.forEach((r, i) => {
+      if (!r.retry) return;
+      if (msgs[i]!.info.deliveryCount >= maxDeliver) {
+        r.error = { stage: r.retry.stage, err: new TacitError("max_deliveries", `gave up after ${maxDeliver} deliveries: ${r.retry.err.message}`) };
+        r.retry = undefined;
+      } else throw r.retry.err;
+    });
+    this.applyFence(msgs, results, sink);
+
+    const labels = await this.w.outputs.publish(this.g, msgs, results, sink);
+    // The partition's progress: the watermark and the high-water mark move together.
+    const top = msgs[msgs.length - 1]!.seq;
+    const fields: Record<string, number> = { applied_seq: top, last_input_at: Date.now() };
+    if (after.wm !== undefined && (this.progress.wm === undefined || after.wm > this.progress.wm)) Object.assign(fields, { max_ts: after.maxTs!, wm: after.wm });
+    const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields }] };
+    const committed = await this.commitKeyed(results, sink, labels, progress, { hwm: Math.max(this.progress.hwm, top), maxTs: after.maxTs, wm: after.wm });
+    if (!committed) return;
+    if (after.wm !== undefined) this.w.observer?.watermarkLag(this.g.name, this.partition!, Date.now() - after.wm);
+    this.settle(msgs, results);
+    this.w.observer?.batch(this.g.name, performance.now() - t0, batch.length);
+  }
+
+  /**
+   * Below a replay fence, outputs were published when these inputs were first read: state is
+   * applied again (it may have been wiped), outputs are not (labels go through the registry).
+   */
+  private applyFence(msgs: JsMsg[], results: MsgResult[], sink: MsgResult | undefined): void {
+    const fence = this.fence;
+    if (!fence) return;
+    let all = true;
+    msgs.forEach((m, i) => {
+      if (m.seq <= fence.seq) fenceOff(results[i]!);
+      else all = false;
+    });
+    // `take` never mixes both sides of the fence in one keyed batch.
+    if (all && sink) fenceOff(sink);
+  }
+
+  /**
+   * Commits a keyed partition's changes: timers, each user's state with its effects, label
+   * registry updates, then the progress. Outputs are idempotent; state is not. A partition
+   * whose lease ran out (a stalled worker) may already be processed by its next owner: commit
+   * nothing, settle nothing, stop. On one Redis the commit itself checks the lease, atomically,
+   * and applies everything in one MULTI/EXEC (a crash before it reads the batch again with the
+   * watermark it first saw; after it, the batch is skipped); on Cluster (the lease lives in
+   * another slot) the lease is read just before, the groups land per hash tag and the progress
+   * after them, and each user's stored guard keeps a re-read from applying twice.
+   */
+  private async commitKeyed(results: MsgResult[], sink: MsgResult, labels: CommitGroup[], progress: CommitGroup, next: PartitionProgress): Promise<boolean> {
+    const chain = this.chain!;
+    const { state } = this.w;
+    const lease = this.w.commitLease(this.g, this.partition!);
+    if (!lease && !(await this.w.holdsLease(this.g, this.partition!))) {
+      this.leaseLost();
+      return false;
+    }
+    const eventTime = next.maxTs ?? this.progress.maxTs ?? 0;
+    const groups = [...chain.takeCommits(results, sink, eventTime), ...labels];
+    try {
+      if (state.inOrder) await state.commit([...groups, progress], lease ? { lease } : {});
+      else {
+        await state.commit(groups);
+        await state.commit([progress]);
+      }
+    } catch (err) {
+      if (err instanceof LeaseLostError) {
+        this.leaseLost();
+        return false;
+      }
+      throw err;
+    }
+    this.progress = next;
+    chain.trim();
+    return true;
+  }
+
+  private settle(msgs: JsMsg[], results: MsgResult[]): void {
+    const backoff = this.w.pipeline.runtime.retry_backoff_ms;
+    for (let i = 0; i < msgs.length; i++) {
+      const r = results[i]!;
+      const m = msgs[i]!;
+      if (r.retry) m.nak(backoff[Math.min(m.info.deliveryCount - 1, backoff.length - 1)]);
+      else if (r.error) m.term();
+      else m.ack();
+    }
+  }
+
+  /** Stops fetching; with `settle`, finishes what was fetched first, else hands it back (nak). */
+  async stop(settle: boolean, quick = false): Promise<void> {
+    this.stopping = true;
+    this.quick = quick && this.partition !== undefined;
+    await this.starting?.catch(() => undefined);
+    if (this.idleTimer) clearInterval(this.idleTimer);
+    this.abandon = !settle;
+    if (this.quick) this.pull?.stop();
+    this.wake?.();
+    await this.fetching;
+    this.wake?.();
+    await this.loop;
+    for (const m of this.buffer.splice(0)) m.nak();
+    // The partition leaves this worker: its in-memory state is no longer valid.
+    this.chain?.close();
+  }
+}
