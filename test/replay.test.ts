@@ -24,24 +24,18 @@ import { controlAcksKey, controlKey, controlWorkersKey, pauseGroups, readControl
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
+import { decideLabel, fenceField, fencesKey, labelContentHash, publishedKey, seedLabel, type PublishedLabel } from "../src/runtime/label-registry.js";
 import {
-  decideLabel,
   executeReplay,
-  fenceField,
-  fencesKey,
   groupState,
   keptByRebuild,
-  labelContentHash,
   parseReplayPoint,
   planReplay,
-  seedLabel,
   selectGroups,
-  publishedKey,
   seqAtTime,
   stateMatcher,
   versionAtLeast,
   wipeState,
-  type PublishedLabel,
   type StateMatcher,
 } from "../src/runtime/replay.js";
 import { stageGroups, streamName } from "../src/config/topology.js";

@@ -132,10 +132,16 @@ export class StageState<S> {
     });
   }
 
-  /** Users whose timer is due at `wm` or earlier (loaded or not). */
+  /** Users whose timer is due at `wm` or earlier (loaded or not): a walk of the heap's due part only. */
   dueUsers(wm: number): string[] {
     const out: string[] = [];
-    for (const [u, at] of this.timers) if (at <= wm) out.push(u);
+    const stack = this.heap.length && this.heap[0]![0] <= wm ? [0] : [];
+    while (stack.length) {
+      const i = stack.pop()!;
+      const [at, user] = this.heap[i]!;
+      if (this.timers.get(user) === at) out.push(user);
+      for (const c of [2 * i + 1, 2 * i + 2]) if (c < this.heap.length && this.heap[c]![0] <= wm) stack.push(c);
+    }
     return out;
   }
 
@@ -196,6 +202,8 @@ export class StageState<S> {
     else {
       this.timers.set(user, at);
       heapPush(this.heap, [at, user]);
+      // Replaced timers stay in the heap until they surface: rebuild it before they pile up.
+      if (this.heap.length > 2 * this.timers.size + 1024) this.heap = [...this.timers].map(([u, t]) => [t, u] as [number, string]).sort(cmp);
     }
     this.timerChanges.set(user, at);
   }
