@@ -229,6 +229,6 @@ export interface KeyedProcessor<S> {
 }
 
 /** True when a processor is keyed (built by a keyed operator's `create`). */
-export function isKeyedProcessor(p: unknown): p is KeyedProcessor<unknown> {
+export function isKeyedProcessor(p: unknown): p is KeyedProcessor<any> {
   return typeof (p as { processElement?: unknown } | null)?.processElement === "function";
 }

@@ -1,5 +1,5 @@
 import type { Envelope } from "../core/event.js";
-import { TacitError, errorMessage } from "../core/errors.js";
+import { BadInputError, TacitError, errorMessage } from "../core/errors.js";
 import type { KeyedInput, KeyedProcessor, TimerFiring } from "../core/operator.js";
 import type { ManualClock } from "../core/clock.js";
 import type { Emit, OperatorMetrics, Outcome, Processor, StageInput } from "../core/operator.js";
@@ -142,7 +142,10 @@ export class KeyedChain {
   private async prepare(items: Item[], finalWm: number | undefined): Promise<void> {
     await Promise.all(this.stages.map((s) => s.state.loadTimers()));
     const users = new Set<string>();
-    for (const it of items) users.add(it.input.envelope!.event.user);
+    for (const it of items) {
+      const user = it.input.envelope?.event?.user;
+      if (typeof user === "string") users.add(user);
+    }
     if (finalWm !== undefined) for (const s of this.stages) for (const u of s.state.dueUsers(finalWm)) users.add(u);
     await Promise.all(this.stages.map((s) => s.state.load(users)));
   }
@@ -175,9 +178,14 @@ export class KeyedChain {
     if (wm !== undefined) this.fireDue(k, wm, results, sink);
     const stage = this.stages[k]!;
     const input = it.input as KeyedInput;
-    const user = input.envelope.event.user;
     const r = it.msg >= 0 ? results[it.msg]! : sink;
     stage.counters.count("in");
+    const user = input.envelope?.event?.user;
+    if (typeof user !== "string" || !Number.isFinite(input.envelope.event.ts)) {
+      // Keyed state needs a user and an event time: such an input never touches it.
+      record(stage.counters, stage.name, { emits: [], error: new BadInputError("bad_envelope", `${stage.name} needs an envelope with event.user and event.ts (seq ${input.seq})`) }, r, () => false);
+      return;
+    }
     // The runtime's exactly-once guard: an input at or below the user's applied sequence ran before.
     if (it.msg >= 0 && input.seq <= stage.state.applied(user)) {
       stage.counters.count("dropped", 1, { reason: "already_applied" });

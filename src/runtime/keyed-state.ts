@@ -277,9 +277,19 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
     const tag = hashTagOf(g.ops[0]!.key);
     const same = g.ops.every((op) => hashTagOf(op.key) === tag);
     const into = same ? byTag.get(tag) : undefined;
-    if (into) into.ops.push(...g.ops);
-    else {
-      const copy = { ops: [...g.ops] };
+    if (into) {
+      for (const op of g.ops) {
+        // Repeated hash writes of one key fold into the first (later fields win): a user's
+        // features set by each of a batch's inputs are written once. Increments are kept in
+        // stream order, so the sums do not depend on where batches begin.
+        const prev = op.op === "hset" ? into.ops.find((x): x is Extract<StateOp, { op: "hset" }> => x.op === "hset" && x.key === op.key) : undefined;
+        if (prev && op.op === "hset") {
+          prev.fields = { ...prev.fields, ...op.fields };
+          if (op.ttl_ms !== undefined) prev.ttl_ms = op.ttl_ms;
+        } else into.ops.push(op);
+      }
+    } else {
+      const copy = { ops: g.ops.map((op) => (op.op === "hset" ? { ...op } : op)) };
       if (same) byTag.set(tag, copy);
       out.push(copy);
     }
