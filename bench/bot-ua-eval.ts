@@ -158,7 +158,7 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
     const results = batch.map(emptyResult);
     const sink = emptyResult();
     await chain.run(batch.map((input, msg) => ({ msg, input })), undefined, results, sink);
-    await store.commit(chain.takeCommits(results, sink, T0));
+    await store.commit(chain.takeCommits(results, sink, T0).flat());
     for (const r of results) {
       if (r.error) throw r.error.err;
       flagged.push(r.emits.some((e) => e.emit.to === "bots"));

@@ -553,7 +553,7 @@ test("one processor serving two partitions: another partition's batch between a 
   const session = t0.emits.filter((x) => x.emit.to === "labels.session").map((x) => x.emit.value as Label);
   assert.deepEqual(session.map((l) => [l.user, l.rule, l.weight]), [[ALICE, "session_satisfied", 2]]);
   assert.deepEqual(t1.emits, []);
-  await store.commit([...c0.takeCommits(r0, t0, T0), ...c1.takeCommits(r1, t1, T0)]);
+  await store.commit([...c0.takeCommits(r0, t0, T0).flat(), ...c1.takeCommits(r1, t1, T0).flat()]);
   const alice = await storedState<{ resp: { id: string }[]; sess: { closed: boolean }[] }>(store, ALICE);
   assert.deepEqual(alice.state.resp.map((r) => r.id), ["a1"], "the batch's changes and the timer's land together");
   assert.deepEqual(alice.state.sess.map((x) => x.closed), [true]);

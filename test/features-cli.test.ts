@@ -92,7 +92,7 @@ test("label-derive's commits apply on Redis, twice applied once, and `tacit feat
     const results = batch.map(emptyResult);
     const sink = emptyResult();
     await chain.run(batch.map((i, msg) => ({ msg, input: i })), batch[batch.length - 1]!.watermark_ms, results, sink);
-    return { results, groups: chain.takeCommits(results, sink, T0 + 40_000) };
+    return { results, groups: chain.takeCommits(results, sink, T0 + 40_000).flat() };
   };
   const first = await runBatch();
   assert.ok(first.groups.some((g) => g.ops.some((op) => op.key === `tacit:{feedback:u:${USER}}:label-derive:state`) && g.ops.some((op) => op.op === "hincrbyfloat")), "the user's state and features in one group");

@@ -182,7 +182,7 @@ test("one sessionize instance keeps each partition's rounds apart when they inte
     const results = batch.map(emptyResult);
     const sink = emptyResult();
     await chains[n]!.run(batch.map((input, msg) => ({ msg, input })), after.wm, results, sink);
-    await state.commit(chains[n]!.takeCommits(results, sink, T0));
+    await state.commit(chains[n]!.takeCommits(results, sink, T0).flat());
     progress[n] = { hwm: batch.at(-1)!.seq, maxTs: after.maxTs, wm: after.wm };
     return results.flatMap((r) => r.emits).find((e) => e.emit.to === "next")!.emit.value as Envelope;
   };

@@ -59,8 +59,9 @@ function record(counters: StageMetrics, stage: string, o: Outcome, r: MsgResult,
     r.dropped ??= o.dropped;
   }
   for (const e of o.emits) {
+    // Counted under the runtime's own names: an operator's counter of the same name (sessionize's `late`) stays apart.
     if (e.to === "next") counters.count("out");
-    else counters.count(e.to);
+    else counters.count("side_output", 1, { to: e.to });
     if (!(e.to === "next" && onNext(e))) r.emits.push({ stage, emit: e });
   }
 }
@@ -212,22 +213,25 @@ export class KeyedChain {
   }
 
   /**
-   * The commit of everything since the last one: timer changes first (a crash before the rest
-   * leaves a timer that finds nothing to do), then per user its state with the effects it
-   * produced (features), merged by hash tag so they land in one atomic step, then the rest.
-   * Errored and retried inputs contribute no effects. `eventTimeMs` dates the state TTLs.
+   * The commit of everything since the last one: new or earlier timers, then per user its state
+   * with the effects it produced (features), merged by hash tag so they land in one atomic step,
+   * then later or removed timers (see StageState.takeChanges). Errored and retried inputs
+   * contribute no effects. `eventTimeMs` dates the state TTLs. Returned as phases, each to land
+   * before the next starts (on a single Redis, one MULTI/EXEC in this order does that).
    */
-  takeCommits(results: MsgResult[], sink: MsgResult, eventTimeMs: number): CommitGroup[] {
-    const timers: CommitGroup[] = [];
+  takeCommits(results: MsgResult[], sink: MsgResult, eventTimeMs: number): CommitGroup[][] {
+    const before: CommitGroup[] = [];
     const users: CommitGroup[] = [];
+    const after: CommitGroup[] = [];
     for (const s of this.stages) {
       const c = s.state.takeChanges(eventTimeMs);
-      timers.push(...c.timers);
+      before.push(...c.timersBefore);
       users.push(...c.users);
+      after.push(...c.timersAfter);
     }
     for (const r of results) if (!r.retry && !r.error) users.push(...r.commits);
     users.push(...sink.commits);
-    return [...timers, ...mergeByTag(users)];
+    return [before, mergeByTag(users), after];
   }
 
   /** Forgets the in-memory state (a failed batch, a lost lease): it is read again from Redis. */

@@ -95,12 +95,12 @@ test("state is written only when changed, as '<applied seq>:<state>', with timer
   const { store, chain, state } = setup();
   const first = inputs([["a", 0], ["a", 1]]);
   const { results, sink } = await runBatch(chain, first);
-  const groups = chain.takeCommits(results, sink, 1);
+  const groups = chain.takeCommits(results, sink, 1).flat();
   assert.deepEqual(groups[0]!.ops, [{ op: "zadd", key: state.timersKey, score: 11, member: "a" }]);
   assert.deepEqual(groups[1]!.ops, [{ op: "set", key: state.stateKey("a"), value: `2:${JSON.stringify({ n: 2, last: 1 })}`, ttl_ms: 60_000 }]);
   await store.commit(groups);
   // Nothing changed since: nothing to write.
-  assert.deepEqual(chain.takeCommits([], emptyResult(), 1), []);
+  assert.deepEqual(chain.takeCommits([], emptyResult(), 1).flat(), []);
   // A new chain (another worker, or after a crash) reads the committed state and skips what it applied.
   const again = setup(store);
   const rerun = await runBatch(again.chain, inputs([["a", 0], ["a", 1], ["a", 2]]));
@@ -113,7 +113,7 @@ test("a dropped (uncommitted) state is read again from the store; the cache stay
   const { store, chain, state } = setup(new MemoryStateStore(), budget);
   const { results, sink } = await runBatch(chain, inputs([["a", 0], ["b", 0], ["c", 0], ["d", 0], ["e", 0], ["f", 0]]));
   assert.equal(state.size, 6, "a batch's users stay in memory until its commit");
-  await store.commit(chain.takeCommits(results, sink, 0));
+  await store.commit(chain.takeCommits(results, sink, 0).flat());
   chain.trim();
   assert.equal(budget.size(), 4);
   // Uncommitted changes are forgotten on drop: the store's value comes back.

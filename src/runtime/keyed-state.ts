@@ -65,6 +65,8 @@ export class StageState<S> {
   /** [at, user] min-heap; an element is live only while `timers` maps its user to its time. */
   private heap: [number, string][] = [];
   private readonly timerChanges = new Map<string, number | undefined>();
+  /** For each user in `timerChanges`: its timer as last committed (undefined: none). */
+  private readonly timerCommitted = new Map<string, number | undefined>();
   private loadedTimers = false;
   readonly timersKey: string;
 
@@ -155,8 +157,7 @@ export class StageState<S> {
       }
       if (at > wm) return undefined;
       heapPop(this.heap);
-      this.timers.delete(user);
-      this.timerChanges.set(user, undefined);
+      this.changeTimer(user, undefined);
       return { user, at };
     }
     return undefined;
@@ -198,13 +199,18 @@ export class StageState<S> {
 
   private setTimer(user: string, at: number | undefined): void {
     if (this.timers.get(user) === at) return;
-    if (at === undefined) this.timers.delete(user);
-    else {
-      this.timers.set(user, at);
+    this.changeTimer(user, at);
+    if (at !== undefined) {
       heapPush(this.heap, [at, user]);
       // Replaced timers stay in the heap until they surface: rebuild it before they pile up.
       if (this.heap.length > 2 * this.timers.size + 1024) this.heap = [...this.timers].map(([u, t]) => [t, u] as [number, string]).sort(cmp);
     }
+  }
+
+  private changeTimer(user: string, at: number | undefined): void {
+    if (!this.timerChanges.has(user)) this.timerCommitted.set(user, this.timers.get(user));
+    if (at === undefined) this.timers.delete(user);
+    else this.timers.set(user, at);
     this.timerChanges.set(user, at);
   }
 
@@ -215,16 +221,23 @@ export class StageState<S> {
   }
 
   /**
-   * What changed since the last commit, as commit groups: timer changes first (a crash before
-   * the state leaves a timer that finds nothing to do), then one group per user. `eventTimeMs`
-   * dates the TTLs. Clears the change sets: call `drop` if the commit then fails.
+   * What changed since the last commit, as commit groups: timers that are new or earlier than
+   * committed go before the users' states, timers that are later or gone after them. On Redis
+   * Cluster the parts land one after another, and a crash in between then leaves only a timer
+   * that fires too early and finds nothing to do, never a state whose timer is missing or late.
+   * `eventTimeMs` dates the TTLs. Clears the change sets: call `drop` if the commit then fails.
    */
-  takeChanges(eventTimeMs: number): { timers: CommitGroup[]; users: CommitGroup[] } {
-    const timerOps: StateOp[] = [];
+  takeChanges(eventTimeMs: number): { timersBefore: CommitGroup[]; users: CommitGroup[]; timersAfter: CommitGroup[] } {
+    const before: StateOp[] = [];
+    const after: StateOp[] = [];
     for (const [user, at] of this.timerChanges) {
-      timerOps.push(at === undefined ? { op: "zrem", key: this.timersKey, member: user } : { op: "zadd", key: this.timersKey, score: at, member: user });
+      const was = this.timerCommitted.get(user);
+      if (at === was) continue;
+      if (at === undefined) after.push({ op: "zrem", key: this.timersKey, member: user });
+      else (was === undefined || at < was ? before : after).push({ op: "zadd", key: this.timersKey, score: at, member: user });
     }
     this.timerChanges.clear();
+    this.timerCommitted.clear();
     const users: CommitGroup[] = [];
     for (const user of this.dirty) {
       const e = this.entries.get(user)!;
@@ -233,7 +246,8 @@ export class StageState<S> {
       users.push({ ops: [{ op: "set", key: this.stateKey(user), value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
     }
     this.dirty.clear();
-    return { timers: timerOps.length ? [{ ops: timerOps }] : [], users };
+    const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
+    return { timersBefore: group(before), users, timersAfter: group(after) };
   }
 
   /** After a commit: evicts clean entries beyond this stage's share of the budget, least recently used first. */
@@ -252,6 +266,7 @@ export class StageState<S> {
     this.dirty.clear();
     this.timers.clear();
     this.timerChanges.clear();
+    this.timerCommitted.clear();
     this.heap = [];
     this.loadedTimers = false;
   }

@@ -508,13 +508,11 @@ export class ConsumerRunner {
     const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields }] };
     const sink = emptyResult();
     for (const x of sinks) sink.commits.push(...x.commits);
-    const groups = [...chain.takeCommits(results, sink, next.maxTs ?? 0), ...labels];
+    const [before, users, after] = chain.takeCommits(results, sink, next.maxTs ?? 0);
+    const phases = [before!, [...users!, ...labels], after!, [progress]];
     try {
-      if (state.inOrder) await state.commit([...groups, progress], lease ? { lease } : {});
-      else {
-        await state.commit(groups);
-        await state.commit([progress]);
-      }
+      if (state.inOrder) await state.commit(phases.flat(), lease ? { lease } : {});
+      else for (const phase of phases) if (phase.length) await state.commit(phase);
     } catch (err) {
       if (err instanceof LeaseLostError) {
         this.leaseLost();
