@@ -4,7 +4,8 @@ import { dirname, join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, TacitEvent } from "../src/core/event.js";
-import type { OperatorContext, StageInput } from "../src/core/operator.js";
+import type { KeyedInput, OperatorContext } from "../src/core/operator.js";
+import { StageState } from "../src/runtime/keyed-state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { botScore, type BotScoreConfig } from "../operators/bot-score.js";
 
@@ -25,7 +26,7 @@ export interface UaEvalOptions {
   negatives?: number;
   /** Seed of the draw. @default 42 */
   seed?: number;
-  /** Inputs per `process` call. @default 500 */
+  /** Inputs per batch (one state read, one commit). @default 500 */
   batch?: number;
 }
 
@@ -131,9 +132,11 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
     devMode: true,
   };
   const proc = await botScore.create(UA_ONLY, ctx);
+  // The runtime's keyed state, as a worker runs it: each batch's users read at once, written back in one commit.
+  const state = new StageState(store, ctx.prefix, ctx.stage, 0, proc.codec, ctx.log);
   const flagged: boolean[] = [];
   for (let start = 0; start < agents.length; start += batchSize) {
-    const batch: StageInput[] = agents.slice(start, start + batchSize).map((raw, k) => {
+    const batch: KeyedInput[] = agents.slice(start, start + batchSize).map((raw, k) => {
       const seq = start + k + 1;
       const event: TacitEvent = {
         event_id: `ua-${seq}`,
@@ -149,8 +152,12 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
       const envelope: Envelope = { v: 1, event, src: { seq }, partition: 0, attrs: {} };
       return { seq, subject: "bench.x.bot-score.0", data: new Uint8Array(), envelope, deliveries: 1, stream_time_ms: T0, partition: 0 };
     });
-    const outcomes = await proc.process(batch);
-    await store.commit(outcomes.flatMap((o) => o.commits ?? []));
+    await state.load(batch.map((input) => input.envelope.event.user));
+    const outcomes = batch.map((input) => {
+      state.markApplied(input.envelope.event.user, input.seq);
+      return proc.processElement(input, state.scope(input.envelope.event.user, 0));
+    });
+    await store.commit(state.takeChanges(clock.now()).users);
     for (const o of outcomes) {
       if (o.error) throw o.error;
       flagged.push(o.emits.some((e) => e.to === "bots"));
