@@ -8,7 +8,7 @@ import type { KeyScope, KeyedInput, OperatorContext, Outcome } from "../src/core
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
-import { compileDedupeConfig, dedupe, dedupeCodec, MAX_IDS_PER_USER, type DedupeConfig, type DedupeState } from "./dedupe.js";
+import { compileDedupeConfig, dedupe, dedupeCodec, MAX_IDS_PER_USER, STATE_TTL_MARGIN_MS, type DedupeConfig, type DedupeState } from "./dedupe.js";
 
 const T0 = Date.UTC(2024, 4, 1, 12);
 const HOUR = 3_600_000;
@@ -183,7 +183,8 @@ test("the state expires a window and a margin after the user's latest event; the
   // Hours of wall clock within the TTL change no decision.
   wall.t = T0 + 3 * HOUR - 1;
   droppedDuplicate((await run(h, [env("a", 2)]))[0]!);
-  // Written again then (the runtime writes the guard with every input): it lives 2h + 1h from there.
+  // Written again then (the runtime writes the guard with every input): it lives 2h + the margin from there.
+  assert.equal(STATE_TTL_MARGIN_MS, HOUR);
   wall.t = T0 + 6 * HOUR - 2;
   assert.deepEqual(h.state.keys(), [userKey("feedback", "U1", "dedupe", "state")]);
   wall.t = T0 + 6 * HOUR - 1;
