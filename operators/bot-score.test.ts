@@ -390,6 +390,21 @@ test("sticky: once a bot, a bot for the state TTL, then forgotten", async () => 
   assert.equal(bandOf(fresh!), "human");
 });
 
+test("the state lives state_ttl of event time after the user's latest event, cached or read back, whatever the wall clock", async () => {
+  for (const cold of [false, true]) {
+    const h = new OperatorHarness(botScore, { state_ttl: "1h" }, { stage: STAGE, prefix: "feedback" }); // the store never expires anything
+    const burst = await run(h, series("u", 11, 50));
+    assert.equal(bandOf(burst[10]!), "bot");
+    if (cold) await h.restart();
+    const last = T0 + 500;
+    assert.deepEqual(indicatorNames((await run(h, [ev("u", last + 3_600_000 - 1)]))[0]!), ["sticky"]);
+    if (cold) await h.restart();
+    const [fresh] = await run(h, [ev("u", last + 2 * 3_600_000)]);
+    assert.equal(bandOf(fresh!), "human", `cold cache: ${cold}`);
+    assert.equal((await stored(h, "u")).state.bot, undefined);
+  }
+});
+
 test("flagging: the event that turns a user into a bot sends one marker on (band bot, flagged), once per state lifetime", async () => {
   const wall = { t: T0 };
   const h = harness({ state_ttl: "1h" }, wall);
