@@ -181,7 +181,7 @@ test("an event beyond the allowed lateness goes to `late` with its lateness and 
     },
   ]);
   // The runtime counts every emit to a side output under the output's name (`late`); sessionize's own count, with its reason, goes under the same name.
-  assert.equal(h.metric("late") - h.emits("late").length, 1, "sessionize counts the late event once");
+  assert.equal(h.metric("late"), 1, "sessionize counts the late event once");
   assert.ok(!nexts(h).some((e) => e.src.seq === late.src.seq));
   await h.advanceWatermark(0, FAR);
   assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 1], ["u2", 1]]);
@@ -285,15 +285,17 @@ test("a crash after the timer commit but before the user state recomputes the sa
   const batch = [ev("u1", 10 * MIN), ev("u2", 50 * MIN)];
   const res = await h.push(0, batch, { crash: { batch: 0, at: "before_commits" } });
   assert.deepEqual(res, { acked: 0, crashed: true });
-  // The runtime commits timer changes first: the timers the batch set, taken from a run without the crash.
+  // The runtime commits new and earlier timers first (removed and later ones after the states):
+  // those the batch set, taken from a run without the crash.
   const twin = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
   await twin.push(0, [first]);
   await twin.push(0, batch);
   const timers = partitionKey(PREFIX, STAGE, 0, "timers");
   const set = await twin.state.zrangeByScore(timers, 0, Infinity);
   assert.deepEqual(set.map((t) => t.member), ["u2"], "u1's session closed within the batch: its timer is gone");
-  await h.state.commit([{ ops: [{ op: "zrem", key: timers, member: "u1" }, ...set.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member }))] }]);
-  assert.deepEqual(await h.state.zrangeByScore(timers, 0, Infinity), set, "the timers as the crashed commit left them");
+  const before = await h.state.zrangeByScore(timers, 0, Infinity);
+  await h.state.commit([{ ops: set.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member })) }]);
+  assert.deepEqual(await h.state.zrangeByScore(timers, 0, Infinity), [...before, ...set], "the timers as the crashed commit left them: u1's removal comes after the states");
   await h.restart();
   await h.push(0, batch); // throws if any emit id comes back with a different value
   await h.advanceWatermark(0, FAR);
@@ -302,8 +304,7 @@ test("a crash after the timer commit but before the user state recomputes the sa
 });
 
 test(
-  "a crash that lands the partition's timers but not the users' states (Redis Cluster) recomputes the same outputs",
-  { todo: "runtime: a timer a firing moved later lands before the state the firing changed; the redelivered batch no longer fires it at the same point (see StageState.takeChanges)" },
+  "a crash that lands the partition's new and earlier timers but not the users' states (Redis Cluster) recomputes the same outputs",
   async () => {
     const h = harness({ gap: "30m", allowed_lateness: "10m" }, 0);
     const twin = harness({ gap: "30m", allowed_lateness: "10m" }, 0);
@@ -316,7 +317,10 @@ test(
     await twin.push(0, batch);
     const timers = partitionKey(PREFIX, STAGE, 0, "timers");
     const set = await twin.state.zrangeByScore(timers, 0, Infinity);
-    await h.state.commit([{ ops: set.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member })) }]);
+    // What lands before the states: timers that are new or earlier than the committed ones.
+    const committed = new Map((await h.state.zrangeByScore(timers, 0, Infinity)).map((t) => [t.member, t.score]));
+    const early = set.filter((t) => !committed.has(t.member) || t.score < committed.get(t.member)!);
+    if (early.length) await h.state.commit([{ ops: early.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member })) }]);
     await h.restart();
     await h.push(0, batch);
     await h.advanceWatermark(0, FAR); // throws when session:<u1's id>:0 comes back with the late event in it
