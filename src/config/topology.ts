@@ -92,6 +92,14 @@ function compileGroups(p: Pipeline, operators: OperatorLookup): StageGroup[] {
   return groups;
 }
 
+/**
+ * Unacknowledged messages a durable allows: the runtime's buffer (two batches) plus what a keyed
+ * partition may hold uncommitted for `runtime.commit_interval`.
+ */
+export function maxAckPending(rt: Pipeline["runtime"]): number {
+  return Math.max(rt.batch_size * (rt.commit_interval_ms > 0 ? 20 : 4), 1000);
+}
+
 /** Durable consumer of a group: one shared for unkeyed groups, one per partition for keyed ones. */
 export function durableName(group: StageGroup, partition?: number, generation = 0): string {
   const base = partition === undefined ? group.name : `${group.name}_p${partition}`;

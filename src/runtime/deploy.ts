@@ -13,7 +13,7 @@ import {
 import type { Pipeline } from "../config/types.js";
 import type { OperatorSpec } from "../core/operator.js";
 import { ConfigError } from "../core/errors.js";
-import { durableName, pipelineStreams, stageGroups, stageSubject, type StageGroup } from "../config/topology.js";
+import { durableName, maxAckPending, pipelineStreams, stageGroups, stageSubject, type StageGroup } from "../config/topology.js";
 
 const NS_PER_MS = 1_000_000;
 
@@ -67,7 +67,7 @@ export function desiredConsumers(p: Pipeline, groups: StageGroup[]): DesiredCons
     ack_wait: p.runtime.ack_wait_ms * NS_PER_MS,
     // Retries are counted by the runtime, which dead-letters; the server must never give up silently.
     max_deliver: -1,
-    max_ack_pending: Math.max(p.runtime.batch_size * 4, 1000),
+    max_ack_pending: maxAckPending(p.runtime),
     ...(filter ? { filter_subject: filter } : {}),
   });
   for (const g of groups) {

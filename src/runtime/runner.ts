@@ -12,11 +12,14 @@ import { CacheBudget, StageState } from "./keyed-state.js";
 import { fenceField, fencesKey, parseFence, type Fence, type PublishedLabel } from "./label-registry.js";
 import type { NatsHandles } from "./nats.js";
 import { DLQ_HEADERS, Outputs } from "./outputs.js";
-import { durableName, type StageGroup } from "../config/topology.js";
+import { durableName, maxAckPending, type StageGroup } from "../config/topology.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
 
-/** With a commit interval: most batches held uncommitted at once. */
-const MAX_HELD_BATCHES = 8;
+/**
+ * With a commit interval: how long a partition with held batches waits for more input before it
+ * commits anyway (so a pause in the traffic does not hold acks back for the whole interval).
+ */
+const HELD_IDLE_MS = 20;
 /** How long one pull request waits for messages; also the longest a stop waits for it. */
 const FETCH_EXPIRES_MS = 2000;
 const decoder = new TextDecoder();
@@ -212,6 +215,19 @@ export class ConsumerRunner {
     }
   }
 
+  /** Resolves when input arrives (or the fetch loop wakes the runner for another reason) or after `ms`. */
+  private async waitForInput(ms: number): Promise<void> {
+    if (this.stopping) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    this.wake = undefined;
+  }
+
   private async take(): Promise<JsMsg[] | "idle" | undefined> {
     while (this.buffer.length === 0) {
       if (this.stopping && this.fetchDone) return undefined;
@@ -237,7 +253,11 @@ export class ConsumerRunner {
 
   private async run(): Promise<void> {
     for (;;) {
-      if (this.held && this.buffer.length === 0) await this.withRetry([], () => this.flush());
+      if (this.held && this.buffer.length === 0) {
+        // Held batches wait for more input a little, then commit.
+        await this.waitForInput(HELD_IDLE_MS);
+        if (this.buffer.length === 0) await this.withRetry([], () => this.flush());
+      }
       const msgs = await this.take();
       if (this.abandon) return;
       if (!msgs) {
@@ -449,9 +469,9 @@ export class ConsumerRunner {
     held.sinks.push(sink);
     held.labels.push(...labels);
     const rt = this.w.pipeline.runtime;
-    // Never near ack_wait: held messages are not acked.
+    // Never near ack_wait, nor near the consumer's max_ack_pending (held messages are not acked).
     const interval = Math.min(rt.commit_interval_ms, rt.ack_wait_ms / 4);
-    if (interval > 0 && this.buffer.length > 0 && Date.now() - held.since < interval && held.msgs.length < MAX_HELD_BATCHES * rt.batch_size) return;
+    if (interval > 0 && Date.now() - held.since < interval && held.msgs.length + 2 * rt.batch_size <= maxAckPending(rt)) return;
     await this.flush();
   }
 
