@@ -85,7 +85,11 @@ export interface PipelineResult extends RateResult {
    * `other`. Fractions summing to 1. Absent with `--no-profile`.
    */
   cpu_share?: Record<string, number>;
-  /** That sampled non-idle time per event, µs (the profiler sees JavaScript and GC on the main thread only). */
+  /**
+   * That sampled non-idle time per event, µs. Samples are spaced in wall-clock time, so a thread
+   * the OS has descheduled still accrues it: on a busy machine this exceeds the process's CPU. The
+   * profiler sees the main thread only (JavaScript, GC, native code it calls).
+   */
   profiled_us_per_event?: number;
   /** Sampling interval of the profiler, µs. */
   profile_interval_us?: number;

@@ -18,7 +18,7 @@ function fmt(r: BenchResult): string {
   const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
   const p = r.pipeline;
   const lines = [
-    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child processes)`}`,
+    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
     `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
     `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,
@@ -26,7 +26,10 @@ function fmt(r: BenchResult): string {
   ];
   if (p.cpu_share) {
     const who = r.workers > 1 ? "in-process worker" : "worker";
-    lines.push(`cpu share of the ${who} (sampled every ${p.profile_interval_us} µs; ${n(p.profiled_us_per_event ?? Number.NaN)} µs/event sampled of ${n(p.in_process_cpu_us_per_event)} µs/event CPU):`);
+    lines.push(
+      `cpu share of the ${who}: V8 samples every ${p.profile_interval_us} µs, ${n(p.profiled_us_per_event ?? Number.NaN)} µs/event of non-idle sampled time ` +
+        `(wall clock on the stack; the process used ${n(p.in_process_cpu_us_per_event)} µs/event of CPU)`,
+    );
     const entries = Object.entries(p.cpu_share);
     const width = Math.max(...entries.map(([k]) => k.length));
     for (const [k, v] of entries) lines.push(`  ${k.padEnd(width)}  ${pct(v).padStart(6)}  ${"█".repeat(Math.round(v * 40))}`);
