@@ -4,7 +4,9 @@ import { dirname, join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, TacitEvent } from "../src/core/event.js";
-import type { OperatorContext, StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type OperatorContext, type StageInput } from "../src/core/operator.js";
+import { KeyedChain, emptyResult } from "../src/runtime/chain.js";
+import { StageState } from "../src/runtime/keyed-state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { botScore, type BotScoreConfig } from "../operators/bot-score.js";
 
@@ -131,6 +133,10 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
     devMode: true,
   };
   const proc = await botScore.create(UA_ONLY, ctx);
+  if (!isKeyedProcessor(proc)) throw new Error("bot-score is a keyed operator");
+  // Through the runtime's chain, as a worker runs it (each agent is its own user).
+  const state = new StageState(store, "bench", "bot-score", 0, proc.codec, ctx.log);
+  const chain = new KeyedChain([{ name: "bot-score", proc, state, counters: ctx.metrics, clock }], 0);
   const flagged: boolean[] = [];
   for (let start = 0; start < agents.length; start += batchSize) {
     const batch: StageInput[] = agents.slice(start, start + batchSize).map((raw, k) => {
@@ -149,11 +155,13 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
       const envelope: Envelope = { v: 1, event, src: { seq }, partition: 0, attrs: {} };
       return { seq, subject: "bench.x.bot-score.0", data: new Uint8Array(), envelope, deliveries: 1, stream_time_ms: T0, partition: 0 };
     });
-    const outcomes = await proc.process(batch);
-    await store.commit(outcomes.flatMap((o) => o.commits ?? []));
-    for (const o of outcomes) {
-      if (o.error) throw o.error;
-      flagged.push(o.emits.some((e) => e.to === "bots"));
+    const results = batch.map(emptyResult);
+    const sink = emptyResult();
+    await chain.run(batch.map((input, msg) => ({ msg, input })), undefined, results, sink);
+    await store.commit(chain.takeCommits(results, sink, T0).flat());
+    for (const r of results) {
+      if (r.error) throw r.error.err;
+      flagged.push(r.emits.some((e) => e.emit.to === "bots"));
     }
   }
   return flagged;

@@ -3,8 +3,9 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import type { OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
-import { userKey, type StateStore } from "../src/core/state.js";
+import { TransientError } from "../src/core/errors.js";
+import type { KeyScope, KeyedInput, OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
+import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
 import {
@@ -46,20 +47,40 @@ function inputOf(envelope: Envelope, seq: number): StageInput {
   return { seq, subject: `feedback.x.${STAGE}.0`, data: new Uint8Array(), envelope, deliveries: 1, stream_time_ms: envelope.event.ts };
 }
 
-/** A context for calling create/process directly (inputs the harness cannot build). */
-function directCtx(state: StateStore, counts = new Map<string, number>()): OperatorContext {
+/** A context for calling create directly (inputs the harness cannot build, metric attributes). */
+function directCtx(counts = new Map<string, number>()): OperatorContext {
   return {
     pipeline: "feedback",
     prefix: "feedback",
     stage: STAGE,
     partitions: 1,
-    state,
+    state: new MemoryStateStore(),
     clock: new ManualClock(T0),
     log: { debug() {}, info() {}, warn() {}, error() {} },
     metrics: { count: (name, by = 1, attrs) => counts.set(`${name}:${attrs?.band ?? ""}`, (counts.get(`${name}:${attrs?.band ?? ""}`) ?? 0) + by) },
     env: {},
     devMode: true,
   };
+}
+
+/** The operator alone, each user's state in memory (no store, no guard). */
+async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput[]) => Outcome[]> {
+  const proc = await botScore.create({}, directCtx(counts));
+  const states = new Map<string, UserState>();
+  return (inputs) =>
+    inputs.map((input) => {
+      const user = input.envelope?.event.user ?? "";
+      const key: KeyScope<UserState> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
+      return proc.processElement(input as KeyedInput, key);
+    });
+}
+
+/** A user's stored value, decoded: the applied sequence and the state. */
+async function stored(h: OperatorHarness<BotScoreConfig>, user: string): Promise<{ applied: number; state: UserState }> {
+  const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
+  assert.ok(raw, `state of ${user}`);
+  const colon = raw.indexOf(":");
+  return { applied: Number(raw.slice(0, colon)), state: decodeBotState(raw.slice(colon + 1)) };
 }
 
 let eventCounter = 0;
@@ -280,8 +301,7 @@ test("impossible: a copy longer than the response, in either arrival order", asy
 test("responses remembered per user are bounded", async () => {
   const h = harness({ impossible: { max_responses: 5 } });
   await run(h, Array.from({ length: 12 }, (_, i) => ev("u", T0 + i * 60_000, "response_shown", { response_id: `r${i}`, payload: { text_length: 10 } })));
-  const [raw] = await h.state.get([userKey("feedback", "u", STAGE, "state")]);
-  const state = decodeBotState(raw!);
+  const { state } = await stored(h, "u");
   assert.deepEqual([...state.resp.keys()].sort(), ["r10", "r11", "r7", "r8", "r9"]);
 });
 
@@ -344,8 +364,7 @@ test("ambivalent band: passed on with the annotation and counted, not sent to bo
 
   // Each band is counted under its own attribute.
   const counts = new Map<string, number>();
-  const proc = await botScore.create({}, directCtx(new MemoryStateStore(), counts));
-  await proc.process(series("u", 11, 80).map((e, i) => inputOf(envOf(e), i + 1)));
+  (await direct(counts))(series("u", 11, 80).map((e, i) => inputOf(envOf(e), i + 1)));
   assert.deepEqual(Object.fromEntries(counts), { "bot_band:human": 5, "bot_band:ambivalent": 5, "bot_band:bot": 1, "bot_flagged:": 1 });
 });
 
@@ -369,6 +388,21 @@ test("sticky: once a bot, a bot for the state TTL, then forgotten", async () => 
   assert.deepEqual(h.state.keys(), []);
   const [fresh] = await run(h, [ev("u", wall.t)]);
   assert.equal(bandOf(fresh!), "human");
+});
+
+test("the state lives state_ttl of event time after the user's latest event, cached or read back, whatever the wall clock", async () => {
+  for (const cold of [false, true]) {
+    const h = new OperatorHarness(botScore, { state_ttl: "1h" }, { stage: STAGE, prefix: "feedback" }); // the store never expires anything
+    const burst = await run(h, series("u", 11, 50));
+    assert.equal(bandOf(burst[10]!), "bot");
+    if (cold) await h.restart();
+    const last = T0 + 500;
+    assert.deepEqual(indicatorNames((await run(h, [ev("u", last + 3_600_000 - 1)]))[0]!), ["sticky"]);
+    if (cold) await h.restart();
+    const [fresh] = await run(h, [ev("u", last + 2 * 3_600_000)]);
+    assert.equal(bandOf(fresh!), "human", `cold cache: ${cold}`);
+    assert.equal((await stored(h, "u")).state.bot, undefined);
+  }
 });
 
 test("flagging: the event that turns a user into a bot sends one marker on (band bot, flagged), once per state lifetime", async () => {
@@ -427,15 +461,12 @@ test("within a batch the operator sees its own earlier changes; one state read p
   assert.equal(a.stateCalls.get, 1);
   const b = harness();
   const single = await run(b, structuredClone(envs), 1);
-  assert.equal(b.stateCalls.get, envs.length);
+  assert.equal(b.stateCalls.get, 2, "a warm cache: one read per user, none in the user's later batches");
   assert.deepEqual(batched.map((o) => o.emits), single.map((o) => o.emits));
   assert.deepEqual(batched.map(bandOf).slice(10, 12), ["bot", "bot"]);
-  // One commit group per user, on that user's last input, fenced by its sequence.
-  const groups = batched.flatMap((o) => o.commits ?? []);
-  assert.equal(groups.length, 2);
-  assert.deepEqual(batched[11]!.commits!.map((g) => g.guard!.seq), [12]);
-  assert.deepEqual(batched[14]!.commits!.map((g) => g.guard!.seq), [15]);
-  assert.equal(groups[0]!.guard!.key, userKey("feedback", "u", STAGE, "applied"));
+  // One value per user, recording that user's last input of the batch (the guard) with the state.
+  assert.deepEqual(a.state.keys(), [userKey("feedback", "u", STAGE, "state"), userKey("feedback", "v", STAGE, "state")]);
+  assert.deepEqual([(await stored(a, "u")).applied, (await stored(a, "v")).applied], [12, 15]);
   assert.deepEqual(a.state.keys(), b.state.keys());
   assert.deepEqual(await a.state.get(a.state.keys()), await b.state.get(b.state.keys()));
 });
@@ -470,19 +501,24 @@ test("exactly once: a redelivered input at or below the applied sequence is skip
 });
 
 test("a message without an envelope fails as bad_envelope without stopping the batch", async () => {
-  const proc = await botScore.create({}, directCtx(new MemoryStateStore()));
   const good = inputOf(envOf(ev("u", T0)), 2);
-  const out = await proc.process([{ ...good, seq: 1, envelope: undefined }, good]);
+  const out = (await direct())([{ ...good, seq: 1, envelope: undefined }, good]);
   assert.equal(out[0]!.error?.code, "bad_envelope");
   assert.equal(out[0]!.error?.retryable, false);
   assert.equal(bandOf(out[1]!), "human");
 });
 
 test("state read failure is retryable for the whole batch", async () => {
-  const down = { get: async () => Promise.reject(new Error("down")) } as unknown as StateStore;
-  const proc = await botScore.create({}, directCtx(down));
-  const out = await proc.process([inputOf(envOf(ev("u", T0)), 1), inputOf(envOf(ev("v", T0)), 2)]);
-  assert.ok(out.every((o) => o.error?.retryable === true && o.emits.length === 0));
+  const h = harness();
+  const get = h.state.get.bind(h.state);
+  h.state.get = () => Promise.reject(new Error("down"));
+  const envs = [envOf(ev("u", T0)), envOf(ev("v", T0))];
+  await assert.rejects(h.push(0, envs, { batchSize: 2 }), (err: unknown) => err instanceof TransientError && err.retryable);
+  assert.equal(h.log.length, 0, "nothing was decided");
+  assert.deepEqual([h.outputs("next"), h.outputs("bots"), h.state.keys()], [[], [], []]);
+  // Redelivered once the store is back: processed as usual.
+  h.state.get = get;
+  assert.deepEqual((await run(h, envs, 2)).map(bandOf), ["human", "human"]);
 });
 
 test("the stored state round-trips", () => {

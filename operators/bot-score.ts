@@ -1,10 +1,9 @@
 import type { JSONSchemaType } from "ajv";
 import { isbot, isbotMatch } from "isbot";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
-import { BadInputError, ConfigError, TacitError, TransientError, errorMessage } from "../src/core/errors.js";
+import { BadInputError, ConfigError, errorMessage } from "../src/core/errors.js";
 import { EVENT_TYPES, type EventType, type Envelope, type TacitEvent } from "../src/core/event.js";
-import type { Emit, LintIssue, OperatorContext, OperatorSpec, Outcome, Processor, StageInput } from "../src/core/operator.js";
-import { userKey, type CommitGroup } from "../src/core/state.js";
+import type { Emit, KeyScope, KeyedInput, KeyedProcessor, LintIssue, OperatorContext, OperatorSpec, Outcome } from "../src/core/operator.js";
 
 /*
  * bot-score: a graded score in [0, 1] per user, with the indicators that produced it.
@@ -407,16 +406,6 @@ export function decodeBotState(raw: string): UserState {
   return s;
 }
 
-function parseState(raw: string | null, onBad: (err: unknown) => void): UserState {
-  if (raw === null) return emptyState();
-  try {
-    return decodeBotState(raw);
-  } catch (err) {
-    onBad(err);
-    return emptyState();
-  }
-}
-
 /** Inserts `t` keeping ascending order (usually appends: events arrive roughly in time order). */
 function insertSorted(times: number[], t: number, act: boolean[], isAct: boolean): void {
   let i = times.length;
@@ -466,7 +455,7 @@ const round = (x: number): number => Math.round(x * 1e4) / 1e4;
 // Operator
 
 /** The bot-score operator. */
-export const botScore: OperatorSpec<BotScoreConfig> = {
+export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> = {
   name: "bot-score",
   summary: "Graded per-user bot score from user agent, event rate, timing regularity and impossible sequences; bots go to <prefix>.bots.",
   description:
@@ -485,8 +474,14 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
   keyed: true,
   schema: botScoreSchema as unknown as Record<string, unknown>,
   state: [
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:state", holds: "JSON: recent event times (at most max(min_events, max_events + 1)), responses seen (shown time, text_length, first click, first use, longest copy; at most max_responses), the sticky bot verdict, the latest score", ttl: "state_ttl (≥ the longest rate window), from the user's last event" },
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "same as state" },
+    {
+      key: "tacit:{<prefix>:u:<user>}:<stage>:state",
+      holds:
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then recent event times " +
+        "(at most max(min_events, 2 × (max_events + 1))), responses seen (shown time, text_length, first click, first use, longest copy; at most max_responses), " +
+        "the sticky bot verdict, the latest score",
+      ttl: "state_ttl (≥ the longest rate window) after the user's latest event time: an event later than that starts afresh; the key expires state_ttl after its last write",
+    },
   ],
   outputs: ["bots"],
   examples: [
@@ -508,18 +503,7 @@ export const botScore: OperatorSpec<BotScoreConfig> = {
   create: (config, ctx) => createBotScore(compileBotScore(config), ctx),
 };
 
-interface UserSlot {
-  state: UserState;
-  applied: number;
-  /** Index in the batch of the user's last applied input: its outcome carries the user's commit. */
-  last: number;
-  changed: boolean;
-}
-
-function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
-  const stateKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "state");
-  const appliedKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "applied");
-
+function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcessor<UserState> {
   /** Ambivalent strength: from ambivalent_from up to halfway to threshold as `frac` goes 0 → 1. */
   const ambivalent = (frac: number): number => c.ambivalentFrom + ((c.threshold - c.ambivalentFrom) / 2) * Math.min(1, Math.max(0, frac));
 
@@ -629,88 +613,47 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): Processor {
   }
 
   return {
-    async process(batch: StageInput[]): Promise<Outcome[]> {
-      const outcomes: Outcome[] = new Array(batch.length);
-      const envs: (Envelope | undefined)[] = batch.map((input, i) => {
-        const env = input.envelope;
-        if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {
-          outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `bot-score needs an envelope with event.user and event.ts (seq ${input.seq})`) };
-          return undefined;
-        }
-        return env;
-      });
-
-      const users = [...new Set(envs.filter((e): e is Envelope => e !== undefined).map((e) => e.event.user))];
-      let values: (string | null)[];
-      try {
-        values = users.length ? await ctx.state.get(users.flatMap((u) => [stateKey(u), appliedKey(u)])) : [];
-      } catch (err) {
-        const error = err instanceof TacitError ? err : new TransientError("state_unavailable", `bot-score state read failed: ${errorMessage(err)}`, err);
-        return batch.map((_, i) => outcomes[i] ?? { emits: [], error });
+    codec: { encode: encodeBotState, decode: decodeBotState, ttlMs: () => c.ttlMs },
+    processElement(input: KeyedInput, key: KeyScope<UserState>): Outcome {
+      const env = input.envelope;
+      if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {
+        return { emits: [], error: new BadInputError("bad_envelope", `bot-score needs an envelope with event.user and event.ts (seq ${input.seq})`) };
       }
-      const slots = new Map<string, UserSlot>();
-      users.forEach((u, i) => {
-        const state = parseState(values[2 * i]!, (err) => ctx.log.warn({ user: u, err: errorMessage(err) }, "bot-score: unreadable state, starting afresh"));
-        slots.set(u, { state, applied: Number(values[2 * i + 1] ?? 0) || 0, last: -1, changed: false });
-      });
-
-      batch.forEach((input, i) => {
-        const env = envs[i];
-        if (!env) return;
-        const slot = slots.get(env.event.user)!;
-        if (input.seq <= slot.applied) {
-          outcomes[i] = { emits: [], dropped: "already_applied" };
-          return;
-        }
-        slot.applied = input.seq;
-        slot.last = i;
-        slot.changed = true;
-        const s = slot.state;
-        const indicators = observe(s, env.event);
-        let score = round(combineIndicators(indicators));
-        s.score = score;
-        let flagged = false;
-        if (score >= c.threshold && !s.bot) {
-          s.bot = { score, since: env.event.ts, indicators };
-          flagged = true;
-        } else if (s.bot && score >= c.threshold) s.bot.score = Math.max(s.bot.score, score);
-        if (s.bot && score < c.threshold) {
-          indicators.push({ name: "sticky", strength: 1, weight: 1, value: s.bot.score, detail: `a bot since ${new Date(s.bot.since).toISOString()} (${s.bot.indicators.map((x) => x.name).join(", ")})` });
-          score = s.bot.score;
-        }
-        const id = `${ctx.stage}:${env.src.seq}`;
-        if (score >= c.threshold) {
-          ctx.metrics.count("bot_band", 1, { band: "bot" });
-          const record: BotRecord = { user: env.event.user, score, indicators, event: env.event };
-          const emits: Emit[] = [{ to: "bots", id, value: record }];
-          if (flagged) {
-            // The user's earlier events went on as human or ambivalent: tell the later stages, once.
-            ctx.metrics.count("bot_flagged", 1);
-            const bot: BotAnnotation = { score, band: "bot", indicators, flagged: true };
-            emits.push({ to: "next", id: `${id}:flagged`, value: { ...env, attrs: { ...env.attrs, bot } } satisfies Envelope });
-          }
-          outcomes[i] = { emits };
-          return;
-        }
-        const band = score >= c.ambivalentFrom ? "ambivalent" : "human";
-        ctx.metrics.count("bot_band", 1, { band });
-        const bot: BotAnnotation = { score, band, indicators };
-        const next: Envelope = { ...env, attrs: { ...env.attrs, bot } };
-        const emit: Emit = { to: "next", id, value: next };
-        outcomes[i] = { emits: [emit] };
-      });
-
-      // One atomic group per user, fenced by the user's last applied sequence in this batch.
-      for (const [user, slot] of slots) {
-        if (!slot.changed) continue;
-        const group: CommitGroup = {
-          guard: { key: appliedKey(user), seq: slot.applied, ttl_ms: c.ttlMs },
-          ops: [{ op: "set", key: stateKey(user), value: encodeBotState(slot.state), ttl_ms: c.ttlMs }],
-        };
-        const o = outcomes[slot.last]!;
-        o.commits = [...(o.commits ?? []), group];
+      let s = key.get();
+      // The state lives state_ttl of event time after the user's latest event: the key's own TTL
+      // (wall clock, from the last write) only collects it, and a cached or replayed state must
+      // not outlive it either.
+      if (s === undefined || env.event.ts - s.max_ts >= c.ttlMs) s = emptyState();
+      const indicators = observe(s, env.event);
+      let score = round(combineIndicators(indicators));
+      s.score = score;
+      let flagged = false;
+      if (score >= c.threshold && !s.bot) {
+        s.bot = { score, since: env.event.ts, indicators };
+        flagged = true;
+      } else if (s.bot && score >= c.threshold) s.bot.score = Math.max(s.bot.score, score);
+      if (s.bot && score < c.threshold) {
+        indicators.push({ name: "sticky", strength: 1, weight: 1, value: s.bot.score, detail: `a bot since ${new Date(s.bot.since).toISOString()} (${s.bot.indicators.map((x) => x.name).join(", ")})` });
+        score = s.bot.score;
       }
-      return outcomes;
+      key.put(s);
+      const id = `${ctx.stage}:${env.src.seq}`;
+      if (score >= c.threshold) {
+        ctx.metrics.count("bot_band", 1, { band: "bot" });
+        const record: BotRecord = { user: env.event.user, score, indicators, event: env.event };
+        const emits: Emit[] = [{ to: "bots", id, value: record }];
+        if (flagged) {
+          // The user's earlier events went on as human or ambivalent: tell the later stages, once.
+          ctx.metrics.count("bot_flagged", 1);
+          const bot: BotAnnotation = { score, band: "bot", indicators, flagged: true };
+          emits.push({ to: "next", id: `${id}:flagged`, value: { ...env, attrs: { ...env.attrs, bot } } satisfies Envelope });
+        }
+        return { emits };
+      }
+      const band = score >= c.ambivalentFrom ? "ambivalent" : "human";
+      ctx.metrics.count("bot_band", 1, { band });
+      const bot: BotAnnotation = { score, band, indicators };
+      return { emits: [{ to: "next", id, value: { ...env, attrs: { ...env.attrs, bot } } satisfies Envelope }] };
     },
   };
 }

@@ -1,9 +1,7 @@
 import type { JSONSchemaType } from "ajv";
 import { DURATION_SCHEMA, parseDuration } from "../src/core/duration.js";
-import { BadInputError, TransientError, errorMessage } from "../src/core/errors.js";
-import type { Envelope } from "../src/core/event.js";
-import type { LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
-import { userKey, type ClaimItem } from "../src/core/state.js";
+import { BadInputError, errorMessage } from "../src/core/errors.js";
+import type { KeyScope, KeyedInput, KeyedProcessor, LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, StateCodec } from "../src/core/operator.js";
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -11,9 +9,15 @@ import { userKey, type ClaimItem } from "../src/core/state.js";
 
 /** Config of a `dedupe` stage as written in the pipeline YAML. */
 export interface DedupeConfig {
-  /** How long after the first copy of an event a repeat is still dropped. @default "24h" */
+  /**
+   * How long a repeat is still dropped: until the user's latest event time is this much past the
+   * first copy's event time. @default "24h"
+   */
   window?: string;
 }
+
+/** Ids remembered per user, besides the window: a user past it forgets the earliest claimed first. */
+export const MAX_IDS_PER_USER = 10_000;
 
 /** JSON Schema of the `dedupe` config; ajv fills in the defaults. */
 export const dedupeConfigSchema: JSONSchemaType<DedupeConfig> = {
@@ -25,8 +29,10 @@ export const dedupeConfigSchema: JSONSchemaType<DedupeConfig> = {
       nullable: true,
       default: "24h",
       description:
-        "Repeats of an event_id (or fingerprint) within this time of the first copy's processing are dropped. " +
-        "It is also the TTL of the per-event record in Redis, so memory grows with events per window.",
+        "Repeats of an event_id (or fingerprint) are dropped until the user's latest event time is this much past the first copy's event time (event time, " +
+        "so a replay decides the same). " +
+        `Each user's state keeps the ids of this window, at most ${MAX_IDS_PER_USER} (the earliest claimed is forgotten first), ` +
+        "so memory grows with events per user per window.",
       examples: ["24h", "1h", "7d"],
     },
   },
@@ -47,38 +53,43 @@ export function compileDedupeConfig(c: DedupeConfig = {}): CompiledDedupeConfig 
 // Metadata
 // ---------------------------------------------------------------------------------------------
 
+/**
+ * How long a user's state outlives the window (wall clock, from its last write): time for
+ * redeliveries of the user's last inputs (the exactly-once guard is stored with the state) and
+ * for the batch's event time running ahead of the user's.
+ */
+export const STATE_TTL_MARGIN_MS = 3_600_000;
+
 /** The `dedupe` operator: drops repeated events, but never a redelivered or replayed copy of the same input. */
-export const dedupe: OperatorSpec<DedupeConfig> = {
+export const dedupe: OperatorSpec<DedupeConfig, KeyedProcessor<DedupeState>> = {
   name: "dedupe",
-  summary: "Drops repeats of an event_id (or fingerprint) within a window; redeliveries and replays of the same input pass.",
+  summary: "Drops repeats of an event_id (or fingerprint) within an event-time window; redeliveries and replays of the same input pass.",
   description: [
-    "Keyed by user. For every event the stage claims `seen:<event_id>` for the user with `<seq>:<src.seq>`: the sequence of the input in dedupe's own stream " +
-      "and the event's origin sequence in the pipeline's input stream; one `SET NX GET` per event, all of a batch in one round trip:",
+    "Keyed by user. The user's state remembers, per recent event_id, the first copy: its sequence in dedupe's own input stream, its origin sequence in the " +
+      "pipeline's input stream (`src.seq`) and its event time. Each event is decided against it in stream order:",
     "",
-    "- nothing there: the first copy, it passes;",
-    "- the same input sequence: this very message again (a redelivery after a crash, or a replay of dedupe's durable), it passes again with the same output id; " +
-      "the runtime's replay fence keeps a replayed copy from being published twice;",
+    "- not remembered: the first copy, it passes and is remembered;",
+    "- the same input sequence and `src.seq`: this very message again, it passes again with the same output id " +
+      "(the runtime's exactly-once guard already keeps an applied input from running twice, and a rebuild starts from empty state);",
     "- the same `src.seq` but another input sequence: the stage before re-published an input it had already passed on (its replay, beyond the stream's " +
       "duplicate window), it is dropped as `republished`, so the stages after dedupe never count one event twice;",
     "- another `src.seq`: a producer re-sent the event (a retry, a double tap), it is dropped as `duplicate`.",
     "",
-    "Within one batch, copies are decided in order: the first passes, the rest are dropped.",
-    "",
-    "The window is measured from the first copy's processing, not from its event time: the record is written with TTL = `window` when the first copy is seen. " +
-      "That is what de-duplication needs (producers re-send soon after the original; a repeat whose first copy was processed more than `window` ago passes again) " +
-      "and it keeps state bounded without reading any clock. The choice is deterministic on replay as long as the records are there: a replay within the window finds " +
-      "each event's own record (same `src.seq`, so it passes) and the duplicates' records point to the first copy. " +
-      "A rebuild wipes the state and replays the input from the start, so the first copy claims again before its duplicates and the same copies pass, " +
-      "with one exception: a repeat that arrived more than `window` after its first copy passed as new in the live run, but a rebuild (faster than real time) drops it. " +
-      "Set `window` longer than any producer's retry horizon and such repeats do not occur.",
+    "The window is event time: an id is forgotten once the user's latest event time is `window` or more past the first copy's event time, and an event " +
+      "already that old when it arrives is passed without being remembered. Nothing depends on the wall clock or on batch boundaries, so a replay or a " +
+      "rebuild (state wiped, input read again from the start) decides every copy as the live run did. Besides the window, a user keeps at most " +
+      `${MAX_IDS_PER_USER} ids: past that the earliest claimed is forgotten first (a repeat of it would pass). ` +
+      "The state expires `window` plus an hour after the user's latest event, so an idle user's ids are gone from Redis too.",
   ].join("\n"),
   keyed: true,
   schema: dedupeConfigSchema as unknown as Record<string, unknown>,
   state: [
     {
-      key: "tacit:{<prefix>:u:<user>}:<stage>:seen:<event_id>",
-      holds: "`<seq>:<src.seq>` of the first copy of the event (its sequence in dedupe's input stream and in the pipeline's input stream): a first-writer-wins record.",
-      ttl: "window (default 24h), from the first copy's processing",
+      key: "tacit:{<prefix>:u:<user>}:<stage>:state",
+      holds:
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then the user's latest event time and, " +
+        `per remembered event_id (at most ${MAX_IDS_PER_USER}, in claim order), the first copy's sequence in dedupe's input stream, its src.seq and its event time`,
+      ttl: "window + 1h after the user's latest event time",
     },
   ],
   outputs: [],
@@ -126,48 +137,84 @@ function lintDedupe(config: DedupeConfig, view: PipelineView): LintIssue[] {
 // Processing
 // ---------------------------------------------------------------------------------------------
 
-function createDedupe(config: DedupeConfig, ctx: OperatorContext): Processor {
+/** The first copy of an event id: its sequence in dedupe's input stream, its origin sequence, its event time. */
+export interface Claim {
+  seq: number;
+  src: number;
+  ts: number;
+}
+
+/** One user's recent event ids. */
+export interface DedupeState {
+  /** The user's latest event time (ms). */
+  at: number;
+  /**
+   * First copies by event_id, in claim order (a Map: ids come from input, and a plain object
+   * would put integer-like ids first instead of keeping the order the eviction relies on).
+   */
+  ids: Map<string, Claim>;
+}
+
+/**
+ * Stored as `{"v":1,"at":<ms>,"ids":[[<event_id>,<seq>,<src.seq>,<ts>],…]}` in claim order. A busy
+ * user holds thousands of ids: one array handed to JSON.stringify encodes them about three times
+ * faster than concatenating a string per id.
+ */
+export const dedupeCodec = (windowMs: number): StateCodec<DedupeState> => ({
+  encode(s) {
+    const ids = new Array<[string, number, number, number]>(s.ids.size);
+    let i = 0;
+    for (const [id, c] of s.ids) ids[i++] = [id, c.seq, c.src, c.ts];
+    return JSON.stringify({ v: 1, at: s.at, ids });
+  },
+  decode(raw) {
+    const st = JSON.parse(raw) as { v?: unknown; at?: unknown; ids?: unknown };
+    if (st?.v !== 1 || typeof st.at !== "number" || !Array.isArray(st.ids)) throw new Error("unknown state version");
+    const ids = new Map<string, Claim>();
+    for (const [id, seq, src, ts] of st.ids as [string, number, number, number][]) ids.set(id, { seq, src, ts });
+    return { at: st.at, ids };
+  },
+  ttlMs: (s, eventTimeMs) => (s ? Math.max(STATE_TTL_MARGIN_MS, s.at + windowMs + STATE_TTL_MARGIN_MS - eventTimeMs) : STATE_TTL_MARGIN_MS),
+});
+
+function createDedupe(config: DedupeConfig, ctx: OperatorContext): KeyedProcessor<DedupeState> {
   const { windowMs } = compileDedupeConfig(config);
-  const seenKey = (env: Envelope): string => userKey(ctx.prefix, env.event.user, ctx.stage, "seen", env.event.event_id);
 
   return {
-    async process(batch: StageInput[]): Promise<Outcome[]> {
-      const outcomes: (Outcome | undefined)[] = new Array(batch.length);
-      const claimed: { index: number; env: Envelope }[] = [];
-      const items: ClaimItem[] = [];
-      batch.forEach((input, i) => {
-        const env = input.envelope;
-        if (!env || typeof env.event?.event_id !== "string" || typeof env.event.user !== "string" || typeof env.src?.seq !== "number") {
-          outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", "dedupe needs an envelope with event.event_id, event.user and src.seq") };
-          return;
-        }
-        claimed.push({ index: i, env });
-        items.push({ key: seenKey(env), value: `${input.seq}:${env.src.seq}`, ttl_ms: windowMs });
-      });
-      if (items.length === 0) return outcomes as Outcome[];
-
-      let previous: (string | null)[];
-      try {
-        // One call, in batch order: a second copy in the same batch sees the first one's claim.
-        previous = await ctx.state.claim(items);
-      } catch (err) {
-        const retry = err instanceof TransientError ? err : new TransientError("state_unavailable", `dedupe claim: ${errorMessage(err)}`, err);
-        for (const c of claimed) outcomes[c.index] = { emits: [], error: retry };
-        return outcomes as Outcome[];
+    codec: dedupeCodec(windowMs),
+    processElement(input: KeyedInput, key: KeyScope<DedupeState>): Outcome {
+      const env = input.envelope;
+      if (!env || typeof env.event?.event_id !== "string" || typeof env.event.user !== "string" || !Number.isFinite(env.event.ts) || typeof env.src?.seq !== "number") {
+        return { emits: [], error: new BadInputError("bad_envelope", "dedupe needs an envelope with event.event_id, event.user, event.ts and src.seq") };
+      }
+      const { event_id: id, ts } = env.event;
+      const src = env.src.seq;
+      const s = key.get() ?? { at: ts, ids: new Map<string, Claim>() };
+      if (ts > s.at) s.at = ts;
+      const horizon = s.at - windowMs;
+      // Forget from the earliest claimed while they are out of the window; a later claim that is
+      // out of it too (events arrive a little out of order) is ignored below until its turn.
+      for (const [old, c] of s.ids) {
+        if (c.ts > horizon) break;
+        s.ids.delete(old);
       }
 
-      claimed.forEach(({ index, env }, j) => {
-        const prior = previous[j];
-        const seq = batch[index]!.seq;
-        if (prior == null || prior === `${seq}:${env.src.seq}`) {
-          outcomes[index] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value: env }] };
-        } else if (prior.endsWith(`:${env.src.seq}`)) {
-          outcomes[index] = { emits: [], dropped: "republished" };
-        } else {
-          outcomes[index] = { emits: [], dropped: "duplicate" };
+      let out: Outcome;
+      const prior = s.ids.get(id);
+      if (prior !== undefined && prior.ts > horizon) {
+        if (prior.seq === input.seq && prior.src === src) out = { emits: [{ to: "next", id: `${ctx.stage}:${src}`, value: env }] };
+        else out = { emits: [], dropped: prior.src === src ? "republished" : "duplicate" };
+      } else {
+        // Claimed anew at the end of the claim order (a forgotten claim is replaced).
+        if (prior !== undefined) s.ids.delete(id);
+        if (ts > horizon) {
+          s.ids.set(id, { seq: input.seq, src, ts });
+          if (s.ids.size > MAX_IDS_PER_USER) s.ids.delete(s.ids.keys().next().value!);
         }
-      });
-      return outcomes as Outcome[];
+        out = { emits: [{ to: "next", id: `${ctx.stage}:${src}`, value: env }] };
+      }
+      key.put(s);
+      return out;
     },
   };
 }

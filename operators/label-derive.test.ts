@@ -15,7 +15,9 @@ import { fieldNames, readFeatures, userFeaturesKey } from "../src/labels/feature
 import { simulate } from "../src/sim/simulate.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { ManualClock } from "../src/core/clock.js";
-import type { StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type KeyedInput } from "../src/core/operator.js";
+import { KeyedChain, emptyResult } from "../src/runtime/chain.js";
+import { StageState } from "../src/runtime/keyed-state.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { runChain } from "../test/support/label-chain.js";
 import { OPERATORS } from "./index.js";
@@ -94,7 +96,7 @@ const reformulation = (at: number, prevRid: string, decision: string, kind: stri
  */
 const NO_PROBATION: LabelDeriveConfig = { probation: { enabled: false } };
 
-function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number; watermarkAfterCommits?: boolean } = {}): OperatorHarness<LabelDeriveConfig> {
+function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number } = {}): OperatorHarness<LabelDeriveConfig> {
   return new OperatorHarness(labelDerive, { ...NO_PROBATION, ...config }, { stage: "label-derive", prefix: "feedback", ...opts });
 }
 
@@ -128,6 +130,14 @@ async function run(envs: Envelope[], o: { close?: boolean; config?: LabelDeriveC
 }
 
 const near = (a: number, b: number) => Math.abs(a - b) < 1e-6;
+
+/** A user's stored state: the runtime's `<applied seq>:<encoding>`, the encoding (JSON) parsed. */
+async function storedState<T>(store: MemoryStateStore, user: string): Promise<{ applied: number; state: T }> {
+  const raw = (await store.get([`tacit:{feedback:u:${user}}:label-derive:state`]))[0];
+  assert.ok(raw, `no state stored for ${user}`);
+  const colon = raw.indexOf(":");
+  return { applied: Number(raw.slice(0, colon)), state: JSON.parse(raw.slice(colon + 1)) as T };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Table tests: every default rule, with inputs that fire it and inputs that must not
@@ -472,8 +482,9 @@ test("session labels are decided when the watermark passes the last event + sess
   assert.deepEqual(await h.state.zrangeByScore(timers, -Infinity, Infinity), [{ member: ALICE, score: forget }]);
   await h.advanceWatermark(0, forget);
   assert.deepEqual(await h.state.zrangeByScore(timers, -Infinity, Infinity), []);
-  const raw = JSON.parse((await h.state.get([`tacit:{feedback:u:${ALICE}}:label-derive:state`]))[0]!) as { sess: { id: string }[] };
-  assert.deepEqual(raw.sess.map((x) => x.id), [], "decided sessions forgotten");
+  const stored = await storedState<{ sess: { id: string }[] }>(h.state, ALICE);
+  assert.deepEqual(stored.state.sess.map((x) => x.id), [], "decided sessions forgotten");
+  assert.equal(stored.applied, 2, "the guard: the last input applied");
   assert.equal(labels(h).filter((l) => l.kind === "session").length, 1);
 });
 
@@ -509,7 +520,7 @@ test("a late event in the same batch as the input that passed its session's dead
   assert.deepEqual(await sessionLabels(4), one);
 });
 
-test("sessions of several users in one partition close from onWatermark, whether or not the user is in the batch", async () => {
+test("sessions of several users in one partition close from their timers, whether or not the user is in the batch", async () => {
   const h = harness({ session_gap: "10m" });
   await h.push(0, [shown(0, "a1", "qa"), on("task_complete", 30, "a1", {}, { qid: "qa" }), shown(60, "b1", "qb", { user: BOB }), on("task_complete", 90, "b1", {}, { user: BOB, qid: "qb" })], { batchSize: 2 });
   // Alice's session is due first; an input of Bob's moves the watermark past it.
@@ -519,23 +530,36 @@ test("sessions of several users in one partition close from onWatermark, whether
   assert.deepEqual(labels(h).filter((l) => l.kind === "session").map((l) => l.user).sort(), [ALICE, BOB].sort());
 });
 
-test("one processor serving two partitions: another partition's batch between a batch and its onWatermark changes nothing", async () => {
+test("one processor serving two partitions: another partition's batch between a batch and its commit changes nothing", async () => {
   const store = new MemoryStateStore();
   const noop = (): void => {};
-  const ctx = { pipeline: "feedback", prefix: "feedback", stage: "label-derive", partitions: 2, state: store, clock: new ManualClock(T0), log: { debug: noop, info: noop, warn: noop, error: noop }, metrics: { count: noop }, env: {}, devMode: true };
+  const log = { debug: noop, info: noop, warn: noop, error: noop };
+  const ctx = { pipeline: "feedback", prefix: "feedback", stage: "label-derive", partitions: 2, state: store, clock: new ManualClock(T0), log, metrics: { count: noop }, env: {}, devMode: true };
   const proc = await labelDerive.create({ session_gap: "10m" }, ctx);
-  const toInput = (env: Envelope, seqNo: number, partition: number): StageInput => ({ seq: seqNo, subject: "x", data: new Uint8Array(), envelope: { ...env, partition }, deliveries: 1, stream_time_ms: env.event.ts, watermark_ms: env.event.ts, partition });
-  // Partition 0: Alice's whole session in one batch; partition 1: Bob.
-  const p0 = await proc.process([toInput(shown(0, "a1", "qa"), 1, 0), toInput(on("task_complete", 30, "a1", {}, { qid: "qa" }), 2, 0)]);
-  const p1 = await proc.process([toInput(shown(5, "b1", "qb", { user: BOB }), 1, 1)]);
-  // The worker fires partition 0's watermark before applying partition 0's commits.
-  const fired = await proc.onWatermark!(0, T0 + 15 * MIN);
-  const session = fired.emits.filter((x) => x.to === "labels.session").map((x) => x.value as Label);
+  assert.ok(isKeyedProcessor(proc));
+  // The worker's way: one KeyedChain and StageState per partition, the processor shared.
+  const chain = (partition: number) =>
+    new KeyedChain([{ name: "label-derive", proc, state: new StageState(store, "feedback", "label-derive", partition, proc.codec, log), counters: { count: noop }, clock: new ManualClock(T0) }], partition);
+  const items = (envs: Envelope[], partition: number) =>
+    envs.map((env, i) => ({ msg: i, input: { seq: i + 1, subject: "x", data: new Uint8Array(), envelope: { ...env, partition }, deliveries: 1, stream_time_ms: env.event.ts, watermark_ms: env.event.ts, partition } as KeyedInput }));
+  const [c0, c1] = [chain(0), chain(1)];
+  // Partition 0: Alice's whole session in one batch, whose final watermark passes its end + gap; partition 1: Bob, in between.
+  const r0 = [emptyResult(), emptyResult()];
+  const t0 = emptyResult();
+  await c0.run(items([shown(0, "a1", "qa"), on("task_complete", 30, "a1", {}, { qid: "qa" })], 0), T0 + 15 * MIN, r0, t0);
+  const r1 = [emptyResult()];
+  const t1 = emptyResult();
+  await c1.run(items([shown(5, "b1", "qb", { user: BOB, session: "s-b" })], 1), T0 + 5 * SEC, r1, t1);
+  const session = t0.emits.filter((x) => x.emit.to === "labels.session").map((x) => x.emit.value as Label);
   assert.deepEqual(session.map((l) => [l.user, l.rule, l.weight]), [[ALICE, "session_satisfied", 2]]);
-  await store.commit([...p0.flatMap((o) => o.commits ?? []), ...fired.commits, ...p1.flatMap((o) => o.commits ?? [])]);
-  const raw = JSON.parse((await store.get([`tacit:{feedback:u:${ALICE}}:label-derive:state`]))[0]!) as { resp: { id: string }[]; sess: { closed: boolean }[] };
-  assert.deepEqual(raw.resp.map((r) => r.id), ["a1"], "the batch's changes survive the watermark's commit");
-  assert.deepEqual(raw.sess.map((x) => x.closed), [true]);
+  assert.deepEqual(t1.emits, []);
+  await store.commit([...c0.takeCommits(r0, t0, T0).flat(), ...c1.takeCommits(r1, t1, T0).flat()]);
+  const alice = await storedState<{ resp: { id: string }[]; sess: { closed: boolean }[] }>(store, ALICE);
+  assert.deepEqual(alice.state.resp.map((r) => r.id), ["a1"], "the batch's changes and the timer's land together");
+  assert.deepEqual(alice.state.sess.map((x) => x.closed), [true]);
+  const bob = await storedState<{ resp: { id: string }[]; sess: { closed: boolean }[] }>(store, BOB);
+  assert.deepEqual([bob.state.resp.map((r) => r.id), bob.state.sess.map((x) => x.closed)], [["b1"], [false]]);
+  assert.equal((await readFeatures(store, "feedback", "session", "s-1"))!.fields.pos_weight, 2, "the session's weights, released at its close");
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -567,14 +591,19 @@ test("features: per response, user and session, with TTLs, findable by id", asyn
   assert.notEqual(await readFeatures(h.state, "feedback", "user", ALICE), null);
 });
 
-test("one state read per batch, and every commit group stays within one hash tag", async () => {
+test("a warm cache reads each user's state once, not per batch; every commit group stays within one hash tag", async () => {
   const h = harness();
   const envs: Envelope[] = [];
   for (let i = 0; i < 20; i++) envs.push(shown(i * 10, `r${i}`, `q${i}`, { user: i % 2 ? ALICE : BOB }), on("accept", i * 10 + 5, `r${i}`, {}, { user: i % 2 ? ALICE : BOB, qid: `q${i}` }));
+  // 4 batches of the same two users: one read for the first (both users, one round trip), none after.
   await h.push(0, envs, { batchSize: 10 });
-  // 4 batches; no session is due, so onWatermark reads nothing but the timers.
-  assert.equal(h.stateCalls.get, 4);
-  assert.equal(h.stateCalls.hgetall + h.stateCalls.hgetallMany, 0);
+  assert.deepEqual([h.stateCalls.get, h.stateCalls.zrangeByScore], [1, 1]);
+  assert.equal(h.stateCalls.hgetall + h.stateCalls.hgetallMany, 0, "label-derive never reads its features back");
+  // A restarted worker reads them again, once.
+  await h.restart();
+  await h.push(0, [on("share", 300, "r19", {}, { user: ALICE, qid: "q19" }), on("share", 301, "r18", {}, { user: BOB, qid: "q18" })]);
+  assert.deepEqual([h.stateCalls.get, h.stateCalls.zrangeByScore], [2, 2]);
+  assert.deepEqual(labels(h).filter((l) => l.rule === "share").map((l) => l.response_id), ["r19", "r18"], "the state read back serves the new inputs");
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -630,8 +659,8 @@ test("probation: a human with 3 events gets labels when the watermark closes the
   assert.ok(expected.length >= 2, JSON.stringify(expected.map((l) => l.rule)));
 
   const results: Label[][] = [];
-  for (const [batchSize, watermarkAfterCommits] of [[1, false], [2, false], [3, false], [6, false], [2, true]] as const) {
-    const h = harness(PROBATION(), { watermarkAfterCommits });
+  for (const batchSize of [1, 2, 3, 6]) {
+    const h = harness(PROBATION());
     await h.push(0, structuredClone(alice), { batchSize });
     assert.deepEqual(labels(h), [], `batch ${batchSize}: held while the session is open`);
     await h.push(0, structuredClone(rest), { batchSize });
@@ -757,7 +786,7 @@ function mixed(): Envelope[] {
   ];
 }
 
-test("probation is deterministic: batch sizes, onWatermark before or after the commits, and crashes at every point give the same labels (emitted_at included) and state", async () => {
+test("probation is deterministic: batch sizes and crashes at every point give the same labels (emitted_at included) and state", async () => {
   const envs = mixed();
   const config = PROBATION(5);
   const base = await runAll(structuredClone(envs), { batchSize: 1, config });
@@ -770,7 +799,6 @@ test("probation is deterministic: batch sizes, onWatermark before or after the c
     await runAll(structuredClone(envs), { batchSize: 3, config }),
     await runAll(structuredClone(envs), { batchSize: 7, config }),
     await runAll(structuredClone(envs), { batchSize: 100, config }),
-    await runAll(structuredClone(envs), { batchSize: 3, config, watermarkAfterCommits: true }),
     ...(await Promise.all((["before_commits", "mid_commits", "after_commits"] as const).map((at) => runAll(structuredClone(envs), { batchSize: 4, config, crashes: 3, crashAt: at })))),
   ];
   for (const [i, r] of runs.entries()) {
@@ -816,8 +844,8 @@ async function dump(st: MemoryStateStore): Promise<Record<string, unknown>> {
   return out;
 }
 
-async function runAll(envs: Envelope[], opts: { batchSize: number; crashes?: number; crashAt?: CrashPoint; watermarkAfterCommits?: boolean; config?: LabelDeriveConfig }) {
-  const h = harness(opts.config ?? { probation: { enabled: true } }, { partitions: 2, watermarkAfterCommits: opts.watermarkAfterCommits ?? false });
+async function runAll(envs: Envelope[], opts: { batchSize: number; crashes?: number; crashAt?: CrashPoint; config?: LabelDeriveConfig }) {
+  const h = harness(opts.config ?? { probation: { enabled: true } }, { partitions: 2 });
   for (let p = 0; p < 2; p++) {
     const mine = envs.filter((x) => x.partition === p);
     let pos = 0;
@@ -842,14 +870,12 @@ test("determinism: the same inputs in different batch sizes give identical label
   // The traffic exercises probation: bot-score's flag markers, labels released and labels dropped.
   assert.ok(envs.some(isBotMarker), "flag markers in the input");
   assert.ok(one.h.metric("labels_released") > 0 && one.h.metric("labels_dropped_bot") > 0, `released ${one.h.metric("labels_released")}, dropped ${one.h.metric("labels_dropped_bot")}`);
-  for (const batchSize of [7, 500]) {
+  for (const batchSize of [7, 13, 500]) {
     const other = await runAll(envs, { batchSize });
     assert.deepEqual([...other.emits.keys()].sort(), [...one.emits.keys()].sort(), `batch size ${batchSize}: label ids`);
     for (const [k, v] of one.emits) assert.deepEqual(other.emits.get(k), v, `batch size ${batchSize}: ${k}`);
     assert.deepEqual(other.state, one.state, `batch size ${batchSize}: state and features`);
   }
-  const late = await runAll(envs, { batchSize: 13, watermarkAfterCommits: true });
-  assert.deepEqual(late.state, one.state, "onWatermark after the commits");
 });
 
 for (const at of ["before_commits", "mid_commits", "after_commits"] as const) {

@@ -1,19 +1,33 @@
 import { createHash } from "node:crypto";
 import { isAbsolute, join } from "node:path";
 import type { JSONSchemaType } from "ajv";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
-import { BadInputError, TacitError, TransientError, errorMessage } from "../src/core/errors.js";
-import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
+import { BadInputError, errorMessage } from "../src/core/errors.js";
+import { isBotMarker, type Envelope, type EventType, type TacitEvent } from "../src/core/event.js";
 import type { Label, LabelSignal, SignalEventType } from "../src/core/label.js";
-import type { Emit, LintIssue, OperatorContext, OperatorSpec, Outcome, OutputName, PipelineView, Processor, StageInput } from "../src/core/operator.js";
-import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+import type {
+  Emit,
+  KeyScope,
+  KeyedInput,
+  KeyedProcessor,
+  LintIssue,
+  OperatorContext,
+  OperatorSpec,
+  Outcome,
+  OutputName,
+  PipelineView,
+  StageInput,
+  StateCodec,
+  TimerFiring,
+  TimerOutcome,
+} from "../src/core/operator.js";
+import type { CommitGroup, StateOp } from "../src/core/state.js";
 import { editDistance } from "../src/core/text.js";
 import { baselineView, emptySums, observe, type BaselineSums, type BaselineView } from "../src/labels/baselines.js";
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
 import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
 import { loadRulesFile, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
-import { isBotMarker } from "../src/core/event.js";
 
 /*
  * label-derive: turns the signals of human users into weak labels with the rules of a YAML file
@@ -23,8 +37,8 @@ import { isBotMarker } from "../src/core/event.js";
  * response replaced which) and its open sessions, so a signal can be judged in context; the
  * labels it has emitted (id, revision, weight), so a later signal on the same label re-emits it
  * with a higher revision; and exponentially weighted baselines of the user's habits. All of it
- * is one JSON value per user, read once per batch and written with the features in one atomic
- * commit group fenced by the user's last applied input sequence.
+ * is the user's keyed state, which the runtime keeps (and writes with the user's features in one
+ * atomic step); the user's event-time timer decides its sessions when the watermark passes them.
  */
 
 // ---------------------------------------------------------------------------------------------
@@ -235,15 +249,18 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
   state: [
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
-      holds: "JSON: per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels); probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
+      holds: "<applied seq>:<JSON>: the stream sequence of the user's last input applied (the runtime's exactly-once guard), then per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels); probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
       ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps",
     },
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "feature_ttl.user" },
     { key: "tacit:{<prefix>:u:<user>}:features:user", holds: "hash: user features (see `tacit features`)", ttl: "feature_ttl.user" },
     { key: "tacit:{<prefix>:u:<user>}:features:response:<response_id>", holds: "hash: response features", ttl: "feature_ttl.response" },
     { key: "tacit:{<prefix>:u:<user>}:features:session:<session_id>", holds: "hash: session features", ttl: "feature_ttl.session" },
     { key: "tacit:{<prefix>:ix:response|session:<id>}:user", holds: "the user a response or session belongs to (for `tacit features get response|session`)", ttl: "feature_ttl.response / feature_ttl.session" },
-    { key: "tacit:{<prefix>:p:<stage>:<partition>}:timers", holds: "sorted set: member = user, score = watermark at which the user's next session is decided (end + session_gap) or forgotten (end + 2 × session_gap)", ttl: "none: members are removed when the user keeps no session" },
+    {
+      key: "tacit:{<prefix>:p:<stage>:<partition>}:timers",
+      holds: "sorted set of the runtime's event-time timers: member = user, score = watermark at which the user's next session is decided (end + session_gap + 1 ms) or forgotten (end + 2 × session_gap + 1 ms)",
+      ttl: "none: a member is removed when its timer fires or the user keeps no session",
+    },
   ],
   outputs: ["labels.response", "labels.preference", "labels.session"],
   examples: [
@@ -441,12 +458,15 @@ export function labelId(pipeline: string, kind: string, targets: readonly string
   return `lbl-${h}`;
 }
 
-/** Feature changes of one user in one batch, turned into ops at the end. */
+/**
+ * The feature changes of one input (or one timer) of a user, turned into commit groups when it is
+ * done. One instance serves every call: the calls are synchronous and `take` empties it.
+ */
 class FeatureDelta {
-  readonly inc = new Map<string, Map<string, number>>();
-  readonly set = new Map<string, Record<string, string | number>>();
-  readonly ttl = new Map<string, number>();
-  /** New index pointers: [key, user, ttl]. */
+  private readonly inc = new Map<string, Map<string, number>>();
+  private readonly set = new Map<string, Record<string, string | number>>();
+  private readonly ttl = new Map<string, number>();
+  /** New index pointers: key → ttl. */
   readonly index = new Map<string, number>();
 
   add(key: string, ttl: number, field: string, by: number): void {
@@ -458,40 +478,43 @@ class FeatureDelta {
   }
 
   put(key: string, ttl: number, fields: Record<string, string | number>): void {
-    this.set.set(key, { ...(this.set.get(key) ?? {}), ...fields });
+    const prev = this.set.get(key);
+    this.set.set(key, prev ? Object.assign(prev, fields) : { ...fields });
     this.ttl.set(key, ttl);
   }
 
-  ops(): StateOp[] {
+  /**
+   * The changes as commit groups, then forgets them: the user's features in one group (they carry
+   * the user's hash tag, so the runtime lands them with the user's state in one atomic step), then
+   * one group per index pointer (another tag each; idempotent).
+   */
+  take(user: string): CommitGroup[] | undefined {
+    if (this.set.size === 0 && this.inc.size === 0 && this.index.size === 0) return undefined;
+    const groups: CommitGroup[] = [];
     const ops: StateOp[] = [];
-    const keys = [...new Set([...this.set.keys(), ...this.inc.keys()])];
-    for (const key of keys) {
+    for (const [key, fields] of this.set) ops.push({ op: "hset", key, fields, ttl_ms: this.ttl.get(key)! });
+    for (const [key, m] of this.inc) {
       const ttl = this.ttl.get(key)!;
-      const fields = this.set.get(key);
-      if (fields) ops.push({ op: "hset", key, fields: { ...fields }, ttl_ms: ttl });
-      for (const [field, by] of this.inc.get(key) ?? []) {
+      for (const [field, by] of m) {
         const r = round(by);
         if (r !== 0) ops.push({ op: "hincrbyfloat", key, field, by: r, ttl_ms: ttl });
       }
     }
-    return ops;
-  }
-
-  empty(): boolean {
-    return this.inc.size === 0 && this.set.size === 0;
+    if (ops.length) groups.push({ ops });
+    for (const [key, ttl] of this.index) groups.push({ ops: [{ op: "set", key, value: user, ttl_ms: ttl }] });
+    this.set.clear();
+    this.inc.clear();
+    this.ttl.clear();
+    this.index.clear();
+    return groups;
   }
 }
 
-/** A user's work in one batch (or one watermark round). */
+/** A user's work in one call: its state and the feature changes made on the way. */
 interface Slot {
   user: string;
   state: UserState;
-  applied: number;
-  partition: number;
-  /** Index in the batch of the user's last applied input (its outcome carries the commits). */
-  last: number;
   features: FeatureDelta;
-  dirty: boolean;
 }
 
 /** The deciding signal of a label: which event, when, and the stream time of the input. */
@@ -504,23 +527,11 @@ interface Deciding {
   extra?: [string, SignalEventType, number][];
 }
 
-class LabelDeriver implements Processor {
-  /**
-   * Per partition, the users of its last batch with their in-memory state: onWatermark runs
-   * before the batch's commits are applied, so for them the store is one batch behind. Kept per
-   * partition because one processor serves every partition the worker owns, and their batches
-   * interleave; replaced by the partition's next batch (by then the earlier one is committed).
-   */
-  private readonly pending = new Map<number, Map<string, Slot>>();
-  /**
-   * Per partition, its inputs of the current round in stream order: [watermark before the input,
-   * stream time]. The watermark after input k is the one before input k + 1 (after the last: the
-   * round's onWatermark), so a session's close can be dated by the input after which the
-   * watermark passed it, whatever the batch boundaries (see closeAt).
-   */
-  private readonly rounds = new Map<number, [number | undefined, number][]>();
+class LabelDeriver implements KeyedProcessor<UserState> {
+  readonly codec: StateCodec<UserState>;
   /** A user exactly at the population priors: what the *_nobase features assume of everyone. */
   private readonly population: BaselineView;
+  private readonly features = new FeatureDelta();
 
   constructor(
     private readonly c: CompiledLabelDerive,
@@ -533,164 +544,50 @@ class LabelDeriver implements Processor {
       dwell_ms: pr.dwell_ms,
       factors: { accept: 1, edit: 1, regenerate: 1, copy: 1 },
     };
+    const userMs = c.ttl.userMs;
+    this.codec = { encode: encodeLabelState, decode: decodeLabelState, ttlMs: () => userMs };
   }
 
-  private stateKey(user: string): string {
-    return userKey(this.ctx.prefix, user, this.ctx.stage, "state");
-  }
-  private appliedKey(user: string): string {
-    return userKey(this.ctx.prefix, user, this.ctx.stage, "applied");
-  }
-  private timersKey(partition: number): string {
-    return partitionKey(this.ctx.prefix, this.ctx.stage, partition, "timers");
-  }
-
-  private parse(user: string, raw: string | null): UserState {
-    if (raw === null) return emptyState();
-    try {
-      return decodeLabelState(raw);
-    } catch (err) {
-      this.ctx.log.warn({ user, err: errorMessage(err) }, "label-derive: unreadable state, starting afresh");
-      return emptyState();
+  processElement(input: KeyedInput, key: KeyScope<UserState>): Outcome {
+    const env = input.envelope;
+    const e = env.event;
+    if (!e || typeof e.user !== "string" || !Number.isFinite(e.ts) || typeof e.event_id !== "string" || typeof e.event_type !== "string") {
+      return { emits: [], error: new BadInputError("bad_envelope", `label-derive needs an envelope with event.user, event.ts, event_id and event_type (seq ${input.seq})`) };
     }
-  }
-
-  async process(batch: StageInput[]): Promise<Outcome[]> {
-    const outcomes: Outcome[] = new Array(batch.length);
-    const envs = batch.map((input, i) => {
-      const env = input.envelope;
-      const e = env?.event;
-      if (!env || !e || typeof e.user !== "string" || !Number.isFinite(e.ts) || typeof e.event_id !== "string" || typeof e.event_type !== "string") {
-        outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `label-derive needs an envelope with event.user, event.ts, event_id and event_type (seq ${input.seq})`) };
-        return undefined;
-      }
-      return env;
-    });
-
-    const users = [...new Set(envs.flatMap((e) => (e ? [e.event.user] : [])))];
-    let values: (string | null)[];
-    try {
-      values = users.length ? await this.ctx.state.get(users.flatMap((u) => [this.stateKey(u), this.appliedKey(u)])) : [];
-    } catch (err) {
-      const error = err instanceof TacitError ? err : new TransientError("state_unavailable", `label-derive state read failed: ${errorMessage(err)}`, err);
-      return batch.map((_, i) => outcomes[i] ?? { emits: [], error });
-    }
-    const slots = new Map<string, Slot>();
-    const batchPartitions = new Set<number>();
-    users.forEach((user, k) => {
-      slots.set(user, {
-        user,
-        state: this.parse(user, values[2 * k] ?? null),
-        applied: Number(values[2 * k + 1] ?? 0) || 0,
-        partition: 0,
-        last: -1,
-        features: new FeatureDelta(),
-        dirty: false,
-      });
-    });
-
-    // A new round for every partition of the batch (an empty batch, an idle round, ends them all).
-    if (batch.length === 0) this.rounds.clear();
-    batch.forEach((input, i) => {
-      const env = envs[i];
-      if (env) this.rounds.set(input.partition ?? env.partition, []);
-    });
-    batch.forEach((input, i) => {
-      const env = envs[i];
-      if (!env) return;
-      const slot = slots.get(env.event.user)!;
-      slot.partition = input.partition ?? env.partition;
-      // Applied or not, the input is part of the partition's stream order.
-      const round = this.rounds.get(slot.partition)!;
-      round.push([input.watermark_ms, input.stream_time_ms]);
-      const seen = round.length;
-      if (input.seq <= slot.applied) {
-        outcomes[i] = { emits: [], dropped: "already_applied" };
-        return;
-      }
-      slot.applied = input.seq;
-      slot.last = i;
-      slot.dirty = true;
-      const emits: Emit[] = [];
-      // Decide what this input's watermark has passed first, so labels do not depend on batch boundaries.
-      if (input.watermark_ms !== undefined) this.closeDue(slot, input.watermark_ms, emits, (t) => closeAt(round, seen, t, undefined));
-      if (isBotMarker(env)) {
-        // bot-score's flag: acted on here, not passed on (`next` carries the cleaned events).
-        this.flag(slot, env);
-        outcomes[i] = { emits };
-        return;
-      }
+    const slot: Slot = { user: key.user, state: key.get() ?? emptyState(), features: this.features };
+    const emits: Emit[] = [];
+    if (isBotMarker(env)) {
+      // bot-score's flag: acted on here, not passed on (`next` carries the cleaned events).
+      this.flag(slot, env);
+    } else {
       this.apply(slot, env, input, emits);
       emits.push({ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env });
-      outcomes[i] = { emits };
-    });
-
-    for (const slot of slots.values()) {
-      let mine = this.pending.get(slot.partition);
-      if (!mine || !batchPartitions.has(slot.partition)) {
-        this.pending.set(slot.partition, (mine = new Map()));
-        batchPartitions.add(slot.partition);
-      }
-      mine.set(slot.user, slot);
-      if (slot.last < 0) continue;
-      const o = outcomes[slot.last]!;
-      o.commits = [...(o.commits ?? []), ...this.commitsFor(slot, true)];
-      // The input commits are built now: what onWatermark changes later goes into its own groups.
-      slot.features = new FeatureDelta();
-      slot.dirty = false;
     }
-    return outcomes;
-  }
-
-  async onWatermark(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }> {
-    const emits: Emit[] = [];
-    const commits: CommitGroup[] = [];
-    // The round ends here: a later onWatermark without a batch (an idle advance) has no input to date it by.
-    const round = this.rounds.get(partition) ?? [];
-    this.rounds.delete(partition);
-    const due = new Set((await this.ctx.state.zrangeByScore(this.timersKey(partition), -Number.MAX_SAFE_INTEGER, watermarkMs)).map((d) => d.member));
-    const pending = this.pending.get(partition) ?? new Map<string, Slot>();
-    for (const [user, slot] of pending) {
-      const next = this.nextDue(slot.state);
-      if (next !== undefined && next <= watermarkMs) due.add(user);
-    }
-    if (due.size === 0) return { emits, commits };
-    const users = [...due].sort();
-    const toRead = users.filter((u) => !pending.has(u));
-    const values = toRead.length ? await this.ctx.state.get(toRead.map((u) => this.stateKey(u))) : [];
-    const stored = new Map(toRead.map((u, k) => [u, values[k] ?? null]));
-    for (const user of users) {
-      let slot = pending.get(user);
-      if (!slot) {
-        slot = { user, state: this.parse(user, stored.get(user) ?? null), applied: 0, partition, last: -1, features: new FeatureDelta(), dirty: false };
-      }
-      this.closeDue(slot, watermarkMs, emits, (t) => closeAt(round, round.length, t, watermarkMs));
-      commits.push(...this.commitsFor(slot, false));
-      slot.features = new FeatureDelta();
-      slot.dirty = false;
-    }
-    return { emits, commits };
+    return this.done(slot, key, emits);
   }
 
   /**
-   * The commit groups of a user: the timer (when a session is open) first, then the user's state
-   * and features in one group (guarded by the applied sequence for inputs), then the index
-   * pointers, then the timer's removal when nothing is open any more.
+   * The user's timer: decides the sessions the watermark has passed, dated by the input after
+   * which it passed them (the stream time of the session's last input after an idle advance).
    */
-  private commitsFor(slot: Slot, guarded: boolean): CommitGroup[] {
-    const s = slot.state;
-    const groups: CommitGroup[] = [];
-    const next = this.nextDue(s);
-    const timers = this.timersKey(slot.partition);
-    if (next !== undefined) groups.push({ ops: [{ op: "zadd", key: timers, score: next, member: slot.user }] });
-    const ops: StateOp[] = [];
-    if (slot.dirty) ops.push({ op: "set", key: this.stateKey(slot.user), value: encodeLabelState(s), ttl_ms: this.c.ttl.userMs });
-    ops.push(...slot.features.ops());
-    if (guarded) groups.push({ guard: { key: this.appliedKey(slot.user), seq: slot.applied, ttl_ms: this.c.ttl.userMs }, ops });
-    else if (ops.length) groups.push({ ops });
-    for (const [key, ttl] of slot.features.index) groups.push({ ops: [{ op: "set", key, value: slot.user, ttl_ms: ttl }] });
-    if (next === undefined && !guarded) groups.push({ ops: [{ op: "zrem", key: timers, member: slot.user }] });
-    return groups;
+  onTimer(key: KeyScope<UserState>, firing: TimerFiring): TimerOutcome {
+    const state = key.get();
+    if (state === undefined) {
+      key.setTimer(undefined);
+      return { emits: [] };
+    }
+    const slot: Slot = { user: key.user, state, features: this.features };
+    const emits: Emit[] = [];
+    this.closeDue(slot, firing.watermark_ms, firing.stream_time_ms, emits);
+    return this.done(slot, key, emits);
+  }
+
+  /** Records the user's state and next timer; the outcome carries the feature changes. */
+  private done(slot: Slot, key: KeyScope<UserState>, emits: Emit[]): Outcome {
+    key.put(slot.state);
+    key.setTimer(this.nextDue(slot.state));
+    const commits = slot.features.take(slot.user);
+    return commits ? { emits, commits } : { emits };
   }
 
   /**
@@ -941,7 +838,6 @@ class LabelDeriver implements Processor {
     s.held = [];
     for (const x of s.sess.values()) x.amb = true;
     slot.features.put(userFeaturesKey(this.ctx.prefix, slot.user), this.c.ttl.userMs, { bot_band: "bot", bot_score: s.bot.score });
-    slot.dirty = true;
   }
 
   /**
@@ -970,7 +866,6 @@ class LabelDeriver implements Processor {
       }
     }
     s.held = keep;
-    slot.dirty = true;
     for (const id of sessions) {
       const x = s.sess.get(id);
       if (x) this.putSessionWeights(slot, x);
@@ -1244,29 +1139,25 @@ class LabelDeriver implements Processor {
 
   /**
    * Decides every open session of the user that the watermark has passed (last event + gap < wm),
-   * and releases what probation held for it. `dated` gives the stream time of the input after
-   * which the watermark passed a deadline (undefined when no input of this round did: an idle
-   * advance); labels decided or released at the close take it as emitted_at.
+   * and releases what probation held for it. Labels decided or released at the close take as
+   * emitted_at `st`, the stream time of the input after which the watermark passed the session
+   * (undefined when no input moved it there, an idle advance: the session's last input's).
    */
-  private closeDue(slot: Slot, wm: number, emits: Emit[], dated: (deadline: number) => number | undefined): void {
+  private closeDue(slot: Slot, wm: number, st: number | undefined, emits: Emit[]): void {
     const s = slot.state;
     for (const x of s.sess.values()) {
       if (x.closed || wm <= x.end + this.c.gapMs) continue;
       x.closed = true;
-      slot.dirty = true;
       this.ctx.metrics.count("label_sessions_decided", 1);
-      const st = dated(x.end + this.c.gapMs) ?? x.st;
-      if (!x.amb && !s.bot) this.decideSession(slot, x, st, emits);
+      const at = st ?? x.st;
+      if (!x.amb && !s.bot) this.decideSession(slot, x, at, emits);
       // No flag came before the session closed: what it held is settled.
-      this.release(slot, x.id, st, emits);
+      this.release(slot, x.id, at, emits);
       if (!s.bot) this.putSessionWeights(slot, x);
     }
     // Closed sessions are kept for one more gap so a late event (within sessionize's allowed lateness) revises them.
     for (const [id, x] of s.sess) {
-      if (x.closed && wm > x.end + 2 * this.c.gapMs) {
-        s.sess.delete(id);
-        slot.dirty = true;
-      }
+      if (x.closed && wm > x.end + 2 * this.c.gapMs) s.sess.delete(id);
     }
   }
 
@@ -1392,21 +1283,6 @@ class LabelDeriver implements Processor {
       for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);
     }
   }
-}
-
-/**
- * The stream time of the input after which the watermark passed `deadline`, among the first
- * `seen` inputs of a partition's round (`finalWm`: the watermark after the last of them, when
- * the round's onWatermark asks). Undefined when the watermark had passed it before the round, or
- * no input of the round moved it there (an idle advance).
- */
-function closeAt(round: readonly [number | undefined, number][], seen: number, deadline: number, finalWm: number | undefined): number | undefined {
-  if (seen === 0 || (round[0]![0] ?? -Infinity) > deadline) return undefined;
-  for (let k = 0; k < seen; k++) {
-    const after = k + 1 < seen ? round[k + 1]![0] : finalWm;
-    if (after !== undefined && after > deadline) return round[k]![1];
-  }
-  return undefined;
 }
 
 function signalsOf(sig: readonly [string, SignalEventType, number][]): LabelSignal[] {

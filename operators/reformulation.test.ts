@@ -2,12 +2,12 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import type { OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
+import type { KeyScope, KeyedInput, OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
 import { userKey } from "../src/core/state.js";
 import { jaccard3, normalizedLevenshtein, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
-import { reformulation, type ReformulationAnnotation, type ReformulationConfig, type ReformulationDecision } from "./reformulation.js";
+import { reformulation, type ReformulationAnnotation, type ReformulationConfig, type ReformulationDecision, type UserState } from "./reformulation.js";
 
 const T0 = Date.parse("2025-03-01T12:00:00Z");
 const STAGE = "reformulation";
@@ -43,6 +43,29 @@ function directCtx(counts = new Map<string, number>()): OperatorContext {
     env: {},
     devMode: true,
   };
+}
+
+/**
+ * The operator alone, each user's state in memory (no store, no guard): for metric attributes and
+ * inputs the harness cannot build.
+ */
+async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput[]) => Outcome[]> {
+  const proc = await reformulation.create({}, directCtx(counts));
+  const states = new Map<string, UserState>();
+  return (inputs) =>
+    inputs.map((input) => {
+      const user = input.envelope?.event.user ?? "";
+      const key: KeyScope<UserState> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
+      return proc.processElement(input as KeyedInput, key);
+    });
+}
+
+/** A user's stored value: the applied sequence and the state's JSON ("" when none). */
+async function stored(h: OperatorHarness<ReformulationConfig>, user: string): Promise<{ applied: number; json: string }> {
+  const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
+  assert.ok(raw, `state of ${user}`);
+  const colon = raw.indexOf(":");
+  return { applied: Number(raw.slice(0, colon)), json: raw.slice(colon + 1) };
 }
 
 function inputOf(envelope: Envelope, seq: number): StageInput {
@@ -183,20 +206,22 @@ test("order in a batch: one batch gives what one-at-a-time gives; each query see
   const a = harness();
   const batched = await run(a, envs, 100);
   assert.equal(a.stateCalls.get, 1);
-  const single = await run(harness(), structuredClone(envs), 1);
+  const b = harness();
+  const single = await run(b, structuredClone(envs), 1);
+  assert.equal(b.stateCalls.get, 2, "a warm cache: one read per user, none in the user's later batches");
   assert.deepEqual(batched.map((o) => o.emits), single.map((o) => o.emits));
   const notes = [0, 3, 4, 5, 6].map((i) => noteOf(batched[i]!));
   assert.deepEqual(notes.map((n) => n.decision), ["none", "reformulation", "clarification", "new_topic", "none"]);
   assert.deepEqual(notes.map((n) => n.previous_query_id), [null, "q1", "q2", "q3", null]);
   assert.equal(notes[1]!.previous_response_id, "r1");
   assert.equal(a.metric("reformulation_decision"), 5);
-  // One commit group per user, on that user's last input.
-  assert.deepEqual(batched.map((o) => (o.commits ?? []).map((g) => g.guard!.seq)), [[], [], [], [], [], [6], [7]]);
+  // Each user's state is written once, recording that user's last input of the batch.
+  assert.deepEqual([(await stored(a, "u1")).applied, (await stored(a, "u2")).applied], [6, 7]);
+  assert.deepEqual(a.state.keys(), [userKey("feedback", "u1", STAGE, "state"), userKey("feedback", "u2", STAGE, "state")]);
 
   // Each decision is counted under its own attribute.
   const counts = new Map<string, number>();
-  const proc = await reformulation.create({}, directCtx(counts));
-  await proc.process(envs.map((e, i) => inputOf(e, i + 1)));
+  (await direct(counts))(envs.map((e, i) => inputOf(e, i + 1)));
   assert.deepEqual(Object.fromEntries(counts), { "reformulation_decision:none": 2, "reformulation_decision:reformulation": 1, "reformulation_decision:clarification": 1, "reformulation_decision:new_topic": 1 });
 });
 
@@ -254,8 +279,8 @@ test("no query text outlives the session: expired by event time and by key TTL",
 test("sessions remembered per user are bounded", async () => {
   const h = harness({ max_sessions: 2 });
   await run(h, [query(T0, "a query", "q1", { session_id: "s1" }), query(T0 + 1_000, "b query", "q2", { session_id: "s2" }), query(T0 + 2_000, "c query", "q3", { session_id: "s3" })]);
-  const [raw] = await h.state.get([userKey("feedback", "u1", STAGE, "state")]);
-  assert.deepEqual((JSON.parse(raw!) as { sessions: [string, unknown][] }).sessions.map(([sid]) => sid).sort(), ["s2", "s3"]);
+  const { json } = await stored(h, "u1");
+  assert.deepEqual((JSON.parse(json) as { sessions: [string, unknown][] }).sessions.map(([sid]) => sid).sort(), ["s2", "s3"]);
 });
 
 test("session ids from input cannot reach the prototype (session __proto__)", async () => {
@@ -273,10 +298,9 @@ test("a query older than the session's previous one is not compared and does not
 });
 
 test("bad input: no envelope, or a query without text, is a non-retryable error; the batch goes on", async () => {
-  const proc = await reformulation.create({}, directCtx());
   const good = inputOf(envOf(query(T0, "hello", "q1")), 3);
   const noText = inputOf(envOf(ev("query", T0 + 1, { payload: {} })), 2);
-  const out = await proc.process([{ ...good, seq: 1, envelope: undefined }, noText, good]);
+  const out = (await direct())([{ ...good, seq: 1, envelope: undefined }, noText, good]);
   assert.equal(out[0]!.error?.code, "bad_envelope");
   assert.equal(out[1]!.error?.code, "schema_violation");
   assert.equal(out[1]!.error?.retryable, false);
@@ -312,8 +336,9 @@ test("bot-score's flag marker is passed on unchanged and changes no state; the f
   await c.restart();
   const again = await run(c, [q1, m], 2);
   assert.deepEqual(again.map((o) => o.dropped), ["already_applied", "already_applied"]);
-  // A marker alone writes only the fence.
+  // A marker alone writes only the fence: the applied sequence, no state.
   const lone = harness();
   await run(lone, [flag(ev("accept", T0, { response_id: "r1" }))]);
-  assert.deepEqual(lone.state.keys(), [userKey("feedback", "u1", STAGE, "applied")]);
+  assert.deepEqual(lone.state.keys(), [userKey("feedback", "u1", STAGE, "state")]);
+  assert.deepEqual(await stored(lone, "u1"), { applied: 1, json: "" });
 });

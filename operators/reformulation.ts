@@ -1,9 +1,8 @@
 import type { JSONSchemaType } from "ajv";
 import { DURATION_SCHEMA, parseDuration } from "../src/core/duration.js";
-import { BadInputError, TacitError, TransientError, errorMessage } from "../src/core/errors.js";
+import { BadInputError, errorMessage } from "../src/core/errors.js";
 import type { Envelope, TacitEvent } from "../src/core/event.js";
-import type { LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, Processor, StageInput } from "../src/core/operator.js";
-import { userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
+import type { KeyScope, KeyedInput, KeyedProcessor, LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, StateCodec } from "../src/core/operator.js";
 import { classifyReformulation, jaccard3, normalizedLevenshtein, REFORMULATION_KINDS, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
 import { isBotMarker } from "../src/core/event.js";
 
@@ -139,7 +138,7 @@ export interface ReformulationAnnotation {
 }
 
 /** The previous query of one session (short keys: stored per user). */
-interface PrevQuery {
+export interface PrevQuery {
   /** Redacted query text. */
   text: string;
   ts: number;
@@ -149,14 +148,18 @@ interface PrevQuery {
   rts?: number;
 }
 
-/** Per session id (a Map: ids come from input, so no prototype keys); stored as `{v: 1, sessions: [[id, PrevQuery], …]}`. */
-interface UserState {
+/**
+ * The previous query per session id, as `[session id, PrevQuery]` pairs (at most max_sessions, a
+ * handful: a list scanned by id is as quick as a map, keeps ids from input off any prototype, and
+ * is stored as it is: `{"v":1,"sessions":[[id, PrevQuery], …]}`).
+ */
+export interface UserState {
   v: 1;
-  sessions: Map<string, PrevQuery>;
+  sessions: [string, PrevQuery][];
 }
 
 /** The reformulation-similarity operator. */
-export const reformulation: OperatorSpec<ReformulationConfig> = {
+export const reformulation: OperatorSpec<ReformulationConfig, KeyedProcessor<UserState>> = {
   name: "reformulation",
   summary: "Similarity, kind of change and decision (reformulation, clarification, new topic) between consecutive queries of a session.",
   description:
@@ -171,8 +174,13 @@ export const reformulation: OperatorSpec<ReformulationConfig> = {
   keyed: true,
   schema: reformulationSchema as unknown as Record<string, unknown>,
   state: [
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:state", holds: "JSON: per session (at most max_sessions) the previous query's redacted text, time, query_id and last response shown", ttl: "state_ttl from the last write; each session is also dropped once state_ttl of event time has passed since its query" },
-    { key: "tacit:{<prefix>:u:<user>}:<stage>:applied", holds: "stream sequence of the last input applied (exactly-once guard)", ttl: "state_ttl" },
+    {
+      key: "tacit:{<prefix>:u:<user>}:<stage>:state",
+      holds:
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then per session (at most max_sessions) " +
+        "the previous query's redacted text, time, query_id and last response shown (nothing after the colon while the user has no query)",
+      ttl: "state_ttl from the last write; each session is also dropped once state_ttl of event time has passed since its query",
+    },
   ],
   outputs: [],
   examples: [
@@ -228,61 +236,56 @@ function sessionOf(env: Envelope): string {
   return env.event.session_id;
 }
 
-function parseState(raw: string | null, onBad: (err: unknown) => void): UserState {
-  if (raw === null) return { v: 1, sessions: new Map() };
-  try {
-    const s = JSON.parse(raw) as { v?: unknown; sessions?: unknown };
-    if (s?.v === 1 && Array.isArray(s.sessions)) return { v: 1, sessions: new Map(s.sessions as [string, PrevQuery][]) };
-    throw new Error("unknown state version");
-  } catch (err) {
-    onBad(err);
-    return { v: 1, sessions: new Map() };
-  }
+function findSession(s: UserState, sid: string): PrevQuery | undefined {
+  for (const [id, q] of s.sessions) if (id === sid) return q;
+  return undefined;
 }
 
-function encodeState(s: UserState): string {
-  return JSON.stringify({ v: 1, sessions: [...s.sessions] });
-}
-
-interface UserSlot {
-  state: UserState;
-  applied: number;
-  /** Index in the batch of the user's last applied input: its outcome carries the user's commit. */
-  last: number;
-  dirty: boolean;
-}
-
-function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Processor {
-  const stateKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "state");
-  const appliedKey = (user: string) => userKey(ctx.prefix, user, ctx.stage, "applied");
+function createReformulation(c: CompiledReformulation, ctx: OperatorContext): KeyedProcessor<UserState> {
+  const codec: StateCodec<UserState> = {
+    encode: (s) => JSON.stringify(s),
+    decode(raw) {
+      const s = JSON.parse(raw) as { v?: unknown; sessions?: unknown };
+      if (s?.v === 1 && Array.isArray(s.sessions)) return s as UserState;
+      throw new Error("unknown state version");
+    },
+    ttlMs: () => c.ttlMs,
+  };
 
   /** Forgets sessions whose query is older than the TTL (event time) and the oldest beyond max_sessions. */
   function prune(s: UserState, now: number): void {
-    for (const [sid, q] of s.sessions) if (q.ts < now - c.ttlMs) s.sessions.delete(sid);
-    if (s.sessions.size > c.maxSessions) {
-      const sids = [...s.sessions.keys()].sort((a, b) => s.sessions.get(a)!.ts - s.sessions.get(b)!.ts || (a < b ? -1 : 1));
-      for (const sid of sids.slice(0, sids.length - c.maxSessions)) s.sessions.delete(sid);
+    let n = 0;
+    for (const entry of s.sessions) if (entry[1].ts >= now - c.ttlMs) s.sessions[n++] = entry;
+    s.sessions.length = n;
+    while (s.sessions.length > c.maxSessions) {
+      let oldest = 0;
+      for (let i = 1; i < s.sessions.length; i++) {
+        const [sid, q] = s.sessions[i]!;
+        const [osid, o] = s.sessions[oldest]!;
+        if (q.ts < o.ts || (q.ts === o.ts && sid < osid)) oldest = i;
+      }
+      s.sessions.splice(oldest, 1);
     }
   }
 
   /** Applies one event to the user's state; returns the annotation for a query, or undefined. */
-  function apply(slot: UserSlot, env: Envelope): ReformulationAnnotation | undefined {
+  function apply(key: KeyScope<UserState>, env: Envelope): ReformulationAnnotation | undefined {
     const ev: TacitEvent = env.event;
-    const s = slot.state;
+    const s = key.get();
     const sid = sessionOf(env);
     if (ev.event_type === "response_shown") {
-      const prev = s.sessions.get(sid);
-      if (prev && ev.response_id !== undefined && (ev.query_id === undefined || ev.query_id === prev.qid) && (prev.rts === undefined || ev.ts >= prev.rts)) {
+      const prev = s && findSession(s, sid);
+      if (s && prev && ev.response_id !== undefined && (ev.query_id === undefined || ev.query_id === prev.qid) && (prev.rts === undefined || ev.ts >= prev.rts)) {
         prev.rid = ev.response_id;
         prev.rts = ev.ts;
-        slot.dirty = true;
+        key.put(s);
       }
       return undefined;
     }
     if (ev.event_type !== "query") return undefined;
 
     const text = ev.payload.text as string;
-    let prev: PrevQuery | undefined = s.sessions.get(sid);
+    let prev: PrevQuery | undefined = s && findSession(s, sid);
     if (prev && prev.ts < ev.ts - c.ttlMs) prev = undefined;
     if (prev && ev.ts < prev.ts) {
       // Arrived after a later query of its session: which query it followed is unknown, so no comparison.
@@ -292,76 +295,33 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Pr
     const note = prev ? compareQueries(c, { text: prev.text, ts: prev.ts, query_id: prev.qid, response_id: prev.rid }, text, ev.ts) : NO_PREVIOUS;
     const next: PrevQuery = { text, ts: ev.ts };
     if (ev.query_id !== undefined) next.qid = ev.query_id;
-    s.sessions.set(sid, next);
-    prune(s, ev.ts);
-    slot.dirty = true;
+    const st = s ?? { v: 1, sessions: [] };
+    const at = st.sessions.findIndex(([id]) => id === sid);
+    if (at >= 0) st.sessions[at]![1] = next;
+    else st.sessions.push([sid, next]);
+    prune(st, ev.ts);
+    key.put(st);
     return note;
   }
 
   return {
-    async process(batch: StageInput[]): Promise<Outcome[]> {
-      const outcomes: Outcome[] = new Array(batch.length);
-      const envs: (Envelope | undefined)[] = batch.map((input, i) => {
-        const env = input.envelope;
-        if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {
-          outcomes[i] = { emits: [], error: new BadInputError("bad_envelope", `reformulation needs an envelope with event.user and event.ts (seq ${input.seq})`) };
-          return undefined;
-        }
-        if (env.event.event_type === "query" && typeof env.event.payload?.text !== "string" && !isBotMarker(env)) {
-          outcomes[i] = { emits: [], error: new BadInputError("schema_violation", `query event ${env.event.event_id} has no payload.text (seq ${input.seq})`) };
-          return undefined;
-        }
-        return env;
-      });
-
-      const users = [...new Set(envs.filter((e): e is Envelope => e !== undefined).map((e) => e.event.user))];
-      let values: (string | null)[];
-      try {
-        values = users.length ? await ctx.state.get(users.flatMap((u) => [stateKey(u), appliedKey(u)])) : [];
-      } catch (err) {
-        const error = err instanceof TacitError ? err : new TransientError("state_unavailable", `reformulation state read failed: ${errorMessage(err)}`, err);
-        return batch.map((_, i) => outcomes[i] ?? { emits: [], error });
+    codec,
+    processElement(input: KeyedInput, key: KeyScope<UserState>): Outcome {
+      const env = input.envelope;
+      if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {
+        return { emits: [], error: new BadInputError("bad_envelope", `reformulation needs an envelope with event.user and event.ts (seq ${input.seq})`) };
       }
-      const slots = new Map<string, UserSlot>();
-      users.forEach((u, i) => {
-        const state = parseState(values[2 * i]!, (err) => ctx.log.warn({ user: u, err: errorMessage(err) }, "reformulation: unreadable state, starting afresh"));
-        slots.set(u, { state, applied: Number(values[2 * i + 1] ?? 0) || 0, last: -1, dirty: false });
-      });
-
-      batch.forEach((input, i) => {
-        const env = envs[i];
-        if (!env) return;
-        const slot = slots.get(env.event.user)!;
-        if (input.seq <= slot.applied) {
-          outcomes[i] = { emits: [], dropped: "already_applied" };
-          return;
-        }
-        slot.applied = input.seq;
-        slot.last = i;
-        if (isBotMarker(env)) {
-          // bot-score's flag for label-derive: passed on as is, no query remembered from it.
-          outcomes[i] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value: env }] };
-          return;
-        }
-        const note = apply(slot, env);
-        if (note) ctx.metrics.count("reformulation_decision", 1, { decision: note.decision });
-        const value: Envelope = note ? { ...env, attrs: { ...env.attrs, reformulation: note } } : env;
-        outcomes[i] = { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value }] };
-      });
-
-      // One atomic group per user, fenced by the user's last applied sequence in this batch; events
-      // that changed nothing still advance the guard so a redelivery re-emits nothing.
-      for (const [user, slot] of slots) {
-        if (slot.last < 0) continue;
-        const ops: StateOp[] = [];
-        if (slot.dirty) {
-          ops.push(slot.state.sessions.size ? { op: "set", key: stateKey(user), value: encodeState(slot.state), ttl_ms: c.ttlMs } : { op: "del", key: stateKey(user) });
-        }
-        const group: CommitGroup = { guard: { key: appliedKey(user), seq: slot.applied, ttl_ms: c.ttlMs }, ops };
-        const o = outcomes[slot.last]!;
-        o.commits = [...(o.commits ?? []), group];
+      if (isBotMarker(env)) {
+        // bot-score's flag for label-derive: passed on as is, no query remembered from it.
+        return { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value: env }] };
       }
-      return outcomes;
+      if (env.event.event_type === "query" && typeof env.event.payload?.text !== "string") {
+        return { emits: [], error: new BadInputError("schema_violation", `query event ${env.event.event_id} has no payload.text (seq ${input.seq})`) };
+      }
+      const note = apply(key, env);
+      if (note) ctx.metrics.count("reformulation_decision", 1, { decision: note.decision });
+      const value: Envelope = note ? { ...env, attrs: { ...env.attrs, reformulation: note } } : env;
+      return { emits: [{ to: "next", id: `${ctx.stage}:${env.src.seq}`, value }] };
     },
   };
 }

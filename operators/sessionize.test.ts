@@ -2,6 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { newConfigAjv } from "../src/config/ajv.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
+import { isKeyedProcessor } from "../src/core/operator.js";
 import { partitionKey, userKey } from "../src/core/state.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { Random } from "../test/support/random.js";
@@ -60,6 +61,27 @@ function finalSummaries(all: SessionSummary[]): SessionSummary[] {
   for (const s of all) if ((latest.get(s.session_id)?.revision ?? -1) < s.revision) latest.set(s.session_id, s);
   const merged = new Set(all.flatMap((s) => s.merged_from));
   return [...latest.values()].filter((s) => !merged.has(s.session_id)).sort((a, b) => a.user.localeCompare(b.user) || a.start - b.start);
+}
+
+/** The user's state key, as the runtime stores it: `<applied seq>:<encoded sessions>`. */
+const stateKey = (user: string, prefix = PREFIX) => userKey(prefix, user, STAGE, "state");
+
+/** A stored state value split into the runtime's guard and the operator's encoding ('' once cleared). */
+function stored(raw: string | null): { applied: number; payload: string } | null {
+  if (raw === null) return null;
+  const colon = raw.indexOf(":");
+  return { applied: Number(raw.slice(0, colon)), payload: raw.slice(colon + 1) };
+}
+
+/**
+ * Keys holding anything but an exactly-once fence: session state, timers. Once a user's last
+ * session has closed the runtime keeps `<applied seq>:` (no state) for the state TTL, so a
+ * redelivery whose partition progress was not committed is still skipped.
+ */
+async function stateLeft(h: OperatorHarness<SessionizeConfig>): Promise<string[]> {
+  const keys = h.state.keys();
+  const values = await h.state.get(keys);
+  return keys.filter((_, i) => stored(values[i]!)?.payload !== "");
 }
 
 test("an event bridging two sessions merges them; the emitted summary is superseded by a revision listing the merged-away id", async () => {
@@ -129,11 +151,11 @@ test("a session fires when the watermark passes end + gap, not when it reaches i
   assert.equal(summaries(h).length, 0);
   await h.advanceWatermark(0, T0 + 40 * MIN + 1);
   assert.deepEqual(summaries(h).map((x) => [x.revision, x.event_count]), [[0, 2]]);
-  assert.ok(h.state.keys().length > 0, "kept for the allowed lateness");
+  assert.ok((await stateLeft(h)).includes(stateKey("u1")), "kept for the allowed lateness");
   await h.advanceWatermark(0, T0 + 45 * MIN);
-  assert.ok(h.state.keys().length > 0, "a watermark at end + gap + lateness still finds it (closed, not yet removed)");
+  assert.ok((await stateLeft(h)).includes(stateKey("u1")), "a watermark at end + gap + lateness still finds it (closed, not yet removed)");
   await h.advanceWatermark(0, T0 + 45 * MIN + 1);
-  assert.deepEqual(h.state.keys(), []);
+  assert.deepEqual(await stateLeft(h), []);
 });
 
 test("with emit_updates off a late event still counts in its session but no revision is emitted", async () => {
@@ -143,7 +165,7 @@ test("with emit_updates off a late event still counts in its session but no revi
   assert.equal(nexts(h).length, 4);
   await h.advanceWatermark(0, FAR);
   assert.deepEqual(summaries(h).filter((x) => x.user === "u1").map((x) => [x.revision, x.event_count]), [[0, 2]]);
-  assert.deepEqual(h.state.keys(), []);
+  assert.deepEqual(await stateLeft(h), []);
 });
 
 test("an event beyond the allowed lateness goes to `late` with its lateness and is counted, not passed on", async () => {
@@ -158,7 +180,8 @@ test("an event beyond the allowed lateness goes to `late` with its lateness and 
       value: { event: late.event, src: late.src, lateness_ms: 29 * MIN, watermark_ms: T0 + 59 * MIN, reason: "beyond_allowed_lateness" } satisfies LateRecord,
     },
   ]);
-  assert.equal(h.metric("late"), 1);
+  // The runtime counts every emit to a side output under the output's name (`late`); sessionize's own count, with its reason, goes under the same name.
+  assert.equal(h.metric("late"), 1, "sessionize counts the late event once");
   assert.ok(!nexts(h).some((e) => e.src.seq === late.src.seq));
   await h.advanceWatermark(0, FAR);
   assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 1], ["u2", 1]]);
@@ -204,17 +227,20 @@ test("a redelivered input that was already applied is skipped: no emits, no stat
   assert.equal(h.dropped("already_applied"), 2);
 });
 
-test("no state and no timers are left once every session has closed", async () => {
-  const h = harness({ gap: "30m", allowed_lateness: "5m" }, 2 * MIN);
+test("no state and no timers are left once every session has closed; the fences left expire", async () => {
+  let now = 0;
+  const h = harness({ gap: "30m", allowed_lateness: "5m" }, 2 * MIN, () => now);
   const rng = new Random(7);
   const events = Array.from({ length: 120 }, (_, i) => ev(`u${i % 9}`, i * 3 * MIN + rng.int(0, 2 * MIN)));
   await h.push(0, events, { batchSize: 13 });
   const timers = partitionKey(PREFIX, STAGE, 0, "timers");
   assert.ok(h.state.keys().includes(timers), "timers exist while sessions are open");
-  assert.ok(h.state.keys().includes(userKey(PREFIX, "u3", STAGE, "sessions")));
+  assert.ok((await stateLeft(h)).includes(stateKey("u3")));
   await h.advanceWatermark(0, FAR);
-  assert.deepEqual(h.state.keys(), []);
+  assert.deepEqual(await stateLeft(h), []);
   assert.ok(summaries(h).length > 9);
+  now = STATE_TTL_MARGIN_MS;
+  assert.deepEqual(h.state.keys(), []);
 });
 
 test("a timer left behind by a crash fires, finds nothing, and removes itself", async () => {
@@ -226,36 +252,83 @@ test("a timer left behind by a crash fires, finds nothing, and removes itself", 
   assert.equal(summaries(h).length, 0);
 });
 
-test("commits: the timer group comes before the guarded user state, each group under one hash tag", async () => {
-  const h = harness({}, 0);
+test("stored state: each user's sessions behind its applied sequence, its timer in the partition's set, under the keys the state docs name", async () => {
+  const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
   await h.push(0, [ev("u1", 0), ev("u2", 0), ev("u1", MIN)]);
-  const commits = h.log.map((l) => l.outcome.commits);
-  assert.equal(commits[0], undefined, "u1's state goes with its last input of the batch");
-  for (const [i, user] of [[1, "u2"], [2, "u1"]] as const) {
-    const [timer, state] = commits[i]!;
-    assert.deepEqual(timer!.ops.map((o) => [o.op, o.key]), [["zadd", partitionKey(PREFIX, STAGE, 0, "timers")]]);
-    assert.equal(state!.guard?.key, userKey(PREFIX, user, STAGE, "applied"));
-    assert.equal(state!.guard?.seq, h.log[i]!.input.seq);
-    assert.deepEqual(state!.ops.map((o) => [o.op, o.key]), [["set", userKey(PREFIX, user, STAGE, "sessions")]]);
+  const timers = partitionKey(PREFIX, STAGE, 0, "timers");
+  assert.deepEqual(h.state.keys(), [timers, stateKey("u1"), stateKey("u2")].sort());
+  const noop = (): void => {};
+  const proc = await sessionize.create({ ...SESSIONIZE_DEFAULTS }, {
+    pipeline: PREFIX, prefix: PREFIX, stage: STAGE, partitions: 1, state: h.state, clock: h.clock,
+    log: { debug: noop, info: noop, warn: noop, error: noop }, metrics: { count: noop }, env: {}, devMode: true,
+  });
+  assert.ok(isKeyedProcessor(proc));
+  const codec = proc.codec;
+  for (const [user, i, count, end] of [["u1", 2, 2, MIN], ["u2", 1, 1, 0]] as const) {
+    const value = stored((await h.state.get([stateKey(user)]))[0]!)!;
+    assert.equal(value.applied, h.log[i]!.input.seq, `${user}: the guard is its last input's sequence`);
+    const sessions = (codec.decode(value.payload) as { sessions: { count: number; end: number; rev: number }[] }).sessions;
+    assert.deepEqual(sessions.map((s) => [s.count, s.end - T0, s.rev]), [[count, end, -1]]);
   }
+  assert.deepEqual(await h.state.zrangeByScore(timers, 0, Infinity), [
+    { member: "u2", score: T0 + 30 * MIN + 1 },
+    { member: "u1", score: T0 + 31 * MIN + 1 },
+  ]);
+  const docs = sessionize.state.map((d) => new RegExp(`^${d.key.replace(/[{}]/g, "\\$&").replace("<prefix>", PREFIX).replace("<stage>", STAGE).replace("<partition>", "\\d+").replace("<user>", "[^{}:]+")}$`));
+  for (const k of h.state.keys()) assert.ok(docs.some((re) => re.test(k)), `${k} is named by a state doc`);
 });
 
 test("a crash after the timer commit but before the user state recomputes the same outputs", async () => {
   const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
-  await h.push(0, [ev("u1", 0)]);
+  const first = ev("u1", 0);
+  await h.push(0, [first]);
   const batch = [ev("u1", 10 * MIN), ev("u2", 50 * MIN)];
   const res = await h.push(0, batch, { crash: { batch: 0, at: "before_commits" } });
   assert.deepEqual(res, { acked: 0, crashed: true });
-  const timerOnly = h.log.flatMap((l) => l.outcome.commits ?? []).filter((g) => !g.guard && g.ops[0]!.op === "zadd").slice(-2);
-  await h.state.commit(timerOnly);
+  // The runtime commits new and earlier timers first (removed and later ones after the states):
+  // those the batch set, taken from a run without the crash.
+  const twin = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
+  await twin.push(0, [first]);
+  await twin.push(0, batch);
+  const timers = partitionKey(PREFIX, STAGE, 0, "timers");
+  const set = await twin.state.zrangeByScore(timers, 0, Infinity);
+  assert.deepEqual(set.map((t) => t.member), ["u2"], "u1's session closed within the batch: its timer is gone");
+  const before = await h.state.zrangeByScore(timers, 0, Infinity);
+  await h.state.commit([{ ops: set.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member })) }]);
+  assert.deepEqual(await h.state.zrangeByScore(timers, 0, Infinity), [...before, ...set], "the timers as the crashed commit left them: u1's removal comes after the states");
   await h.restart();
   await h.push(0, batch); // throws if any emit id comes back with a different value
   await h.advanceWatermark(0, FAR);
   assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 2], ["u2", 1]]);
-  assert.deepEqual(h.state.keys(), []);
+  assert.deepEqual(await stateLeft(h), []);
 });
 
-test("onWatermark runs before the batch's commits are applied (as the worker does) and still sees the batch", async () => {
+test(
+  "a crash that lands the partition's new and earlier timers but not the users' states (Redis Cluster) recomputes the same outputs",
+  async () => {
+    const h = harness({ gap: "30m", allowed_lateness: "10m" }, 0);
+    const twin = harness({ gap: "30m", allowed_lateness: "10m" }, 0);
+    const first = [ev("u1", 0), ev("u2", 0)];
+    // u1's session fires before its own late event (7 min late, within the lateness) and is revised by it.
+    const batch = [ev("u2", 35 * MIN), ev("u1", 28 * MIN)];
+    await h.push(0, first);
+    await twin.push(0, first);
+    await h.push(0, batch, { crash: { batch: 0, at: "before_commits" } });
+    await twin.push(0, batch);
+    const timers = partitionKey(PREFIX, STAGE, 0, "timers");
+    const set = await twin.state.zrangeByScore(timers, 0, Infinity);
+    // What lands before the states: timers that are new or earlier than the committed ones.
+    const committed = new Map((await h.state.zrangeByScore(timers, 0, Infinity)).map((t) => [t.member, t.score]));
+    const early = set.filter((t) => !committed.has(t.member) || t.score < committed.get(t.member)!);
+    if (early.length) await h.state.commit([{ ops: early.map((t) => ({ op: "zadd" as const, key: timers, score: t.score, member: t.member })) }]);
+    await h.restart();
+    await h.push(0, batch);
+    await h.advanceWatermark(0, FAR); // throws when session:<u1's id>:0 comes back with the late event in it
+    assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 2], ["u2", 1], ["u2", 1]]);
+  },
+);
+
+test("a batch whose own watermark passes the session one of its inputs extended emits the extended session", async () => {
   const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
   await h.push(0, [ev("u1", 0)]);
   // One batch extends u1's session to 20m and moves the watermark to 55m, past 20m + gap.
@@ -266,42 +339,48 @@ test("onWatermark runs before the batch's commits are applied (as the worker doe
 });
 
 test("when a batch's own watermark closes a user's last session, the fence outlives the round: a redelivery is skipped", async () => {
-  const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
-  const batch = [ev("u1", 0), ev("u2", 120 * MIN)];
-  const res = await h.push(0, batch, { crash: { batch: 0, at: "after_commits" } });
-  assert.equal(res.crashed, true);
-  assert.equal(summaries(h).length, 1, "u1's session fired and closed in the crashed round");
-  assert.ok(h.state.keys().includes(userKey(PREFIX, "u1", STAGE, "applied")));
-  await h.restart();
-  await h.push(0, batch);
-  assert.equal(h.dropped("already_applied"), 2);
-  assert.equal(h.outputs("late").length, 0);
-  await h.advanceWatermark(0, FAR);
-  assert.deepEqual(h.state.keys(), []);
-  assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 1], ["u2", 1]]);
+  // mid_commits: the users' states landed, the partition's progress did not; only the fence in u1's state holds.
+  for (const at of ["mid_commits", "after_commits"] as const) {
+    const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0);
+    const batch = [ev("u1", 0), ev("u2", 120 * MIN)];
+    const res = await h.push(0, batch, { crash: { batch: 0, at } });
+    assert.equal(res.crashed, true);
+    assert.equal(summaries(h).length, 1, `${at}: u1's session fired and closed in the crashed round`);
+    assert.deepEqual(stored((await h.state.get([stateKey("u1")]))[0]!), { applied: h.log[0]!.input.seq, payload: "" }, `${at}: u1 keeps its fence, no sessions`);
+    await h.restart();
+    await h.push(0, batch);
+    assert.equal(h.dropped("already_applied"), 2, at);
+    assert.equal(h.outputs("late").length, 0, at);
+    await h.advanceWatermark(0, FAR);
+    assert.deepEqual(await stateLeft(h), [], at);
+    assert.deepEqual(finalSummaries(summaries(h)).map((x) => [x.user, x.event_count]), [["u1", 1], ["u2", 1]], at);
+  }
 });
 
 test("state keys expire by event-time deadline plus the margin", async () => {
   let now = 0;
   const h = harness({ gap: "30m", allowed_lateness: "5m" }, 0, () => now);
   await h.push(0, [ev("u1", 0)]); // no watermark yet: the deadline is counted from the event itself
-  const keys = [userKey(PREFIX, "u1", STAGE, "sessions"), userKey(PREFIX, "u1", STAGE, "applied")];
+  const keys = [stateKey("u1")];
   const ttl = 35 * MIN + STATE_TTL_MARGIN_MS;
   now = ttl - 1;
   assert.ok((await h.state.get(keys)).every((v) => v !== null));
   now = ttl;
-  assert.deepEqual(await h.state.get(keys), [null, null]);
+  assert.deepEqual(await h.state.get(keys), [null]);
 });
 
-test("one state read per batch, and later events of a user see the earlier ones of the same batch", async () => {
+test("one state read per batch, none with a warm cache, and later events of a user see the earlier ones of the same batch", async () => {
   const h = harness({}, 0);
   const events = Array.from({ length: 200 }, (_, i) => ev(`u${i % 50}`, i * 1000));
   await h.push(0, events, { batchSize: 200 });
-  assert.equal(h.stateCalls.get, 1, "one read for the 50 users of the batch; onWatermark found nothing due");
-  assert.equal(h.stateCalls.zrangeByScore, 1, "the watermark advanced once: onWatermark reads the timers once");
+  assert.equal(h.stateCalls.get, 1, "one read for the 50 users of the batch");
+  assert.equal(h.stateCalls.zrangeByScore, 1, "the partition's timers are read once");
   const seqs = nexts(h).filter((e) => e.event.user === "u7").map((e) => sessionOf(e).seq_in_session);
   assert.deepEqual(seqs, [1, 2, 3, 4]);
   assert.equal(new Set(nexts(h).filter((e) => e.event.user === "u7").map((e) => sessionOf(e).id)).size, 1);
+  await h.push(0, Array.from({ length: 50 }, (_, i) => ev(`u${i}`, 200_000 + i * 1000)), { batchSize: 50 });
+  assert.deepEqual([h.stateCalls.get, h.stateCalls.zrangeByScore], [1, 1], "the same users again: served from the cache");
+  assert.equal(sessionOf(nexts(h).at(-1)!).seq_in_session, 5, "u49's fifth event, from the cached state");
 });
 
 test("summaries carry ids, counts and abandonment, never raw query text; emit ids are deterministic", async () => {
@@ -383,7 +462,8 @@ interface RunOptions {
   /** Chance that a push crashes somewhere in its batches. */
   crashRate?: number;
   seed?: number;
-  watermarkAfterCommits?: boolean;
+  /** Entries the runtime's state cache keeps: small ones evict users between batches, so states go through Redis and back. */
+  cacheEntries?: number;
 }
 
 /** Feeds the partitions round-robin, in slices, crashing and resuming as a restarted worker would. */
@@ -393,7 +473,7 @@ async function run(stream: SessionStream, opts: RunOptions, config = PROP_CONFIG
     outOfOrdernessMs: bound,
     stage: STAGE,
     prefix: "prop",
-    watermarkAfterCommits: opts.watermarkAfterCommits ?? false,
+    cacheEntries: opts.cacheEntries,
   });
   const rng = new Random(opts.seed ?? 1);
   const points: CrashPoint[] = ["before_commits", "mid_commits", "after_commits"];
@@ -429,7 +509,7 @@ function snapshot(h: OperatorHarness<SessionizeConfig>) {
 }
 
 /** Checks one run against the generator's ground truth. */
-function checkTruth(h: OperatorHarness<SessionizeConfig>, stream: SessionStream): void {
+async function checkTruth(h: OperatorHarness<SessionizeConfig>, stream: SessionStream): Promise<void> {
   const truth = [...stream.events.values()];
   const accepted = new Set(truth.filter((e) => e.timeliness !== "late_beyond").map((e) => e.envelope.src.seq));
   const beyond = truth.filter((e) => e.timeliness === "late_beyond");
@@ -479,7 +559,7 @@ function checkTruth(h: OperatorHarness<SessionizeConfig>, stream: SessionStream)
     landed.set(s.session_id, (landed.get(s.session_id) ?? 0) + 1);
   }
   for (const s of finals) assert.equal(landed.get(s.session_id), s.event_count, `session ${s.session_id}: events landed vs event_count`);
-  assert.deepEqual(h.state.keys(), [], "no state left after the final watermark");
+  assert.deepEqual(await stateLeft(h), [], "no state left after the final watermark");
 }
 
 test("property: seeded sessions through shuffles, lateness, batch sizes and crashes give the ground truth, identically", async () => {
@@ -499,7 +579,7 @@ test("property: seeded sessions through shuffles, lateness, batch sizes and cras
   assert.ok(stream.partitions.every((p) => p.length > 1000));
 
   const reference = await run(stream, { batchSize: 1 });
-  checkTruth(reference.h, stream);
+  await checkTruth(reference.h, stream);
   const expected = snapshot(reference.h);
 
   // The stream must exercise what it claims to: merges, revisions after emission, merges into an emitted session.
@@ -515,11 +595,11 @@ test("property: seeded sessions through shuffles, lateness, batch sizes and cras
     { batchSize: 7, crashRate: 0.1, seed: 11 },
     { batchSize: 500, crashRate: 0.3, seed: 12 },
     { batchSize: 61, crashRate: 0.5, seed: 13 },
-    { batchSize: 7, watermarkAfterCommits: true },
-    { batchSize: 500, crashRate: 0.3, seed: 14, watermarkAfterCommits: true },
+    { batchSize: 7, cacheEntries: 16 },
+    { batchSize: 500, crashRate: 0.3, seed: 14, cacheEntries: 64 },
   ]) {
     const { h, crashes } = await run(stream, opts);
-    checkTruth(h, stream);
+    await checkTruth(h, stream);
     assert.deepEqual(snapshot(h), expected, `every output identical with ${JSON.stringify(opts)}`);
     if (opts.crashRate) {
       assert.ok(crashes >= 3, `${crashes} crashes`);
@@ -547,15 +627,15 @@ test("property: across random gaps, lateness and out-of-orderness, with redelive
     });
     const label = `seed ${seed} ${JSON.stringify(config)} bound ${bound}`;
     const reference = await run(stream, { batchSize: 1 }, config, bound);
-    checkTruth(reference.h, stream);
+    await checkTruth(reference.h, stream);
     const expected = snapshot(reference.h);
     for (const opts of [
       { batchSize: r.int(2, 40), crashRate: 0.3, randomSlices: true, seed: seed + 1 },
-      { batchSize: r.int(50, 600), crashRate: 0.5, randomSlices: true, seed: seed + 2, watermarkAfterCommits: r.chance(0.5) },
-      { batchSize: r.int(1, 9), crashRate: 0.6, randomSlices: true, seed: seed + 3, watermarkAfterCommits: true },
+      { batchSize: r.int(50, 600), crashRate: 0.5, randomSlices: true, seed: seed + 2, cacheEntries: r.chance(0.5) ? 8 : undefined },
+      { batchSize: r.int(1, 9), crashRate: 0.6, randomSlices: true, seed: seed + 3, cacheEntries: 8 },
     ]) {
       const { h } = await run(stream, opts, config, bound);
-      checkTruth(h, stream);
+      await checkTruth(h, stream);
       assert.deepEqual(snapshot(h), expected, `${label}: every output identical with ${JSON.stringify(opts)}`);
     }
   }
@@ -579,8 +659,8 @@ test("bot-score's flag marker is passed on unchanged, joins no session and chang
   // The same events without the marker leave the same sessions behind.
   const without = harness({}, 0);
   await without.push(0, structuredClone(events.filter((_, i) => i !== 2)));
-  const key = userKey(PREFIX, "u1", STAGE, "sessions");
-  assert.deepEqual(await h.state.get([key]), await without.state.get([key]));
+  const sessionsOf = async (x: OperatorHarness<SessionizeConfig>) => stored((await x.state.get([stateKey("u1")]))[0]!)!.payload;
+  assert.deepEqual(await sessionsOf(h), await sessionsOf(without));
   await h.advanceWatermark(0, FAR);
   await without.advanceWatermark(0, FAR);
   assert.deepEqual(summaries(h), summaries(without));
@@ -604,5 +684,6 @@ test("a flag marker counts toward the applied fence: redelivered after its commi
   const lone = harness({}, 0);
   await lone.push(0, [marker("u9", 0)]);
   assert.equal(nexts(lone).length, 1);
-  assert.deepEqual(lone.state.keys(), []);
+  assert.deepEqual(await stateLeft(lone), []);
+  assert.deepEqual(stored((await lone.state.get([stateKey("u9")]))[0]!), { applied: lone.log[0]!.input.seq, payload: "" }, "only its fence");
 });

@@ -1,19 +1,21 @@
 import { createHash } from "node:crypto";
 import type { JSONSchemaType } from "ajv";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
-import { BadInputError, errorMessage } from "../src/core/errors.js";
-import type { Envelope, TacitEvent } from "../src/core/event.js";
+import { BadInputError } from "../src/core/errors.js";
+import { isBotMarker, type Envelope, type TacitEvent } from "../src/core/event.js";
 import type {
   Emit,
+  KeyScope,
+  KeyedInput,
+  KeyedProcessor,
   LintIssue,
   OperatorContext,
   OperatorSpec,
   Outcome,
-  Processor,
-  StageInput,
+  StateCodec,
+  TimerFiring,
+  TimerOutcome,
 } from "../src/core/operator.js";
-import { partitionKey, userKey, type CommitGroup, type StateOp } from "../src/core/state.js";
-import { isBotMarker } from "../src/core/event.js";
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -94,9 +96,10 @@ export function compileSessionizeConfig(config: Partial<SessionizeConfig>): Sess
 }
 
 /**
- * How long past a session's deadline (end + gap + allowed_lateness, in event time) its keys live
- * in Redis. Closing deletes them explicitly; the TTL is the safety net, long enough that a
- * pipeline stopped for most of a day resumes without losing open sessions.
+ * How long past a session's deadline (end + gap + allowed_lateness, in event time) a user's state
+ * lives in Redis: the timer closes sessions explicitly, the TTL is the safety net, long enough
+ * that a pipeline stopped for most of a day resumes without losing open sessions. Once the last
+ * session is closed, the applied sequence the runtime keeps for the user lives this long too.
  */
 export const STATE_TTL_MARGIN_MS = 24 * 3_600_000;
 
@@ -160,19 +163,15 @@ export const sessionize: OperatorSpec<SessionizeConfig> = {
   schema: sessionizeSchema as unknown as Record<string, unknown>,
   state: [
     {
-      key: "tacit:{<p>:u:<user>}:<stage>:sessions",
-      holds: "JSON of the user's open sessions (interval, counts, ids, emitted revision)",
-      ttl: "event-time deadline (last end + gap + allowed_lateness) minus the watermark, + 24h; deleted when the last session closes",
+      key: "tacit:{<prefix>:u:<user>}:<stage>:state",
+      holds:
+        "<applied seq>:<JSON of the user's open sessions (interval, counts, ids, emitted revision)>; only \"<applied seq>:\" (the exactly-once guard) once the last session has closed",
+      ttl: "event-time deadline (last end + gap + allowed_lateness) minus the stage's event time, + 24h; 24h once no session is left",
     },
     {
-      key: "tacit:{<p>:u:<user>}:<stage>:applied",
-      holds: "stream sequence of the last input applied to the user's sessions (exactly-once fence)",
-      ttl: "same as sessions; deleted with them, or one watermark round later when the user has inputs in the batch not yet acked (a redelivery must still meet the fence)",
-    },
-    {
-      key: "tacit:{<p>:p:<stage>:<partition>}:timers",
+      key: "tacit:{<prefix>:p:<stage>:<partition>}:timers",
       holds: "sorted set: member = user, score = watermark at which the user's next session fires or closes",
-      ttl: "none: members are removed when they fire with nothing left (a key TTL would drop other users' timers)",
+      ttl: "none: a user's member is removed when its timer fires and no session is left",
     },
   ],
   outputs: ["late", "sessions"],
@@ -219,7 +218,7 @@ export const sessionize: OperatorSpec<SessionizeConfig> = {
 // Implementation
 // ---------------------------------------------------------------------------------------------
 
-/** One open session as stored in the user's `sessions` key. */
+/** One open session of a user. */
 interface Session {
   id: string;
   start: number;
@@ -238,25 +237,11 @@ interface Session {
   merged_from: string[];
 }
 
-interface StoredUser {
+/** A user's state: the open sessions, sorted by start. Stored as is (JSON), so a write allocates no copy. */
+interface UserSessions {
   v: 1;
   sessions: Session[];
 }
-
-/** A user's sessions while a batch (or a watermark) is being processed. */
-interface UserWork {
-  user: string;
-  sessions: Session[];
-  applied: number;
-  partition: number;
-  /** Index in the batch of the last input applied (its outcome carries the commits). */
-  lastIndex: number;
-  lastWatermark: number | undefined;
-  lastTs: number;
-  dirty: boolean;
-}
-
-const NO_SCORE_MIN = -Number.MAX_SAFE_INTEGER;
 
 function sessionIdOf(user: string, eventId: string): string {
   return "s:" + createHash("sha256").update(user).update("\u0000").update(eventId).digest("hex").slice(0, 16);
@@ -288,16 +273,9 @@ function byStart(a: Session, b: Session): number {
   return a.start - b.start || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 }
 
-function decode(input: StageInput): Envelope {
-  let env: Envelope | undefined = input.envelope;
-  if (!env) {
-    try {
-      env = JSON.parse(new TextDecoder().decode(input.data)) as Envelope;
-    } catch (err) {
-      throw new BadInputError("bad_envelope", `sessionize: input is not a JSON envelope: ${errorMessage(err)}`, err);
-    }
-  }
-  const e = env?.event;
+/** The fields sessionize relies on; a bad envelope is an error outcome (DLQ), not a crash. */
+function checkEnvelope(env: Envelope): void {
+  const e = env.event;
   if (!e || typeof e.user !== "string" || e.user === "") {
     throw new BadInputError("bad_envelope", "sessionize: envelope has no event.user");
   }
@@ -308,196 +286,77 @@ function decode(input: StageInput): Envelope {
     throw new BadInputError("bad_envelope", "sessionize: envelope has no event_id or event_type");
   }
   if (typeof env.src?.seq !== "number") throw new BadInputError("bad_envelope", "sessionize: envelope has no src.seq");
-  return env;
 }
 
-class Sessionizer implements Processor {
-  /**
-   * User states this instance computed but whose commits may not be applied yet: the runtime
-   * calls onWatermark before it applies the batch's commits, so the timers and sessions in the
-   * store can be one batch behind. These are also the users whose inputs are not acked yet.
-   * Kept per partition: the worker runs every partition it owns on this one instance, and their
-   * rounds interleave, so a batch resets only its own partition's entries (by then that
-   * partition's earlier commits are applied and acked, or the batch is being retried from the
-   * store's state). The partition's `onWatermark` ends the round and takes them; an empty batch
-   * (the test harness's idle round) resets them all.
-   */
-  private pending = new Map<number, Map<string, { json: string; nextDue: number | undefined }>>();
+class Sessionizer implements KeyedProcessor<UserSessions> {
+  readonly codec: StateCodec<UserSessions>;
 
   constructor(
     private readonly o: SessionizeOptions,
     private readonly ctx: OperatorContext,
-  ) {}
-
-  private pendingOf(partition: number): Map<string, { json: string; nextDue: number | undefined }> {
-    let m = this.pending.get(partition);
-    if (!m) this.pending.set(partition, (m = new Map()));
-    return m;
+  ) {
+    this.codec = {
+      encode: (state) => JSON.stringify(state),
+      decode: (raw) => {
+        const state = JSON.parse(raw) as UserSessions;
+        if (state?.v !== 1 || !Array.isArray(state.sessions)) throw new Error("sessionize: not a v1 sessions state");
+        return state;
+      },
+      ttlMs: (state, eventTimeMs) => this.ttl(state, eventTimeMs),
+    };
   }
 
-  private sessionsKey(user: string): string {
-    return userKey(this.ctx.prefix, user, this.ctx.stage, "sessions");
-  }
-
-  private appliedKey(user: string): string {
-    return userKey(this.ctx.prefix, user, this.ctx.stage, "applied");
-  }
-
-  private timersKey(partition: number): string {
-    return partitionKey(this.ctx.prefix, this.ctx.stage, partition, "timers");
-  }
-
-  async process(batch: StageInput[]): Promise<Outcome[]> {
-    const outcomes: Outcome[] = new Array(batch.length);
-    const envs: (Envelope | undefined)[] = batch.map((input, i) => {
-      try {
-        return decode(input);
-      } catch (err) {
-        outcomes[i] = { emits: [], error: err as BadInputError };
-        return undefined;
-      }
-    });
-
-    // One round trip for every user of the batch; later inputs see earlier ones through `work`.
-    const users = [...new Set(envs.flatMap((e) => (e ? [e.event.user] : [])))];
-    const values = users.length ? await this.ctx.state.get(users.flatMap((u) => [this.sessionsKey(u), this.appliedKey(u)])) : [];
-    const work = new Map<string, UserWork>();
-    users.forEach((user, k) => {
-      work.set(user, {
-        user,
-        sessions: this.parse(values[2 * k] ?? null),
-        applied: Number(values[2 * k + 1] ?? 0),
-        partition: 0,
-        lastIndex: -1,
-        lastWatermark: undefined,
-        lastTs: 0,
-        dirty: false,
-      });
-    });
-
-    batch.forEach((input, i) => {
-      const env = envs[i];
-      if (!env) return;
-      const w = work.get(env.event.user)!;
-      w.partition = input.partition ?? env.partition;
-      if (input.seq <= w.applied) {
-        outcomes[i] = { emits: [], dropped: "already_applied" };
-        return;
-      }
-      w.applied = input.seq;
-      w.lastIndex = i;
-      w.lastWatermark = input.watermark_ms;
-      w.lastTs = env.event.ts;
-      if (isBotMarker(env)) {
-        // bot-score's flag for label-derive: passed on as is; it belongs to no session.
-        outcomes[i] = { emits: [{ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env }] };
-        return;
-      }
-      outcomes[i] = this.apply(w, input, env);
-    });
-
-    // Every user with an input here, applied or skipped, has inputs that are not acked yet.
-    if (batch.length === 0) this.pending.clear();
-    batch.forEach((input, i) => {
-      const partition = input.partition ?? envs[i]?.partition;
-      if (partition !== undefined) this.pending.set(partition, new Map());
-    });
-    for (const w of work.values()) {
-      const json = this.serialize(w);
-      this.pendingOf(w.partition).set(w.user, { json, nextDue: this.nextDue(w.sessions) });
-      // A user with no open session keeps no state: a beyond-lateness event of such a user
-      // leaves nothing behind (its `late` emit id deduplicates a redelivery).
-      if (w.lastIndex < 0 || w.sessions.length === 0) continue;
-      outcomes[w.lastIndex]!.commits = this.commitsFor(w, json, w.lastWatermark ?? w.lastTs);
+  processElement(input: KeyedInput, key: KeyScope<UserSessions>): Outcome {
+    const env = input.envelope;
+    try {
+      checkEnvelope(env);
+    } catch (err) {
+      return { emits: [], error: err as BadInputError };
     }
-    return outcomes;
-  }
+    // bot-score's flag for label-derive: passed on as is; it belongs to no session.
+    if (isBotMarker(env)) return { emits: [{ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env }] };
 
-  async onWatermark(partition: number, watermarkMs: number): Promise<{ emits: Emit[]; commits: CommitGroup[] }> {
-    const emits: Emit[] = [];
-    const commits: CommitGroup[] = [];
-    const timers = this.timersKey(partition);
-    const due = new Set((await this.ctx.state.zrangeByScore(timers, NO_SCORE_MIN, watermarkMs)).map((d) => d.member));
-    // The round's last use of its pending users: a later onWatermark without a batch (an idle
-    // advance) comes after this round's commits and acks.
-    const pending = this.pending.get(partition) ?? new Map<string, { json: string; nextDue: number | undefined }>();
-    this.pending.delete(partition);
-    for (const [user, p] of pending) {
-      if (p.nextDue !== undefined && p.nextDue <= watermarkMs) due.add(user);
-    }
-    if (due.size === 0) return { emits, commits };
-    const users = [...due].sort();
-    const toRead = users.filter((u) => !pending.has(u));
-    const values = toRead.length ? await this.ctx.state.get(toRead.map((u) => this.sessionsKey(u))) : [];
-    const stored = new Map(toRead.map((u, k) => [u, values[k] ?? null]));
-
-    for (const user of users) {
-      const w: UserWork = {
-        user,
-        sessions: this.parse(pending.get(user)?.json ?? stored.get(user) ?? null),
-        applied: 0,
-        partition,
-        lastIndex: -1,
-        lastWatermark: watermarkMs,
-        lastTs: watermarkMs,
-        dirty: false,
-      };
-      this.advance(w, watermarkMs, emits, true);
-      const json = this.serialize(w);
-      const unacked = pending.has(user);
-      if (w.sessions.length === 0 && unacked) {
-        // The user's inputs of this batch are not acked yet: a redelivery must still meet the
-        // `applied` fence, so it stays one more watermark round (the timer comes back for it).
-        commits.push({ ops: [{ op: "zadd", key: timers, score: watermarkMs + 1, member: user }] });
-        commits.push({ ops: [{ op: "del", key: this.sessionsKey(user) }] });
-        continue;
-      }
-      if (w.sessions.length === 0) {
-        // State first, timer last: a crash in between leaves a timer that finds nothing and removes itself.
-        commits.push({ ops: [{ op: "del", key: this.sessionsKey(user) }, { op: "del", key: this.appliedKey(user) }] });
-        commits.push({ ops: [{ op: "zrem", key: timers, member: user }] });
-        continue;
-      }
-      // A timer that fired with nothing due (stale after a crash) re-adds itself at the right time.
-      commits.push({ ops: [{ op: "zadd", key: timers, score: this.nextDue(w.sessions)!, member: user }] });
-      if (w.dirty) commits.push({ ops: [{ op: "set", key: this.sessionsKey(user), value: json, ttl_ms: this.ttl(w, watermarkMs) }] });
-    }
-    return { emits, commits };
-  }
-
-  /** Applies one new input of a user to its in-memory sessions. */
-  private apply(w: UserWork, input: StageInput, env: Envelope): Outcome {
-    const emits: Emit[] = [];
     const ev = env.event;
     const wm = input.watermark_ms;
     const { gap_ms: gap, allowed_lateness_ms: lateness } = this.o;
-
-    // Fire what this input's watermark has already passed, so a session's revisions do not
-    // depend on where the batch boundaries fell (onWatermark may not have run yet).
-    if (wm !== undefined) this.advance(w, wm, emits, false);
-
+    // Sessions the watermark has passed were summarized (and removed past the lateness) by the
+    // user's timer, which the runtime fires before this input.
     if (wm !== undefined && ev.ts < wm && wm - ev.ts > lateness) {
-      return { emits: [...emits, this.late(env, wm, "beyond_allowed_lateness")] };
+      return { emits: [this.late(env, wm, "beyond_allowed_lateness")] };
     }
-    const targets = w.sessions.filter((s) => ev.ts >= s.start - gap && ev.ts <= s.end + gap);
+    const state = key.get() ?? { v: 1, sessions: [] };
+    const targets = state.sessions.filter((s) => ev.ts >= s.start - gap && ev.ts <= s.end + gap);
     if (wm !== undefined && targets.some((s) => wm >= s.end + gap + lateness)) {
-      return { emits: [...emits, this.late(env, wm, "session_closed")] };
+      return { emits: [this.late(env, wm, "session_closed")] };
     }
 
-    const session = this.place(w, targets, env);
-    w.dirty = true;
-    emits.push({
-      to: "next",
-      id: `${this.ctx.stage}:${env.src.seq}`,
-      value: { ...env, attrs: { ...env.attrs, session: { id: session.id, seq_in_session: session.count } satisfies SessionAttr } },
-    });
-    // Only reachable when allowed_lateness ≥ gap (lint rejects it): the changed session is due already.
-    if (wm !== undefined) this.advance(w, wm, emits, false);
+    const session = this.place(key.user, state, targets, env);
+    key.put(state);
+    // With allowed_lateness ≥ gap (lint rejects it) this can be at or below `wm`: the runtime
+    // then fires it before the next input or at the end of the batch.
+    key.setTimer(this.nextDue(state.sessions));
+    const attr: SessionAttr = { id: session.id, seq_in_session: session.count };
+    return { emits: [{ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: { ...env, attrs: { ...env.attrs, session: attr } } }] };
+  }
+
+  /** Summarizes the sessions the watermark has passed, forgets those past the lateness, and sets the next timer. */
+  onTimer(key: KeyScope<UserSessions>, firing: TimerFiring): TimerOutcome {
+    const emits: Emit[] = [];
+    const state = key.get();
+    // A timer left behind by a crash between the timer and the state commit: nothing to do.
+    if (!state) return { emits };
+    const changed = this.advance(key.user, state, firing.watermark_ms, emits);
+    if (state.sessions.length === 0) {
+      key.clear();
+      return { emits };
+    }
+    if (changed) key.put(state);
+    key.setTimer(this.nextDue(state.sessions));
     return { emits };
   }
 
   /** Adds the event to the sessions it touches (merging them) or to a new one; returns its session. */
-  private place(w: UserWork, targets: Session[], env: Envelope): Session {
+  private place(user: string, state: UserSessions, targets: Session[], env: Envelope): Session {
     const ev = env.event;
     const cap = this.o.max_session_ms;
     const extentWith = (group: Session[]): number =>
@@ -505,7 +364,7 @@ class Sessionizer implements Processor {
 
     let host: Session | undefined;
     if (targets.length > 0 && extentWith(targets) <= cap) {
-      host = this.merge(w, targets);
+      host = this.merge(state, targets);
     } else if (targets.length > 0) {
       // Merging everything would exceed the cap: join the nearest session that still fits and
       // keep the others apart; every session involved is flagged as split.
@@ -521,9 +380,9 @@ class Sessionizer implements Processor {
       this.ctx.metrics.count("sessions_split");
     }
     if (!host) {
-      host = this.newSession(w, env, targets.length > 0);
-      w.sessions.push(host);
-      w.sessions.sort(byStart);
+      host = this.newSession(user, state, env, targets.length > 0);
+      state.sessions.push(host);
+      state.sessions.sort(byStart);
     }
     host.start = Math.min(host.start, ev.ts);
     host.end = Math.max(host.end, ev.ts);
@@ -536,11 +395,11 @@ class Sessionizer implements Processor {
     return host;
   }
 
-  private newSession(w: UserWork, env: Envelope, split: boolean): Session {
+  private newSession(user: string, state: UserSessions, env: Envelope, split: boolean): Session {
     const ev = env.event;
-    let id = sessionIdOf(w.user, ev.event_id);
+    let id = sessionIdOf(user, ev.event_id);
     // A repeated event_id (dedupe missed it) must not reuse an open session's id.
-    if (w.sessions.some((s) => s.id === id)) id = sessionIdOf(w.user, `${ev.event_id}#${env.src.seq}`);
+    if (state.sessions.some((s) => s.id === id)) id = sessionIdOf(user, `${ev.event_id}#${env.src.seq}`);
     return {
       id,
       start: ev.ts,
@@ -558,7 +417,7 @@ class Sessionizer implements Processor {
   }
 
   /** Merges sessions into the earliest-starting one (tie: smaller id); the others are retracted. */
-  private merge(w: UserWork, group: Session[]): Session {
+  private merge(state: UserSessions, group: Session[]): Session {
     const [keep, ...gone] = [...group].sort(byStart);
     if (gone.length === 0) return keep!;
     for (const s of gone) {
@@ -574,31 +433,31 @@ class Sessionizer implements Processor {
     }
     keep!.changed = true;
     const goneIds = new Set(gone.map((s) => s.id));
-    w.sessions = w.sessions.filter((s) => !goneIds.has(s.id));
+    state.sessions = state.sessions.filter((s) => !goneIds.has(s.id));
     this.ctx.metrics.count("sessions_merged", gone.length);
     return keep!;
   }
 
   /**
    * Emits the summary of every session the watermark has passed (end + gap < wm) that has not
-   * been emitted since its last change; with `remove`, drops sessions past end + gap + lateness.
+   * been emitted since its last change, then drops sessions past end + gap + lateness.
+   * Returns whether the state changed.
    */
-  private advance(w: UserWork, wm: number, emits: Emit[], remove: boolean): void {
+  private advance(user: string, state: UserSessions, wm: number, emits: Emit[]): boolean {
     const { gap_ms: gap, allowed_lateness_ms: lateness } = this.o;
-    for (const s of w.sessions) {
+    let changed = false;
+    for (const s of state.sessions) {
       if (this.needsEmit(s) && wm > s.end + gap) {
         s.rev += 1;
         s.changed = false;
-        w.dirty = true;
-        emits.push({ to: "sessions", id: `session:${s.id}:${s.rev}`, value: this.summary(w.user, s) });
+        changed = true;
+        emits.push({ to: "sessions", id: `session:${s.id}:${s.rev}`, value: this.summary(user, s) });
         this.ctx.metrics.count(s.rev === 0 ? "sessions_closed" : "sessions_revised");
       }
     }
-    if (remove) {
-      const before = w.sessions.length;
-      w.sessions = w.sessions.filter((s) => wm <= s.end + gap + lateness);
-      if (w.sessions.length !== before) w.dirty = true;
-    }
+    const before = state.sessions.length;
+    state.sessions = state.sessions.filter((s) => wm <= s.end + gap + lateness);
+    return changed || state.sessions.length !== before;
   }
 
   private needsEmit(s: Session): boolean {
@@ -616,19 +475,17 @@ class Sessionizer implements Processor {
     return due;
   }
 
-  private ttl(w: UserWork, nowEventMs: number): number {
-    const deadline = Math.max(...w.sessions.map((s) => s.end)) + this.o.gap_ms + this.o.allowed_lateness_ms;
+  /**
+   * The stored state's TTL: until the last session's deadline (in event time), plus the margin.
+   * With no session left, the runtime keeps only the applied sequence (the exactly-once guard
+   * for inputs whose partition progress is not committed yet) for the margin.
+   */
+  private ttl(state: UserSessions | undefined, nowEventMs: number): number {
+    let lastEnd: number | undefined;
+    for (const s of state?.sessions ?? []) if (lastEnd === undefined || s.end > lastEnd) lastEnd = s.end;
+    if (lastEnd === undefined) return STATE_TTL_MARGIN_MS;
+    const deadline = lastEnd + this.o.gap_ms + this.o.allowed_lateness_ms;
     return Math.max(0, deadline - nowEventMs) + STATE_TTL_MARGIN_MS;
-  }
-
-  /** Timer first, then the guarded user state: a crash in between cannot lose a timer. */
-  private commitsFor(w: UserWork, json: string, nowEventMs: number): CommitGroup[] {
-    const ttl = this.ttl(w, nowEventMs);
-    const ops: StateOp[] = w.dirty ? [{ op: "set", key: this.sessionsKey(w.user), value: json, ttl_ms: ttl }] : [];
-    return [
-      { ops: [{ op: "zadd", key: this.timersKey(w.partition), score: this.nextDue(w.sessions)!, member: w.user }] },
-      { guard: { key: this.appliedKey(w.user), seq: w.applied, ttl_ms: ttl }, ops },
-    ];
   }
 
   private late(env: Envelope, wm: number, reason: LateRecord["reason"]): Emit {
@@ -653,15 +510,5 @@ class Sessionizer implements Processor {
       merged_from: [...s.merged_from],
       revision: s.rev,
     };
-  }
-
-  private parse(raw: string | null): Session[] {
-    if (raw === null) return [];
-    return (JSON.parse(raw) as StoredUser).sessions;
-  }
-
-  private serialize(w: UserWork): string {
-    const stored: StoredUser = { v: 1, sessions: w.sessions };
-    return JSON.stringify(stored);
   }
 }

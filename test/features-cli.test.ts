@@ -5,16 +5,19 @@ import { fileURLToPath } from "node:url";
 import { Redis } from "ioredis";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType } from "../src/core/event.js";
-import type { OperatorContext, StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type KeyedInput, type OperatorContext } from "../src/core/operator.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import { readFeatures } from "../src/labels/features.js";
+import { KeyedChain, emptyResult } from "../src/runtime/chain.js";
+import { StageState } from "../src/runtime/keyed-state.js";
 import { RedisStateStore } from "../src/state/redis.js";
 import { labelDerive } from "../operators/label-derive.js";
 import { startServers, type TestServers } from "./harness.js";
 
 /*
  * label-derive's commits on a real Redis (the Lua commit script, TTLs, numbers as Redis stores
- * them), read back with readFeatures and with the `tacit features` command.
+ * them), made by the runtime's keyed chain as the worker makes them, read back with readFeatures
+ * and with the `tacit features` command.
  */
 
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
@@ -36,7 +39,7 @@ after(async () => {
   await servers?.stop();
 });
 
-function input(seq: number, type: EventType, atSec: number, payload: Record<string, unknown> = {}): StageInput {
+function input(seq: number, type: EventType, atSec: number, payload: Record<string, unknown> = {}): KeyedInput {
   const ts = T0 + atSec * 1000;
   const envelope: Envelope = {
     v: 1,
@@ -81,17 +84,24 @@ test("label-derive's commits apply on Redis, twice applied once, and `tacit feat
   };
   // Probation off: this test is about the feature layout and the CLI, not about when labels are released.
   const proc = await labelDerive.create({ probation: { enabled: false } }, ctx);
+  assert.ok(isKeyedProcessor(proc));
   const batch = [input(1, "response_shown", 0, { text_length: 1000 }), input(2, "copy_paste", 30, { span_length: 500 }), input(3, "accept", 40)];
-  const outs = await proc.process(batch);
-  const groups = outs.flatMap((o) => o.commits ?? []);
-  assert.deepEqual(await store.commit(groups), groups.map(() => true));
-  // The same groups once more: the guarded user group (state and features) is fenced off, the
-  // idempotent ones (timer, index pointers) re-apply harmlessly.
-  const applied = await store.commit(groups);
-  assert.deepEqual(applied, groups.map((g) => g.guard === undefined));
-  // A redelivered batch (a crash before the ack) is recognised as applied and changes nothing.
-  const again = await proc.process(batch);
-  assert.deepEqual(again.map((o) => o.dropped), ["already_applied", "already_applied", "already_applied"]);
+  /** One batch through a fresh worker's chain (its state read from Redis); the commit groups it makes. */
+  const runBatch = async () => {
+    const chain = new KeyedChain([{ name: "label-derive", proc, state: new StageState(store, "feedback", "label-derive", 0, proc.codec, ctx.log), counters: ctx.metrics, clock: new ManualClock(T0) }], 0);
+    const results = batch.map(emptyResult);
+    const sink = emptyResult();
+    await chain.run(batch.map((i, msg) => ({ msg, input: i })), batch[batch.length - 1]!.watermark_ms, results, sink);
+    return { results, groups: chain.takeCommits(results, sink, T0 + 40_000).flat() };
+  };
+  const first = await runBatch();
+  assert.ok(first.groups.some((g) => g.ops.some((op) => op.key === `tacit:{feedback:u:${USER}}:label-derive:state`) && g.ops.some((op) => op.op === "hincrbyfloat")), "the user's state and features in one group");
+  assert.deepEqual(await store.commit(first.groups), first.groups.map(() => true));
+  // A redelivered batch (a crash before the ack): a new worker reads the user's guard from Redis,
+  // recognises every input as applied, and has nothing to commit.
+  const again = await runBatch();
+  assert.deepEqual(again.results.map((r) => r.dropped), ["already_applied", "already_applied", "already_applied"]);
+  assert.deepEqual(again.groups, []);
 
   const r = await readFeatures(store, "feedback", "response", "r-1");
   assert.equal(r!.user, USER);

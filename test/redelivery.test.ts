@@ -13,7 +13,7 @@ import { findOperator } from "../operators/index.js";
 import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Envelope } from "../src/core/event.js";
-import type { OperatorSpec, Processor } from "../src/core/operator.js";
+import { isKeyedProcessor, type KeyedProcessor, type OperatorSpec } from "../src/core/operator.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { stageGroups, stageSubject } from "../src/config/topology.js";
@@ -39,7 +39,7 @@ test("redelivered inputs behind newer ones: each input of a partition runs once,
   // Small batches (a pull asks for two), a short ack_wait, and a stall of 2.5 ack_waits.
   const ACK_WAIT = 1000;
   const STALL = 2500;
-  const p = loadPipelineOrThrow(PIPELINE, { env, set: ["runtime.batch_size=10", `runtime.ack_wait=${ACK_WAIT}ms`, "event_time.max_out_of_orderness=5m"], operators: findOperator });
+  const p = loadPipelineOrThrow(PIPELINE, { env, set: ["runtime.batch_size=10", `runtime.ack_wait=${ACK_WAIT}ms`, "runtime.lease_ttl=10s", "event_time.max_out_of_orderness=5m"], operators: findOperator });
   const bound = p.event_time.max_out_of_orderness_ms;
   nats = await connectNats(p, "redelivery-test");
   redis = new Redis(servers.redisUrl);
@@ -70,21 +70,25 @@ test("redelivered inputs behind newer ones: each input of a partition runs once,
   const dedupe = findOperator("dedupe")!;
   const recording: OperatorSpec<any> = {
     ...dedupe,
-    async create(config, ctx): Promise<Processor> {
+    async create(config, ctx) {
       const inner = await dedupe.create(config, ctx);
+      assert.ok(isKeyedProcessor(inner));
       return {
-        onWatermark: inner.onWatermark && ((partition, wm) => inner.onWatermark!(partition, wm)),
-        close: inner.close && (() => inner.close!()),
-        async process(batch) {
-          const mine = batch.filter((x) => x.partition === 0);
-          for (const x of mine) given.push({ id: x.envelope!.event.event_id, seq: x.seq, wm: x.watermark_ms, deliveries: x.deliveries });
-          if (mine.length && !stalled) {
-            stalled = true;
-            await new Promise((r) => setTimeout(r, STALL));
+        codec: inner.codec,
+        processElement(x, key) {
+          if (x.partition === 0) {
+            given.push({ id: x.envelope.event.event_id, seq: x.seq, wm: x.watermark_ms, deliveries: x.deliveries });
+            if (!stalled) {
+              // A loaded machine: the event loop is busy for 2.5 ack_waits while the batch's
+              // messages (and the next pull's) wait; the server redelivers them meanwhile.
+              stalled = true;
+              const until = Date.now() + STALL;
+              while (Date.now() < until);
+            }
           }
-          return inner.process(batch);
+          return inner.processElement(x, key);
         },
-      };
+      } satisfies KeyedProcessor<unknown>;
     },
   };
   worker = new Worker({ pipeline: p, operators: (name) => (name === "dedupe" ? recording : findOperator(name)), groups: ["dedupe"], log: silent, env, redis, nats });

@@ -24,24 +24,18 @@ import { controlAcksKey, controlKey, controlWorkersKey, pauseGroups, readControl
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
+import { decideLabel, fenceField, fencesKey, labelContentHash, publishedKey, seedLabel, type PublishedLabel } from "../src/runtime/label-registry.js";
 import {
-  decideLabel,
   executeReplay,
-  fenceField,
-  fencesKey,
   groupState,
   keptByRebuild,
-  labelContentHash,
   parseReplayPoint,
   planReplay,
-  seedLabel,
   selectGroups,
-  publishedKey,
   seqAtTime,
   stateMatcher,
   versionAtLeast,
   wipeState,
-  type PublishedLabel,
   type StateMatcher,
 } from "../src/runtime/replay.js";
 import { stageGroups, streamName } from "../src/config/topology.js";
@@ -176,7 +170,7 @@ function keysOfFeedback(prefix: string): Record<string, string[]> {
     pipeline: [pipelineKey(prefix, "fences"), controlKey(prefix, "label-derive"), controlAcksKey(prefix, "label-derive"), controlWorkersKey(prefix, "label-derive"), pipelineKey(prefix, "lease", "label-derive", 3), pipelineKey(prefix, "workers", "label-derive")],
     dedupe: [stage("dedupe", "seen", "e1"), stage("dedupe", "seen", trap), stage("dedupe", "seen", "r:9}:label-derive:applied"), partitionKey(prefix, "dedupe", 0, "wm")],
     "bot-score": [stage("bot-score", "state"), stage("bot-score", "applied"), partitionKey(prefix, "bot-score", 7, "wm")],
-    sessionize: [stage("sessionize", "sessions"), stage("sessionize", "applied"), partitionKey(prefix, "sessionize", 2, "timers"), partitionKey(prefix, "sessionize", 2, "wm")],
+    sessionize: [stage("sessionize", "state"), partitionKey(prefix, "sessionize", 2, "timers"), partitionKey(prefix, "sessionize", 2, "wm")],
     reformulation: [stage("reformulation", "state"), stage("reformulation", "applied"), partitionKey(prefix, "reformulation", 1, "wm")],
     "label-derive": [
       stage("label-derive", "state"),

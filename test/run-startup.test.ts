@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { freePort, isPortFree } from "../src/services/processes.js";
 import { startServers, type TestServers } from "./harness.js";
 import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";

@@ -27,9 +27,12 @@ import { partitionOf } from "../src/core/partition.js";
 import { parsePseudonymKey, pseudonymize } from "../src/core/pseudonym.js";
 import { partitionKey, pipelineKey, userKey } from "../src/core/state.js";
 import { ManualClock } from "../src/core/clock.js";
-import type { StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type StageInput } from "../src/core/operator.js";
 import { MemoryStateStore } from "../src/state/memory.js";
+import { KeyedChain, emptyResult, type KeyedStage } from "../src/runtime/chain.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
+import { StageState } from "../src/runtime/keyed-state.js";
+import { assignWatermarks, type PartitionProgress } from "../src/runtime/watermarks.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
 import type { PipelineStatus } from "../src/runtime/status.js";
@@ -133,28 +136,35 @@ function byMsgId(msgs: StoredMsg[], what: string): Map<string, unknown> {
   return out;
 }
 
-// The worker runs every partition it owns on one operator instance, each partition in its own
-// loop: one partition's batch can be processed between another's `process` and `onWatermark`.
+// The worker runs every partition it owns with one operator instance, each partition in its own
+// loop with its own keyed state: one partition's batch can run while another's is in flight.
 // No real servers needed; the e2e test below shows the same through NATS and Redis.
-test("one sessionize instance keeps each partition's round apart when rounds interleave, as a worker runs them", async () => {
+test("one sessionize instance keeps each partition's rounds apart when they interleave, as a worker runs them", async () => {
   const MIN = 60_000;
   const T0 = Date.UTC(2025, 0, 1);
   const state = new MemoryStateStore(() => 0);
   const noop = (): void => {};
-  const op = await sessionize.create({ gap: "30m", allowed_lateness: "5m", max_session_length: "4h", emit_updates: true }, {
+  const log = { debug: noop, info: noop, warn: noop, error: noop };
+  const proc = await sessionize.create({ gap: "30m", allowed_lateness: "5m", max_session_length: "4h", emit_updates: true }, {
     pipeline: "p",
     prefix: "p",
     stage: STAGE,
     partitions: 2,
     state,
     clock: new ManualClock(0),
-    log: { debug: noop, info: noop, warn: noop, error: noop },
+    log,
     metrics: { count: noop },
     env: {},
     devMode: true,
   });
+  assert.ok(isKeyedProcessor(proc));
+  const chains = [0, 1].map((n) => {
+    const stage: KeyedStage = { name: STAGE, proc, state: new StageState(state, "p", STAGE, n, proc.codec, log), counters: { count: noop }, clock: new ManualClock(0) };
+    return new KeyedChain([stage], n);
+  });
+  const progress: PartitionProgress[] = [{ hwm: 0 }, { hwm: 0 }];
   let seq = 0;
-  const input = (user: string, partition: number, atMs: number, watermark: number | undefined): StageInput => {
+  const input = (user: string, partition: number, atMs: number): StageInput => {
     const ts = T0 + atMs;
     const n = ++seq;
     const env: Envelope = {
@@ -164,21 +174,22 @@ test("one sessionize instance keeps each partition's round apart when rounds int
       partition,
       attrs: {},
     };
-    return { seq: n, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: 0, partition, watermark_ms: watermark, envelope: env };
+    return { seq: n, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: 0, partition, envelope: env };
   };
-  // One round as the worker runs it: process, fire the watermark, publish, apply the inputs' commits, then the watermark's.
-  const round = async (partition: number, batch: StageInput[], wm: number, meanwhile?: () => Promise<unknown>) => {
-    const outs = await op.process(batch);
-    await meanwhile?.();
-    const fired = await op.onWatermark!(partition, wm);
-    await state.commit(outs.flatMap((o) => o.commits ?? []));
-    await state.commit(fired.commits);
-    return outs.flatMap((o) => o.emits).find((e) => e.to === "next")!.value as Envelope;
+  // One round as the worker runs it: watermarks, the chain (timers included), publish, commit with the partition's progress.
+  const round = async (n: number, batch: StageInput[]) => {
+    const after = assignWatermarks(batch, progress[n]!, 5 * MIN);
+    const results = batch.map(emptyResult);
+    const sink = emptyResult();
+    await chains[n]!.run(batch.map((input, msg) => ({ msg, input })), after.wm, results, sink);
+    await state.commit(chains[n]!.takeCommits(results, sink, T0).flat());
+    progress[n] = { hwm: batch.at(-1)!.seq, maxTs: after.maxTs, wm: after.wm };
+    return results.flatMap((r) => r.emits).find((e) => e.emit.to === "next")!.emit.value as Envelope;
   };
-  await round(0, [input("u0", 0, 0, undefined)], T0 - 5 * MIN);
+  await round(0, [input("u0", 0, 0)]);
   // u0 at 60m: the watermark (55m) closes its first session and the event opens a second, while partition 1 runs a batch.
-  const second = await round(0, [input("u0", 0, 60 * MIN, T0 - 5 * MIN)], T0 + 55 * MIN, () => op.process([input("u1", 1, 0, undefined)]));
-  const third = await round(0, [input("u0", 0, 70 * MIN, T0 + 55 * MIN)], T0 + 65 * MIN);
+  const [second] = await Promise.all([round(0, [input("u0", 0, 60 * MIN)]), round(1, [input("u1", 1, 0)])]);
+  const third = await round(0, [input("u0", 0, 70 * MIN)]);
   assert.deepEqual(third.attrs.session, { id: (second.attrs.session as SessionAttr).id, seq_in_session: 2 }, "10 minutes later: the same session");
 });
 
@@ -534,9 +545,12 @@ test("sessionize end to end: generated sessions through NATS and Redis, two work
   assert.deepEqual(stageKeys.filter((k) => wmKeys.includes(k)), wmKeys, "every partition's watermark is persisted");
   const left = stageKeys.filter((k) => !wmKeys.includes(k));
   const timers = partitionKey(prefix, STAGE, FLUSH_PARTITION, "timers");
-  // An `applied` key and a timer left for a user without sessions mean an idle advance took an
-  // acked round's users for unacked ones (the stragglers' users are the ones at risk).
-  assert.deepEqual(left, [userKey(prefix, flushId.user, STAGE, "sessions"), userKey(prefix, flushId.user, STAGE, "applied"), timers].sort(), "once every session has closed, only the flush user's open session and its timer remain");
+  // A user whose sessions have all closed keeps only its applied sequence (`<seq>:`, the
+  // exactly-once guard) until the state TTL; sessions or a timer left for such a user mean a
+  // timer was lost or fired wrong (the stragglers' users are the ones at risk).
+  const values = left.length ? await redis.mget(...left) : [];
+  const live = left.filter((_, i) => !/^\d+:$/.test(values[i] ?? ""));
+  assert.deepEqual(live, [userKey(prefix, flushId.user, STAGE, "state"), timers].sort(), "once every session has closed, only the flush user's open session and its timer remain");
   assert.deepEqual(await redis.zrange(timers, "0", "-1"), [flushId.user]);
   assert.deepEqual(left, oracle.state.keys(), "the same keys as the oracle's store");
   mark("checked");

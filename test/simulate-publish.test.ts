@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { findOperator } from "../operators/index.js";
-import { projectRoot } from "../src/cli/paths.js";
+import { projectRoot } from "../src/config/paths.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { readDeadLetters } from "../src/runtime/dlq.js";

@@ -5,7 +5,7 @@ import { findOperator } from "../../operators/index.js";
 import { compileEnrichConfig } from "../../operators/enrich.js";
 import { loadPipelineOrThrow } from "../config/load.js";
 import { simulate } from "../sim/simulate.js";
-import { projectRoot } from "./paths.js";
+import { projectRoot } from "../config/paths.js";
 import { inputEnrichConfig, precheckLine, precheckLines, precheckWarning } from "./precheck.js";
 
 const NOW = Date.parse("2026-12-02T12:00:00Z");

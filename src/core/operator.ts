@@ -168,7 +168,8 @@ export interface StateCodec<S> {
   decode(raw: string): S;
   /**
    * How long the stored state lives after a write, in ms; `eventTimeMs` is the event time of
-   * the write. Undefined state (cleared) is kept as a small tombstone for this long too.
+   * the write. A cleared (undefined) state stays this long as a tombstone `<applied seq>:` (the
+   * guard of a user whose last batch was committed without its partition's progress, on Cluster).
    */
   ttlMs(state: S | undefined, eventTimeMs: number): number;
 }
@@ -229,6 +230,6 @@ export interface KeyedProcessor<S> {
 }
 
 /** True when a processor is keyed (built by a keyed operator's `create`). */
-export function isKeyedProcessor(p: unknown): p is KeyedProcessor<unknown> {
+export function isKeyedProcessor(p: unknown): p is KeyedProcessor<any> {
   return typeof (p as { processElement?: unknown } | null)?.processElement === "function";
 }

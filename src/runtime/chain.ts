@@ -1,5 +1,5 @@
 import type { Envelope } from "../core/event.js";
-import { TacitError, errorMessage } from "../core/errors.js";
+import { BadInputError, TacitError, errorMessage } from "../core/errors.js";
 import type { KeyedInput, KeyedProcessor, TimerFiring } from "../core/operator.js";
 import type { ManualClock } from "../core/clock.js";
 import type { Emit, OperatorMetrics, Outcome, Processor, StageInput } from "../core/operator.js";
@@ -59,8 +59,9 @@ function record(counters: StageMetrics, stage: string, o: Outcome, r: MsgResult,
     r.dropped ??= o.dropped;
   }
   for (const e of o.emits) {
+    // Counted under the runtime's own names: an operator's counter of the same name (sessionize's `late`) stays apart.
     if (e.to === "next") counters.count("out");
-    else counters.count(e.to);
+    else counters.count("side_output", 1, { to: e.to });
     if (!(e.to === "next" && onNext(e))) r.emits.push({ stage, emit: e });
   }
 }
@@ -142,7 +143,10 @@ export class KeyedChain {
   private async prepare(items: Item[], finalWm: number | undefined): Promise<void> {
     await Promise.all(this.stages.map((s) => s.state.loadTimers()));
     const users = new Set<string>();
-    for (const it of items) users.add(it.input.envelope!.event.user);
+    for (const it of items) {
+      const user = it.input.envelope?.event?.user;
+      if (typeof user === "string") users.add(user);
+    }
     if (finalWm !== undefined) for (const s of this.stages) for (const u of s.state.dueUsers(finalWm)) users.add(u);
     await Promise.all(this.stages.map((s) => s.state.load(users)));
   }
@@ -175,9 +179,14 @@ export class KeyedChain {
     if (wm !== undefined) this.fireDue(k, wm, results, sink);
     const stage = this.stages[k]!;
     const input = it.input as KeyedInput;
-    const user = input.envelope.event.user;
     const r = it.msg >= 0 ? results[it.msg]! : sink;
     stage.counters.count("in");
+    const user = input.envelope?.event?.user;
+    if (typeof user !== "string" || !Number.isFinite(input.envelope.event.ts)) {
+      // Keyed state needs a user and an event time: such an input never touches it.
+      record(stage.counters, stage.name, { emits: [], error: new BadInputError("bad_envelope", `${stage.name} needs an envelope with event.user and event.ts (seq ${input.seq})`) }, r, () => false);
+      return;
+    }
     // The runtime's exactly-once guard: an input at or below the user's applied sequence ran before.
     if (it.msg >= 0 && input.seq <= stage.state.applied(user)) {
       stage.counters.count("dropped", 1, { reason: "already_applied" });
@@ -204,22 +213,25 @@ export class KeyedChain {
   }
 
   /**
-   * The commit of everything since the last one: timer changes first (a crash before the rest
-   * leaves a timer that finds nothing to do), then per user its state with the effects it
-   * produced (features), merged by hash tag so they land in one atomic step, then the rest.
-   * Errored and retried inputs contribute no effects. `eventTimeMs` dates the state TTLs.
+   * The commit of everything since the last one: new or earlier timers, then per user its state
+   * with the effects it produced (features), merged by hash tag so they land in one atomic step,
+   * then later or removed timers (see StageState.takeChanges). Errored and retried inputs
+   * contribute no effects. `eventTimeMs` dates the state TTLs. Returned as phases, each to land
+   * before the next starts (on a single Redis, one MULTI/EXEC in this order does that).
    */
-  takeCommits(results: MsgResult[], sink: MsgResult, eventTimeMs: number): CommitGroup[] {
-    const timers: CommitGroup[] = [];
+  takeCommits(results: MsgResult[], sink: MsgResult, eventTimeMs: number): CommitGroup[][] {
+    const before: CommitGroup[] = [];
     const users: CommitGroup[] = [];
+    const after: CommitGroup[] = [];
     for (const s of this.stages) {
       const c = s.state.takeChanges(eventTimeMs);
-      timers.push(...c.timers);
+      before.push(...c.timersBefore);
       users.push(...c.users);
+      after.push(...c.timersAfter);
     }
     for (const r of results) if (!r.retry && !r.error) users.push(...r.commits);
     users.push(...sink.commits);
-    return [...timers, ...mergeByTag(users)];
+    return [before, mergeByTag(users), after];
   }
 
   /** Forgets the in-memory state (a failed batch, a lost lease): it is read again from Redis. */

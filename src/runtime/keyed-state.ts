@@ -65,6 +65,8 @@ export class StageState<S> {
   /** [at, user] min-heap; an element is live only while `timers` maps its user to its time. */
   private heap: [number, string][] = [];
   private readonly timerChanges = new Map<string, number | undefined>();
+  /** For each user in `timerChanges`: its timer as last committed (undefined: none). */
+  private readonly timerCommitted = new Map<string, number | undefined>();
   private loadedTimers = false;
   readonly timersKey: string;
 
@@ -132,10 +134,16 @@ export class StageState<S> {
     });
   }
 
-  /** Users whose timer is due at `wm` or earlier (loaded or not). */
+  /** Users whose timer is due at `wm` or earlier (loaded or not): a walk of the heap's due part only. */
   dueUsers(wm: number): string[] {
     const out: string[] = [];
-    for (const [u, at] of this.timers) if (at <= wm) out.push(u);
+    const stack = this.heap.length && this.heap[0]![0] <= wm ? [0] : [];
+    while (stack.length) {
+      const i = stack.pop()!;
+      const [at, user] = this.heap[i]!;
+      if (this.timers.get(user) === at) out.push(user);
+      for (const c of [2 * i + 1, 2 * i + 2]) if (c < this.heap.length && this.heap[c]![0] <= wm) stack.push(c);
+    }
     return out;
   }
 
@@ -149,8 +157,7 @@ export class StageState<S> {
       }
       if (at > wm) return undefined;
       heapPop(this.heap);
-      this.timers.delete(user);
-      this.timerChanges.set(user, undefined);
+      this.changeTimer(user, undefined);
       return { user, at };
     }
     return undefined;
@@ -192,11 +199,18 @@ export class StageState<S> {
 
   private setTimer(user: string, at: number | undefined): void {
     if (this.timers.get(user) === at) return;
-    if (at === undefined) this.timers.delete(user);
-    else {
-      this.timers.set(user, at);
+    this.changeTimer(user, at);
+    if (at !== undefined) {
       heapPush(this.heap, [at, user]);
+      // Replaced timers stay in the heap until they surface: rebuild it before they pile up.
+      if (this.heap.length > 2 * this.timers.size + 1024) this.heap = [...this.timers].map(([u, t]) => [t, u] as [number, string]).sort(cmp);
     }
+  }
+
+  private changeTimer(user: string, at: number | undefined): void {
+    if (!this.timerChanges.has(user)) this.timerCommitted.set(user, this.timers.get(user));
+    if (at === undefined) this.timers.delete(user);
+    else this.timers.set(user, at);
     this.timerChanges.set(user, at);
   }
 
@@ -207,16 +221,23 @@ export class StageState<S> {
   }
 
   /**
-   * What changed since the last commit, as commit groups: timer changes first (a crash before
-   * the state leaves a timer that finds nothing to do), then one group per user. `eventTimeMs`
-   * dates the TTLs. Clears the change sets: call `drop` if the commit then fails.
+   * What changed since the last commit, as commit groups: timers that are new or earlier than
+   * committed go before the users' states, timers that are later or gone after them. On Redis
+   * Cluster the parts land one after another, and a crash in between then leaves only a timer
+   * that fires too early and finds nothing to do, never a state whose timer is missing or late.
+   * `eventTimeMs` dates the TTLs. Clears the change sets: call `drop` if the commit then fails.
    */
-  takeChanges(eventTimeMs: number): { timers: CommitGroup[]; users: CommitGroup[] } {
-    const timerOps: StateOp[] = [];
+  takeChanges(eventTimeMs: number): { timersBefore: CommitGroup[]; users: CommitGroup[]; timersAfter: CommitGroup[] } {
+    const before: StateOp[] = [];
+    const after: StateOp[] = [];
     for (const [user, at] of this.timerChanges) {
-      timerOps.push(at === undefined ? { op: "zrem", key: this.timersKey, member: user } : { op: "zadd", key: this.timersKey, score: at, member: user });
+      const was = this.timerCommitted.get(user);
+      if (at === was) continue;
+      if (at === undefined) after.push({ op: "zrem", key: this.timersKey, member: user });
+      else (was === undefined || at < was ? before : after).push({ op: "zadd", key: this.timersKey, score: at, member: user });
     }
     this.timerChanges.clear();
+    this.timerCommitted.clear();
     const users: CommitGroup[] = [];
     for (const user of this.dirty) {
       const e = this.entries.get(user)!;
@@ -225,7 +246,8 @@ export class StageState<S> {
       users.push({ ops: [{ op: "set", key: this.stateKey(user), value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
     }
     this.dirty.clear();
-    return { timers: timerOps.length ? [{ ops: timerOps }] : [], users };
+    const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
+    return { timersBefore: group(before), users, timersAfter: group(after) };
   }
 
   /** After a commit: evicts clean entries beyond this stage's share of the budget, least recently used first. */
@@ -244,6 +266,7 @@ export class StageState<S> {
     this.dirty.clear();
     this.timers.clear();
     this.timerChanges.clear();
+    this.timerCommitted.clear();
     this.heap = [];
     this.loadedTimers = false;
   }
@@ -269,9 +292,19 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
     const tag = hashTagOf(g.ops[0]!.key);
     const same = g.ops.every((op) => hashTagOf(op.key) === tag);
     const into = same ? byTag.get(tag) : undefined;
-    if (into) into.ops.push(...g.ops);
-    else {
-      const copy = { ops: [...g.ops] };
+    if (into) {
+      for (const op of g.ops) {
+        // Repeated hash writes of one key fold into the first (later fields win): a user's
+        // features set by each of a batch's inputs are written once. Increments are kept in
+        // stream order, so the sums do not depend on where batches begin.
+        const prev = op.op === "hset" ? into.ops.find((x): x is Extract<StateOp, { op: "hset" }> => x.op === "hset" && x.key === op.key) : undefined;
+        if (prev && op.op === "hset") {
+          prev.fields = { ...prev.fields, ...op.fields };
+          if (op.ttl_ms !== undefined) prev.ttl_ms = op.ttl_ms;
+        } else into.ops.push(op);
+      }
+    } else {
+      const copy = { ops: g.ops.map((op) => (op.op === "hset" ? { ...op } : op)) };
       if (same) byTag.set(tag, copy);
       out.push(copy);
     }

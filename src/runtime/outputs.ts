@@ -55,7 +55,7 @@ export class Outputs {
    * registry updates, which are committed after the publishes (a crash in between publishes the
    * same ids again, which JetStream drops).
    */
-  private async planLabels(results: MsgResult[], sink: MsgResult): Promise<{ plan: Map<Emit, { rev: number; k: number } | null>; commits: CommitGroup[] }> {
+  private async planLabels(results: MsgResult[], sink: MsgResult, pending: Map<string, PublishedLabel | undefined>): Promise<{ plan: Map<Emit, { rev: number; k: number } | null>; commits: CommitGroup[] }> {
     const labels: Emit[] = [];
     for (const r of [...results, sink]) {
       if (r.retry || r.error) continue;
@@ -70,9 +70,9 @@ export class Outputs {
       const v = e.value as { label_id: string; user: string };
       return publishedKey(this.p.subject_prefix, v.user, v.label_id);
     };
-    const keys = [...new Set(labels.map(keyOf))];
-    const stored = await this.state.get(keys);
-    const reg = new Map<string, PublishedLabel | undefined>();
+    const keys = [...new Set(labels.map(keyOf))].filter((k) => !pending.has(k));
+    const stored = keys.length ? await this.state.get(keys) : [];
+    const reg = pending;
     keys.forEach((k, i) => reg.set(k, stored[i] ? (JSON.parse(stored[i]!) as PublishedLabel) : undefined));
     const changed = new Set<string>();
     for (const e of labels) {
@@ -94,9 +94,10 @@ export class Outputs {
   /**
    * Publishes the emits and dead letters of a batch, all in flight at once (bounded). `msgs[i]`
    * is the message of `results[i]`. Returns the registry updates of the labels it published, to
-   * commit with the batch.
+   * commit with the batch. `registry` holds registry entries decided but not committed yet (the
+   * caller clears it after each commit): it is read before Redis and updated.
    */
-  async publish(g: StageGroup, msgs: SourceMsg[], results: MsgResult[], sink: MsgResult): Promise<CommitGroup[]> {
+  async publish(g: StageGroup, msgs: SourceMsg[], results: MsgResult[], sink: MsgResult, registry: Map<string, PublishedLabel | undefined>): Promise<CommitGroup[]> {
     const p = this.p;
     const pub = publisherFor(this.nc);
     // Issued without an await in between (until max_in_flight are out), so a batch's publishes
@@ -111,7 +112,7 @@ export class Outputs {
       await Promise.all(pending);
       pending.length = 0;
     };
-    const { plan, commits } = await this.planLabels(results, sink);
+    const { plan, commits } = await this.planLabels(results, sink, registry);
     const last = g.index === this.groups.length - 1;
     const now = Date.now();
     const observer = this.observer;

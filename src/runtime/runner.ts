@@ -9,12 +9,14 @@ import type { StageCounters } from "../telemetry/metrics.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { KeyedChain, emptyResult, runUnkeyed, type Item, type KeyedStage, type MsgResult, type UnkeyedStage } from "./chain.js";
 import { CacheBudget, StageState } from "./keyed-state.js";
-import { fenceField, fencesKey, parseFence, type Fence } from "./label-registry.js";
+import { fenceField, fencesKey, parseFence, type Fence, type PublishedLabel } from "./label-registry.js";
 import type { NatsHandles } from "./nats.js";
 import { DLQ_HEADERS, Outputs } from "./outputs.js";
 import { durableName, type StageGroup } from "../config/topology.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
 
+/** With a commit interval: most batches held uncommitted at once. */
+const MAX_HELD_BATCHES = 8;
 /** How long one pull request waits for messages; also the longest a stop waits for it. */
 const FETCH_EXPIRES_MS = 2000;
 const decoder = new TextDecoder();
@@ -59,7 +61,17 @@ export class ConsumerRunner {
   private loop?: Promise<void>;
   private stopping = false;
   private abandon = false;
+  /** Keyed: the partition's progress as processed (`committed`: as last committed). */
   private progress: PartitionProgress = { hwm: 0 };
+  private committed: PartitionProgress = { hwm: 0 };
+  /**
+   * Keyed, with `runtime.commit_interval`: batches processed and published but not committed
+   * yet (Kafka Streams' commit interval): their messages are acked after the commit, and a
+   * user's state that several of them changed is written once.
+   */
+  private held: { msgs: JsMsg[]; results: MsgResult[]; sinks: MsgResult[]; labels: CommitGroup[]; since: number } | undefined;
+  /** Label registry decisions not committed yet (see Outputs.publish). */
+  private readonly registry = new Map<string, PublishedLabel | undefined>();
   /** Set by `tacit replay`: inputs up to here (and timers up to its watermark) were published before. */
   private fence: Fence | undefined;
   /** Wall-clock time of the last input (for idleness only). */
@@ -101,6 +113,7 @@ export class ConsumerRunner {
       await this.resumeInOrder();
       const h = await state.hgetall(this.wmKey);
       this.progress = { hwm: Number(h.applied_seq ?? 0) || 0, maxTs: h.max_ts ? Number(h.max_ts) : undefined, wm: h.wm ? Number(h.wm) : undefined };
+      this.committed = { ...this.progress };
       const stages: KeyedStage[] = [];
       for (const s of this.g.stages) {
         const clock = new ManualClock(0);
@@ -224,8 +237,15 @@ export class ConsumerRunner {
 
   private async run(): Promise<void> {
     for (;;) {
+      if (this.held && this.buffer.length === 0) await this.withRetry([], () => this.flush());
       const msgs = await this.take();
-      if (!msgs || this.abandon) return;
+      if (this.abandon) return;
+      if (!msgs) {
+        // Stopping: what was processed is committed and settled before the runner ends.
+        if (this.held) await this.withRetry([], () => this.flush());
+        if (this.held || this.buffer.length) continue;
+        return;
+      }
       if (msgs === "idle") {
         const target = this.idleTarget!;
         this.idleTarget = undefined;
@@ -272,13 +292,13 @@ export class ConsumerRunner {
 
   private async advanceIdle(wm: number): Promise<void> {
     if (this.progress.wm !== undefined && wm <= this.progress.wm) return;
+    await this.flush();
     const sink = emptyResult();
     await this.chain!.advance(wm, sink);
     if (this.fence?.wm !== undefined && wm <= this.fence.wm) fenceOff(sink);
-    const labels = await this.w.outputs.publish(this.g, [], [], sink);
-    const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields: { wm, idle_advanced_at: Date.now() } }] };
-    const next = { ...this.progress, wm };
-    await this.commitKeyed([], sink, labels, progress, next);
+    const labels = await this.w.outputs.publish(this.g, [], [], sink, this.registry);
+    this.progress = { ...this.progress, wm };
+    await this.commitKeyed([], [], [sink], labels, { idle_advanced_at: Date.now() });
   }
 
   /** Transient failures (Redis or NATS down) retry the whole batch in order, with backoff. */
@@ -290,7 +310,7 @@ export class ConsumerRunner {
         return;
       } catch (err) {
         // What the failed batch changed in memory was not committed: read it again from Redis.
-        this.chain?.drop();
+        const held = this.rewind();
         if (this.abandon) return;
         const retryable = err instanceof TacitError ? err.retryable : true;
         const delay = backoff[Math.min(attempt, backoff.length - 1)] ?? 1000;
@@ -298,8 +318,24 @@ export class ConsumerRunner {
         for (const m of msgs) m.working();
         await new Promise((r) => setTimeout(r, delay));
         if (this.abandon) return;
+        if (held.length) {
+          // Held batches are run again too, before this one: back to the buffer, in order.
+          const seen = new Set(held.map((m) => m.seq));
+          this.buffer.unshift(...held, ...msgs.filter((m) => !seen.has(m.seq)));
+          return;
+        }
       }
     }
+  }
+
+  /** Forgets everything not committed (state in memory, held batches, registry decisions); returns the held messages. */
+  private rewind(): JsMsg[] {
+    this.chain?.drop();
+    this.registry.clear();
+    this.progress = { ...this.committed };
+    const held = this.held?.msgs ?? [];
+    this.held = undefined;
+    return held;
   }
 
   /** Turns messages into stage inputs; undecodable envelopes fail at once. */
@@ -354,7 +390,7 @@ export class ConsumerRunner {
     });
     this.applyFence(msgs, results, undefined);
     const sink = emptyResult();
-    const labels = await this.w.outputs.publish(this.g, msgs, results, sink);
+    const labels = await this.w.outputs.publish(this.g, msgs, results, sink, new Map());
     const groups: CommitGroup[] = [];
     for (const r of results) if (!r.retry && !r.error) groups.push(...r.commits);
     groups.push(...labels);
@@ -370,7 +406,8 @@ export class ConsumerRunner {
     const { run: msgs, done, redelivered } = admitInOrder(batch, this.progress.hwm);
     if (done.length) counters.count("dropped", done.length, { reason: "already_applied" });
     if (redelivered) counters.count("dropped", redelivered, { reason: "redelivered" });
-    for (const m of done) m.ack();
+    // A copy of a held (processed, not yet committed) input is settled by the held one's ack.
+    for (const m of done) if (m.seq <= this.committed.hwm) m.ack();
     if (msgs.length === 0) return;
     // The first input past a replay fence continues from the watermark the partition had when
     // the replay began: timers up to it fired then (their outputs were published).
@@ -401,17 +438,30 @@ export class ConsumerRunner {
     });
     this.applyFence(msgs, results, sink);
 
-    const labels = await this.w.outputs.publish(this.g, msgs, results, sink);
+    const labels = await this.w.outputs.publish(this.g, msgs, results, sink, this.registry);
     // The partition's progress: the watermark and the high-water mark move together.
-    const top = msgs[msgs.length - 1]!.seq;
-    const fields: Record<string, number> = { applied_seq: top, last_input_at: Date.now() };
-    if (after.wm !== undefined && (this.progress.wm === undefined || after.wm > this.progress.wm)) Object.assign(fields, { max_ts: after.maxTs!, wm: after.wm });
-    const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields }] };
-    const committed = await this.commitKeyed(results, sink, labels, progress, { hwm: Math.max(this.progress.hwm, top), maxTs: after.maxTs, wm: after.wm });
-    if (!committed) return;
-    if (after.wm !== undefined) this.w.observer?.watermarkLag(this.g.name, this.partition!, Date.now() - after.wm);
-    this.settle(msgs, results);
+    this.progress = { hwm: Math.max(this.progress.hwm, msgs[msgs.length - 1]!.seq), maxTs: after.maxTs, wm: after.wm };
     this.w.observer?.batch(this.g.name, performance.now() - t0, batch.length);
+    if (after.wm !== undefined) this.w.observer?.watermarkLag(this.g.name, this.partition!, Date.now() - after.wm);
+    const held = (this.held ??= { msgs: [], results: [], sinks: [], labels: [], since: Date.now() });
+    held.msgs.push(...msgs);
+    held.results.push(...results);
+    held.sinks.push(sink);
+    held.labels.push(...labels);
+    const rt = this.w.pipeline.runtime;
+    // Never near ack_wait: held messages are not acked.
+    const interval = Math.min(rt.commit_interval_ms, rt.ack_wait_ms / 4);
+    if (interval > 0 && this.buffer.length > 0 && Date.now() - held.since < interval && held.msgs.length < MAX_HELD_BATCHES * rt.batch_size) return;
+    await this.flush();
+  }
+
+  /** Commits the held batches (if any) and settles their messages. */
+  private async flush(): Promise<void> {
+    const held = this.held;
+    if (!held) return;
+    if (!(await this.commitKeyed(held.msgs, held.results, held.sinks, held.labels, { last_input_at: Date.now() }))) return;
+    this.held = undefined;
+    this.settle(held.msgs, held.results);
   }
 
   /**
@@ -440,7 +490,7 @@ export class ConsumerRunner {
    * another slot) the lease is read just before, the groups land per hash tag and the progress
    * after them, and each user's stored guard keeps a re-read from applying twice.
    */
-  private async commitKeyed(results: MsgResult[], sink: MsgResult, labels: CommitGroup[], progress: CommitGroup, next: PartitionProgress): Promise<boolean> {
+  private async commitKeyed(msgs: JsMsg[], results: MsgResult[], sinks: MsgResult[], labels: CommitGroup[], extra: Record<string, number>): Promise<boolean> {
     const chain = this.chain!;
     const { state } = this.w;
     const lease = this.w.commitLease(this.g, this.partition!);
@@ -448,14 +498,21 @@ export class ConsumerRunner {
       this.leaseLost();
       return false;
     }
-    const eventTime = next.maxTs ?? this.progress.maxTs ?? 0;
-    const groups = [...chain.takeCommits(results, sink, eventTime), ...labels];
+    const next = this.progress;
+    const fields: Record<string, number> = { ...extra };
+    if (msgs.length) fields.applied_seq = next.hwm;
+    if (next.wm !== undefined && (this.committed.wm === undefined || next.wm > this.committed.wm)) {
+      fields.wm = next.wm;
+      if (next.maxTs !== undefined) fields.max_ts = next.maxTs;
+    }
+    const progress: CommitGroup = { ops: [{ op: "hset", key: this.wmKey, fields }] };
+    const sink = emptyResult();
+    for (const x of sinks) sink.commits.push(...x.commits);
+    const [before, users, after] = chain.takeCommits(results, sink, next.maxTs ?? 0);
+    const phases = [before!, [...users!, ...labels], after!, [progress]];
     try {
-      if (state.inOrder) await state.commit([...groups, progress], lease ? { lease } : {});
-      else {
-        await state.commit(groups);
-        await state.commit([progress]);
-      }
+      if (state.inOrder) await state.commit(phases.flat(), lease ? { lease } : {});
+      else for (const phase of phases) if (phase.length) await state.commit(phase);
     } catch (err) {
       if (err instanceof LeaseLostError) {
         this.leaseLost();
@@ -463,7 +520,8 @@ export class ConsumerRunner {
       }
       throw err;
     }
-    this.progress = next;
+    this.committed = { ...next };
+    this.registry.clear();
     chain.trim();
     return true;
   }

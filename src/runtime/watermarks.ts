@@ -45,8 +45,8 @@ export function assignWatermarks(inputs: StageInput[], progress: PartitionProgre
   const wmOf = (max: number | undefined) => (max === undefined ? floor : floor === undefined ? max - boundMs : Math.max(floor, max - boundMs));
   for (const input of inputs) {
     input.watermark_ms = wmOf(maxTs);
-    const ts = input.envelope?.event.ts;
-    if (typeof ts === "number") maxTs = maxTs === undefined ? ts : Math.max(maxTs, ts);
+    const ts = input.envelope?.event?.ts;
+    if (typeof ts === "number" && Number.isFinite(ts)) maxTs = maxTs === undefined ? ts : Math.max(maxTs, ts);
   }
   return { maxTs, wm: wmOf(maxTs) };
 }

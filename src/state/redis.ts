@@ -53,6 +53,9 @@ return 1
 
 type RedisClient = Redis | Cluster;
 
+/** Most state ops one commit script call carries on a single Redis. */
+const MAX_OPS_PER_CALL = 256;
+
 /** One pipelined command and the key that decides where it runs on Cluster. */
 interface PipelineCommand {
   key: string;
@@ -128,8 +131,19 @@ export class RedisStateStore implements StateStore {
     if (groups.length === 0) return [];
     const lease = opts.lease;
     if (lease && !this.inOrder) throw new Error("a lease-fenced commit needs a single Redis (the lease key is in another hash slot)");
-    const cmds: PipelineCommand[] = [];
+    // On one Redis, consecutive unguarded groups run as one script call: the same order and the
+    // same all-at-once (one MULTI/EXEC), a fraction of the calls. Bounded so no call carries an
+    // ARGV large enough to slow Redis down (redis/redis#2601).
+    const chunks: { group: CommitGroup; members: number }[] = [];
     for (const g of groups) {
+      const last = chunks[chunks.length - 1];
+      if (this.inOrder && !g.guard && last && !last.group.guard && last.group.ops.length + g.ops.length <= MAX_OPS_PER_CALL) {
+        last.group = { ops: [...last.group.ops, ...g.ops] };
+        last.members++;
+      } else chunks.push({ group: g, members: 1 });
+    }
+    const cmds: PipelineCommand[] = [];
+    for (const { group: g } of chunks) {
       const keys: string[] = [g.guard?.key ?? ""];
       const index = new Map<string, number>();
       const ki = (k: string): number => {
@@ -176,7 +190,7 @@ export class RedisStateStore implements StateStore {
     const res = await this.pipelined(cmds, true);
     // One MULTI/EXEC: no other client ran in between, so every group saw the same lease.
     if (lease && res.some((v) => v === -1)) throw new LeaseLostError(lease);
-    return res.map((v) => v === 1);
+    return chunks.flatMap((c, i) => Array<boolean>(c.members).fill(res[i] === 1));
   }
 
   /**

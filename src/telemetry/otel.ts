@@ -25,7 +25,6 @@ export function parseCounterKey(key: string): { name: string; attrs: Record<stri
   return { name: key.slice(0, open), attrs };
 }
 
-const SIDE = new Set(["late", "bots", "sessions", "labels.response", "labels.preference", "labels.session"]);
 
 /**
  * OpenTelemetry metrics for one worker, exported for Prometheus on `/metrics`, with `/healthz`
@@ -62,7 +61,7 @@ export class WorkerTelemetry implements RuntimeObserver {
     counter("tacit_stage_out_total", "records passed to the next stage", (n) => n === "out", () => ({}));
     counter("tacit_stage_dropped_total", "records dropped on purpose (duplicate, sampled out, …)", (n) => n === "dropped", (_, a) => ({ reason: a.reason ?? "unknown" }));
     counter("tacit_stage_dlq_total", "records dead-lettered", (n) => n === "dlq", (_, a) => ({ reason: a.reason ?? "unknown" }));
-    counter("tacit_stage_side_output_total", "records sent to a side output", (n) => SIDE.has(n), (n) => ({ output: n }));
+    counter("tacit_stage_side_output_total", "records sent to a side output", (n) => n === "side_output", (_, a) => ({ output: a.to ?? "unknown" }));
     meter.createObservableGauge("tacit_watermark_lag_ms", { description: "newest event time seen minus the watermark, per partition" }).addCallback((obs) => {
       for (const l of this.lag.values()) obs.observe(l.ms, { group: l.group, partition: String(l.partition) });
     });

@@ -13,9 +13,10 @@ import { OperatorHarness } from "./operator-harness.js";
 
 /**
  * Runs simulated events through the whole default chain in memory — enrich → dedupe → bot-score
- * → sessionize → reformulation → label-derive — with the real operator specs from the registry,
- * one OperatorHarness per keyed stage (per-partition stream order, watermarks, emit dedup by id),
- * and scores the labels and features with `evaluate`.
+ * → sessionize → reformulation → label-derive — with the real operator specs from the registry:
+ * enrich's Processor called directly, then one OperatorHarness per keyed stage (the runtime's own
+ * per-partition stream order, watermarks, keyed state and timers; emit dedup by id), and scores
+ * the labels and features with `evaluate`.
  */
 
 export interface ChainOptions {
@@ -75,6 +76,7 @@ export async function runChain(lines: readonly string[], opts: ChainOptions = {}
     devMode: true,
   };
   const enrichProc = await spec("enrich").create({}, enrichCtx);
+  if (!("process" in enrichProc)) throw new Error("enrich is expected to be unkeyed");
   // Stream time: when the line was published, approximated by the latest event time seen so far.
   let streamTime = 0;
   const inputs: StageInput[] = lines.map((line, i) => {

@@ -319,7 +319,7 @@ export class OperatorHarness<C = Record<string, unknown>> {
 
   /** Commits what the partition changed, then (unless `stateOnly`) its progress, as the worker does. */
   private async commit(run: PartitionRun, results: MsgResult[], sink: MsgResult, stateOnly: boolean): Promise<void> {
-    const groups = run.chain.takeCommits(results, sink, this.clock.now());
+    const groups = run.chain.takeCommits(results, sink, this.clock.now()).flat();
     for (const g of groups) {
       const tags = new Set(g.ops.map((op) => hashTagOf(op.key)));
       if (tags.size > 1) throw new Error(`${this.spec.name}: a commit group spans hash tags ${[...tags].join(", ")}`);

@@ -1,0 +1,158 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ManualClock } from "../core/clock.js";
+import type { Envelope } from "../core/event.js";
+import type { KeyedInput, KeyedProcessor, KeyScope, StageInput, TimerFiring } from "../core/operator.js";
+import { MemoryStateStore } from "../state/memory.js";
+import { KeyedChain, emptyResult, type Item, type MsgResult } from "./chain.js";
+import { CacheBudget, StageState, mergeByTag } from "./keyed-state.js";
+import { assignWatermarks, admitInOrder } from "./watermarks.js";
+
+const silent = { debug() {}, info() {}, warn() {}, error() {} };
+const noMetrics = { count() {} };
+
+/** A keyed operator for the runtime's own tests: counts a user's events, closes after 10 ms of event time. */
+interface Count {
+  n: number;
+  last: number;
+}
+function counter(fired: { user: string; firing: TimerFiring }[]): KeyedProcessor<Count> {
+  return {
+    codec: { encode: (s) => JSON.stringify(s), decode: (r) => JSON.parse(r) as Count, ttlMs: () => 60_000 },
+    processElement(input: KeyedInput, key: KeyScope<Count>) {
+      const s = key.get() ?? { n: 0, last: 0 };
+      s.n++;
+      s.last = input.envelope.event.ts;
+      key.put(s);
+      key.setTimer(s.last + 10);
+      return { emits: [{ to: "next", id: `c:${input.seq}`, value: input.envelope }] };
+    },
+    onTimer(key, firing) {
+      fired.push({ user: key.user, firing });
+      const s = key.get()!;
+      key.clear();
+      return { emits: [{ to: "sessions", id: `closed:${key.user}:${s.last}`, value: { user: key.user, n: s.n } }] };
+    },
+  };
+}
+
+function env(user: string, ts: number, seq: number): Envelope {
+  return { v: 1, event: { event_id: `e${seq}`, user, ts, event_type: "click", payload: {} } as unknown as Envelope["event"], src: { seq }, partition: 0, attrs: {} };
+}
+
+function inputs(evs: [string, number][], from = 1): StageInput[] {
+  return evs.map(([u, ts], i) => ({ seq: from + i, subject: "x", data: new Uint8Array(), deliveries: 1, stream_time_ms: 1000 + from + i, envelope: env(u, ts, from + i), partition: 0 }));
+}
+
+function setup(store = new MemoryStateStore(), budget?: CacheBudget) {
+  const fired: { user: string; firing: TimerFiring }[] = [];
+  const proc = counter(fired);
+  const state = new StageState(store, "t", "count", 0, proc.codec, silent, budget);
+  const chain = new KeyedChain([{ name: "count", proc: proc as KeyedProcessor<unknown>, state: state as StageState<unknown>, counters: noMetrics, clock: new ManualClock(0) }], 0);
+  return { store, fired, state, chain };
+}
+
+async function runBatch(chain: KeyedChain, batch: StageInput[], progress = { hwm: 0 } as { hwm: number; maxTs?: number; wm?: number }, boundMs = 0) {
+  const after = assignWatermarks(batch, progress, boundMs);
+  const results: MsgResult[] = batch.map(emptyResult);
+  const sink = emptyResult();
+  await chain.run(batch.map((input, msg): Item => ({ msg, input })), after.wm, results, sink);
+  return { results, sink, after };
+}
+
+test("timers fire before the first input whose watermark reached them, dated by the input that moved the watermark", async () => {
+  const { fired, chain } = setup();
+  // a@0, b@5, then c@20 moves the watermark to 20 (bound 0): a's timer (10) and b's (15) are due
+  // before the next input, dated by c's stream time; d@21 runs after them.
+  const batch = inputs([["a", 0], ["b", 5], ["c", 20], ["d", 21]]);
+  const { results, sink } = await runBatch(chain, batch);
+  assert.deepEqual(fired.map((f) => [f.user, f.firing.at_ms, f.firing.watermark_ms, f.firing.stream_time_ms]), [
+    ["a", 10, 20, batch[2]!.stream_time_ms],
+    ["b", 15, 20, batch[2]!.stream_time_ms],
+  ]);
+  assert.deepEqual(sink.emits.map((e) => e.emit.id), ["closed:a:0", "closed:b:5"]);
+  assert.ok(results.every((r) => r.emits.length === 1));
+});
+
+test("the outcome does not depend on batch boundaries", async () => {
+  const evs: [string, number][] = [["a", 0], ["b", 3], ["a", 8], ["c", 30], ["b", 31], ["a", 45], ["c", 60]];
+  const runIn = async (size: number) => {
+    const { fired, chain } = setup();
+    const all = inputs(evs);
+    let progress = { hwm: 0 } as { hwm: number; maxTs?: number; wm?: number };
+    for (let i = 0; i < all.length; i += size) {
+      const { after } = await runBatch(chain, all.slice(i, i + size), progress);
+      progress = { hwm: all[Math.min(i + size, all.length) - 1]!.seq, ...after };
+    }
+    return fired.map((f) => [f.user, f.firing.at_ms, f.firing.stream_time_ms]);
+  };
+  const one = await runIn(100);
+  assert.ok(one.length >= 3);
+  for (const size of [1, 2, 3]) assert.deepEqual(await runIn(size), one, `batches of ${size}`);
+});
+
+test("state is written only when changed, as '<applied seq>:<state>', with timers first; the guard skips inputs at or below it", async () => {
+  const { store, chain, state } = setup();
+  const first = inputs([["a", 0], ["a", 1]]);
+  const { results, sink } = await runBatch(chain, first);
+  const groups = chain.takeCommits(results, sink, 1).flat();
+  assert.deepEqual(groups[0]!.ops, [{ op: "zadd", key: state.timersKey, score: 11, member: "a" }]);
+  assert.deepEqual(groups[1]!.ops, [{ op: "set", key: state.stateKey("a"), value: `2:${JSON.stringify({ n: 2, last: 1 })}`, ttl_ms: 60_000 }]);
+  await store.commit(groups);
+  // Nothing changed since: nothing to write.
+  assert.deepEqual(chain.takeCommits([], emptyResult(), 1).flat(), []);
+  // A new chain (another worker, or after a crash) reads the committed state and skips what it applied.
+  const again = setup(store);
+  const rerun = await runBatch(again.chain, inputs([["a", 0], ["a", 1], ["a", 2]]));
+  assert.deepEqual(rerun.results.map((r) => r.dropped), ["already_applied", "already_applied", undefined]);
+  assert.equal(again.state.applied("a"), 3);
+});
+
+test("a dropped (uncommitted) state is read again from the store; the cache stays within its budget, evicting clean entries only", async () => {
+  const budget = new CacheBudget(4);
+  const { store, chain, state } = setup(new MemoryStateStore(), budget);
+  const { results, sink } = await runBatch(chain, inputs([["a", 0], ["b", 0], ["c", 0], ["d", 0], ["e", 0], ["f", 0]]));
+  assert.equal(state.size, 6, "a batch's users stay in memory until its commit");
+  await store.commit(chain.takeCommits(results, sink, 0).flat());
+  chain.trim();
+  assert.equal(budget.size(), 4);
+  // Uncommitted changes are forgotten on drop: the store's value comes back.
+  await runBatch(chain, inputs([["a", 1]], 7), { hwm: 6, maxTs: 0, wm: 0 });
+  chain.drop();
+  await state.load(["a"]);
+  assert.equal(state.scope("a", 0).get()!.n, 1);
+});
+
+test("due users are found without scanning every timer; replaced timers do not pile up in the heap", async () => {
+  const { state } = setup();
+  await state.loadTimers();
+  await state.load(["u0", "u1", "u2"]);
+  for (let i = 0; i < 5000; i++) state.scope(`u${i % 3}`, 0).setTimer(1000 + i);
+  assert.deepEqual(state.dueUsers(999), []);
+  assert.deepEqual(new Set(state.dueUsers(10_000)), new Set(["u0", "u1", "u2"]));
+  assert.ok((state as unknown as { heap: unknown[] }).heap.length <= 2 * 3 + 1024 + 1);
+  const popped: string[] = [];
+  for (let t = state.popDue(10_000); t; t = state.popDue(10_000)) popped.push(`${t.user}@${t.at}`);
+  assert.deepEqual(popped, ["u2@5997", "u0@5998", "u1@5999"]);
+});
+
+test("mergeByTag puts a user's state and effects in one group; other tags stay apart", () => {
+  const merged = mergeByTag([
+    { ops: [{ op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" }] },
+    { ops: [{ op: "set", key: "tacit:{t:u:b}:s:state", value: "1:y" }] },
+    { ops: [{ op: "hincrbyfloat", key: "tacit:{t:u:a}:features:user", field: "n", by: 1 }] },
+    { ops: [{ op: "set", key: "tacit:{t}:index:r", value: "a" }] },
+  ]);
+  assert.deepEqual(merged.map((g) => g.ops.map((o) => o.key)), [
+    ["tacit:{t:u:a}:s:state", "tacit:{t:u:a}:features:user"],
+    ["tacit:{t:u:b}:s:state"],
+    ["tacit:{t}:index:r"],
+  ]);
+});
+
+test("admitInOrder skips what was applied and redelivered copies behind newer inputs", () => {
+  const r = admitInOrder([{ seq: 3 }, { seq: 5 }, { seq: 4 }, { seq: 6 }, { seq: 5 }], 3);
+  assert.deepEqual(r.run.map((m) => m.seq), [5, 6]);
+  assert.deepEqual(r.done.map((m) => m.seq), [3]);
+  assert.equal(r.redelivered, 2);
+});

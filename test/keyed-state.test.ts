@@ -1,0 +1,166 @@
+// The runtime's keyed state against real nats-server and redis-server: the in-memory cache is
+// valid only while a worker holds a partition's lease. A partition that moves to another worker
+// mid-stream continues from exactly the committed state (the end result equals one worker's), and
+// a worker that lost a lease never writes its cached state over the new owner's.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { Redis } from "ioredis";
+import { startServers, type TestServers } from "./harness.js";
+import { eventually, readStream, consumersDrained } from "./support/streams.js";
+import { loadPipelineOrThrow } from "../src/config/load.js";
+import type { Pipeline } from "../src/config/types.js";
+import { findOperator } from "../operators/index.js";
+import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
+import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
+import { publishLines } from "../src/runtime/publisher.js";
+import { stageGroups, streamName } from "../src/config/topology.js";
+import { Worker } from "../src/runtime/worker.js";
+import { benchEvents } from "../src/bench/bench.js";
+import { pipelineKey } from "../src/core/state.js";
+import { projectRoot } from "../src/config/paths.js";
+
+const PIPELINE = join(projectRoot(), "pipelines", "feedback.yaml");
+const KEY = "t1:keyed-state-test-secret-0123456789";
+const silent = { debug() {}, info() {}, warn() {}, error() {} };
+
+function env(servers: TestServers): Record<string, string> {
+  return { NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY };
+}
+
+function load(servers: TestServers, name: string, set: string[] = []): Pipeline {
+  return loadPipelineOrThrow(PIPELINE, {
+    env: env(servers),
+    set: [`name=${name}`, `subject_prefix=${name}`, "partitions=4", "runtime.lease_ttl=2s", "runtime.ack_wait=10s", "runtime.batch_size=100", ...set],
+    operators: findOperator,
+  });
+}
+
+async function deploy(p: Pipeline, nats: NatsHandles): Promise<void> {
+  await applyDeploy(p, nats.jsm, findOperator, await planDeploy(p, nats.jsm, findOperator));
+}
+
+function worker(servers: TestServers, p: Pipeline, nats: NatsHandles, redis: Redis, id: string): Worker {
+  return new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers), redis, nats, workerId: id });
+}
+
+async function drained(p: Pipeline, nats: NatsHandles, n: number): Promise<boolean> {
+  const streams = stageGroups(p, findOperator).map((g) => g.inputStream);
+  return (await nats.jsm.streams.info(streamName(p, "events"))).state.messages >= n && (await consumersDrained(nats, streams));
+}
+
+/** What a pipeline ended with: cleaned events (by event id), final labels (without emitted_at), and every user's keyed state and features. */
+async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<{ events: Record<string, unknown>; labels: Record<string, unknown>; state: Record<string, string> }> {
+  const events: Record<string, unknown> = {};
+  for (const m of await readStream(nats, streamName(p, "events"))) {
+    const env = JSON.parse(m.data) as { event: { event_id: string }; src: unknown; partition: unknown };
+    events[env.event.event_id] = { ...env, src: undefined };
+  }
+  const labels: Record<string, { revision: number }> = {};
+  for (const m of await readStream(nats, streamName(p, "labels"))) {
+    const l = JSON.parse(m.data) as { label_id: string; revision: number; emitted_at?: string; signals?: unknown };
+    delete l.emitted_at;
+    if (!labels[l.label_id] || labels[l.label_id]!.revision < l.revision) labels[l.label_id] = l;
+  }
+  const state: Record<string, string> = {};
+  const keys = await redis.keys(`tacit:{${p.subject_prefix}:u:*`);
+  for (const k of keys) {
+    const type = await redis.type(k);
+    const name = k.replace(`{${p.subject_prefix}:`, "{P:");
+    // A stored keyed state is `<applied seq>:<state>`: the sequences are each run's own stream positions.
+    if (type === "string") state[name] = (await redis.get(k))!.replace(/^\d+:/, "");
+    else if (type === "hash") state[name] = JSON.stringify(Object.entries(await redis.hgetall(k)).sort());
+  }
+  return { events, labels, state };
+}
+
+test("a partition that moves to another worker mid-stream continues from exactly the committed state: the result equals one worker's", { timeout: 240_000 }, async () => {
+  const servers = await startServers();
+  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
+  const redis = new Redis(servers.redisUrl);
+  try {
+    const lines = [...benchEvents(3000, 60, Date.now() - 3 * 3_600_000)];
+    // The reference: one worker, every partition from start to end.
+    const ref = load(servers, "ref");
+    await deploy(ref, nats);
+    await publishLines(ref, nats.js, lines, { idPrefix: "k" });
+    const r = worker(servers, ref, nats, redis, "ref-1");
+    await r.start();
+    await eventually("the reference to finish", () => drained(ref, nats, lines.length), 120_000, 200);
+    await r.stop();
+
+    // The same events, while a second worker joins and then the first leaves: partitions move twice.
+    const mv = load(servers, "mv");
+    await deploy(mv, nats);
+    const a = worker(servers, mv, nats, redis, "mv-a");
+    await a.start();
+    await publishLines(mv, nats.js, lines.slice(0, 1000), { idPrefix: "k0" });
+    await eventually("worker a to process some events", async () => (await nats.jsm.streams.info(streamName(mv, "events"))).state.messages >= 300, 60_000, 50);
+    const b = worker(servers, mv, nats, redis, "mv-b");
+    await b.start();
+    const owners = async () => Promise.all([...Array(mv.partitions).keys()].map((n) => redis.get(pipelineKey(mv.subject_prefix, "lease", "dedupe", n))));
+    await eventually("partitions to be shared by both workers", async () => new Set(await owners()).size === 2, 30_000, 100);
+    await publishLines(mv, nats.js, lines.slice(1000, 2000), { idPrefix: "k1" });
+    await a.stop();
+    await eventually("worker b to own every partition", async () => (await owners()).every((o) => o === "mv-b"), 30_000, 100);
+    await publishLines(mv, nats.js, lines.slice(2000), { idPrefix: "k2" });
+    await eventually("the moved run to finish", () => drained(mv, nats, lines.length), 120_000, 200);
+    await b.stop();
+
+    const want = await snapshot(ref, nats, redis);
+    const got = await snapshot(mv, nats, redis);
+    assert.equal(Object.keys(got.events).length, lines.length);
+    assert.deepEqual(got.events, want.events, "cleaned events (sessions, reformulations, bot scores) as one worker made them");
+    assert.deepEqual(got.labels, want.labels, "labels as one worker made them");
+    assert.ok(Object.keys(want.state).length > 0);
+    assert.deepEqual(got.state, want.state, "keyed state and features as one worker left them");
+  } finally {
+    redis.disconnect();
+    await nats.nc.close().catch(() => undefined);
+    await servers.stop();
+  }
+});
+
+test("a worker that lost a partition's lease never writes its cached state over the new owner's", { timeout: 120_000 }, async () => {
+  const servers = await startServers();
+  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
+  const redis = new Redis(servers.redisUrl);
+  try {
+    // Long lease and ack_wait: only the fenced commit can notice the takeover.
+    const p = load(servers, "stale", ["runtime.lease_ttl=60s", "runtime.ack_wait=60s"]);
+    await deploy(p, nats);
+    const w = worker(servers, p, nats, redis, "stale-a");
+    await w.start();
+    const leaseKeys = [...Array(p.partitions).keys()].map((n) => pipelineKey(p.subject_prefix, "lease", "dedupe", n));
+    const lines = [...benchEvents(800, 20, Date.now() - 3_600_000)];
+    try {
+      await eventually("the worker to hold every partition", async () => (await redis.mget(leaseKeys)).every((v) => v === w.id), 30_000);
+      await publishLines(p, nats.js, lines.slice(0, 400), { idPrefix: "s0" });
+      await eventually("the first half to be processed", () => drained(p, nats, 400), 60_000, 100);
+      // The cache is warm now. Another owner takes every partition and writes its own state.
+      const stateKeys = (await redis.keys(`tacit:{${p.subject_prefix}:u:*}:*:state`)).sort();
+      assert.ok(stateKeys.length > 0, "keyed state was committed");
+      for (const k of leaseKeys) await redis.set(k, "new-owner", "KEEPTTL");
+      for (const k of stateKeys) await redis.set(k, "999999:written-by-the-new-owner");
+      const progress = await Promise.all([...Array(p.partitions).keys()].map((n) => redis.hget(`tacit:{${p.subject_prefix}:p:dedupe:${n}}:wm`, "applied_seq")));
+      await publishLines(p, nats.js, lines.slice(400), { idPrefix: "s1" });
+      const dedupe = stageGroups(p, findOperator).find((g) => g.name === "dedupe")!;
+      await eventually("the stale worker to receive the second half", async () => {
+        let pending = 0;
+        for await (const ci of nats.jsm.consumers.list(dedupe.inputStream)) pending += ci.num_ack_pending;
+        return pending > 0;
+      }, 30_000);
+      await new Promise((r) => setTimeout(r, 2_000));
+      for (const k of stateKeys) assert.equal(await redis.get(k), "999999:written-by-the-new-owner", `${k}: the stale owner wrote nothing`);
+      const after = await Promise.all([...Array(p.partitions).keys()].map((n) => redis.hget(`tacit:{${p.subject_prefix}:p:dedupe:${n}}:wm`, "applied_seq")));
+      assert.deepEqual(after, progress, "no progress committed without the lease");
+      assert.equal(w.budget.size(), 0, "the stale worker dropped its cached state");
+    } finally {
+      await w.stop();
+    }
+  } finally {
+    redis.disconnect();
+    await nats.nc.close().catch(() => undefined);
+    await servers.stop();
+  }
+});
