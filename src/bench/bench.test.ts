@@ -99,3 +99,23 @@ test("benchEvents: deterministic, so the relay and the pipeline get the same eve
   assert.deepEqual([...benchEvents(50, 7, 0)], [...benchEvents(50, 7, 0)]);
   assert.equal([...benchEvents(50, 7, 0)].length, 50);
 });
+
+test("attributeCpuProfile: Node internals and native code take their nearest categorized caller's category, else other", () => {
+  const p: CpuProfile = {
+    nodes: [
+      { id: 1, callFrame: frame("(root)"), children: [2, 5, 6] },
+      { id: 2, callFrame: frame("write", "file:///app/node_modules/ioredis/built/Redis.js"), children: [3] },
+      { id: 3, callFrame: frame("handleWriteReq", "node:internal/stream_base_commons"), children: [4] },
+      { id: 4, callFrame: frame("writeUtf8String") },
+      { id: 5, callFrame: frame("runMicrotasks") },
+      { id: 6, callFrame: frame("userKey", `${ROOT}/src/core/state.js`), children: [7] },
+      { id: 7, callFrame: frame("encode", "node:internal/encoding") },
+    ],
+    startTime: 0,
+    samples: [4, 3, 5, 7],
+    timeDeltas: [0, 10, 10, 10],
+    endTime: 40,
+  };
+  // The encode under src/core stops at project code outside a category: other.
+  assert.deepEqual(attributeCpuProfile(p, labels).us, { "redis client": 20, other: 20 });
+});

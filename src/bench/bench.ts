@@ -1,6 +1,6 @@
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { Session } from "node:inspector/promises";
 import { join } from "node:path";
 import { projectRoot } from "../config/paths.js";
@@ -40,6 +40,8 @@ export interface BenchOptions {
    * @default true
    */
   profile?: boolean;
+  /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
+  profileOut?: string;
 }
 
 export interface RateResult {
@@ -326,11 +328,18 @@ function frameCategory(fn: string, url: string, labels: ReadonlyMap<string, stri
   return "other";
 }
 
+/** Node's own JavaScript (`node:…`) or native code (no url), not V8's pseudo-frames like `(root)`. */
+function isPlatformFrame(fn: string, url: string): boolean {
+  return url.startsWith("node:") || (url === "" && !fn.startsWith("("));
+}
+
 /**
  * Attributes each sample's self time (the gap to the next sample; the last one runs to the
  * profile's end) to a category: the stage of the nearest frame, walking from the leaf towards
  * the root, that is in one of the pipeline's operator files (so a library an operator calls, or
- * the state access it makes, counts for its stage); else the leaf's own category. Idle and
+ * the state access it makes, counts for its stage); else the leaf's own category, where a leaf
+ * in Node's internals or native code takes the category of its nearest caller that has one (a
+ * socket write under ioredis is the redis client's), and is `other` when none has. Idle and
  * `(program)` samples are left out of the total.
  */
 export function attributeCpuProfile(profile: CpuProfile, labels: ReadonlyMap<string, string>): CpuAttribution {
@@ -345,11 +354,24 @@ export function attributeCpuProfile(profile: CpuProfile, labels: ReadonlyMap<str
     if (node) {
       cat = frameCategory(node.callFrame.functionName, node.callFrame.url, labels);
       if (cat !== undefined && cat !== "gc") {
-        for (let id: number | undefined = leaf; id !== undefined; id = parent.get(id)) {
-          const op = operatorOf(byId.get(id)!.callFrame.url, labels);
+        // Node's internals and native code have no category of their own: a socket write counts
+        // for the client that made it.
+        let inherit = isPlatformFrame(node.callFrame.functionName, node.callFrame.url);
+        for (let id = parent.get(leaf); id !== undefined; id = parent.get(id)) {
+          const f = byId.get(id)!.callFrame;
+          const op = operatorOf(f.url, labels);
           if (op) {
             cat = op;
             break;
+          }
+          if (inherit) {
+            const c = frameCategory(f.functionName, f.url, labels);
+            if (c !== undefined && c !== "other") {
+              cat = c;
+              inherit = false;
+            } else if (!isPlatformFrame(f.functionName, f.url)) {
+              inherit = false;
+            }
           }
         }
       }
@@ -618,6 +640,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const ownCpu = cpuMicros(pcpu0);
     const childCpu = children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN);
     const profile = await profiler?.stop();
+    if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
     const rssEnd = process.memoryUsage.rss();
     const cacheEnd = budget.size();
     const outputs = await streamMessages(nats, streamName(pipeline, "events"));
