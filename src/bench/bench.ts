@@ -1,4 +1,9 @@
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { Session } from "node:inspector/promises";
+import { join } from "node:path";
+import { projectRoot } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
 import type { Logger, OperatorSpec } from "../core/operator.js";
 import { percentile } from "../telemetry/metrics.js";
@@ -21,6 +26,22 @@ export interface BenchOptions {
   latencyRate: number;
   log: Logger;
   env: Readonly<Record<string, string | undefined>>;
+  /**
+   * Worker processes in the pipeline phase: this process's worker plus `workers − 1` children
+   * running `tacit run` on the same servers.
+   * @default 1
+   */
+  workers?: number;
+  /** How a child worker loads the pipeline: the file and the `--set` overrides this run used. Required when workers > 1. */
+  childPipeline?: { file: string; set: string[] };
+  /**
+   * Sample this process during the pipeline phase with V8's profiler for the per-stage CPU
+   * shares. The sampling costs a few per cent of CPU, included in the phase's figures.
+   * @default true
+   */
+  profile?: boolean;
+  /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
+  profileOut?: string;
 }
 
 export interface RateResult {
@@ -28,9 +49,9 @@ export interface RateResult {
   seconds: number;
   events_per_s: number;
   /**
-   * CPU time of this process (user + system) per event over the timed phase: what the work costs
-   * the worker, which a busy machine changes far less than it changes the rate. The servers'
-   * CPU is not included.
+   * CPU time (user + system) per event over the timed phase: this process's, plus the child
+   * workers' in the pipeline phase. What the work costs the workers, which a busy machine changes
+   * far less than it changes the rate. The servers' CPU is not included.
    */
   cpu_us_per_event: number;
 }
@@ -42,10 +63,56 @@ export interface LatencyResult {
   p99_ms: number;
 }
 
+/** A child worker of the pipeline phase (`--workers` > 1). */
+export interface ChildWorkerResult {
+  pid: number;
+  /** From spawn to its "running" line, seconds: start-up time that is inside the timed phase. */
+  ready_s: number | null;
+  /** Its CPU (user + system, from /proc) from spawn to drained, start-up included, per event of the run. */
+  cpu_us_per_event: number;
+  rss_peak_mb: number;
+}
+
+export interface PipelineResult extends RateResult {
+  latency: LatencyResult;
+  stages: string[];
+  outputs: number;
+  dlq: number;
+  dropped: number;
+  /** CPU of this process's worker alone, per event (equals cpu_us_per_event with one worker). */
+  in_process_cpu_us_per_event: number;
+  /**
+   * Share of this process's sampled non-idle CPU time by where it was spent: stage names (a stage's
+   * operator file and what it calls), `runtime`, `state`, `nats client`, `redis client`, `gc`,
+   * `other`. Fractions summing to 1. Absent with `--no-profile`.
+   */
+  cpu_share?: Record<string, number>;
+  /**
+   * That sampled non-idle time per event, µs. Samples are spaced in wall-clock time, so a thread
+   * the OS has descheduled still accrues it: on a busy machine this exceeds the process's CPU. The
+   * profiler sees the main thread only (JavaScript, GC, native code it calls).
+   */
+  profiled_us_per_event?: number;
+  /** Sampling interval of the profiler, µs. */
+  profile_interval_us?: number;
+  /** This process's resident set size, sampled every 100 ms through the pipeline phase (it also holds the bench's own client). */
+  rss_peak_mb: number;
+  rss_end_mb: number;
+  /** Keyed-state entries held in memory by this process's worker when the phase drained, and the most seen while sampling. */
+  cache_entries: number;
+  cache_entries_peak: number;
+  /** `runtime.state_cache.max_entries`: the bound per worker. */
+  cache_max_entries: number;
+  children: ChildWorkerResult[];
+}
+
 export interface BenchResult {
   events: number;
+  users: number;
+  /** Worker processes in the pipeline phase. */
+  workers: number;
   relay: RateResult & { latency: LatencyResult };
-  pipeline: RateResult & { latency: LatencyResult; stages: string[]; outputs: number; dlq: number; dropped: number };
+  pipeline: PipelineResult;
   /** pipeline events/s ÷ relay events/s, measured in the same run. */
   ratio: number;
   machine: { cpus: number; node: string };
@@ -93,10 +160,27 @@ function cpuMicros(since: NodeJS.CpuUsage): number {
   return d.user + d.system;
 }
 
-async function waitUntil(pred: () => Promise<boolean>, timeoutMs: number, everyMs = 50): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!(await pred())) {
-    if (Date.now() > end) throw new Error("bench timed out waiting for the pipeline to drain");
+/** A phase that has not moved for this long has failed (ms); big runs take as long as they need while they progress. */
+const STALL_MS = 120_000;
+
+/**
+ * Polls `check` until it reports done. Fails when its progress figure has not changed for
+ * STALL_MS, or when `failed` names a reason (a child worker that died).
+ */
+async function waitUntil(what: string, check: () => Promise<{ done: boolean; progress: number }>, everyMs = 50, failed?: () => string | undefined): Promise<void> {
+  let last = -1;
+  let since = Date.now();
+  for (;;) {
+    const { done, progress } = await check();
+    if (done) return;
+    const why = failed?.();
+    if (why) throw new Error(`bench: ${why}`);
+    if (progress !== last) {
+      last = progress;
+      since = Date.now();
+    } else if (Date.now() - since > STALL_MS) {
+      throw new Error(`bench timed out waiting for ${what}: no progress for ${STALL_MS / 1000} s`);
+    }
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
@@ -190,18 +274,291 @@ const tsOfEnvelope = (d: Uint8Array): number | undefined => {
   }
 };
 
+// --- CPU profile attribution -------------------------------------------------------------------
+
+/** The parts of a V8 CPU profile (`Profiler.stop`) the attribution reads. */
+export interface CpuProfile {
+  nodes: { id: number; callFrame: { functionName: string; url: string }; children?: number[] }[];
+  startTime: number;
+  endTime: number;
+  samples?: number[];
+  timeDeltas?: number[];
+}
+
+/** Sampled non-idle time of a profile by category, µs. */
+export interface CpuAttribution {
+  total_us: number;
+  us: Record<string, number>;
+}
+
+/** Categories other than stages, in the order reports list them. */
+export const CPU_CATEGORIES = ["runtime", "state", "nats client", "redis client", "gc", "other"] as const;
+
+/** Frames that are not work: V8 bookkeeping and waiting for the event loop. */
+const NOT_WORK = new Set(["(idle)", "(program)"]);
+const OPERATOR_FILE = /\/operators\/([A-Za-z0-9_-]+)\.(?:js|mjs|ts)$/;
+const REDIS_CLIENT = /\/node_modules\/(?:ioredis|@ioredis|redis-parser|redis-errors|denque|standard-as-callback|cluster-key-slot)\//;
+
+/** Operator name → the label its time is reported under: the stage name, or names joined by "+" when stages share an operator. */
+export function stageLabels(stages: readonly { name: string; operator: string }[]): Map<string, string> {
+  const by = new Map<string, string[]>();
+  for (const s of stages) by.set(s.operator, [...(by.get(s.operator) ?? []), s.name]);
+  return new Map([...by].map(([op, names]) => [op, names.join("+")]));
+}
+
+/** The stage label of a frame in one of the pipeline's operator files, else undefined. */
+function operatorOf(url: string, labels: ReadonlyMap<string, string>): string | undefined {
+  if (url.includes("/node_modules/")) return undefined;
+  const m = OPERATOR_FILE.exec(url);
+  return m ? labels.get(m[1]!) : undefined;
+}
+
+/** The category of a frame by itself (not looking at its callers); undefined for idle time. */
+function frameCategory(fn: string, url: string, labels: ReadonlyMap<string, string>): string | undefined {
+  if (NOT_WORK.has(fn)) return undefined;
+  if (fn === "(garbage collector)") return "gc";
+  const op = operatorOf(url, labels);
+  if (op) return op;
+  if (url.includes("/@nats-io/")) return "nats client";
+  if (REDIS_CLIENT.test(url)) return "redis client";
+  if (!url.includes("/node_modules/")) {
+    if (url.includes("/src/runtime/")) return "runtime";
+    if (url.includes("/src/state/")) return "state";
+  }
+  return "other";
+}
+
+/** Node's own JavaScript (`node:…`) or native code (no url), not V8's pseudo-frames like `(root)`. */
+function isPlatformFrame(fn: string, url: string): boolean {
+  return url.startsWith("node:") || (url === "" && !fn.startsWith("("));
+}
+
+/**
+ * Attributes each sample's self time (the gap to the next sample; the last one runs to the
+ * profile's end) to a category: the stage of the nearest frame, walking from the leaf towards
+ * the root, that is in one of the pipeline's operator files (so a library an operator calls, or
+ * the state access it makes, counts for its stage); else the leaf's own category, where a leaf
+ * in Node's internals or native code takes the category of its nearest caller that has one (a
+ * socket write under ioredis is the redis client's), and is `other` when none has. Idle and
+ * `(program)` samples are left out of the total.
+ */
+export function attributeCpuProfile(profile: CpuProfile, labels: ReadonlyMap<string, string>): CpuAttribution {
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const parent = new Map<number, number>();
+  for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
+  const memo = new Map<number, string | undefined>();
+  const categoryOf = (leaf: number): string | undefined => {
+    if (memo.has(leaf)) return memo.get(leaf);
+    const node = byId.get(leaf);
+    let cat: string | undefined;
+    if (node) {
+      cat = frameCategory(node.callFrame.functionName, node.callFrame.url, labels);
+      if (cat !== undefined && cat !== "gc") {
+        // Node's internals and native code have no category of their own: a socket write counts
+        // for the client that made it.
+        let inherit = isPlatformFrame(node.callFrame.functionName, node.callFrame.url);
+        for (let id = parent.get(leaf); id !== undefined; id = parent.get(id)) {
+          const f = byId.get(id)!.callFrame;
+          const op = operatorOf(f.url, labels);
+          if (op) {
+            cat = op;
+            break;
+          }
+          if (inherit) {
+            const c = frameCategory(f.functionName, f.url, labels);
+            if (c !== undefined && c !== "other") {
+              cat = c;
+              inherit = false;
+            } else if (!isPlatformFrame(f.functionName, f.url)) {
+              inherit = false;
+            }
+          }
+        }
+      }
+    }
+    memo.set(leaf, cat);
+    return cat;
+  };
+  const samples = profile.samples ?? [];
+  const deltas = profile.timeDeltas ?? [];
+  const at: number[] = [];
+  let t = profile.startTime;
+  for (let i = 0; i < samples.length; i++) at.push((t += deltas[i] ?? 0));
+  const us: Record<string, number> = {};
+  let total = 0;
+  for (let i = 0; i < samples.length; i++) {
+    const cat = categoryOf(samples[i]!);
+    if (cat === undefined) continue;
+    const d = Math.max(0, (i + 1 < samples.length ? at[i + 1]! : profile.endTime) - at[i]!);
+    us[cat] = (us[cat] ?? 0) + d;
+    total += d;
+  }
+  return { total_us: total, us };
+}
+
+/** Shares of the total as fractions: stages in pipeline order, then the other categories; zero shares left out. */
+export function cpuShares(a: CpuAttribution, labels: ReadonlyMap<string, string>): Record<string, number> {
+  const order = [...new Set(labels.values()), ...CPU_CATEGORIES];
+  const out: Record<string, number> = {};
+  for (const k of order) if ((a.us[k] ?? 0) > 0 && a.total_us > 0) out[k] = a.us[k]! / a.total_us;
+  return out;
+}
+
+/** Profiler sampling interval, µs: fine enough for stages that take tens of µs per event, coarse enough to cost little. */
+const PROFILE_INTERVAL_US = 200;
+
+/** Samples this thread with V8's profiler from start() to stop(). */
+class SelfProfiler {
+  private readonly session = new Session();
+  async start(): Promise<void> {
+    this.session.connect();
+    await this.session.post("Profiler.enable");
+    await this.session.post("Profiler.setSamplingInterval", { interval: PROFILE_INTERVAL_US });
+    await this.session.post("Profiler.start");
+  }
+  async stop(): Promise<CpuProfile> {
+    try {
+      const { profile } = await this.session.post("Profiler.stop");
+      return profile;
+    } finally {
+      await this.session.post("Profiler.disable").catch(() => undefined);
+      this.session.disconnect();
+    }
+  }
+}
+
+// --- memory and child workers ------------------------------------------------------------------
+
+/** How often RSS and the state cache are sampled in the pipeline phase, ms. */
+const SAMPLE_EVERY_MS = 100;
+const MB = 1024 * 1024;
+
+/** Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on Linux). */
+function clockTicks(): number {
+  try {
+    const n = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim());
+    return n > 0 ? n : 100;
+  } catch {
+    return 100;
+  }
+}
+
+/** A process's user + system CPU from /proc/<pid>/stat, µs; undefined once it is gone. */
+function procCpuMicros(pid: number, ticksPerS: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return ((Number(f[11]) + Number(f[12])) / ticksPerS) * 1e6;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A process's resident set size from /proc/<pid>/status, bytes; undefined once it is gone. */
+function procRss(pid: number): number | undefined {
+  try {
+    const m = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) * 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A `tacit run` child of the pipeline phase. */
+interface ChildWorker {
+  child: ChildProcess;
+  pid: number;
+  spawnedAt: number;
+  readyAt?: number;
+  rssPeak: number;
+  stderrTail(): string;
+  exited: Promise<void>;
+}
+
+/** Starts `node bin/tacit.js run <file> --metrics-port 0 --set …` with the bench's servers and key, logging off. */
+function spawnChildWorker(file: string, set: string[], env: Readonly<Record<string, string | undefined>>): ChildWorker {
+  const child = spawn(process.execPath, [join(projectRoot(), "bin", "tacit.js"), "run", file, "--metrics-port", "0", ...set.flatMap((s) => ["--set", s])], {
+    env: { ...env, TACIT_LOG_LEVEL: "silent" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  if (child.pid === undefined) throw new Error(`could not start a child worker: ${process.execPath} bin/tacit.js run ${file}`);
+  let err = "";
+  const w: ChildWorker = {
+    child,
+    pid: child.pid,
+    spawnedAt: performance.now(),
+    rssPeak: 0,
+    stderrTail: () => err.trim().split("\n").slice(-5).join("\n"),
+    exited: new Promise((resolve) => child.once("exit", () => resolve())),
+  };
+  child.stderr!.on("data", (d: Buffer) => {
+    err = (err + d.toString()).slice(-10_000);
+    if (w.readyAt === undefined && /worker \S+ running/.test(err)) w.readyAt = performance.now();
+  });
+  return w;
+}
+
+function alive(w: ChildWorker): boolean {
+  return w.child.exitCode === null && w.child.signalCode === null;
+}
+
+/** SIGTERM (the worker drains), then SIGKILL whatever is still there after `graceMs`. */
+async function stopChildWorkers(ws: ChildWorker[], graceMs = 15_000): Promise<void> {
+  for (const w of ws) if (alive(w)) w.child.kill("SIGTERM");
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([Promise.all(ws.map((w) => w.exited)), new Promise((r) => (timer = setTimeout(r, graceMs)))]);
+  clearTimeout(timer);
+  for (const w of ws) if (alive(w)) w.child.kill("SIGKILL");
+}
+
+/**
+ * Kills the children if this process exits or is signalled before it stops them itself, so no
+ * worker outlives the bench. Returns the undo.
+ */
+function killChildrenOnExit(ws: ChildWorker[]): () => void {
+  const kill = () => {
+    for (const w of ws) if (alive(w)) w.child.kill("SIGKILL");
+  };
+  const onSignal = (sig: NodeJS.Signals) => {
+    kill();
+    undo();
+    // The default action, as if no handler had been installed.
+    process.kill(process.pid, sig);
+  };
+  const undo = () => {
+    process.off("exit", kill);
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  };
+  process.on("exit", kill);
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  return undo;
+}
+
 /**
  * Runs the benchmark: N pre-loaded events through the do-nothing relay, then through the deployed
- * pipeline (one in-process worker), each timed from start to fully drained; then a latency phase
- * at a steady rate for both. Both run against the same servers in the same process.
+ * pipeline (this process's worker, plus `workers − 1` child `tacit run` processes started at the
+ * same moment), each timed from start to fully drained; then a latency phase at a steady rate for
+ * both. Both run against the same servers in the same run. Through the pipeline phase this
+ * process is sampled by V8's profiler (CPU by stage), and RSS and the keyed-state cache by a
+ * timer.
  */
 export async function runBench(pipeline: Pipeline, operators: (n: string) => OperatorSpec<any> | undefined, opts: BenchOptions): Promise<BenchResult> {
+  const workers = opts.workers ?? 1;
+  if (workers > 1 && !opts.childPipeline) throw new Error("runBench: workers > 1 needs childPipeline");
   const nats = await connectNats(pipeline, "tacit-bench");
   const redis = openPipelineRedis(pipeline);
+  const children: ChildWorker[] = [];
+  let undoKill = () => {};
+  let worker: Worker | undefined;
   try {
-    // Event time ends about now, so enrich's max_past_age accepts every event.
+    // Event time ends about now, so enrich's max_past_age accepts every event. The events are
+    // generated as they are published (twice, identically), never held: a big run must not
+    // inflate the worker's RSS with the bench's own input.
     const t0 = Date.now() - Math.ceil(opts.events / opts.users) * 1000 - 60_000;
-    const lines = [...benchEvents(opts.events, opts.users, t0)];
+    const lines = () => benchEvents(opts.events, opts.users, t0);
     const batch = pipeline.runtime.batch_size;
 
     // --- relay -----------------------------------------------------------------------------
@@ -209,12 +566,15 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const rout = `${pipeline.name}_relay_out`;
     await ensureStream(nats, rin, [`${pipeline.subject_prefix}.relay.in`]);
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
-    await publishRaw(nats, `${pipeline.subject_prefix}.relay.in`, lines);
+    await publishRaw(nats, `${pipeline.subject_prefix}.relay.in`, lines());
     const sig = { stop: false };
     const cpu0 = process.cpuUsage();
     const start = performance.now();
     const relayDone = relay(nats, rin, `${pipeline.subject_prefix}.relay.out`, batch, sig);
-    await waitUntil(async () => (await streamMessages(nats, rout)) >= opts.events, 600_000);
+    await waitUntil("the relay to drain", async () => {
+      const n = await streamMessages(nats, rout);
+      return { done: n >= opts.events, progress: n };
+    });
     const relaySecs = (performance.now() - start) / 1000;
     const relayCpu = cpuMicros(cpu0);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
@@ -226,25 +586,63 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     // --- pipeline --------------------------------------------------------------------------
     const plan = await planDeploy(pipeline, nats.jsm, operators);
     await applyDeploy(pipeline, nats.jsm, operators, plan);
-    await publishLines(pipeline, nats.js, lines, { idPrefix: "bench" });
+    await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
     const groups = stageGroups(pipeline, operators);
     const durables = groups.flatMap((g) => (g.keyed ? [...Array(pipeline.partitions).keys()].map((n) => [g.inputStream, durableName(g, n)]) : [[g.inputStream, durableName(g)]]));
-    const worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    const budget = worker.budget;
+    const labels = stageLabels(pipeline.stages);
+    const profiler = opts.profile === false ? undefined : new SelfProfiler();
+    const ticks = clockTicks();
+    let rssPeak = 0;
+    let cachePeak = 0;
+    const sample = () => {
+      rssPeak = Math.max(rssPeak, process.memoryUsage.rss());
+      cachePeak = Math.max(cachePeak, budget.size());
+      for (const c of children) c.rssPeak = Math.max(c.rssPeak, procRss(c.pid) ?? 0);
+    };
+    await profiler?.start();
     const pcpu0 = process.cpuUsage();
     const pstart = performance.now();
-    await worker.start();
-    const first = groups[0]!;
-    await waitUntil(async () => {
-      const c0 = await nats.jsm.consumers.info(first.inputStream, durableName(first));
-      if (c0.ack_floor.stream_seq < opts.events) return false;
-      for (const [s, d] of durables) {
-        const ci = await nats.jsm.consumers.info(s!, d!);
-        if (ci.num_pending > 0 || ci.num_ack_pending > 0) return false;
-      }
-      return true;
-    }, 900_000, 100);
+    // Children first: their start-up takes longest. Their CPU is counted from spawn (start-up
+    // included, /proc has nothing earlier), this process's from here.
+    undoKill = killChildrenOnExit(children);
+    for (let i = 1; i < workers; i++) children.push(spawnChildWorker(opts.childPipeline!.file, opts.childPipeline!.set, opts.env));
+    const sampler = setInterval(sample, SAMPLE_EVERY_MS);
+    try {
+      sample();
+      await worker.start();
+      const first = groups[0]!;
+      await waitUntil(
+        "the pipeline to drain",
+        async () => {
+          const c0 = await nats.jsm.consumers.info(first.inputStream, durableName(first));
+          let progress = c0.ack_floor.stream_seq;
+          let done = c0.ack_floor.stream_seq >= opts.events;
+          for (const [s, d] of durables) {
+            const ci = await nats.jsm.consumers.info(s!, d!);
+            progress += ci.ack_floor.stream_seq;
+            if (ci.num_pending > 0 || ci.num_ack_pending > 0) done = false;
+          }
+          return { done, progress };
+        },
+        100,
+        () => {
+          const dead = children.find((c) => !alive(c));
+          return dead ? `child worker ${dead.pid} exited (${dead.child.exitCode ?? dead.child.signalCode}): ${dead.stderrTail()}` : undefined;
+        },
+      );
+      sample();
+    } finally {
+      clearInterval(sampler);
+    }
     const pipeSecs = (performance.now() - pstart) / 1000;
-    const pipeCpu = cpuMicros(pcpu0);
+    const ownCpu = cpuMicros(pcpu0);
+    const childCpu = children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN);
+    const profile = await profiler?.stop();
+    if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
+    const rssEnd = process.memoryUsage.rss();
+    const cacheEnd = budget.size();
     const outputs = await streamMessages(nats, streamName(pipeline, "events"));
     const dlq = await streamMessages(nats, streamName(pipeline, "dlq"));
     let dropped = 0;
@@ -252,13 +650,18 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const pipeLat = latencyProbe(nats, streamName(pipeline, "events"), tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users);
     const pipeLatencies = await pipeLat;
+    await stopChildWorkers(children);
     await worker.stop();
+    worker = undefined;
 
     const relayRate = opts.events / relaySecs;
     const pipeRate = opts.events / pipeSecs;
+    const attribution = profile ? attributeCpuProfile(profile, labels) : undefined;
     const { cpus } = await import("node:os");
     return {
       events: opts.events,
+      users: opts.users,
+      workers,
       relay: {
         events: opts.events,
         seconds: relaySecs,
@@ -269,27 +672,46 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       pipeline: {
         events: opts.events,
         seconds: pipeSecs,
-        cpu_us_per_event: pipeCpu / opts.events,
+        cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / opts.events,
+        in_process_cpu_us_per_event: ownCpu / opts.events,
         events_per_s: pipeRate,
         stages: pipeline.stages.map((s) => s.name),
         outputs,
         dlq,
         dropped,
         latency: { events: pipeLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(pipeLatencies, 50), p99_ms: percentile(pipeLatencies, 99) },
+        ...(attribution
+          ? { cpu_share: cpuShares(attribution, labels), profiled_us_per_event: attribution.total_us / opts.events, profile_interval_us: PROFILE_INTERVAL_US }
+          : {}),
+        rss_peak_mb: rssPeak / MB,
+        rss_end_mb: rssEnd / MB,
+        cache_entries: cacheEnd,
+        cache_entries_peak: cachePeak,
+        cache_max_entries: budget.maxEntries,
+        children: children.map((c, i) => ({
+          pid: c.pid,
+          ready_s: c.readyAt === undefined ? null : (c.readyAt - c.spawnedAt) / 1000,
+          cpu_us_per_event: childCpu[i]! / opts.events,
+          rss_peak_mb: c.rssPeak / MB,
+        })),
       },
       ratio: pipeRate / relayRate,
       machine: { cpus: cpus().length, node: process.version },
     };
   } finally {
+    await stopChildWorkers(children).catch(() => undefined);
+    undoKill();
+    await worker?.stop().catch(() => undefined);
     redis.disconnect();
     await nats.nc.drain().catch(() => undefined);
   }
 }
 
-async function publishRaw(nats: NatsHandles, subject: string, lines: string[]): Promise<void> {
+async function publishRaw(nats: NatsHandles, subject: string, lines: Iterable<string>): Promise<void> {
   let inflight: Promise<unknown>[] = [];
-  for (let i = 0; i < lines.length; i++) {
-    inflight.push(nats.js.publish(subject, encoder.encode(lines[i]!), { msgID: `raw:${i}` }));
+  let i = 0;
+  for (const line of lines) {
+    inflight.push(nats.js.publish(subject, encoder.encode(line), { msgID: `raw:${i++}` }));
     if (inflight.length >= 4096) {
       await Promise.all(inflight);
       inflight = [];

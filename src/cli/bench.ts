@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { findOperator } from "../../operators/index.js";
 import { loadPipelineOrThrow } from "../config/load.js";
+import { ConfigError } from "../core/errors.js";
 import { runBench, type BenchResult } from "../bench/bench.js";
 import { ensureBinaries } from "../services/binaries.js";
 import { freePort, startNats, startRedis, type ServiceHandle } from "../services/processes.js";
@@ -11,34 +12,94 @@ import { action, cliLogger, collect, out } from "./common.js";
 import { defaultPipelinePath } from "../config/paths.js";
 
 function fmt(r: BenchResult): string {
-  const n = (x: number) => Math.round(x).toLocaleString("en-US");
+  const n = (x: number) => (Number.isFinite(x) ? Math.round(x).toLocaleString("en-US") : "-");
   const ms = (x: number) => (Number.isFinite(x) ? `${x.toFixed(1)} ms` : "-");
-  return [
-    `events: ${r.events} on ${r.machine.cpus} cores, node ${r.machine.node}`,
+  const mb = (x: number) => `${Math.round(x)} MB`;
+  const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
+  const p = r.pipeline;
+  const lines = [
+    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
     `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
-    `pipeline  ${n(r.pipeline.events_per_s).padStart(9)} events/s  (${r.pipeline.seconds.toFixed(2)} s, ${n(r.pipeline.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.pipeline.latency.p50_ms)}  p99 ${ms(r.pipeline.latency.p99_ms)} at ${r.pipeline.latency.rate_per_s}/s`,
-    `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${r.pipeline.stages.join(" → ")}`,
-    `outputs ${r.pipeline.outputs}, dropped ${r.pipeline.dropped}, dead letters ${r.pipeline.dlq}`,
-  ].join("\n");
+    `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
+    `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,
+    `outputs ${p.outputs}, dropped ${p.dropped}, dead letters ${p.dlq}`,
+  ];
+  if (p.cpu_share) {
+    const who = r.workers > 1 ? "in-process worker" : "worker";
+    lines.push(
+      `cpu share of the ${who}: V8 samples every ${p.profile_interval_us} µs, ${n(p.profiled_us_per_event ?? Number.NaN)} µs/event of non-idle sampled time ` +
+        `(wall clock on the stack; the process used ${n(p.in_process_cpu_us_per_event)} µs/event of CPU)`,
+    );
+    const entries = Object.entries(p.cpu_share);
+    const width = Math.max(...entries.map(([k]) => k.length));
+    for (const [k, v] of entries) lines.push(`  ${k.padEnd(width)}  ${pct(v).padStart(6)}  ${"█".repeat(Math.round(v * 40))}`);
+  }
+  lines.push(
+    `memory    worker RSS peak ${mb(p.rss_peak_mb)}, end ${mb(p.rss_end_mb)} (${r.workers > 1 ? "in-process worker, " : ""}sampled every 100 ms; includes the bench's client)`,
+    `state     state_cache.max_entries ${n(p.cache_max_entries)}, keyed entries in memory at the end ${n(p.cache_entries)}, peak ${n(p.cache_entries_peak)}${r.workers > 1 ? " (in-process worker)" : ""}`,
+  );
+  for (const c of p.children) {
+    lines.push(`child     pid ${c.pid}: ${n(c.cpu_us_per_event)} µs CPU/event (start-up included), RSS peak ${mb(c.rss_peak_mb)}, running after ${c.ready_s === null ? "-" : `${c.ready_s.toFixed(2)} s`}`);
+  }
+  return lines.join("\n");
+}
+
+function positiveInt(name: string, v: number): number {
+  if (!Number.isInteger(v) || v < 1) throw new ConfigError(`--${name} must be a positive integer, got ${v}`);
+  return v;
+}
+
+interface BenchCliOptions {
+  events: number;
+  users: number;
+  latencyEvents: number;
+  latencyRate: number;
+  workers: number;
+  cacheEntries?: number;
+  profile: boolean;
+  profileOut?: string;
+  set: string[];
+  json?: boolean;
 }
 
 export function registerBench(program: Command): void {
   program
     .command("bench [pipeline]")
-    .description("throughput and latency of the pipeline beside a do-nothing JetStream relay, in the same run")
+    .description(
+      "throughput and latency of the pipeline beside a do-nothing JetStream relay, in the same run, on its own nats-server and " +
+        "redis-server (unless NATS_URL and REDIS_URL are set). The pipeline phase also reports each stage's share of the worker's CPU " +
+        "(V8 sampling profiler; a stage's share includes the libraries and state access its operator calls), the worker's RSS peak " +
+        "and end, and the keyed-state entries held in memory against runtime.state_cache.max_entries",
+    )
     .option("--events <n>", "events to push through each", (v) => Number(v), 50_000)
-    .option("--users <n>", "distinct users", (v) => Number(v), 2_000)
+    .option("--users <n>", "distinct users the events are spread over (each user's events cycle query → shown → … in order; with more users than events every event is a query)", (v) => Number(v), 2_000)
     .option("--latency-events <n>", "events for the steady-rate latency phase", (v) => Number(v), 2_000)
     .option("--latency-rate <n>", "events/s in the latency phase", (v) => Number(v), 1_000)
+    .option(
+      "--workers <n>",
+      "worker processes in the pipeline phase: this process's worker plus n−1 `tacit run` children on the same servers, all started " +
+        "once the events are loaded and timed to drained (the children's start-up is inside the time and their CPU); CPU/event sums them all",
+      (v) => Number(v),
+      1,
+    )
+    .option("--cache-entries <n>", "shorthand for --set runtime.state_cache.max_entries=<n> (the in-memory keyed-state bound per worker)", (v) => Number(v))
+    .option("--no-profile", "skip the CPU profiler (and the per-stage shares); the profiler costs a few per cent of CPU")
+    .option("--profile-out <file>", "also write the pipeline phase's raw CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
     .option("--set <path=value>", "override a pipeline value (repeatable)", collect, [])
     .option("--json", "print machine-readable JSON")
     .action(
-      action(async (file: string | undefined, opts: { events: number; users: number; latencyEvents: number; latencyRate: number; set: string[]; json?: boolean }) => {
+      action(async (file: string | undefined, opts: BenchCliOptions) => {
+        for (const k of ["events", "users", "latencyEvents", "latencyRate", "workers"] as const) positiveInt(k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`), opts[k]);
+        if (opts.cacheEntries !== undefined) positiveInt("cache-entries", opts.cacheEntries);
         const log = cliLogger();
         const started: ServiceHandle[] = [];
         let dir: string | undefined;
         const env: Record<string, string | undefined> = { ...process.env };
         try {
+          const pipelineFile = file ?? defaultPipelinePath();
+          const set = [`name=tacitbench`, `subject_prefix=tacitbench`, ...opts.set, ...(opts.cacheEntries !== undefined ? [`runtime.state_cache.max_entries=${opts.cacheEntries}`] : [])];
+          // Bad config fails before any server starts.
+          loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
           // Own servers unless URLs were given: a bench must not touch someone's data.
           if (!process.env.NATS_URL || !process.env.REDIS_URL) {
             await ensureBinaries({ install: true, log: (m) => process.stderr.write(m + "\n") });
@@ -50,13 +111,26 @@ export function registerBench(program: Command): void {
             env.NATS_URL = nats.url;
             env.REDIS_URL = redis.url;
           }
-          const p = loadPipelineOrThrow(file ?? defaultPipelinePath(), {
-            set: [`name=tacitbench`, `subject_prefix=tacitbench`, ...opts.set],
-            env,
-            operators: findOperator,
+          const p = loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
+          if (!opts.json) {
+            process.stderr.write(
+              `bench: ${opts.events} events over ${opts.users} users through a relay, then through ${p.stages.map((s) => s.name).join(" → ")} ` +
+                `with ${opts.workers} worker${opts.workers > 1 ? "s" : ""} (state_cache.max_entries ${p.runtime.state_cache.max_entries}) …\n`,
+            );
+          }
+          const workerEnv = { ...env, TACIT_PSEUDONYM_KEY: env.TACIT_PSEUDONYM_KEY ?? "bench:tacit-bench-fixed-key-0123456789" };
+          const res = await runBench(p, findOperator, {
+            events: opts.events,
+            users: opts.users,
+            latencyEvents: opts.latencyEvents,
+            latencyRate: opts.latencyRate,
+            log,
+            env: workerEnv,
+            workers: opts.workers,
+            childPipeline: { file: pipelineFile, set },
+            profile: opts.profile,
+            ...(opts.profileOut ? { profileOut: opts.profileOut } : {}),
           });
-          if (!opts.json) process.stderr.write(`bench: ${opts.events} events through a relay, then through ${p.stages.map((s) => s.name).join(" → ")} …\n`);
-          const res = await runBench(p, findOperator, { events: opts.events, users: opts.users, latencyEvents: opts.latencyEvents, latencyRate: opts.latencyRate, log, env: { ...env, TACIT_PSEUDONYM_KEY: env.TACIT_PSEUDONYM_KEY ?? "bench:tacit-bench-fixed-key-0123456789" } });
           out(opts.json, res, () => fmt(res));
           return 0;
         } finally {
