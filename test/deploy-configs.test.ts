@@ -574,7 +574,7 @@ test("metrics: a worker's /metrics exposes exactly the SLI metric families", asy
   c.count("out", 2);
   c.count("dropped", 1, { reason: "duplicate" });
   c.count("dlq", 1, { reason: "schema_violation" });
-  c.count("labels.response", 2);
+  c.count("side_output", 2, { to: "labels.response" });
   const tel = new WorkerTelemetry(() => [c], () => true);
   tel.batch("label-derive", 12);
   tel.endToEnd("label-derive", 40);

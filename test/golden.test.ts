@@ -36,8 +36,13 @@ const KEY = "t1:golden-test-secret-0123456789abcdef";
 const SEED = 424242;
 const HOUR = 3_600_000;
 const silent = { debug() {}, info() {}, warn() {}, error() {} };
-/** Test speed: fewer partitions, short leases; no idle advance during a run (it is wall-clock driven). */
-const SETS = ["partitions=4", "runtime.batch_size=200", "runtime.ack_wait=3s", "runtime.lease_ttl=2s", "event_time.idle_timeout=10m"];
+/**
+ * Test speed: fewer partitions, short leases; no idle advance during a run (it is wall-clock driven).
+ * Topology: the default pipeline fuses its five keyed stages into one group; here sessionize and
+ * label-derive head groups of their own (enrich | dedupe+bot-score | sessionize+reformulation |
+ * label-derive), so replay and rebuild are tested both on fused groups and stage by stage.
+ */
+const SETS = ["partitions=4", "runtime.batch_size=200", "runtime.ack_wait=3s", "runtime.lease_ttl=2s", "event_time.idle_timeout=10m", "stages.sessionize.fuse_with_previous=false", "stages.label-derive.fuse_with_previous=false"];
 
 /** The simulated day: 150 users, 2 h of event time ending an hour ago, noise on (duplicates, late, out of order, malformed). */
 function day(): string[] {

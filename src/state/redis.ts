@@ -1,13 +1,19 @@
 import { Redis, Cluster, type ChainableCommander } from "ioredis";
 import { LeaseLostError, hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
+import { Packr } from "msgpackr";
+
+/** Plain MessagePack (no records or extensions): what Redis's cmsgpack reads. */
+const packr = new Packr({ useRecords: false, variableMapSize: true });
 
 /**
  * Applies one commit group atomically. KEYS[1] is the guard key ('' when none); ARGV is
  * guard seq, guard ttl, lease key index and holder ('' when none: a lease key lives outside
- * the group's hash tag, so only on a single Redis), then a flat list of ops: name, key index,
- * and its arguments. Without a lease all keys share one hash tag, so this runs unchanged on
- * Redis Cluster. Returns 1 applied, 0 fenced off by the guard, -1 lease not held.
+ * the group's hash tag, so only on a single Redis), then the ops as one MessagePack array
+ * (Redis's Lua has cmsgpack): name, key index, and its arguments, flat. One packed argument
+ * instead of four or five per op: the client's cost per argument was most of a commit's.
+ * Without a lease all keys share one hash tag, so this runs unchanged on Redis Cluster.
+ * Returns 1 applied, 0 fenced off by the guard, -1 lease not held.
  */
 const COMMIT_LUA = `
 if ARGV[3] ~= '' and redis.call('GET', KEYS[tonumber(ARGV[3])]) ~= ARGV[4] then return -1 end
@@ -17,7 +23,8 @@ if ARGV[1] ~= '' then
   if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
   if tonumber(ARGV[2]) > 0 then redis.call('SET', g, ARGV[1], 'PX', ARGV[2]) else redis.call('SET', g, ARGV[1]) end
 end
-local i = 5
+local ARGV = cmsgpack.unpack(ARGV[5])
+local i = 1
 local function ttl(k, t) if tonumber(t) > 0 then redis.call('PEXPIRE', k, t) end end
 while i <= #ARGV do
   local op = ARGV[i]
@@ -155,25 +162,30 @@ export class RedisStateStore implements StateStore {
         }
         return n;
       };
-      const argv: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0), lease ? ki(lease.key) : "", lease?.holder ?? ""];
+      const head: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0), lease ? ki(lease.key) : "", lease?.holder ?? ""];
+      // Numbers travel as the strings Redis would get as arguments (a float as JS prints it).
+      const argv: (string | number)[] = [];
+      const t = (ms: number | undefined) => String(Math.round(ms ?? 0));
       for (const op of g.ops) {
         switch (op.op) {
           case "set":
-            argv.push("set", ki(op.key), op.value, Math.round(op.ttl_ms ?? 0));
+            argv.push("set", ki(op.key), op.value, t(op.ttl_ms));
             break;
           case "del":
             argv.push("del", ki(op.key));
             break;
           case "hset": {
             const entries = Object.entries(op.fields);
-            argv.push("hset", ki(op.key), entries.length, ...entries.flat(), Math.round(op.ttl_ms ?? 0));
+            argv.push("hset", ki(op.key), entries.length);
+            for (const [f, v] of entries) argv.push(f, String(v));
+            argv.push(t(op.ttl_ms));
             break;
           }
           case "hincrbyfloat":
-            argv.push("hincrbyfloat", ki(op.key), op.field, op.by, Math.round(op.ttl_ms ?? 0));
+            argv.push("hincrbyfloat", ki(op.key), op.field, String(op.by), t(op.ttl_ms));
             break;
           case "zadd":
-            argv.push("zadd", ki(op.key), op.score, op.member, Math.round(op.ttl_ms ?? 0));
+            argv.push("zadd", ki(op.key), String(op.score), op.member, t(op.ttl_ms));
             break;
           case "zrem":
             argv.push("zrem", ki(op.key), op.member);
@@ -184,7 +196,7 @@ export class RedisStateStore implements StateStore {
       if (!g.guard) keys[0] = keys[1] ?? "tacit:noop";
       cmds.push({
         key: keys[0]!,
-        add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number)[]): void }).tacitCommit(keys.length, ...keys, ...argv),
+        add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number | Buffer)[]): void }).tacitCommit(keys.length, ...keys, ...head, packr.pack(argv)),
       });
     }
     const res = await this.pipelined(cmds, true);
