@@ -61,9 +61,8 @@ module.exports = {
       comment:
         "Replay is an admin operation (wipe, rebuild, catch-up) that runs beside the workers; the " +
         "per-message worker path must not depend on it, so shared pieces (fences, label hashing) " +
-        "belong in a module both import. worker.ts → replay.ts is a known violation, listed in " +
-        ".dependency-cruiser-known-violations.json until the worker rewrite removes it.",
-      from: { path: "^src/runtime/(worker\\.ts$|worker/|keyed[^/]*\\.ts$)" },
+        "belong in a module both import (label-registry.ts).",
+      from: { path: "^src/runtime/(worker|runner|chain|outputs|watermarks|keyed-state|label-registry)\\.ts$" },
       to: { path: "^src/runtime/replay\\.ts$" },
     },
   ],

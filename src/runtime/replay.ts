@@ -5,7 +5,7 @@ import type { Pipeline } from "../config/types.js";
 import { ConfigError, TacitError, errorMessage } from "../core/errors.js";
 import type { OperatorSpec } from "../core/operator.js";
 import { unlinkMatching } from "../state/redis.js";
-import { partitionKey, pipelineKey } from "../core/state.js";
+import { partitionKey } from "../core/state.js";
 import { pauseGroups, resumeGroups, liveWorkers, type PauseResult } from "./control.js";
 import { desiredConsumers } from "./deploy.js";
 import { OP_REVISION_HEADER, fenceField, fencesKey, labelContentHash, parseFence, publishedKey, seedLabel, type Fence, type PublishedLabel } from "./label-registry.js";
