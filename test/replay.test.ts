@@ -42,6 +42,8 @@ import { stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 
 const ROOT = projectRoot();
+/** The default pipeline fuses its keyed stages into one group; these tests look at one group per stage. */
+const UNFUSED = ["bot-score", "sessionize", "reformulation", "label-derive"].map((s) => `stages.${s}.fuse_with_previous=false`);
 const PIPELINE = join(ROOT, "test", "fixtures", "e2e", "clean.yaml");
 const KEY = "t1:replay-test-secret-0123456789abcdef";
 const silent = { debug() {}, info() {}, warn() {}, error() {} };
@@ -145,7 +147,7 @@ test("replay points, versions, groups and what a rebuild keeps", () => {
   assert.ok(!keep.test(userKey("feedback", "U1", "dedupe", "seen", "e1")));
   assert.ok(!keep.test(userKey("feedback", "U1", "features", "user")));
   assert.ok(!keep.test(userKey("feedbackx", "U1", "context")));
-  const p = loadPipelineOrThrow(join(ROOT, "pipelines", "feedback.yaml"), { env: {}, set: ["stages.bot-score.fuse_with_previous=true"], operators: findOperator });
+  const p = loadPipelineOrThrow(join(ROOT, "pipelines", "feedback.yaml"), { env: {}, set: [...UNFUSED, "stages.bot-score.fuse_with_previous=true"], operators: findOperator });
   assert.deepEqual(selectGroups(p, findOperator, "dedupe").map((g) => g.stages.map((s) => s.name)), [["dedupe", "bot-score"]]);
   assert.throws(() => selectGroups(p, findOperator, "bot-score"), /fused into group dedupe.*--stage dedupe/);
   assert.throws(() => selectGroups(p, findOperator, "nope"), /unknown stage nope/);
@@ -166,15 +168,14 @@ function keysOfFeedback(prefix: string): Record<string, string[]> {
   const trap = "e:1}:features:user";
   const stage = (name: string, ...parts: string[]) => userKey(prefix, u, name, ...parts);
   return {
-    kept: [userKey(prefix, u, "context"), publishedKey(prefix, u, "lbl:1}:label-derive:state")],
+    kept: [userKey(prefix, u, "context"), publishedKey(prefix, u, "lbl:1}:label-derive:state"), publishedKey(prefix, u, trap)],
     pipeline: [pipelineKey(prefix, "fences"), controlKey(prefix, "label-derive"), controlAcksKey(prefix, "label-derive"), controlWorkersKey(prefix, "label-derive"), pipelineKey(prefix, "lease", "label-derive", 3), pipelineKey(prefix, "workers", "label-derive")],
-    dedupe: [stage("dedupe", "seen", "e1"), stage("dedupe", "seen", trap), stage("dedupe", "seen", "r:9}:label-derive:applied"), partitionKey(prefix, "dedupe", 0, "wm")],
-    "bot-score": [stage("bot-score", "state"), stage("bot-score", "applied"), partitionKey(prefix, "bot-score", 7, "wm")],
+    dedupe: [stage("dedupe", "state"), partitionKey(prefix, "dedupe", 0, "wm")],
+    "bot-score": [stage("bot-score", "state"), partitionKey(prefix, "bot-score", 7, "wm")],
     sessionize: [stage("sessionize", "state"), partitionKey(prefix, "sessionize", 2, "timers"), partitionKey(prefix, "sessionize", 2, "wm")],
-    reformulation: [stage("reformulation", "state"), stage("reformulation", "applied"), partitionKey(prefix, "reformulation", 1, "wm")],
+    reformulation: [stage("reformulation", "state"), partitionKey(prefix, "reformulation", 1, "wm")],
     "label-derive": [
       stage("label-derive", "state"),
-      stage("label-derive", "applied"),
       userFeaturesKey(prefix, u),
       responseFeaturesKey(prefix, u, "r:1"),
       sessionFeaturesKey(prefix, u, "s:1"),
@@ -196,7 +197,7 @@ test("a per-stage rebuild wipes exactly its group's documented state and partiti
   assert.equal(stateMatcher("tacit:{other}:x", "feedback", "s"), undefined, "never outside the pipeline's namespace");
   assert.equal(stateMatcher("tacit:{<prefix>}:fences", "feedback", "s"), undefined, "never a pipeline-wide key");
 
-  const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: [], operators: findOperator });
+  const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: UNFUSED, operators: findOperator });
   const keys = keysOfFeedback(full.subject_prefix);
   const groups = stageGroups(full, findOperator);
   for (const g of groups) {
@@ -298,7 +299,7 @@ async function scanKeys(redis: Redis, glob: string): Promise<string[]> {
 
 test("wipeState on redis-server: a group's state goes, every other key of the pipeline and other pipelines' keys stay", { timeout: 30_000 }, async () => {
   await withEnv(async (e) => {
-    const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: [], operators: findOperator });
+    const full = loadPipelineOrThrow(FEEDBACK, { env: {}, set: UNFUSED, operators: findOperator });
     const mine = keysOfFeedback(full.subject_prefix);
     const other = Object.values(keysOfFeedback("feedback-b")).flat();
     for (const k of [...Object.values(mine).flat(), ...other]) await e.redis.set(k, "1");
