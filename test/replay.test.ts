@@ -349,7 +349,8 @@ test("replaying the whole pipeline past the duplicate window repeats nothing; a 
   await withEnv(async (e) => {
     const p = await setup(e, "rp", ["streams.duplicate_window=1s"]);
     await startWorker(e, p, "rp");
-    const lines = [...benchEvents(3000, 60, Date.now() - 3_600_000)];
+    const USERS = 60;
+    const lines = [...benchEvents(3000, USERS, Date.now() - 3_600_000)];
     await publishLines(p, e.nats.js, lines.slice(0, 1500), { idPrefix: "a" });
     await drained(e, p);
     const middle = Date.now();
@@ -386,24 +387,24 @@ test("replaying the whole pipeline past the duplicate window repeats nothing; a 
     await drained(e, p);
     assert.equal(await count(e, p, "events"), 3000, "re-sent events are dropped by the rebuilt dedupe state");
 
-    // Only dedupe rebuilt: its claims are wiped and made again, the same; enrich's context, the
-    // label registry and enrich's fence stay, and dedupe is resumed.
+    // Only dedupe rebuilt: its per-user state (the ids it has seen) is wiped and made again, the
+    // same; enrich's context, the label registry and enrich's fence stay, and dedupe is resumed.
     const values = async (ks: string[]) => new Map(await Promise.all(ks.map(async (k) => [k, (await e.redis.type(k)) === "hash" ? JSON.stringify(await e.redis.hgetall(k)) : await e.redis.get(k)] as const)));
     const prefix = p.subject_prefix;
     await e.redis.hset(userKey(prefix, "U1", "context"), { cohort: "a" });
     await e.redis.set(publishedKey(prefix, "U1", "lbl-1"), JSON.stringify({ R: 0, H: "h", off: 0, h: { 0: "h" } }));
-    const claims = await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:seen:*`);
+    const claims = await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:state`);
     const kept = [userKey(prefix, "U1", "context"), publishedKey(prefix, "U1", "lbl-1")];
     const enrichFence = () => e.redis.hget(fencesKey(prefix), fenceField(streamName(p, "in"), "enrich"));
     const [claimsBefore, keptBefore, fenceBefore] = [await values(claims), await values(kept), await enrichFence()];
     assert.ok(fenceBefore);
     const marks = (await scanKeys(e.redis, `tacit:{${prefix}:p:dedupe:*`)).length;
-    assert.ok(claims.length >= 2900 && marks === 4, `dedupe holds its claims (${claims.length}) and partition marks (${marks})`);
+    assert.ok(claims.length === USERS && marks === 4, `dedupe holds its users' state (${claims.length}) and partition marks (${marks})`);
     const st = await executeReplay(p, e.nats, e.redis, findOperator, { rebuild: true, stage: "dedupe" }, { waitMs: 60_000 });
     assert.deepEqual([st.plan.groups, st.reread, st.caught_up], [["dedupe"], 3100, true]);
-    assert.equal(st.wiped_keys, claims.length + marks, "exactly dedupe's claims and partition marks were wiped");
+    assert.equal(st.wiped_keys, claims.length + marks, "exactly dedupe's state and partition marks were wiped");
     await drained(e, p);
-    assert.deepEqual(await values(await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:seen:*`)), claimsBefore, "the same claims again");
+    assert.deepEqual(await values(await scanKeys(e.redis, `tacit:{${prefix}:u:*}:dedupe:state`)), claimsBefore, "the same state again");
     assert.deepEqual(await values(kept), keptBefore);
     assert.equal(await enrichFence(), fenceBefore);
     assert.equal((await readControl(e.redis, p.subject_prefix, "dedupe")).paused, false);
@@ -438,7 +439,7 @@ test("tacit replay: usage errors exit 2; --dry-run reports per durable; --resume
     assert.equal(dryRebuild.code, 0, dryRebuild.err);
     assert.match(dryRebuild.out, /^rebuild of cli from start/);
     assert.doesNotMatch(dryRebuild.out, /enrich:/);
-    assert.match(dryRebuild.out, /wipes: tacit:\{cli:p:dedupe:<partition>\}:<key>, tacit:\{cli:u:<user>\}:dedupe:seen:<event_id> \(keeps/);
+    assert.match(dryRebuild.out, /wipes: tacit:\{cli:p:dedupe:<partition>\}:<key>, tacit:\{cli:u:<user>\}:dedupe:state \(keeps/);
     // Without --yes and without a terminal, a replay refuses.
     const noYes = await run(["--from", "start"]);
     assert.equal(noYes.code, 2);

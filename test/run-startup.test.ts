@@ -4,7 +4,7 @@
 // half-started one. Real nats-server and redis-server from the harness.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { projectRoot } from "../src/config/paths.js";
@@ -81,7 +81,8 @@ test("tacit run with a bad pipeline exits 2 with the problem, and binds nothing"
   const port = await freePort();
   const r = await runUntilExit({ NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY }, port, ["--set", "stages.dedupe.operator=dedup"]);
   assert.equal(r.code, 2, r.stderr);
-  assert.match(r.stderr, /^tacit: config: .*feedback\.yaml: 1 problem\n.*:35:15 +stage "dedupe": unknown operator "dedup"/);
+  const line = readFileSync(PIPELINE, "utf8").split("\n").indexOf("    operator: dedupe") + 1;
+  assert.match(r.stderr, new RegExp(`^tacit: config: .*feedback\\.yaml: 1 problem\n.*:${line}:15 +stage "dedupe": unknown operator "dedup"`));
   assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
 });
 
