@@ -23,6 +23,8 @@ import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type 
 interface Entry<S> {
   state: S | undefined;
   applied: number;
+  /** The Redis key (built once per entry). */
+  key: string;
 }
 
 /** The bound of the in-memory state of one worker, shared by every stage and partition it runs. */
@@ -110,18 +112,19 @@ export class StageState<S> {
     const missing: string[] = [];
     for (const u of users) if (!this.entries.has(u)) missing.push(u);
     if (missing.length === 0) return;
+    const keys = missing.map((u) => this.stateKey(u));
     let values: (string | null)[];
     try {
-      values = await this.store.get(missing.map((u) => this.stateKey(u)));
+      values = await this.store.get(keys);
     } catch (err) {
       throw err instanceof TransientError ? err : new TransientError("state_unavailable", `${this.stage}: state read failed: ${errorMessage(err)}`, err);
     }
     missing.forEach((user, i) => {
       const raw = values[i];
-      let entry: Entry<S> = { state: undefined, applied: 0 };
+      const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]! };
       if (raw != null) {
         const { applied, payload } = decodeValue(raw);
-        entry = { state: undefined, applied };
+        entry.applied = applied;
         if (payload !== "") {
           try {
             entry.state = this.codec.decode(payload);
@@ -243,7 +246,7 @@ export class StageState<S> {
       const e = this.entries.get(user)!;
       const payload = e.state === undefined ? "" : this.codec.encode(e.state);
       const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
-      users.push({ ops: [{ op: "set", key: this.stateKey(user), value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
+      users.push({ ops: [{ op: "set", key: e.key, value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
     }
     this.dirty.clear();
     const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
@@ -283,6 +286,8 @@ export class StageState<S> {
  */
 export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
   const byTag = new Map<string, CommitGroup>();
+  /** The first hset of each key in a merged group. */
+  const hsets = new Map<string, Extract<StateOp, { op: "hset" }>>();
   const out: CommitGroup[] = [];
   for (const g of groups) {
     if (g.guard || g.ops.length === 0) {
@@ -297,14 +302,29 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
         // Repeated hash writes of one key fold into the first (later fields win): a user's
         // features set by each of a batch's inputs are written once. Increments are kept in
         // stream order, so the sums do not depend on where batches begin.
-        const prev = op.op === "hset" ? into.ops.find((x): x is Extract<StateOp, { op: "hset" }> => x.op === "hset" && x.key === op.key) : undefined;
-        if (prev && op.op === "hset") {
+        if (op.op !== "hset") {
+          into.ops.push(op);
+          continue;
+        }
+        const prev = hsets.get(op.key);
+        if (prev) {
           prev.fields = { ...prev.fields, ...op.fields };
           if (op.ttl_ms !== undefined) prev.ttl_ms = op.ttl_ms;
-        } else into.ops.push(op);
+        } else {
+          const copy = { ...op };
+          hsets.set(op.key, copy);
+          into.ops.push(copy);
+        }
       }
     } else {
-      const copy = { ops: g.ops.map((op) => (op.op === "hset" ? { ...op } : op)) };
+      const copy = {
+        ops: g.ops.map((op) => {
+          if (op.op !== "hset") return op;
+          const c = { ...op };
+          if (same && !hsets.has(op.key)) hsets.set(op.key, c);
+          return c;
+        }),
+      };
       if (same) byTag.set(tag, copy);
       out.push(copy);
     }
