@@ -27,7 +27,7 @@ import { editDistance } from "../src/core/text.js";
 import { baselineView, emptySums, observe, type BaselineSums, type BaselineView } from "../src/labels/baselines.js";
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
 import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
-import { loadRulesFile, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
+import { loadRulesFile, loadRulesFileOnce, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
 
 /*
  * label-derive: turns the signals of human users into weak labels with the rules of a YAML file
@@ -274,7 +274,7 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
   lint: lintLabelDerive,
   create: (config, ctx) => {
     const c = compileLabelDerive(config);
-    return new LabelDeriver(c, loadRulesFile(c.rulesFile), ctx);
+    return new LabelDeriver(c, loadRulesFileOnce(c.rulesFile), ctx);
   },
 };
 

@@ -1,5 +1,5 @@
 import type { ErrorObject, ValidateFunction } from "ajv";
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import { LineCounter, parseDocument } from "yaml";
 import { newConfigAjv, pruneErrors } from "../config/ajv.js";
 import { closest, formatProblem, sortProblems, type Problem } from "../config/problems.js";
@@ -437,6 +437,28 @@ function validate(): ValidateFunction {
 }
 
 /** Reads and compiles a rules file; throws RulesConfigError (a ConfigError) listing every problem with file:line. */
+/** Compiled rules by file, path and modification: every partition's label-derive instance shares one compilation. */
+const compiledFiles = new Map<string, { stamp: string; rules: CompiledRules }>();
+
+/**
+ * Like {@link loadRulesFile}, compiled once per file version (path, size and mtime): a worker
+ * creates one label-derive instance per partition, and each compiled the same YAML again.
+ */
+export function loadRulesFileOnce(file: string): CompiledRules {
+  let stamp: string;
+  try {
+    const st = statSync(file);
+    stamp = `${st.size}:${st.mtimeMs}`;
+  } catch {
+    return loadRulesFile(file);
+  }
+  const hit = compiledFiles.get(file);
+  if (hit?.stamp === stamp) return hit.rules;
+  const rules = loadRulesFile(file);
+  compiledFiles.set(file, { stamp, rules });
+  return rules;
+}
+
 export function loadRulesFile(file: string): CompiledRules {
   let text: string;
   try {
