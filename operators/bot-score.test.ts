@@ -4,10 +4,11 @@ import fc from "fast-check";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
 import { TransientError } from "../src/core/errors.js";
-import type { KeyScope, KeyedInput, OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type KeyedProcessor, type OperatorContext, type Outcome, type StageInput } from "../src/core/operator.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
-import { OperatorHarness } from "../test/support/operator-harness.js";
+import { OperatorHarness, runAlone } from "../test/support/operator-harness.js";
 import {
   botScore,
   combineIndicators,
@@ -66,21 +67,16 @@ function directCtx(counts = new Map<string, number>()): OperatorContext {
 /** The operator alone, each user's state in memory (no store, no guard). */
 async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput[]) => Outcome[]> {
   const proc = await botScore.create({}, directCtx(counts));
-  const states = new Map<string, UserState>();
-  return (inputs) =>
-    inputs.map((input) => {
-      const user = input.envelope?.event.user ?? "";
-      const key: KeyScope<UserState> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
-      return proc.processElement(input as KeyedInput, key);
-    });
+  assert.ok(isKeyedProcessor(proc));
+  return runAlone(proc as KeyedProcessor<UserState>);
 }
 
 /** A user's stored value, decoded: the applied sequence and the state. */
 async function stored(h: OperatorHarness<BotScoreConfig>, user: string): Promise<{ applied: number; state: UserState }> {
   const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
   assert.ok(raw, `state of ${user}`);
-  const colon = raw.indexOf(":");
-  return { applied: Number(raw.slice(0, colon)), state: decodeBotState(raw.slice(colon + 1)) };
+  const { applied, payload } = decodeStoredValue(raw);
+  return { applied, state: decodeBotState(payload) };
 }
 
 let eventCounter = 0;

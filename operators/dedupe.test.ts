@@ -7,6 +7,7 @@ import type { Envelope } from "../src/core/event.js";
 import type { KeyScope, KeyedInput, OperatorContext, Outcome } from "../src/core/operator.js";
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
 import { compileDedupeConfig, dedupe, dedupeCodec, MAX_IDS_PER_USER, STATE_TTL_MARGIN_MS, type DedupeConfig, type DedupeState } from "./dedupe.js";
 
@@ -29,8 +30,8 @@ async function run(h: OperatorHarness<DedupeConfig>, envs: Envelope[], batchSize
 async function stored(h: OperatorHarness<DedupeConfig>, user: string, windowMs = 24 * HOUR): Promise<{ applied: number; state: DedupeState }> {
   const [raw] = await h.state.get([userKey("feedback", user, "dedupe", "state")]);
   assert.ok(raw, `state of ${user}`);
-  const colon = raw.indexOf(":");
-  return { applied: Number(raw.slice(0, colon)), state: dedupeCodec(windowMs).decode(raw.slice(colon + 1)) };
+  const { applied, payload } = decodeStoredValue(raw);
+  return { applied, state: dedupeCodec(windowMs).decode(payload) };
 }
 
 /**

@@ -16,6 +16,7 @@ import { simulate } from "../src/sim/simulate.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { ManualClock } from "../src/core/clock.js";
 import { isKeyedProcessor, type KeyedInput } from "../src/core/operator.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { KeyedChain, emptyResult } from "../src/runtime/chain.js";
 import { StageState } from "../src/runtime/keyed-state.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
@@ -135,8 +136,8 @@ const near = (a: number, b: number) => Math.abs(a - b) < 1e-6;
 async function storedState<T>(store: MemoryStateStore, user: string): Promise<{ applied: number; state: T }> {
   const raw = (await store.get([`tacit:{feedback:u:${user}}:label-derive:state`]))[0];
   assert.ok(raw, `no state stored for ${user}`);
-  const colon = raw.indexOf(":");
-  return { applied: Number(raw.slice(0, colon)), state: JSON.parse(raw.slice(colon + 1)) as T };
+  const { applied, payload } = decodeStoredValue(raw);
+  return { applied, state: JSON.parse(payload) as T };
 }
 
 // ---------------------------------------------------------------------------------------------

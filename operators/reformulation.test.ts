@@ -2,11 +2,12 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import type { KeyScope, KeyedInput, OperatorContext, Outcome, StageInput } from "../src/core/operator.js";
+import { isKeyedProcessor, type KeyedProcessor, type OperatorContext, type Outcome, type StageInput } from "../src/core/operator.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { userKey } from "../src/core/state.js";
 import { jaccard3, normalizedLevenshtein, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
 import { MemoryStateStore } from "../src/state/memory.js";
-import { OperatorHarness } from "../test/support/operator-harness.js";
+import { OperatorHarness, runAlone } from "../test/support/operator-harness.js";
 import { reformulation, type ReformulationAnnotation, type ReformulationConfig, type ReformulationDecision, type UserState } from "./reformulation.js";
 
 const T0 = Date.parse("2025-03-01T12:00:00Z");
@@ -51,21 +52,16 @@ function directCtx(counts = new Map<string, number>()): OperatorContext {
  */
 async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput[]) => Outcome[]> {
   const proc = await reformulation.create({}, directCtx(counts));
-  const states = new Map<string, UserState>();
-  return (inputs) =>
-    inputs.map((input) => {
-      const user = input.envelope?.event.user ?? "";
-      const key: KeyScope<UserState> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
-      return proc.processElement(input as KeyedInput, key);
-    });
+  assert.ok(isKeyedProcessor(proc));
+  return runAlone(proc as KeyedProcessor<UserState>);
 }
 
 /** A user's stored value: the applied sequence and the state's JSON ("" when none). */
 async function stored(h: OperatorHarness<ReformulationConfig>, user: string): Promise<{ applied: number; json: string }> {
   const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
   assert.ok(raw, `state of ${user}`);
-  const colon = raw.indexOf(":");
-  return { applied: Number(raw.slice(0, colon)), json: raw.slice(colon + 1) };
+  const { applied, payload } = decodeStoredValue(raw);
+  return { applied, json: payload };
 }
 
 function inputOf(envelope: Envelope, seq: number): StageInput {

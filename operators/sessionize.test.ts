@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { newConfigAjv } from "../src/config/ajv.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
 import { isKeyedProcessor } from "../src/core/operator.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { partitionKey, userKey } from "../src/core/state.js";
 import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { Random } from "../test/support/random.js";
@@ -68,9 +69,7 @@ const stateKey = (user: string, prefix = PREFIX) => userKey(prefix, user, STAGE,
 
 /** A stored state value split into the runtime's guard and the operator's encoding ('' once cleared). */
 function stored(raw: string | null): { applied: number; payload: string } | null {
-  if (raw === null) return null;
-  const colon = raw.indexOf(":");
-  return { applied: Number(raw.slice(0, colon)), payload: raw.slice(colon + 1) };
+  return raw === null ? null : decodeStoredValue(raw);
 }
 
 /**

@@ -54,7 +54,8 @@ function encodeValue(applied: number, payload: string): string {
   return `${applied}:${payload}`;
 }
 
-function decodeValue(raw: string): { applied: number; payload: string } {
+/** A stored keyed state: the applied sequence and the operator's encoding ('' when cleared). */
+export function decodeStoredValue(raw: string): { applied: number; payload: string } {
   const colon = raw.indexOf(":");
   return colon < 0 ? { applied: 0, payload: raw } : { applied: Number(raw.slice(0, colon)) || 0, payload: raw.slice(colon + 1) };
 }
@@ -123,7 +124,7 @@ export class StageState<S> {
       const raw = values[i];
       const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]! };
       if (raw != null) {
-        const { applied, payload } = decodeValue(raw);
+        const { applied, payload } = decodeStoredValue(raw);
         entry.applied = applied;
         if (payload !== "") {
           try {

@@ -4,7 +4,9 @@ import type { Envelope } from "../../src/core/event.js";
 import {
   isKeyedProcessor,
   type Emit,
+  type KeyedInput,
   type KeyedProcessor,
+  type KeyScope,
   type OperatorContext,
   type OperatorMetrics,
   type OperatorSpec,
@@ -119,6 +121,20 @@ interface PartitionRun {
   chain: KeyedChain;
   /** What the runner holds in memory. */
   progress: PartitionProgress;
+}
+
+/**
+ * Runs a keyed processor alone, each user's state in a plain Map: no store, no guard, no timers.
+ * For metric attributes and inputs the harness cannot build.
+ */
+export function runAlone<S>(proc: KeyedProcessor<S>): (inputs: StageInput[]) => Outcome[] {
+  const states = new Map<string, S>();
+  return (inputs) =>
+    inputs.map((input) => {
+      const user = input.envelope?.event.user ?? "";
+      const key: KeyScope<S> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
+      return proc.processElement(input as KeyedInput, key);
+    });
 }
 
 export class OperatorHarness<C = Record<string, unknown>> {
