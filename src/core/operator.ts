@@ -53,16 +53,16 @@ export interface StageInput {
 }
 
 /**
- * What happened to one input: the records it produced, the state changes it makes, or the error
- * that stopped it. The runtime publishes every emit of a batch first, then applies the commits,
- * then acks: a crash before the commit recomputes the same emits (same ids, deduplicated by
- * JetStream), a crash after it finds the guard already applied. Operators therefore must not
- * write state themselves in `process` (except first-writer-wins `claim`s); they return commits.
- * Within one batch an operator must see its own earlier changes (keep them in memory).
+ * What happened to one input: the records it produced, the effects it makes outside the
+ * operator's own state, or the error that stopped it. The runtime publishes every emit of a batch
+ * first, then commits (keyed state, these effects and the partition's progress together), then
+ * acks: a crash before the commit recomputes the same emits (same ids, deduplicated by
+ * JetStream), a crash after it finds the input already applied. Operators never write to Redis
+ * themselves.
  */
 export interface Outcome {
   emits: Emit[];
-  /** State changes to apply after the emits are published (each group atomic, fenced by its guard). */
+  /** Effects outside the operator's own state (online features), applied with the batch's commit. */
   commits?: CommitGroup[];
   /** Set when the input failed: retryable → nak; otherwise → dead letter with this error's code. */
   error?: TacitError;
