@@ -255,6 +255,9 @@ async function pacedPublish(pipeline: Pipeline, nats: NatsHandles, n: number, ra
       const ev = JSON.parse(l) as Record<string, unknown>;
       ev.timestamp = new Date().toISOString();
       ev.event_id = `lat-${ev.event_id as string}`;
+      // Users of their own: the throughput phase's users, an event a second each, may have been
+      // flagged as bots by then (regular timing), and a bot's events never reach the output.
+      ev.user_id = `lat-${ev.user_id as string}`;
       return JSON.stringify(ev);
     });
     if (subject) await Promise.all(chunk.map((l, j) => nats.js.publish(subject, encoder.encode(l), { msgID: `lat:${i + j}` })));
