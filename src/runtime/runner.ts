@@ -313,6 +313,7 @@ export class ConsumerRunner {
   private async advanceIdle(wm: number): Promise<void> {
     if (this.progress.wm !== undefined && wm <= this.progress.wm) return;
     await this.flush();
+    if (this.abandon) return;
     const sink = emptyResult();
     await this.chain!.advance(wm, sink);
     if (this.fence?.wm !== undefined && wm <= this.fence.wm) fenceOff(sink);
