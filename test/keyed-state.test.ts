@@ -78,7 +78,8 @@ async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<{
   return { events, labels, state };
 }
 
-test("a partition that moves to another worker mid-stream continues from exactly the committed state: the result equals one worker's", { timeout: 240_000 }, async () => {
+for (const interval of ["0ms", "400ms"]) {
+test(`a partition that moves to another worker mid-stream continues from exactly the committed state: the result equals one worker's (commit_interval ${interval})`, { timeout: 240_000 }, async () => {
   const servers = await startServers();
   const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
   const redis = new Redis(servers.redisUrl);
@@ -99,7 +100,8 @@ test("a partition that moves to another worker mid-stream continues from exactly
     await re.stop();
 
     // The same events, while a second worker joins and then the first leaves: partitions move twice.
-    const mv = load(servers, "mv");
+    // With a commit interval, partitions hold processed batches; handing one over commits them first.
+    const mv = load(servers, "mv", [`runtime.commit_interval=${interval}`]);
     await deploy(mv, nats);
     const e = worker(servers, mv, nats, redis, "mv-enrich", ["enrich"]);
     await e.start();
@@ -132,6 +134,7 @@ test("a partition that moves to another worker mid-stream continues from exactly
     await servers.stop();
   }
 });
+}
 
 test("a worker that lost a partition's lease never writes its cached state over the new owner's", { timeout: 120_000 }, async () => {
   const servers = await startServers();
