@@ -1,10 +1,15 @@
 import type { Command } from "commander";
+import type { Cluster, Redis } from "ioredis";
 import { readFile } from "node:fs/promises";
 import { ConfigError } from "../core/errors.js";
 import { pseudonymize, resolvePseudonymKey } from "../core/pseudonym.js";
-import { evaluate, type Report, type TargetResult } from "../eval/evaluate.js";
+import { evaluate, type EvaluateInput, type Report, type TargetResult } from "../eval/evaluate.js";
 import { parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
-import { parseTruth } from "../sim/truth.js";
+import { collectLive } from "../eval/live.js";
+import { connectNats, type NatsHandles } from "../runtime/nats.js";
+import { parseTruth, type TruthRecord } from "../sim/truth.js";
+import { cliLogger, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
+import { openRedisChecked } from "./run.js";
 import { runCommand, type CliIo } from "./simulate.js";
 
 const STD_IO: CliIo = {
@@ -15,7 +20,7 @@ const STD_IO: CliIo = {
 /** Default environment variable of the pseudonymization key (the same one enrich reads). */
 export const DEFAULT_KEY_ENV = "TACIT_PSEUDONYM_KEY";
 
-interface EvaluateFlags {
+interface EvaluateFlags extends PipelineOptions {
   truth?: string;
   labels?: string;
   features?: string;
@@ -23,7 +28,6 @@ interface EvaluateFlags {
   scoresWithoutBaselines?: string;
   keyEnv: string;
   check?: boolean;
-  json?: boolean;
 }
 
 async function readInput(path: string, flag: string): Promise<string> {
@@ -94,74 +98,148 @@ function rejectedNote(what: string, rejected: RejectedLine[]): string[] {
   return [`${rejected.length} ${what} line(s) skipped; first: line ${first.line}: ${first.message.slice(0, 200)}`];
 }
 
+/** A memoizing pseudonymOf and the pseudonyms it made, to tell whether any label's user is known. */
+function pseudonymizer(key: Parameters<typeof pseudonymize>[0]): { of: (id: string) => string; known: () => Set<string> } {
+  const pseudonyms = new Map<string, string>();
+  return {
+    of: (id) => {
+      let p = pseudonyms.get(id);
+      if (p === undefined) pseudonyms.set(id, (p = pseudonymize(key, id)));
+      return p;
+    },
+    known: () => new Set(pseudonyms.values()),
+  };
+}
+
+/** True when labels were given and no label's user is a pseudonym of a truth user (a wrong key). */
+function keyMismatch(labels: EvaluateInput["labels"], known: Set<string>): boolean {
+  const labelUsers = new Set(labels.map((l) => l.user));
+  return labelUsers.size > 0 && ![...labelUsers].some((u) => known.has(u));
+}
+
+/** Evaluates, prints the report (human or JSON) and sets exit code 1 under --check when it fails. */
+function report(io: CliIo, flags: EvaluateFlags, input: EvaluateInput, known: () => Set<string>, notes: string[]): void {
+  const r = evaluate(input);
+  // A wrong key makes every user unknown and the bot metrics meaningless: say so.
+  const mismatch = keyMismatch(input.labels, known());
+  if (mismatch) notes.push(`no label's user matches a pseudonym of the truth's users: is ${flags.keyEnv} the key the pipeline used?`);
+  if (flags.json) io.out(`${JSON.stringify({ ...r, notes })}\n`);
+  else io.out(formatReport(r, notes));
+  if (flags.check && (!r.all_pass || mismatch)) process.exitCode = 1;
+}
+
+async function evaluateFiles(io: CliIo, flags: EvaluateFlags & { labels: string }, truth: TruthRecord[], env: Readonly<Record<string, string | undefined>>): Promise<void> {
+  const parsedLabels = parseLabels(await readInput(flags.labels, "--labels"));
+  const notes: string[] = [...rejectedNote("label", parsedLabels.rejected)];
+  let features;
+  if (flags.features) {
+    const p = parseFeatures(await readInput(flags.features, "--features"));
+    features = p.features;
+    notes.push(...rejectedNote("feature", p.rejected));
+  }
+  let botUsers;
+  if (flags.bots) {
+    const p = parseUserSet(await readInput(flags.bots, "--bots"));
+    botUsers = p.users;
+    notes.push(...rejectedNote("bot", p.rejected));
+  }
+  let scoresWithoutBaselines;
+  if (flags.scoresWithoutBaselines) {
+    const p = parseScores(await readInput(flags.scoresWithoutBaselines, "--scores-without-baselines"));
+    scoresWithoutBaselines = p.scores;
+    notes.push(...rejectedNote("score", p.rejected));
+  }
+  const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
+  if (dev) notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key`);
+  const ps = pseudonymizer(key);
+  const input: EvaluateInput = {
+    labels: parsedLabels.labels,
+    truth,
+    pseudonymOf: ps.of,
+    rejectedLabels: parsedLabels.rejected.length,
+    ...(features ? { features } : {}),
+    ...(botUsers ? { botUsers } : {}),
+    ...(scoresWithoutBaselines ? { scoresWithoutBaselines } : {}),
+  };
+  report(io, flags, input, ps.known, notes);
+}
+
 /**
- * Adds `tacit evaluate`: label quality of a run against the simulator's ground truth, read from
- * files (labels, and optionally features, bot decisions and baseline-free scores).
+ * The live path: labels from `<name>_labels`, bot decisions from `<name>_bots` and response
+ * features from Redis, read with collectLive exactly as `tacit demo` evaluates.
+ */
+async function evaluateLive(io: CliIo, file: string, flags: EvaluateFlags, truth: TruthRecord[], env: Readonly<Record<string, string | undefined>>): Promise<void> {
+  const p = loadForCli(file, flags);
+  const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
+  const ps = pseudonymizer(key);
+  let nats: NatsHandles | undefined;
+  let redis: Redis | Cluster | undefined;
+  try {
+    nats = await connectNats(p, `tacit-evaluate-${process.pid}`);
+    redis = await openRedisChecked(p, cliLogger());
+    const live = await collectLive(p, nats, redis, truth, ps.of);
+    const input: EvaluateInput = {
+      labels: live.labels,
+      truth,
+      pseudonymOf: ps.of,
+      features: live.features,
+      botUsers: live.botUsers,
+      scoresWithoutBaselines: live.scoresWithoutBaselines,
+      rejectedLabels: live.rejectedLabels,
+    };
+    const notes: string[] = [];
+    if (dev) {
+      // `tacit run` never falls back to the development key; only a dev-mode worker (`tacit demo`)
+      // does. Accept it only when the stream shows the pipeline used it: some label's user is a
+      // development pseudonym of a truth user. Otherwise the key is missing, as for a worker.
+      for (const t of truth) if (t.kind === "user") ps.of(t.user_id);
+      if (live.labels.length === 0 || keyMismatch(live.labels, ps.known())) resolvePseudonymKey(env, flags.keyEnv, false);
+      notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key, which this pipeline's labels were made with (a dev-mode worker, as in tacit demo)`);
+    }
+    report(io, flags, input, ps.known, notes);
+  } finally {
+    redis?.disconnect();
+    await nats?.nc.close().catch(() => undefined);
+  }
+}
+
+/**
+ * Adds `tacit evaluate [pipeline]`: label quality of a run against the simulator's ground truth,
+ * read from files (labels, and optionally features, bot decisions and baseline-free scores) or,
+ * given a pipeline, live from its labels and bots streams and its features in Redis.
  */
 export function registerEvaluate(program: Command, io: CliIo = STD_IO, env: Readonly<Record<string, string | undefined>> = process.env): Command {
-  return program
-    .command("evaluate")
-    .description("score labels (and features, bot decisions) against the hidden ground truth of `tacit simulate`")
-    .option("--truth <file>", "truth.jsonl written by tacit simulate")
-    .option("--labels <file>", "labels, one JSON object per line (e.g. from `tacit tail … labels --json`)")
-    .option("--features <file>", "per-response features JSONL ({response_id, pos_weight, neg_weight, signal_count})")
-    .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
-    .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
-    .option("--key-env <VAR>", "environment variable holding the pseudonymization key (unset: the development key)", DEFAULT_KEY_ENV)
-    .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user")
-    .option("--json", "print the report as JSON")
-    .action(async (flags: EvaluateFlags) =>
-      runCommand(io, async () => {
-        if (!flags.truth) throw new ConfigError("--truth <file> is required (the truth.jsonl written by tacit simulate)");
-        if (!flags.labels) throw new ConfigError("--labels <file> is required (the labels to score, one JSON object per line)");
-        const truth = parseTruth(await readInput(flags.truth, "--truth"));
-        const parsedLabels = parseLabels(await readInput(flags.labels, "--labels"));
-        const notes: string[] = [...rejectedNote("label", parsedLabels.rejected)];
-        let features;
-        if (flags.features) {
-          const p = parseFeatures(await readInput(flags.features, "--features"));
-          features = p.features;
-          notes.push(...rejectedNote("feature", p.rejected));
-        }
-        let botUsers;
-        if (flags.bots) {
-          const p = parseUserSet(await readInput(flags.bots, "--bots"));
-          botUsers = p.users;
-          notes.push(...rejectedNote("bot", p.rejected));
-        }
-        let scoresWithoutBaselines;
-        if (flags.scoresWithoutBaselines) {
-          const p = parseScores(await readInput(flags.scoresWithoutBaselines, "--scores-without-baselines"));
-          scoresWithoutBaselines = p.scores;
-          notes.push(...rejectedNote("score", p.rejected));
-        }
-        const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
-        if (dev) notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key`);
-        const pseudonyms = new Map<string, string>();
-        const pseudonymOf = (id: string): string => {
-          let p = pseudonyms.get(id);
-          if (p === undefined) pseudonyms.set(id, (p = pseudonymize(key, id)));
-          return p;
-        };
-        const report = evaluate({
-          labels: parsedLabels.labels,
-          truth,
-          pseudonymOf,
-          rejectedLabels: parsedLabels.rejected.length,
-          ...(features ? { features } : {}),
-          ...(botUsers ? { botUsers } : {}),
-          ...(scoresWithoutBaselines ? { scoresWithoutBaselines } : {}),
-        });
-        // A wrong key makes every user unknown and the bot metrics meaningless: say so.
-        const known = new Set([...pseudonyms.values()]);
-        const labelUsers = new Set(parsedLabels.labels.map((l) => l.user));
-        const keyMismatch = labelUsers.size > 0 && ![...labelUsers].some((u) => known.has(u));
-        if (keyMismatch) {
-          notes.push(`no label's user matches a pseudonym of the truth's users: is ${flags.keyEnv} the key the pipeline used?`);
-        }
-        if (flags.json) io.out(`${JSON.stringify({ ...report, notes })}\n`);
-        else io.out(formatReport(report, notes));
-        if (flags.check && (!report.all_pass || keyMismatch)) process.exitCode = 1;
-      }),
-    );
+  return pipelineCommand(
+    program
+      .command("evaluate [pipeline]")
+      .description(
+        "score labels (and features, bot decisions) against the hidden ground truth of `tacit simulate`: " +
+          "from files (--labels, --features, --bots), or live from a running pipeline (its labels and bots streams, its features in Redis)",
+      )
+      .option("--truth <file>", "truth.jsonl written by tacit simulate")
+      .option("--labels <file>", "labels, one JSON object per line (e.g. from `tacit tail … labels --json`); without a pipeline, required")
+      .option("--features <file>", "per-response features JSONL ({response_id, pos_weight, neg_weight, signal_count})")
+      .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
+      .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
+      .option(
+        "--key-env <VAR>",
+        "environment variable holding the pseudonymization key (unset: the development key for files; for a pipeline only if its labels were made with it)",
+        DEFAULT_KEY_ENV,
+      )
+      .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user"),
+  ).action(async (pipeline: string | undefined, flags: EvaluateFlags) =>
+    runCommand(io, async () => {
+      if (!flags.truth) throw new ConfigError("--truth <file> is required (the truth.jsonl written by tacit simulate)");
+      if (pipeline === undefined && !flags.labels) {
+        throw new ConfigError("give the labels to score: --labels <file> (one JSON object per line), or a running pipeline (tacit evaluate <pipeline.yaml> --truth <file>)");
+      }
+      if (pipeline !== undefined) {
+        const files = (["labels", "features", "bots", "scoresWithoutBaselines"] as const).filter((k) => flags[k] !== undefined);
+        if (files.length > 0) throw new ConfigError(`a pipeline is read live: drop ${files.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(", ")}, or the pipeline to score files`);
+      } else if (flags.set?.length) throw new ConfigError("--set applies to a pipeline: tacit evaluate <pipeline.yaml> --truth <file> --set …");
+      const truth = parseTruth(await readInput(flags.truth, "--truth"));
+      if (pipeline !== undefined) await evaluateLive(io, pipeline, flags, truth, env);
+      else await evaluateFiles(io, { ...flags, labels: flags.labels! }, truth, env);
+    }),
+  );
 }
