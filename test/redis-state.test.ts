@@ -62,14 +62,8 @@ async function scenario(s: Subject, ns: string): Promise<Record<string, unknown>
   const Z = u("alice", "z");
   const S = u("alice", "s");
 
-  // claim: SET NX semantics, returns the previous value, in order within one call.
-  out.claim1 = await st.claim([
-    { key: u("alice", "seen", "e1"), value: "10", ttl_ms: 60_000 },
-    { key: u("alice", "seen", "e1"), value: "11", ttl_ms: 60_000 },
-    { key: u("bob", "seen", "e1"), value: "12", ttl_ms: 60_000 },
-  ]);
-  out.claim2 = await st.claim([{ key: u("alice", "seen", "e1"), value: "13", ttl_ms: 60_000 }]);
-  out.claimEmpty = await st.claim([]);
+  // set: plain strings (later sets of a key win), read back in one round trip.
+  await st.commit([{ ops: [{ op: "set", key: u("alice", "seen", "e1"), value: "9", ttl_ms: 60_000 }, { op: "set", key: u("alice", "seen", "e1"), value: "10", ttl_ms: 60_000 }] }, { ops: [{ op: "set", key: u("bob", "seen", "e1"), value: "12", ttl_ms: 60_000 }] }]);
   out.get1 = await st.get([u("alice", "seen", "e1"), u("bob", "seen", "e1"), u("nobody", "x")]);
   out.getEmpty = await st.get([]);
 
@@ -121,9 +115,9 @@ async function scenario(s: Subject, ns: string): Promise<Record<string, unknown>
   out.hgetallManyEmpty = await st.hgetallMany([]);
   out.hgetallMissing = await st.hgetall(u("nobody", "h"));
 
-  // TTLs: claims, guards and ops with ttl_ms expire; a set without ttl_ms clears an old TTL.
+  // TTLs: guards and ops with ttl_ms expire; a set without ttl_ms clears an old TTL.
   const T = (name: string) => u("carol", name);
-  await st.claim([{ key: T("claim"), value: "1", ttl_ms: 150 }]);
+  await st.commit([{ ops: [{ op: "set", key: T("claim"), value: "1", ttl_ms: 150 }] }]);
   await st.commit([
     {
       guard: { key: T("fence"), seq: 1, ttl_ms: 150 },
@@ -139,12 +133,13 @@ async function scenario(s: Subject, ns: string): Promise<Record<string, unknown>
     },
   ]);
   out.beforeExpiry = {
-    claim: await st.claim([{ key: T("claim"), value: "2", ttl_ms: 150 }]),
+    claim: await st.get([T("claim")]),
     fenced: await st.commit([{ guard: { key: T("fence"), seq: 1 }, ops: [] }]),
   };
   await s.wait(400);
   out.afterExpiry = {
-    claim: await st.claim([{ key: T("claim"), value: "3", ttl_ms: 60_000 }]),
+    claim: await st.get([T("claim")]),
+    remade: await st.commit([{ ops: [{ op: "set", key: T("claim"), value: "3", ttl_ms: 60_000 }] }]),
     fence: await st.commit([{ guard: { key: T("fence"), seq: 1 }, ops: [] }]),
     h: await st.hgetallMany([T("h"), T("h2"), T("h3")]),
     z: await st.zrangeByScore(T("z"), -Infinity, Infinity),
@@ -164,8 +159,6 @@ test("RedisStateStore and MemoryStateStore agree on one scenario covering every 
   assert.deepEqual(onRedis, inMemory);
 
   // And the scenario itself says what the contract is (so agreeing on a wrong answer fails too).
-  assert.deepEqual(inMemory.claim1, [null, "10", null]);
-  assert.deepEqual(inMemory.claim2, ["10"]);
   assert.deepEqual(inMemory.get1, ["10", "12", null]);
   assert.deepEqual(inMemory.commit1, [true]);
   assert.deepEqual(inMemory.afterCommit1, {
@@ -204,14 +197,14 @@ test("RedisStateStore and MemoryStateStore agree on one scenario covering every 
   assert.deepEqual(inMemory.rangeNone, []);
   assert.deepEqual(inMemory.hgetallMany, [{ a: "1", b: "y", c: 2.55, d: 2.5 }, {}, { a: "1", b: "y", c: 2.55, d: 2.5 }]);
   assert.deepEqual(inMemory.beforeExpiry, { claim: ["1"], fenced: [false] });
-  assert.deepEqual(inMemory.afterExpiry, { claim: [null], fence: [true], h: [{}, {}, { y: "1" }], z: [], s: [null, "new"] });
+  assert.deepEqual(inMemory.afterExpiry, { claim: [null], remade: [true], fence: [true], h: [{}, {}, { y: "1" }], z: [], s: [null, "new"] });
   assert.equal(inMemory.wipeCarol, 4); // claim and fence (re-made after expiry), h3 and kept (no TTL)
   assert.deepEqual(inMemory.afterWipe, [null, null, "10"]);
 });
 
 test("RedisStateStore sets the TTLs it is given (PTTL)", async () => {
   const k = (n: string) => userKey("t2", "dave", n);
-  await store.claim([{ key: k("claim"), value: "1", ttl_ms: 90_000 }]);
+  await store.commit([{ ops: [{ op: "set", key: k("claim"), value: "1", ttl_ms: 90_000 }] }]);
   await store.commit([
     {
       guard: { key: k("fence"), seq: 3, ttl_ms: 80_000 },
@@ -285,7 +278,7 @@ test("commands fail as retryable TransientErrors when Redis is unreachable", asy
   const dead = new Redis({ port: 1, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false });
   const s = new RedisStateStore(dead);
   try {
-    for (const call of [() => s.get(["k"]), () => s.claim([{ key: "k", value: "1", ttl_ms: 10 }]), () => s.commit([{ ops: [] }]), () => s.hgetallMany(["k"]), () => s.zrangeByScore("k", 0, 1), () => s.hgetall("k")]) {
+    for (const call of [() => s.get(["k"]), () => s.commit([{ ops: [] }]), () => s.hgetallMany(["k"]), () => s.zrangeByScore("k", 0, 1), () => s.hgetall("k")]) {
       await assert.rejects(call(), (e: unknown) => e instanceof TransientError && e.retryable);
     }
   } finally {
@@ -354,7 +347,7 @@ test("on Redis Cluster, batches spanning many users (many slots) work and agree 
   const users = Array.from({ length: 40 }, (_, i) => `user-${i}`);
   const run = async (st: StateStore) => {
     const out: unknown[] = [];
-    out.push(await st.claim(users.flatMap((u) => [{ key: userKey("c", u, "seen", "e"), value: u, ttl_ms: 60_000 }, { key: userKey("c", u, "seen", "e"), value: "again", ttl_ms: 60_000 }])));
+    out.push(await st.commit(users.map((u) => ({ ops: [{ op: "set" as const, key: userKey("c", u, "seen", "e"), value: u, ttl_ms: 60_000 }] }))));
     out.push(
       await st.commit(
         users.flatMap((u, i) => [
@@ -371,7 +364,7 @@ test("on Redis Cluster, batches spanning many users (many slots) work and agree 
   };
   const [a, b] = [await run(onCluster), await run(memory)];
   assert.deepEqual(a, b);
-  assert.deepEqual((a[0] as unknown[]).slice(0, 4), [null, "user-0", null, "user-1"]);
+  assert.deepEqual((a[2] as unknown[]).slice(0, 2), ["user-0", "user-1"]);
   assert.equal(a[5], 11 * 4); // user-1 and user-10…19: seen, fence, f, z each
   // The batch really spanned all three nodes.
   const masters = new Set(users.map((u) => cluster.slots[slotOf(userKey("c", u, "x"))]?.[0]));

@@ -37,11 +37,6 @@ export class LeaseLostError extends Error {
   }
 }
 
-export interface ClaimItem {
-  key: string;
-  value: string;
-  ttl_ms: number;
-}
 
 export interface StateStore {
   /** Values of string keys (null where missing), in one round trip. */
@@ -52,11 +47,6 @@ export interface StateStore {
   hgetallMany(keys: string[]): Promise<Record<string, string>[]>;
   /** Members of a sorted set with score in [min, max], ascending, with their scores. */
   zrangeByScore(key: string, min: number, max: number, limit?: number): Promise<{ member: string; score: number }[]>;
-  /**
-   * Atomic claims (`SET key value NX PX ttl GET`): for each item, null if this call set it,
-   * else the value that was already there. Used for first-writer-wins records such as dedupe.
-   */
-  claim(items: ClaimItem[]): Promise<(string | null)[]>;
   /**
    * Applies commit groups (each atomically); true where applied, false where fenced off. With
    * `lease` (only where `inOrder`), every group is applied only while `lease.key` holds

@@ -1,4 +1,4 @@
-import { LeaseLostError, type ClaimItem, type CommitGroup, type CommitLease, type StateOp, type StateStore } from "../core/state.js";
+import { LeaseLostError, type CommitGroup, type CommitLease, type StateOp, type StateStore } from "../core/state.js";
 
 interface Entry {
   kind: "string" | "hash" | "zset";
@@ -58,16 +58,6 @@ export class MemoryStateStore implements StateStore {
       .sort((a, b) => a[1] - b[1] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))
       .map(([member, score]) => ({ member, score }));
     return limit === undefined ? out : out.slice(0, limit);
-  }
-
-  async claim(items: ClaimItem[]): Promise<(string | null)[]> {
-    return items.map((it) => {
-      const e = this.live(it.key);
-      if (e?.kind === "string") return e.value as string;
-      this.data.set(it.key, { kind: "string", value: it.value });
-      this.expire(it.key, it.ttl_ms);
-      return null;
-    });
   }
 
   async commit(groups: CommitGroup[], opts: { lease?: CommitLease } = {}): Promise<boolean[]> {

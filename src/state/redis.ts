@@ -1,5 +1,5 @@
 import { Redis, Cluster, type ChainableCommander } from "ioredis";
-import { LeaseLostError, hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
+import { LeaseLostError, hashTagOf, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
 import { Packr } from "msgpackr";
 
@@ -125,15 +125,6 @@ export class RedisStateStore implements StateStore {
     }
   }
 
-  async claim(items: ClaimItem[]): Promise<(string | null)[]> {
-    if (items.length === 0) return [];
-    // SET … NX GET needs Redis ≥ 7.0. Claims of one key share a tag, so they stay in order.
-    const res = await this.pipelined(
-      items.map((it) => ({ key: it.key, add: (p) => p.call("SET", it.key, it.value, "NX", "PX", Math.max(1, Math.round(it.ttl_ms)), "GET") })),
-    );
-    return res.map((v) => (v as string | null) ?? null);
-  }
-
   async commit(groups: CommitGroup[], opts: { lease?: CommitLease } = {}): Promise<boolean[]> {
     if (groups.length === 0) return [];
     const lease = opts.lease;
@@ -209,7 +200,7 @@ export class RedisStateStore implements StateStore {
    * Runs commands pipelined and returns their replies in input order. On a single Redis that is
    * one pipeline. ioredis refuses a Cluster pipeline whose keys live on different nodes, so on
    * Cluster the commands are split by hash tag (one tag, one slot) into pipelines that run in
-   * parallel; commands of one tag keep their order, which is all claims and fences rely on.
+   * parallel; commands of one tag keep their order, which is all fences rely on.
    * With `transaction` on a single Redis they run in MULTI/EXEC: an error Redis finds while
    * queueing (out of memory above all) applies none of them, so a later command (a partition's
    * progress) never lands without the earlier ones.

@@ -14,7 +14,7 @@ import {
   type OutputName,
   type StageInput,
 } from "../../src/core/operator.js";
-import { hashTagOf, type ClaimItem, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
+import { hashTagOf, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
 import { KeyedChain, emptyResult, type KeyedStage, type MsgResult } from "../../src/runtime/chain.js";
 import { CacheBudget, StageState } from "../../src/runtime/keyed-state.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "../../src/runtime/watermarks.js";
@@ -74,7 +74,7 @@ export interface PushResult {
 
 /** Counts calls per StateStore method, to hold operators to their round-trip budget. */
 class CountingStore implements StateStore {
-  readonly calls = { get: 0, hgetall: 0, hgetallMany: 0, zrangeByScore: 0, claim: 0, commit: 0, wipe: 0 };
+  readonly calls = { get: 0, hgetall: 0, hgetallMany: 0, zrangeByScore: 0, commit: 0, wipe: 0 };
   constructor(private readonly inner: StateStore) {}
   get inOrder() {
     return this.inner.inOrder;
@@ -94,10 +94,6 @@ class CountingStore implements StateStore {
   zrangeByScore(key: string, min: number, max: number, limit?: number) {
     this.calls.zrangeByScore++;
     return this.inner.zrangeByScore(key, min, max, limit);
-  }
-  claim(items: ClaimItem[]) {
-    this.calls.claim++;
-    return this.inner.claim(items);
   }
   commit(groups: CommitGroup[], opts?: { lease?: CommitLease }) {
     this.calls.commit++;
