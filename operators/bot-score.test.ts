@@ -5,7 +5,6 @@ import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
 import { TransientError } from "../src/core/errors.js";
 import { isKeyedProcessor, type KeyedProcessor, type OperatorContext, type Outcome, type StageInput } from "../src/core/operator.js";
-import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { OperatorHarness, runAlone } from "../test/support/operator-harness.js";
@@ -73,9 +72,7 @@ async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput
 
 /** A user's stored value, decoded: the applied sequence and the state. */
 async function stored(h: OperatorHarness<BotScoreConfig>, user: string): Promise<{ applied: number; state: UserState }> {
-  const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
-  assert.ok(raw, `state of ${user}`);
-  const { applied, payload } = decodeStoredValue(raw);
+  const { applied, payload } = await h.stored(user);
   return { applied, state: decodeBotState(payload) };
 }
 

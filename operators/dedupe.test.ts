@@ -7,7 +7,6 @@ import type { Envelope } from "../src/core/event.js";
 import type { KeyScope, KeyedInput, OperatorContext, Outcome } from "../src/core/operator.js";
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
-import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
 import { compileDedupeConfig, dedupe, dedupeCodec, MAX_IDS_PER_USER, STATE_TTL_MARGIN_MS, type DedupeConfig, type DedupeState } from "./dedupe.js";
 
@@ -28,9 +27,7 @@ async function run(h: OperatorHarness<DedupeConfig>, envs: Envelope[], batchSize
 
 /** The user's stored value, decoded: the applied sequence and the state. */
 async function stored(h: OperatorHarness<DedupeConfig>, user: string, windowMs = 24 * HOUR): Promise<{ applied: number; state: DedupeState }> {
-  const [raw] = await h.state.get([userKey("feedback", user, "dedupe", "state")]);
-  assert.ok(raw, `state of ${user}`);
-  const { applied, payload } = decodeStoredValue(raw);
+  const { applied, payload } = await h.stored(user);
   return { applied, state: dedupeCodec(windowMs).decode(payload) };
 }
 

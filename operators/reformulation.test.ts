@@ -3,7 +3,6 @@ import assert from "node:assert/strict";
 import { ManualClock } from "../src/core/clock.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
 import { isKeyedProcessor, type KeyedProcessor, type OperatorContext, type Outcome, type StageInput } from "../src/core/operator.js";
-import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { userKey } from "../src/core/state.js";
 import { jaccard3, normalizedLevenshtein, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
 import { MemoryStateStore } from "../src/state/memory.js";
@@ -58,9 +57,7 @@ async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput
 
 /** A user's stored value: the applied sequence and the state's JSON ("" when none). */
 async function stored(h: OperatorHarness<ReformulationConfig>, user: string): Promise<{ applied: number; json: string }> {
-  const [raw] = await h.state.get([userKey("feedback", user, STAGE, "state")]);
-  assert.ok(raw, `state of ${user}`);
-  const { applied, payload } = decodeStoredValue(raw);
+  const { applied, payload } = await h.stored(user);
   return { applied, json: payload };
 }
 

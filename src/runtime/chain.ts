@@ -41,10 +41,7 @@ export interface Item {
   input: StageInput;
 }
 
-/** Counters a stage bumps (in, out, dlq, dropped, side outputs). */
-export type StageMetrics = OperatorMetrics;
-
-function record(counters: StageMetrics, stage: string, o: Outcome, r: MsgResult, onNext: (e: Emit) => boolean): void {
+function record(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResult, onNext: (e: Emit) => boolean): void {
   if (o.commits) r.commits.push(...o.commits);
   if (o.error) {
     if (o.error.retryable) r.retry = { stage, err: o.error };
@@ -70,7 +67,7 @@ function record(counters: StageMetrics, stage: string, o: Outcome, r: MsgResult,
 export interface UnkeyedStage {
   name: string;
   proc: Processor;
-  counters: StageMetrics;
+  counters: OperatorMetrics;
   clock: ManualClock;
 }
 
@@ -120,7 +117,7 @@ export interface KeyedStage {
   name: string;
   proc: KeyedProcessor<unknown>;
   state: StageState<unknown>;
-  counters: StageMetrics;
+  counters: OperatorMetrics;
   clock: ManualClock;
 }
 

@@ -359,8 +359,8 @@ export class ConsumerRunner {
     return held;
   }
 
-  /** Turns messages into stage inputs; undecodable envelopes fail at once. */
-  private decode(msgs: JsMsg[]): { inputs: (StageInput | undefined)[]; results: MsgResult[] } {
+  /** Turns messages into stage inputs (`items`, by message index); undecodable envelopes fail at once. */
+  private decode(msgs: JsMsg[]): { items: Item[]; results: MsgResult[] } {
     const first = this.g.index === 0;
     const results: MsgResult[] = msgs.map(emptyResult);
     const inputs = msgs.map((m, i): StageInput | undefined => {
@@ -391,24 +391,36 @@ export class ConsumerRunner {
         return undefined;
       }
     });
-    return { inputs, results };
-  }
-
-  private async handleUnkeyed(msgs: JsMsg[]): Promise<void> {
-    const t0 = performance.now();
-    const { inputs, results } = this.decode(msgs);
     const items: Item[] = [];
     inputs.forEach((input, msg) => {
       if (input) items.push({ msg, input });
     });
-    await runUnkeyed(this.unkeyedStages!, items, results);
+    return { items, results };
+  }
+
+  /**
+   * Inputs whose retryable error met `runtime.max_deliver` are dead-lettered (`max_deliveries`);
+   * returns the error of one still to retry, if any.
+   */
+  private giveUpExhausted(msgs: JsMsg[], results: MsgResult[]): TacitError | undefined {
     const maxDeliver = this.w.pipeline.runtime.max_deliver;
+    let retry: TacitError | undefined;
     results.forEach((r, i) => {
-      if (r.retry && msgs[i]!.info.deliveryCount >= maxDeliver) {
+      if (!r.retry) return;
+      if (msgs[i]!.info.deliveryCount >= maxDeliver) {
         r.error = { stage: r.retry.stage, err: new TacitError("max_deliveries", `gave up after ${maxDeliver} deliveries: ${r.retry.err.message}`) };
         r.retry = undefined;
-      }
+      } else retry ??= r.retry.err;
     });
+    return retry;
+  }
+
+  private async handleUnkeyed(msgs: JsMsg[]): Promise<void> {
+    const t0 = performance.now();
+    const { items, results } = this.decode(msgs);
+    await runUnkeyed(this.unkeyedStages!, items, results);
+    // Retryable per-message errors are nak'ed one by one (order does not matter here).
+    this.giveUpExhausted(msgs, results);
     this.applyFence(msgs, results, undefined);
     const sink = emptyResult();
     const labels = await this.w.outputs.publish(this.g, msgs, results, sink, new Map());
@@ -436,27 +448,13 @@ export class ConsumerRunner {
     if (fwm !== undefined && msgs[0]!.seq > this.fence!.seq && (this.progress.wm === undefined || this.progress.wm < fwm)) {
       await this.advanceIdle(fwm);
     }
-    const { inputs, results } = this.decode(msgs);
-    const items: Item[] = [];
-    const valid: StageInput[] = [];
-    inputs.forEach((input, msg) => {
-      if (!input) return;
-      items.push({ msg, input });
-      valid.push(input);
-    });
-    const after = assignWatermarks(valid, this.progress, this.w.pipeline.event_time.max_out_of_orderness_ms);
+    const { items, results } = this.decode(msgs);
+    const after = assignWatermarks(items.map((it) => it.input), this.progress, this.w.pipeline.event_time.max_out_of_orderness_ms);
     const sink = emptyResult();
     await chain.run(items, after.wm, results, sink);
-
     // Retryable per-message errors: in a keyed partition, order matters, so retry the batch.
-    const maxDeliver = this.w.pipeline.runtime.max_deliver;
-    results.forEach((r, i) => {
-      if (!r.retry) return;
-      if (msgs[i]!.info.deliveryCount >= maxDeliver) {
-        r.error = { stage: r.retry.stage, err: new TacitError("max_deliveries", `gave up after ${maxDeliver} deliveries: ${r.retry.err.message}`) };
-        r.retry = undefined;
-      } else throw r.retry.err;
-    });
+    const retry = this.giveUpExhausted(msgs, results);
+    if (retry) throw retry;
     this.applyFence(msgs, results, sink);
 
     const labels = await this.w.outputs.publish(this.g, msgs, results, sink, this.registry);

@@ -14,9 +14,9 @@ import {
   type OutputName,
   type StageInput,
 } from "../../src/core/operator.js";
-import { hashTagOf, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
+import { hashTagOf, userKey, type CommitGroup, type CommitLease, type StateStore } from "../../src/core/state.js";
 import { KeyedChain, emptyResult, type KeyedStage, type MsgResult } from "../../src/runtime/chain.js";
-import { CacheBudget, StageState } from "../../src/runtime/keyed-state.js";
+import { CacheBudget, StageState, decodeStoredValue } from "../../src/runtime/keyed-state.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "../../src/runtime/watermarks.js";
 import { MemoryStateStore } from "../../src/state/memory.js";
 
@@ -230,6 +230,13 @@ export class OperatorHarness<C = Record<string, unknown>> {
   async restart(): Promise<void> {
     for (const r of this.runs.values()) r.chain.close();
     this.runs.clear();
+  }
+
+  /** A user's stored keyed state: the applied sequence and the operator's encoding ("" when cleared). */
+  async stored(user: string): Promise<{ applied: number; payload: string }> {
+    const [raw] = await this.state.get([userKey(this.prefix, user, this.stage, "state")]);
+    if (raw == null) throw new Error(`${this.spec.name}: no state stored for ${user}`);
+    return decodeStoredValue(raw);
   }
 
   /** Values published to an output, deduplicated by emit id, in publish order. */
