@@ -504,6 +504,8 @@ export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> =
 };
 
 function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcessor<UserState> {
+  // Counters start at zero: every band (README "SLIs and alerts", M5 bot-filter ratio).
+  for (const band of ["human", "ambivalent", "bot"]) ctx.metrics.count("bot_band", 0, { band });
   /** Ambivalent strength: from ambivalent_from up to halfway to threshold as `frac` goes 0 → 1. */
   const ambivalent = (frac: number): number => c.ambivalentFrom + ((c.threshold - c.ambivalentFrom) / 2) * Math.min(1, Math.max(0, frac));
 

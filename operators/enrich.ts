@@ -490,6 +490,8 @@ function createEnrich(config: EnrichConfig, ctx: OperatorContext): Processor {
   if (weak) ctx.log.warn({ stage: ctx.stage, env: cfg.pseudonymKeyEnv, key_version: key.version }, `${cfg.pseudonymKeyEnv}: ${weak}`);
   // Compile the event schema now so a broken schema fails at start-up, not on the first message.
   eventValidator();
+  // Counters start at zero: a redaction count per kind (README "SLIs and alerts", M8).
+  for (const kind of ["email", "phone", "card", "ip"]) ctx.metrics.count("pii_redacted", 0, { kind });
 
   // Bounded caches of what repeats per user and per agent (the bounds' reasons are on each class).
   const pseudonyms = new PseudonymCache();

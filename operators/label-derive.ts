@@ -546,6 +546,22 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     };
     const userMs = c.ttl.userMs;
     this.codec = { encode: encodeLabelState, decode: decodeLabelState, ttlMs: () => userMs };
+    // Counters start at zero (README "SLIs and alerts": coverage and explicit agreement per rule).
+    ctx.metrics.count("responses_shown", 0);
+    for (const r of rules.rules) {
+      ctx.metrics.count("labels", 0, { kind: r.kind, rule: r.name });
+      if (r.kind === "response") for (const outcome of ["agree", "disagree"]) ctx.metrics.count("explicit_agreement", 0, { rule: r.name, outcome });
+    }
+  }
+
+  /** An explicit rating met a response with labels: does each live response label agree with it? */
+  private countAgreement(r: Resp, up: boolean): void {
+    for (const [name, rec] of r.labels) {
+      if (rec.w === 0) continue;
+      const rule = this.rules.rules.find((x) => x.name === name);
+      if (rule?.kind !== "response" || rule.label === undefined) continue;
+      this.ctx.metrics.count("explicit_agreement", 1, { rule: name, outcome: (rule.label === "positive") === up ? "agree" : "disagree" });
+    }
   }
 
   processElement(input: KeyedInput, key: KeyScope<UserState>): Outcome {
@@ -691,9 +707,11 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         if (up || down) {
           f.add(rk, ttl.responseMs, up ? "explicit_up" : "explicit_down", 1);
           f.add(uk, ttl.userMs, up ? "explicit_up" : "explicit_down", 1);
+          if (r.labels.size) this.countAgreement(r, up);
         }
       }
       if (ev.event_type === "response_shown") {
+        if (r.shown === undefined) this.ctx.metrics.count("responses_shown");
         r.shown = r.shown === undefined ? ev.ts : Math.min(r.shown, ev.ts);
         const len = num(p.text_length);
         if (len !== undefined && len > 0) r.len = len;

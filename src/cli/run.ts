@@ -3,10 +3,11 @@ import type { Cluster, Redis } from "ioredis";
 import { hostname } from "node:os";
 import { findOperator } from "../../operators/index.js";
 import type { Pipeline } from "../config/types.js";
-import { TransientError, errorMessage } from "../core/errors.js";
+import { parseDuration } from "../core/duration.js";
+import { ConfigError, TransientError, errorMessage } from "../core/errors.js";
 import type { Logger } from "../core/operator.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
-import { Worker } from "../runtime/worker.js";
+import { Worker, newWorkerId } from "../runtime/worker.js";
 import { redactUrl } from "../services/embedded.js";
 import { openPipelineRedis } from "../state/redis.js";
 import { WorkerTelemetry } from "../telemetry/otel.js";
@@ -72,13 +73,20 @@ export function registerRun(program: Command): void {
           "A worker that cannot start exits at once and binds nothing: 2 for bad config or a missing secret, 1 for an unreachable server",
       )
       .option("--stage <name...>", "run only these stage groups (by first stage name)")
-      .option("--metrics-port <port>", "serve Prometheus /metrics, /healthz and /readyz on this port once the worker has started (0 = off)", (v) => Number(v), 9464),
+      .option("--metrics-port <port>", "serve Prometheus /metrics, /healthz and /readyz on this port once the worker has started (0 = off)", (v) => Number(v), 9464)
+      .option("--sli-interval <duration>", "how often the worker polls its durables' pending counts, replay outcomes and drift", "15s")
+      .option("--drift-window <duration>", "length of a drift window: labels by rule and weight in one window are compared with the reference window in Redis", "1h")
+      .option("--pii-sample <n>", "scan every n-th input after enrich for PII that should have been redacted (0 = off)", (v) => Number(v), 100),
   ).action(
-    action(async (file: string, opts: PipelineOptions & { stage?: string[]; metricsPort: number }) => {
+    action(async (file: string, opts: PipelineOptions & { stage?: string[]; metricsPort: number; sliInterval: string; driftWindow: string; piiSample: number }) => {
       const p = loadForCli(file, opts);
       const log = cliLogger(process.env.TACIT_LOG_LEVEL ?? "info");
+      const sliIntervalMs = Math.max(100, parseDuration(opts.sliInterval, "--sli-interval"));
+      const driftWindowMs = parseDuration(opts.driftWindow, "--drift-window");
+      if (!Number.isInteger(opts.piiSample) || opts.piiSample < 0) throw new ConfigError(`--pii-sample must be a whole number ≥ 0, got ${opts.piiSample}`);
       let worker: Worker | undefined = undefined;
-      const telemetry = new WorkerTelemetry(() => worker?.stageCounters.values() ?? [], () => worker?.ready() ?? false);
+      const workerId = newWorkerId();
+      const telemetry = new WorkerTelemetry(() => worker?.stageCounters.values() ?? [], () => worker?.ready() ?? false, { workerId, piiSampleEvery: opts.piiSample });
       // The CLI opens (and so closes) the connections: a start that fails half way must leave no
       // reconnecting client behind to keep the process alive.
       let nats: NatsHandles | undefined;
@@ -86,7 +94,7 @@ export function registerRun(program: Command): void {
       try {
         nats = await connectNats(p, `tacit-worker-${hostname()}-${process.pid}`);
         redis = await openRedisChecked(p, log);
-        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis });
+        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, workerId, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis });
         await worker.start();
       } catch (err) {
         await worker?.stop().catch(() => undefined);
@@ -95,6 +103,17 @@ export function registerRun(program: Command): void {
         setTimeout(() => process.exit(), FAILED_START_EXIT_MS).unref();
         throw err;
       }
+      const started = worker;
+      telemetry.watch(
+        {
+          prefix: p.subject_prefix,
+          durables: () => started.durables(),
+          consumerInfo: (stream, durable) => nats!.jsm.consumers.info(stream, durable),
+          redis: redis!,
+          warn: (obj, msg) => log.warn(obj, msg),
+        },
+        { intervalMs: sliIntervalMs, driftWindowMs },
+      );
       // Bound only now, so a worker that cannot start never holds the port.
       if (opts.metricsPort > 0) {
         try {

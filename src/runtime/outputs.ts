@@ -80,6 +80,7 @@ export class Outputs {
       const k = (e.value as { revision: number }).revision;
       const d = decideLabel(reg.get(key), k, labelContentHash(e.value as Record<string, unknown>));
       plan.set(e, d.publishAt === undefined ? null : { rev: d.publishAt, k });
+      if (d.publishAt !== undefined) this.observer?.label?.(e.value as Record<string, unknown>, d.publishAt);
       if (d.next !== reg.get(key)) {
         reg.set(key, d.next);
         changed.add(key);
@@ -139,7 +140,7 @@ export class Outputs {
       if (redriven && e.to === "next") header(DLQ_HEADERS.redriven, redriven);
       if (observer && ((e.to === "next" && last) || LABEL_OUTPUTS.has(e.to))) {
         const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
-        if (Number.isFinite(ts)) observer.endToEnd(g.name, now - ts);
+        if (Number.isFinite(ts)) observer.endToEnd(g.name, now - ts, e.to === "next" ? "next" : "label");
       }
       // An envelope no stage changed leaves as the bytes it came in as: no stringify.
       const data = source && envelope !== undefined && value === envelope ? source.data : encoder.encode(JSON.stringify(value));

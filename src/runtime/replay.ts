@@ -11,6 +11,7 @@ import { desiredConsumers } from "./deploy.js";
 import { OP_REVISION_HEADER, fenceField, fencesKey, labelContentHash, parseFence, publishedKey, seedLabel, type Fence, type PublishedLabel } from "./label-registry.js";
 import type { NatsHandles } from "./nats.js";
 import { durableName, pipelineStreams, stageGroups, streamName, type StageGroup } from "../config/topology.js";
+import { REPLAY_OUTCOMES, replayRunsKey } from "../telemetry/slis.js";
 
 /*
  * Replay, rebuild and what the worker needs to make them exact.
@@ -617,6 +618,7 @@ export async function executeReplay(
     const newMessages: Record<string, number> = {};
     for (const [s, n] of Object.entries(after)) newMessages[s] = n - (before[s] ?? 0);
     const labels = await labelsSince(p, nats, before[streamName(p, "labels")] ?? 0);
+    await recordReplay(redis, p.subject_prefix, caught ? "caught_up" : "not_caught_up");
     return {
       plan,
       paused,
@@ -631,12 +633,20 @@ export async function executeReplay(
       seconds: (Date.now() - t0) / 1000,
     };
   } catch (err) {
+    await recordReplay(redis, p.subject_prefix, "failed").catch(() => undefined);
     if (!resumed) {
       await resumeGroups(redis, p.subject_prefix, names).catch(() => undefined);
       throw new TacitError("replay_failed", `replay failed, groups resumed: ${errorMessage(err)}`, { cause: err });
     }
     throw err;
   }
+}
+
+/** Counts a replay's outcome in Redis, where every worker reads it for `tacit_replay_runs_total` (M9). */
+async function recordReplay(redis: Redis | Cluster, prefix: string, outcome: (typeof REPLAY_OUTCOMES)[number]): Promise<void> {
+  const key = replayRunsKey(prefix);
+  await redis.hincrby(key, outcome, 1);
+  await redis.hset(key, { last_at: Date.now(), last_outcome: outcome });
 }
 
 /** Labels published after a stream sequence: how many, how many are new revisions, of how many labels. */

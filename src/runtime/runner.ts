@@ -23,6 +23,12 @@ const HELD_IDLE_MS = 20;
 /** How long one pull request waits for messages; also the longest a stop waits for it. */
 const FETCH_EXPIRES_MS = 2000;
 const decoder = new TextDecoder();
+/** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
+const INGEST_OK = { outcome: "ok" };
+const INGEST_DROPPED = { outcome: "dropped" };
+const INGEST_DLQ = { outcome: "dead_lettered" };
+const INGEST_RETRIED = { outcome: "retried" };
+const INGEST_HANDED_BACK = { outcome: "handed_back" };
 
 /** What a runner needs from its worker. */
 export interface RunnerHost {
@@ -99,6 +105,11 @@ export class ConsumerRunner {
     this.durable = durableName(g, partition);
   }
 
+  /** The stream and durable this runner consumes (its pending counts are exported). */
+  get consumer(): { stream: string; durable: string } {
+    return { stream: this.g.inputStream, durable: this.durable };
+  }
+
   private get wmKey(): string {
     return partitionKey(this.w.pipeline.subject_prefix, this.g.name, this.partition ?? 0, "wm");
   }
@@ -155,6 +166,8 @@ export class ConsumerRunner {
   private async fetchLoop(): Promise<void> {
     const { nats, log } = this.w;
     const max = this.w.pipeline.runtime.batch_size * 2;
+    // M1: every delivery is counted here and once more when it is settled (see `settle`).
+    const ingest = this.w.counters(this.g.stages[0]!.name);
     let consumer: Consumer | undefined;
     let failures = 0;
     let missed = 0;
@@ -170,6 +183,7 @@ export class ConsumerRunner {
         this.pull = iter;
         if (this.quick) iter.stop();
         for await (const m of iter) {
+          ingest.count("ingest_delivered");
           this.buffer.push(m);
           this.wake?.();
         }
@@ -418,6 +432,7 @@ export class ConsumerRunner {
   private async handleUnkeyed(msgs: JsMsg[]): Promise<void> {
     const t0 = performance.now();
     const { items, results } = this.decode(msgs);
+    this.w.observer?.inputs?.(this.g.name, items);
     await runUnkeyed(this.unkeyedStages!, items, results);
     // Retryable per-message errors are nak'ed one by one (order does not matter here).
     this.giveUpExhausted(msgs, results);
@@ -439,6 +454,8 @@ export class ConsumerRunner {
     const { run: msgs, done, redelivered } = admitInOrder(batch, this.progress.hwm);
     if (done.length) counters.count("dropped", done.length, { reason: "already_applied" });
     if (redelivered) counters.count("dropped", redelivered, { reason: "redelivered" });
+    // Copies of inputs applied or in this batch: settled by their first copy's ack.
+    if (batch.length > msgs.length) counters.count("ingest_settled", batch.length - msgs.length, { outcome: "duplicate" });
     // A copy of a held (processed, not yet committed) input is settled by the held one's ack.
     for (const m of done) if (m.seq <= this.committed.hwm) m.ack();
     if (msgs.length === 0) return;
@@ -449,6 +466,7 @@ export class ConsumerRunner {
       await this.advanceIdle(fwm);
     }
     const { items, results } = this.decode(msgs);
+    this.w.observer?.inputs?.(this.g.name, items);
     const after = assignWatermarks(items.map((it) => it.input), this.progress, this.w.pipeline.event_time.max_out_of_orderness_ms);
     const sink = emptyResult();
     await chain.run(items, after.wm, results, sink);
@@ -540,6 +558,7 @@ export class ConsumerRunner {
       throw err;
     }
     this.committed = { ...next };
+    if (msgs.length && next.maxTs !== undefined) this.w.observer?.committed?.(this.g.name, next.maxTs);
     this.registry.clear();
     chain.trim();
     return true;
@@ -547,13 +566,28 @@ export class ConsumerRunner {
 
   private settle(msgs: JsMsg[], results: MsgResult[]): void {
     const backoff = this.w.pipeline.runtime.retry_backoff_ms;
+    let retried = 0;
+    let dlq = 0;
+    let dropped = 0;
     for (let i = 0; i < msgs.length; i++) {
       const r = results[i]!;
       const m = msgs[i]!;
-      if (r.retry) m.nak(backoff[Math.min(m.info.deliveryCount - 1, backoff.length - 1)]);
-      else if (r.error) m.term();
-      else m.ack();
+      if (r.retry) {
+        m.nak(backoff[Math.min(m.info.deliveryCount - 1, backoff.length - 1)]);
+        retried++;
+      } else if (r.error) {
+        m.term();
+        dlq++;
+      } else {
+        m.ack();
+        if (r.dropped) dropped++;
+      }
     }
+    const c = this.w.counters(this.g.stages[0]!.name);
+    c.count("ingest_settled", msgs.length - retried - dlq - dropped, INGEST_OK);
+    if (dropped) c.count("ingest_settled", dropped, INGEST_DROPPED);
+    if (dlq) c.count("ingest_settled", dlq, INGEST_DLQ);
+    if (retried) c.count("ingest_settled", retried, INGEST_RETRIED);
   }
 
   /** Stops fetching; with `settle`, finishes what was fetched first, else hands it back (nak). */
@@ -568,7 +602,9 @@ export class ConsumerRunner {
     await this.fetching;
     this.wake?.();
     await this.loop;
-    for (const m of this.buffer.splice(0)) m.nak();
+    const back = this.buffer.splice(0);
+    for (const m of back) m.nak();
+    if (back.length) this.w.counters(this.g.stages[0]!.name).count("ingest_settled", back.length, INGEST_HANDED_BACK);
     // The partition leaves this worker: its in-memory state is no longer valid.
     this.chain?.close();
   }

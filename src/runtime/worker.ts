@@ -17,6 +17,11 @@ import { Outputs } from "./outputs.js";
 import { ConsumerRunner, type RunnerHost } from "./runner.js";
 import { stageGroups, type StageGroup } from "../config/topology.js";
 
+/** A worker's id: `<host>-<pid>-<hex>`. */
+export function newWorkerId(): string {
+  return `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+}
+
 export interface WorkerOptions {
   pipeline: Pipeline;
   operators: (name: string) => OperatorSpec<any> | undefined;
@@ -63,10 +68,16 @@ export class Worker implements RunnerHost {
 
   constructor(private readonly opts: WorkerOptions) {
     const p = opts.pipeline;
-    this.id = opts.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    this.id = opts.workerId ?? newWorkerId();
     this.allGroups = stageGroups(p, opts.operators);
     this.groups = opts.groups ? this.allGroups.filter((g) => opts.groups!.includes(g.name)) : this.allGroups;
     for (const s of p.stages) this.stageCounters.set(s.name, new StageCounters(s.name));
+    // Counters start at zero: the M1 ingestion series of every group exist before the first message.
+    for (const g of this.groups) {
+      const c = this.counters(g.stages[0]!.name);
+      c.count("ingest_delivered", 0);
+      for (const outcome of ["ok", "dropped", "dead_lettered", "retried"]) c.count("ingest_settled", 0, { outcome });
+    }
     this.budget = new CacheBudget(p.runtime.state_cache.max_entries);
   }
 
@@ -226,6 +237,11 @@ export class Worker implements RunnerHost {
   /** The lease a keyed partition's commits are fenced by, where the store can check it atomically. */
   commitLease(g: StageGroup, n: number): CommitLease | undefined {
     return this.state.inOrder ? { key: pipelineKey(this.opts.pipeline.subject_prefix, "lease", g.name, n), holder: this.id } : undefined;
+  }
+
+  /** The durables this worker consumes now. */
+  durables(): { stream: string; durable: string }[] {
+    return [...this.runners.values()].map((r) => r.consumer);
   }
 
   /** Partitions this worker holds, per keyed group. */

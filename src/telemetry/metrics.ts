@@ -11,7 +11,12 @@ export class StageCounters implements OperatorMetrics {
   readonly batchMs: number[] = [];
   readonly e2eMs: number[] = [];
 
-  constructor(readonly stage: string) {}
+  constructor(readonly stage: string) {
+    // Counters start at zero: every stage's in, out and the runtime's own dead-letter reason exist from the start.
+    this.counts.set("in", 0);
+    this.counts.set("out", 0);
+    this.counts.set("dlq{reason=processing_failed}", 0);
+  }
 
   count(name: string, by = 1, attrs?: Record<string, string>): void {
     const key = attrs ? `${name}{${Object.entries(attrs).map(([k, v]) => `${k}=${v}`).join(",")}}` : name;
