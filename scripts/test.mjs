@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // Runs the whole suite with node's test runner: unit tests (fakes) and integration / end-to-end
 // tests against real nats-server and redis-server processes that the harness starts on free ports.
-// The servers must be installed: as root on Debian they are installed here, else the exact
-// command to run is printed.
+// The servers must be installed (and prometheus/promtool for the SLI tests): as root on Debian
+// they are installed here, else the exact command to run is printed.
 import { spawnSync } from "node:child_process";
 import { readdirSync, statSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
@@ -11,9 +11,11 @@ import { fileURLToPath } from "node:url";
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const dist = join(root, "dist");
 
-const { ensureBinaries } = await import(join(dist, "src", "services", "binaries.js"));
+const { ensureBinaries, ensurePrometheus } = await import(join(dist, "src", "services", "binaries.js"));
 try {
   await ensureBinaries({ install: true, log: (m) => process.stderr.write(`tacit: ${m}\n`) });
+  // Only the tests need Prometheus (test/prometheus.test.ts); `tacit demo` never asks for it.
+  await ensurePrometheus({ install: true, log: (m) => process.stderr.write(`tacit: ${m}\n`) });
 } catch (err) {
   process.stderr.write(`tacit: ${err.message}\n`);
   process.exit(2);

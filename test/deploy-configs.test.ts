@@ -577,7 +577,7 @@ test("metrics: a worker's /metrics exposes exactly the SLI metric families", asy
   c.count("side_output", 2, { to: "labels.response" });
   const tel = new WorkerTelemetry(() => [c], () => true);
   tel.batch("label-derive", 12);
-  tel.endToEnd("label-derive", 40);
+  tel.endToEnd("label-derive", 40, "label");
   tel.watermarkLag("label-derive", 0, 5);
   tel.partitionsOwned("label-derive", 4);
   const port = await tel.listen(0, "127.0.0.1");

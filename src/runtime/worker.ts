@@ -76,7 +76,7 @@ export class Worker implements RunnerHost {
     for (const g of this.groups) {
       const c = this.counters(g.stages[0]!.name);
       c.count("ingest_delivered", 0);
-      for (const outcome of ["ok", "dropped", "dead_lettered", "retried"]) c.count("ingest_settled", 0, { outcome });
+      for (const outcome of ["ok", "dropped", "dead_lettered", "retried", "handed_back", "duplicate"]) c.count("ingest_settled", 0, { outcome });
     }
     this.budget = new CacheBudget(p.runtime.state_cache.max_entries);
   }

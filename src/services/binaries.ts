@@ -48,9 +48,9 @@ export interface EnsureOptions extends FindOptions {
 export class MissingBinariesError extends ConfigError {
   /** Binary names that were not found, e.g. `["redis-server"]`. */
   readonly missing: string[];
-  constructor(missing: string[]) {
+  constructor(missing: string[], command = INSTALL_COMMAND, hint = INSTALL_HINT_OTHER) {
     // The message is exactly what to run, so a user can copy it.
-    super(`${INSTALL_COMMAND}\n${INSTALL_HINT_OTHER}`);
+    super(`${command}\n${hint}`);
     this.missing = missing;
   }
 }
@@ -128,4 +128,30 @@ export async function ensureBinaries(opts: EnsureOptions): Promise<BinaryPaths> 
     throw new TacitError("install_failed", `apt-get finished but ${missing.join(" and ")} is still not on PATH or in ${EXTRA_BIN_DIRS.join(", ")}`);
   }
   return after as BinaryPaths;
+}
+
+/** The command that installs Prometheus and promtool on Debian or Ubuntu (the test suite needs them; `tacit demo` does not). */
+export const PROMETHEUS_INSTALL_COMMAND = "sudo apt-get install -y prometheus";
+const PROMETHEUS_HINT_OTHER = "# other systems: install prometheus and promtool (https://prometheus.io/download/) and put both on PATH";
+
+/**
+ * Finds prometheus and promtool, which only the test suite uses (test/prometheus.test.ts); like
+ * {@link ensureBinaries}, installs Debian's `prometheus` package when `install` is set and we are
+ * root, else throws {@link MissingBinariesError} with the command to run.
+ */
+export async function ensurePrometheus(opts: EnsureOptions): Promise<{ prometheus: string; promtool: string }> {
+  const find = () => ({ prometheus: findBinary("prometheus", opts), promtool: findBinary("promtool", opts) });
+  const missingNow = (f: ReturnType<typeof find>) => (["prometheus", "promtool"] as const).filter((n) => f[n] === undefined);
+  let found = find();
+  if (missingNow(found).length === 0) return found as { prometheus: string; promtool: string };
+  const isRoot = opts.isRoot ?? process.getuid?.() === 0;
+  const aptGet = opts.install && isRoot ? findBinary("apt-get", opts) : undefined;
+  if (aptGet === undefined) throw new MissingBinariesError(missingNow(found), PROMETHEUS_INSTALL_COMMAND, PROMETHEUS_HINT_OTHER);
+  opts.log?.(`${missingNow(found).join(" and ")} not found: installing prometheus with apt-get`);
+  await runToStderr(aptGet, ["update"]);
+  await runToStderr(aptGet, ["install", "-y", "--no-install-recommends", "prometheus"]);
+  found = find();
+  const still = missingNow(found);
+  if (still.length > 0) throw new TacitError("install_failed", `apt-get finished but ${still.join(" and ")} is still not on PATH or in ${EXTRA_BIN_DIRS.join(", ")}`);
+  return found as { prometheus: string; promtool: string };
 }
