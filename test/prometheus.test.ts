@@ -19,7 +19,7 @@ import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
 import { executeReplay } from "../src/runtime/replay.js";
-import { findBinary } from "../src/services/binaries.js";
+import { ensurePrometheus } from "../src/services/binaries.js";
 import { freePort } from "../src/services/processes.js";
 import { simulate } from "../src/sim/simulate.js";
 import { withServers } from "./harness.js";
@@ -40,18 +40,15 @@ async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise
   clearTimeout(timer);
 }
 
-function bin(name: string): string {
-  const b = findBinary(name);
-  assert.ok(b, `${name} must be installed (scripts/test.mjs installs Debian's prometheus package as root)`);
-  return b;
-}
+/** prometheus and promtool (scripts/test.mjs installs Debian's prometheus package as root; else this names the command). */
+const bin = async (name: "prometheus" | "promtool"): Promise<string> => (await ensurePrometheus({ install: false }))[name];
 
-test("promtool: every rule file under deploy/prometheus checks, and the alert unit tests pass", () => {
-  const check = spawnSync(bin("promtool"), ["check", "rules", ...RULE_FILES], { encoding: "utf8" });
+test("promtool: every rule file under deploy/prometheus checks, and the alert unit tests pass", async () => {
+  const check = spawnSync(await bin("promtool"), ["check", "rules", ...RULE_FILES], { encoding: "utf8" });
   assert.equal(check.status, 0, check.stdout + check.stderr);
   const tests = readdirSync(join(PROM_DIR, "tests")).filter((f) => f.endsWith(".yml")).map((f) => join(PROM_DIR, "tests", f));
   assert.ok(tests.length > 0, "promtool unit tests under deploy/prometheus/tests");
-  const run = spawnSync(bin("promtool"), ["test", "rules", ...tests], { encoding: "utf8" });
+  const run = spawnSync(await bin("promtool"), ["test", "rules", ...tests], { encoding: "utf8" });
   assert.equal(run.status, 0, run.stdout + run.stderr);
   assert.match(run.stdout + run.stderr, /SUCCESS/);
 });
@@ -109,7 +106,7 @@ test("a real Prometheus scrapes a worker after simulated traffic and returns eve
         scrape_configs: [{ job_name: "tacit-workers", static_configs: [{ targets: [`127.0.0.1:${metricsPort}`] }] }],
       }),
     );
-    const prom = spawn(bin("prometheus"), [`--config.file=${config}`, `--storage.tsdb.path=${promDir}`, `--web.listen-address=127.0.0.1:${promPort}`], { stdio: ["ignore", "ignore", "pipe"] });
+    const prom = spawn(await bin("prometheus"), [`--config.file=${config}`, `--storage.tsdb.path=${promDir}`, `--web.listen-address=127.0.0.1:${promPort}`], { stdio: ["ignore", "ignore", "pipe"] });
     let promErr = "";
     prom.stderr!.on("data", (d: Buffer) => (promErr = (promErr + d.toString()).slice(-5000)));
     const promExited = new Promise((r) => prom.once("exit", r));
@@ -142,7 +139,7 @@ test("a real Prometheus scrapes a worker after simulated traffic and returns eve
 
     // promtool check metrics on the live worker's /metrics prints nothing.
     const text = await (await fetch(metricsUrl)).text();
-    const lint = spawnSync(bin("promtool"), ["check", "metrics"], { input: text, encoding: "utf8" });
+    const lint = spawnSync(await bin("promtool"), ["check", "metrics"], { input: text, encoding: "utf8" });
     assert.equal(lint.stdout + lint.stderr, "", "promtool check metrics");
     assert.equal(lint.status, 0);
 
