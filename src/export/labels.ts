@@ -97,7 +97,7 @@ async function* labelMessages(nats: NatsHandles, stream: string, filter: string,
  */
 export async function exportLabels(p: Pipeline, nats: NatsHandles, sink: RowSink<Label>, opts: LabelExportOptions = {}): Promise<LabelExportSummary> {
   const stream = streamName(p, "labels");
-  const filter = opts.kind ? outputSubject(p, `labels.${opts.kind}`) : `${p.subject_prefix}.labels.>`;
+  const filter = opts.kind ? outputSubject(p, `labels.${opts.kind}`) : `${p.subject_prefix}.labels.*`;
   const max = opts.maxLabelsInMemory ?? DEFAULT_MAX_LABELS_IN_MEMORY;
   const summary: LabelExportSummary = { stream, messages: 0, invalid: 0, labels: 0, rows: 0, retracted_left_out: 0, outside_window: 0, partitions: 1 };
   let total = 0;
