@@ -260,7 +260,10 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
     "(attrs.bot.band = \"bot\") arrives first; a flagged user makes no labels for as long as its state lives and its features say " +
     "bot_band = bot. Held labels keep the ids and revisions they would have had; a label released at a session's close (like every " +
     "label decided there) takes as emitted_at the stream time of the input after which the watermark passed the session's end + " +
-    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on.",
+    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on. " +
+    "Labels follow config/schemas/label.v2.json (schema_version: 1 publishes the v1 view): a response or preference label carries the " +
+    "(chosen) response's position, the propensity behind its ips factor and its model (response_shown.payload.model); every label carries " +
+    "the user's experiment, cohort and device as of the earliest event of its response (session labels: of its session) that had them.",
   keyed: true,
   schema: labelDeriveSchema as unknown as Record<string, unknown>,
   state: [
