@@ -25,7 +25,7 @@ export type ExportFormat = "parquet" | "jsonl";
 export const EXPORT_FORMATS: readonly ExportFormat[] = ["parquet", "jsonl"];
 
 /** Rows per Parquet row group. */
-const ROW_GROUP_ROWS = 50_000;
+const ROW_GROUP_ROWS = 20_000;
 
 /** A nullable UTF-8 column, or a required one. */
 export const utf8 = (name: string, required = false): SchemaElement => ({ name, type: "BYTE_ARRAY", converted_type: "UTF8", repetition_type: required ? "REQUIRED" : "OPTIONAL" });
@@ -41,7 +41,9 @@ export const scalar = (name: string, type: "DOUBLE" | "INT32" | "INT64" | "BOOLE
 /** A Parquet file of typed columns. */
 export class ParquetSink<R> implements RowSink<R> {
   private readonly writer: ParquetWriter;
-  private buffer: R[] = [];
+  /** The buffered row group, column by column (values, not rows: a row's other fields are not kept). */
+  private data: unknown[][];
+  private rows = 0;
 
   constructor(
     file: string,
@@ -50,20 +52,21 @@ export class ParquetSink<R> implements RowSink<R> {
   ) {
     const schema: SchemaElement[] = [{ name: "root", num_children: columns.length }, ...columns.flatMap((c) => c.schema)];
     this.writer = new ParquetWriter({ writer: fileWriter(file), schema, kvMetadata, createdBy: "tacit export (hyparquet-writer)" });
+    this.data = columns.map(() => []);
   }
 
   write(rows: readonly R[]): void {
     for (const r of rows) {
-      this.buffer.push(r);
-      if (this.buffer.length >= ROW_GROUP_ROWS) this.flush();
+      this.columns.forEach((c, i) => this.data[i]!.push(c.value(r)));
+      if (++this.rows >= ROW_GROUP_ROWS) this.flush();
     }
   }
 
   private flush(): void {
-    if (this.buffer.length === 0) return;
-    const rows = this.buffer;
-    this.buffer = [];
-    const columnData = this.columns.map((c) => ({ name: c.schema[0]!.name, data: rows.map(c.value) }));
+    if (this.rows === 0) return;
+    const columnData = this.columns.map((c, i) => ({ name: c.schema[0]!.name, data: this.data[i]! }));
+    this.data = this.columns.map(() => []);
+    this.rows = 0;
     void this.writer.write({ columnData, rowGroupSize: ROW_GROUP_ROWS });
   }
 
