@@ -8,7 +8,7 @@ import { newConfigAjv } from "../src/config/ajv.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";
 import { ConfigError } from "../src/core/errors.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import { labelSchemaV1, type Label } from "../src/core/label.js";
+import { labelSchema, type Label } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import { partitionKey } from "../src/core/state.js";
 import { fieldNames, readFeatures, userFeaturesKey } from "../src/labels/features.js";
@@ -30,7 +30,8 @@ const SEC = 1000;
 const MIN = 60 * SEC;
 const ALICE = pseudonymize(DEV_PSEUDONYM_KEY, "alice");
 const BOB = pseudonymize(DEV_PSEUDONYM_KEY, "bob");
-const validateLabel = newConfigAjv().compile(labelSchemaV1());
+const validateLabel = newConfigAjv().compile(labelSchema(2));
+const validateLabelV1 = newConfigAjv().compile(labelSchema(1));
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
 
 // ---------------------------------------------------------------------------------------------
@@ -101,13 +102,14 @@ function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number } =
   return new OperatorHarness(labelDerive, { ...NO_PROBATION, ...config }, { stage: "label-derive", prefix: "feedback", ...opts });
 }
 
-/** Every label published, deduplicated by emit id; each is checked against label.v1.json. */
+/** Every label published, deduplicated by emit id; each is checked against label.v2.json (and a v1 label against label.v1.json too). */
 function labels(h: OperatorHarness<LabelDeriveConfig>): Label[] {
   const out: Label[] = [];
   for (const to of ["labels.response", "labels.preference", "labels.session"] as const) {
     for (const em of h.emits(to)) {
       const l = em.value as Label;
-      assert.ok(validateLabel(l), `label ${em.id} does not match label.v1.json: ${JSON.stringify(validateLabel.errors)}`);
+      assert.ok(validateLabel(l), `label ${em.id} does not match label.v2.json: ${JSON.stringify(validateLabel.errors)}`);
+      if (l.schema_version === 1) assert.ok(validateLabelV1(l), `v1 label ${em.id} does not match label.v1.json: ${JSON.stringify(validateLabelV1.errors)}`);
       assert.equal(em.id, `label:${l.label_id}:${l.revision}`);
       assert.equal(to, `labels.${l.kind}`);
       out.push(l);
@@ -300,7 +302,7 @@ test("a label carries the deciding signal, deterministic id, event time and emit
   const accept = ls.find((l) => l.rule === "accept")!;
   assert.equal(accept.label_id, labelId("feedback", "response", ["r1"], "accept"));
   assert.deepEqual(accept, {
-    schema_version: 1,
+    schema_version: 2,
     label_id: accept.label_id,
     revision: 0,
     pipeline: "feedback",
@@ -317,9 +319,41 @@ test("a label carries the deciding signal, deterministic id, event time and emit
     event_time: "2026-01-01T10:00:25.000Z",
     // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
     emitted_at: "2026-01-01T10:00:25.000Z",
+    // A single response: no position, nothing to correct for.
+    propensity: 1,
   });
   assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("feedback", "response", ["r1"], "copy"));
   assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("other", "response", ["r1"], "accept"));
+});
+
+test("labels v2: position, propensity, model and the user's context (event context, enrich's cohort, device) of the labelled response's earliest event; schema_version 1 publishes the v1 view", async () => {
+  const ctx = (variant: string, device: string, cohort: string): Partial<TacitEvent> => ({ context: { device, experiment: { id: "exp-1", variant } }, cohort });
+  const withCtx = (env: Envelope, c: Partial<TacitEvent>): Envelope => ({ ...env, event: { ...env.event, ...c } });
+  const shownList = list(0, ["a", "b", "c"]).map((env) => withCtx({ ...env, event: { ...env.event, payload: { ...env.event.payload, model: "ranker-7" } } }, ctx("B", "mobile", "new")));
+  // A later click carries another context: the response's earliest event decides, whatever the arrival order.
+  const click = withCtx(on("click", 10, "c", { position: 3 }), ctx("A", "desktop", "old"));
+  const dwell = on("dwell", 80, "c", { dwell_ms: 70_000 });
+  for (const order of [[...shownList, click, dwell], [click, ...shownList, dwell]]) {
+    const { labels: ls } = await run(order, { close: true });
+    const resp = ls.filter((l) => l.kind === "response" && l.response_id === "c");
+    assert.ok(resp.length > 0, "the click on c makes labels");
+    for (const l of resp) {
+      assert.equal(l.schema_version, 2);
+      assert.deepEqual([l.position, l.propensity, l.model, l.experiment, l.cohort, l.device], [3, 0.48, "ranker-7", { id: "exp-1", variant: "B" }, "new", "mobile"], l.rule);
+    }
+    // (A click before its list arrives cannot tell what it skipped: no preference then.)
+    const pref = ls.find((l) => l.kind === "preference");
+    assert.ok(pref || order[0] === click, "a click below skipped results makes a preference");
+    if (pref) assert.deepEqual([pref.position, pref.propensity, pref.model], [3, 0.48, "ranker-7"]);
+    const sess = ls.find((l) => l.kind === "session");
+    if (sess) assert.deepEqual([sess.position, sess.propensity, sess.experiment?.variant, sess.device], [undefined, undefined, "B", "mobile"]);
+  }
+  const { labels: v1 } = await run([...shownList, click, dwell], { close: true, config: { schema_version: 1 } });
+  assert.ok(v1.length > 0);
+  for (const l of v1) {
+    assert.equal(l.schema_version, 1);
+    assert.ok(validateLabelV1(l), JSON.stringify(validateLabelV1.errors));
+  }
 });
 
 /** A rules file with one rule (YAML of the rule's body, indented by 4). */

@@ -5,7 +5,7 @@ import { projectRoot } from "../src/config/paths.js";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
 import { BadInputError, errorMessage } from "../src/core/errors.js";
 import { isBotMarker, type Envelope, type EventType, type TacitEvent } from "../src/core/event.js";
-import type { Label, LabelSignal, SignalEventType } from "../src/core/label.js";
+import { toLabelV1, type Label, type LabelExperiment, type LabelSignal, type SignalEventType } from "../src/core/label.js";
 import type {
   Emit,
   KeyScope,
@@ -73,6 +73,11 @@ export interface LabelDeriveConfig {
     /** Events of a user (seen by this stage) after which the user is settled. @default 20 */
     min_events?: number;
   };
+  /**
+   * Label schema of the published labels: 2 (label.v2.json) or 1 (label.v1.json, the v2 fields
+   * left out) for consumers that still validate against v1. @default 2
+   */
+  schema_version?: 1 | 2;
 }
 
 export const DEFAULT_RULES_FILE = "config/label-rules.yaml";
@@ -142,6 +147,16 @@ export const labelDeriveSchema: JSONSchemaType<LabelDeriveConfig> = {
         },
       },
     },
+    schema_version: {
+      type: "integer",
+      nullable: true,
+      enum: [1, 2],
+      default: 2,
+      description:
+        "Label schema of the published labels: 2 = config/schemas/label.v2.json (the v1 fields unchanged, plus retracted, position, propensity, model, experiment, cohort, device); " +
+        "1 = label.v1.json exactly (the v2 fields left out), for consumers that still validate against v1 during their migration (README: Labels for ML teams).",
+      examples: [2],
+    },
   },
 };
 
@@ -153,6 +168,7 @@ export interface CompiledLabelDerive {
   responseMemoryMs: number;
   maxResponses: number;
   probation: { enabled: boolean; minEvents: number };
+  schemaVersion: 1 | 2;
 }
 
 /** Applies defaults, parses durations and resolves the rules file; throws ConfigError naming the field. */
@@ -170,6 +186,7 @@ export function compileLabelDerive(config: LabelDeriveConfig = {}): CompiledLabe
     responseMemoryMs: parseDuration(config.response_memory ?? "24h", "response_memory"),
     maxResponses: config.max_responses ?? 500,
     probation: { enabled: config.probation?.enabled ?? true, minEvents: config.probation?.min_events ?? 20 },
+    schemaVersion: config.schema_version ?? 2,
   };
 }
 
@@ -243,7 +260,10 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
     "(attrs.bot.band = \"bot\") arrives first; a flagged user makes no labels for as long as its state lives and its features say " +
     "bot_band = bot. Held labels keep the ids and revisions they would have had; a label released at a session's close (like every " +
     "label decided there) takes as emitted_at the stream time of the input after which the watermark passed the session's end + " +
-    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on.",
+    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on. " +
+    "Labels follow config/schemas/label.v2.json (schema_version: 1 publishes the v1 view): a response or preference label carries the " +
+    "(chosen) response's position, the propensity behind its ips factor and its model (response_shown.payload.model); every label carries " +
+    "the user's experiment, cohort and device as of the earliest event of its response (session labels: of its session) that had them.",
   keyed: true,
   schema: labelDeriveSchema as unknown as Record<string, unknown>,
   state: [
@@ -325,6 +345,22 @@ interface Resp {
   nb?: [string, number, string[]][];
   /** Summed weights of its current response labels: [pos, neg, pos without baselines, neg without]. */
   tot?: [number, number, number, number];
+  /** response_shown.payload.model. */
+  m?: string;
+  /** The user's context at the response's earliest event that carried one (labels v2). */
+  cx?: Ctx;
+}
+
+/**
+ * The user's context at one event, for labels v2: event time and id (the earliest event wins, so
+ * arrival order does not matter), experiment, cohort, device.
+ */
+interface Ctx {
+  t: number;
+  e: string;
+  x?: LabelExperiment;
+  c?: string;
+  d?: string;
 }
 
 /** One session's aggregates (provisional session id from sessionize). */
@@ -351,6 +387,8 @@ interface Sess {
   /** Session labels, by rule; and the response last labelled by a last_click rule. */
   labels: Map<string, LabelRec>;
   lastClick?: string;
+  /** The user's context at the session's earliest event that carried one (labels v2). */
+  cx?: Ctx;
 }
 
 /**
@@ -448,6 +486,32 @@ const SIGNAL_EVENT_TYPES: ReadonlySet<EventType> = new Set<EventType>(["click", 
 const round = (x: number): number => Math.round(x * 1e6) / 1e6;
 const iso = (ms: number): string => new Date(ms).toISOString();
 const num = (v: unknown): number | undefined => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+const str = (v: unknown): string | undefined => (typeof v === "string" && v !== "" ? v : undefined);
+
+/** The context an event carries (enrich puts experiment in context, cohort on the event, the parsed user agent in ua); undefined when none. */
+function contextOf(ev: TacitEvent): Ctx | undefined {
+  const c = ev.context ?? {};
+  const ex = c.experiment as { id?: unknown; variant?: unknown } | undefined;
+  const id = str(ex?.id);
+  const variant = str(ex?.variant);
+  const x: LabelExperiment | undefined = id !== undefined ? (variant !== undefined ? { id, variant } : { id }) : undefined;
+  const cohort = str(ev.cohort);
+  const device = str(c.device) ?? str(ev.ua?.device);
+  if (!x && cohort === undefined && device === undefined) return undefined;
+  return { t: ev.ts, e: ev.event_id, ...(x ? { x } : {}), ...(cohort !== undefined ? { c: cohort } : {}), ...(device !== undefined ? { d: device } : {}) };
+}
+
+/** The earlier of two contexts (event time, then event id). */
+function earlier(a: Ctx | undefined, b: Ctx | undefined): Ctx | undefined {
+  if (!a || !b) return a ?? b;
+  return b.t < a.t || (b.t === a.t && b.e < a.e) ? b : a;
+}
+
+/** The v2 context fields of a label. */
+function contextFields(cx: Ctx | undefined): Pick<Label, "experiment" | "cohort" | "device"> {
+  if (!cx) return {};
+  return { ...(cx.x ? { experiment: cx.x } : {}), ...(cx.c !== undefined ? { cohort: cx.c } : {}), ...(cx.d !== undefined ? { device: cx.d } : {}) };
+}
 
 /**
  * Deterministic label id: a short hash of pipeline, kind, target ids and rule name (session labels
@@ -659,6 +723,8 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     sess.st = Math.max(sess.st, input.stream_time_ms);
     if (!human) sess.amb = true;
     if (ev.event_type !== "explicit_feedback" && (!sess.last || ev.ts >= sess.last[2])) sess.last = [ev.event_id, ev.event_type, ev.ts, ev.response_id];
+    const cx = contextOf(ev);
+    if (cx) sess.cx = earlier(sess.cx, cx);
 
     // Features every event updates.
     const uk = userFeaturesKey(this.ctx.prefix, slot.user);
@@ -680,6 +746,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const p = ev.payload ?? {};
 
     if (r) {
+      if (cx) r.cx = earlier(r.cx, cx);
       const rk = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
       const rs: Record<string, string | number> = { last_event_time: r.t };
       if (r.q !== undefined) rs.query_id = r.q;
@@ -699,6 +766,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         if (len !== undefined && len > 0) r.len = len;
         const pos = num(p.position);
         if (pos !== undefined && pos >= 1) r.pos = pos;
+        r.m ??= str(p.model);
         if (r.pos === undefined || r.pos === 1) observe(s.b, hl, ev.ts, "n");
         if (r.pos === undefined) this.linkRegeneration(s, r, ev.ts);
       }
@@ -1066,7 +1134,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       }
     }
     const label: Label = {
-      schema_version: 1,
+      schema_version: 2,
       label_id: rec.id,
       revision: rec.rev,
       pipeline: this.ctx.pipeline,
@@ -1082,6 +1150,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       signals: signalsOf(rec.sig),
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
+      ...this.responseFields(r),
     };
     this.emit(slot, label, emits);
   }
@@ -1096,7 +1165,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const rec = this.revise(chosen.labels, `${rule.name}\u0000${rejected.id}`, labelId(this.ctx.pipeline, "preference", [chosen.id, rejected.id], rule.name), firing, d);
     if (!rec) return;
     const label: Label = {
-      schema_version: 1,
+      schema_version: 2,
       label_id: rec.id,
       revision: rec.rev,
       pipeline: this.ctx.pipeline,
@@ -1113,6 +1182,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       signals: signalsOf(rec.sig),
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
+      ...this.responseFields(chosen),
     };
     this.emit(slot, label, emits);
   }
@@ -1131,7 +1201,21 @@ class LabelDeriver implements KeyedProcessor<UserState> {
 
   private publish(label: Label, emits: Emit[]): void {
     this.ctx.metrics.count("labels", 1, { kind: label.kind, rule: label.rule });
-    emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value: label });
+    const value = this.c.schemaVersion === 1 ? toLabelV1(label) : label;
+    emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value });
+  }
+
+  /**
+   * The v2 fields of a label on response `r` (for a preference, the chosen one): its position and
+   * the examination probability its ips factor came from, its model, the user's context.
+   */
+  private responseFields(r: Resp): Pick<Label, "position" | "propensity" | "model" | "experiment" | "cohort" | "device"> {
+    return {
+      ...(r.pos !== undefined && Number.isInteger(r.pos) ? { position: r.pos } : {}),
+      propensity: propensity(this.rules, r.pos),
+      ...(r.m !== undefined ? { model: r.m } : {}),
+      ...contextFields(r.cx),
+    };
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1191,7 +1275,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (sig.length === 0) return;
     const emitSession = (rec: LabelRec, rule: Firing["rule"]): void => {
       const label: Label = {
-        schema_version: 1,
+        schema_version: 2,
         label_id: rec.id,
         revision: rec.rev,
         pipeline: this.ctx.pipeline,
@@ -1206,6 +1290,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         signals: signalsOf(rec.sig),
         event_time: iso(x.end),
         emitted_at: iso(st),
+        ...contextFields(x.cx),
       };
       this.emit(slot, label, emits);
     };
@@ -1250,7 +1335,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       this.emit(
         slot,
         {
-          schema_version: 1,
+          schema_version: 2,
           label_id: rec.id,
           revision: rec.rev,
           pipeline: this.ctx.pipeline,
@@ -1266,6 +1351,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
           signals: signalsOf(rec.sig),
           event_time: iso(last[2]),
           emitted_at: iso(st),
+          ...this.responseFields(r),
         },
         emits,
       );

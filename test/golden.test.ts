@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { Redis } from "ioredis";
 import { startServers, type TestServers } from "./harness.js";
 import { Random } from "./support/random.js";
-import { consumersDrained, eventually, readStream } from "./support/streams.js";
+import { consumersDrained, eventually, readLabelStream, readStream } from "./support/streams.js";
 import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";
 import { findOperator } from "../operators/index.js";
 import { projectRoot } from "../src/config/paths.js";
@@ -99,7 +99,7 @@ interface Snapshot {
 
 async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<Snapshot> {
   const labels = new Map<string, string>();
-  const msgs = await readStream(nats, streamName(p, "labels"));
+  const msgs = await readLabelStream(nats, streamName(p, "labels"));
   const repeats: string[] = [];
   for (const m of msgs) {
     const { emitted_at: _e, ...l } = JSON.parse(m.data) as { label_id: string; revision: number; emitted_at: string };

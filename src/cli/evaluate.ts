@@ -66,7 +66,7 @@ export function formatReport(r: Report, notes: string[] = []): string {
   const lines = [
     `label quality against the simulator's truth${r.seed === null ? "" : ` (seed ${r.seed})`}`,
     `  labels: ${L.received} received, ${L.distinct} distinct (response ${L.by_kind.response}, preference ${L.by_kind.preference}, session ${L.by_kind.session}); ` +
-      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v1.json, ${L.unknown_response} on unknown responses`,
+      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v2.json, ${L.unknown_response} on unknown responses`,
     `  responses: ${r.responses.human} human, ${r.responses.signalled} with a signal, ${r.responses.labelled} of those labelled`,
     "",
     `  ${"target".padEnd(42)}${"value".padStart(9)}   ${"goal".padEnd(10)} result`,

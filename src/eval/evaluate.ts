@@ -36,7 +36,7 @@ export interface EvaluateInput {
   botUsers?: ReadonlySet<string>;
   /** Per-response scores computed without per-user baselines, for the AUC gain. */
   scoresWithoutBaselines?: ReadonlyMap<string, number>;
-  /** Labels the caller dropped because they did not match label.v1.json (reported, not scored). */
+  /** Labels the caller dropped because they did not match label.v2.json (reported, not scored). */
   rejectedLabels?: number;
   targets?: Partial<Targets>;
 }
@@ -74,7 +74,7 @@ export interface Report {
     distinct: number;
     /** Same label_id and revision seen more than once (at-least-once delivery leaking through). */
     duplicates: number;
-    /** Labels that did not match label.v1.json (dropped before scoring). */
+    /** Labels that did not match label.v2.json (dropped before scoring). */
     rejected: number;
     by_kind: { response: number; preference: number; session: number };
     /** Labels naming a response the truth does not know. */

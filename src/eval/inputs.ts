@@ -1,6 +1,6 @@
 import type { ValidateFunction } from "ajv";
 import { newConfigAjv } from "../config/ajv.js";
-import { labelSchemaV1, type Label } from "../core/label.js";
+import { labelSchema, type Label } from "../core/label.js";
 import type { ResponseFeatures } from "./evaluate.js";
 
 /**
@@ -42,14 +42,14 @@ function unwrapLabel(v: unknown): unknown {
 
 let labelValidator: ValidateFunction | undefined;
 
-/** Validates one value against config/schemas/label.v1.json; returns the error text or null. */
+/** Validates one value against config/schemas/label.v2.json (which v1 labels also match); returns the error text or null. */
 export function labelSchemaErrors(value: unknown): string | null {
-  labelValidator ??= newConfigAjv().compile(labelSchemaV1());
+  labelValidator ??= newConfigAjv().compile(labelSchema(2));
   if (labelValidator(value)) return null;
   return (labelValidator.errors ?? []).map((e) => `${e.instancePath || "/"} ${e.message ?? "is invalid"}`).join("; ");
 }
 
-/** Labels from JSONL; lines that are not labels matching label.v1.json are rejected with the reason. */
+/** Labels from JSONL; lines that are not labels matching label.v2.json are rejected with the reason. */
 export function parseLabels(text: string): { labels: Label[]; rejected: RejectedLine[] } {
   const labels: Label[] = [];
   const rejected: RejectedLine[] = [];
