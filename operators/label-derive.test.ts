@@ -8,7 +8,7 @@ import { newConfigAjv } from "../src/config/ajv.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";
 import { ConfigError } from "../src/core/errors.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import { labelSchemaV1, type Label } from "../src/core/label.js";
+import { labelSchemaRetractable, type Label } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import { partitionKey } from "../src/core/state.js";
 import { fieldNames, readFeatures, userFeaturesKey } from "../src/labels/features.js";
@@ -30,7 +30,7 @@ const SEC = 1000;
 const MIN = 60 * SEC;
 const ALICE = pseudonymize(DEV_PSEUDONYM_KEY, "alice");
 const BOB = pseudonymize(DEV_PSEUDONYM_KEY, "bob");
-const validateLabel = newConfigAjv().compile(labelSchemaV1());
+const validateLabel = newConfigAjv().compile(labelSchemaRetractable());
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
 
 // ---------------------------------------------------------------------------------------------
@@ -700,16 +700,16 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
   assert.equal(h.metric("label_users_flagged"), 1);
   const u = await readFeatures(h.state, "feedback", "user", ALICE);
   assert.deepEqual([u!.fields.bot_band, u!.fields.bot_score, u!.fields.events], ["bot", 0.95, 5], "the marker is not an event of the user");
-  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight, undefined, rid);
-  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight, undefined);
+  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight ?? 0, 0, rid);
+  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight ?? 0, 0);
   // The marker is not passed on: `next` carries the cleaned events.
   assert.deepEqual(h.outputs("next"), envs.filter((x) => !isBotMarker(x)));
 
-  // Without probation the early labels are out before the flag (nothing recalls them), but the flag still stops later ones.
+  // Without probation the early labels are out before the flag; the flag retracts them and stops later ones.
   const free = harness({ session_gap: "10m" });
   await free.push(0, structuredClone(envs));
   await free.advanceWatermark(0, T0 + 86_400 * SEC);
-  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id]).sort(), [["accept", "r1"], ["copy", "r1"]]);
+  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id, l.revision, l.retracted ?? false]).sort(), [["accept", "r1", 0, false], ["accept", "r1", 1, true], ["copy", "r1", 0, false], ["copy", "r1", 1, true]]);
 });
 
 test("probation: an ambivalent event does not settle the user; the next human event does", async () => {

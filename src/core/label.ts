@@ -53,7 +53,17 @@ export interface LabelBase {
   event_time: string;
   /** RFC 3339 wall-clock time of publication: the only field that differs on replay. */
   emitted_at: string;
+  /**
+   * Label schema v2 (additive): true on a retraction, the revision (weight 0) that withdraws a
+   * label whose evidence is gone — above all, its user was later flagged as a bot. Absent otherwise.
+   */
+  retracted?: boolean;
+  /** Why it was retracted (v2), e.g. `bot: rate, regularity` (the bot-score indicators of the flag). */
+  retracted_reason?: string;
 }
+
+/** Fields of label schema v2 that v1 does not have (retractions). */
+export const RETRACTION_FIELDS = ["retracted", "retracted_reason"] as const;
 
 export interface ResponseLabel extends LabelBase {
   kind: "response";
@@ -102,9 +112,17 @@ export const LABEL_FIELDS = [
 ] as const satisfies readonly (keyof LabelBase)[];
 
 // Compile-time: LABEL_FIELDS names every field of LabelBase.
-type MissingLabelField = Exclude<keyof LabelBase, (typeof LABEL_FIELDS)[number]>;
+type MissingLabelField = Exclude<keyof LabelBase, (typeof LABEL_FIELDS)[number] | (typeof RETRACTION_FIELDS)[number]>;
 const labelFieldsComplete: [MissingLabelField] extends [never] ? true : MissingLabelField = true;
 void labelFieldsComplete;
+
+/**
+ * The final view of a label changelog: the highest revision of each label_id, without those
+ * whose latest revision is a retraction or has weight 0 (a label whose evidence was withdrawn).
+ */
+export function liveLabels<L extends Pick<Label, "label_id" | "revision" | "weight" | "retracted">>(labels: Iterable<L>): L[] {
+  return latestRevisions(labels).filter((l) => l.retracted !== true && l.weight > 0);
+}
 
 /** The highest revision of each label_id, in first-seen order (what a consumer should keep). */
 export function latestRevisions<L extends Pick<Label, "label_id" | "revision">>(labels: Iterable<L>): L[] {
@@ -117,6 +135,27 @@ export function latestRevisions<L extends Pick<Label, "label_id" | "revision">>(
 }
 
 let labelSchemaCache: Record<string, unknown> | undefined;
+let retractableCache: Record<string, unknown> | undefined;
+
+/**
+ * label.v1.json with the two retraction fields of label schema v2 (`retracted`,
+ * `retracted_reason`) allowed: what label-derive publishes until label.v2.json exists.
+ */
+export function labelSchemaRetractable(): Record<string, unknown> {
+  if (!retractableCache) {
+    const v1 = labelSchemaV1() as { properties: Record<string, unknown> };
+    retractableCache = {
+      ...v1,
+      $id: "https://tacit.dev/schemas/label.v1-retractable.json",
+      properties: {
+        ...v1.properties,
+        retracted: { description: "True on a retraction (weight 0): the label's evidence was withdrawn; drop the label_id.", type: "boolean" },
+        retracted_reason: { description: "Why the label was retracted, e.g. `bot: rate`.", type: "string", minLength: 1, maxLength: 200 },
+      },
+    };
+  }
+  return retractableCache;
+}
 
 /**
  * `config/schemas/label.v1.json`, read from the repository root at run time (this module runs

@@ -1,6 +1,6 @@
 import type { ValidateFunction } from "ajv";
 import { newConfigAjv } from "../config/ajv.js";
-import { labelSchemaV1, type Label } from "../core/label.js";
+import { labelSchemaRetractable, type Label } from "../core/label.js";
 import type { ResponseFeatures } from "./evaluate.js";
 
 /**
@@ -42,9 +42,12 @@ function unwrapLabel(v: unknown): unknown {
 
 let labelValidator: ValidateFunction | undefined;
 
-/** Validates one value against config/schemas/label.v1.json; returns the error text or null. */
+/**
+ * Validates one value against config/schemas/label.v1.json (with v2's retraction fields allowed:
+ * a retraction must count, or the final view would keep the label); returns the error text or null.
+ */
 export function labelSchemaErrors(value: unknown): string | null {
-  labelValidator ??= newConfigAjv().compile(labelSchemaV1());
+  labelValidator ??= newConfigAjv().compile(labelSchemaRetractable());
   if (labelValidator(value)) return null;
   return (labelValidator.errors ?? []).map((e) => `${e.instancePath || "/"} ${e.message ?? "is invalid"}`).join("; ");
 }
