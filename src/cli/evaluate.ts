@@ -101,7 +101,7 @@ function deliveryRow(d: Delivery): string {
   return (
     `  retractions: ${d.retractions}; published then retracted: ${d.published_then_retracted} (of bot users ${d.published_then_retracted_bots}); ` +
     `labels of bot users ever live: ${d.published_from_bots}\n` +
-    `  label latency (emitted_at − event_time, first live revision): ${lat(d.latency)}; light users (${LIGHT_USER_EVENTS.join("–")} events): ${d.light_latency ? lat(d.light_latency) : "- (give --events)"}`
+    `  latency of response and preference labels (emitted_at − event_time of the first live revision): ${lat(d.latency)}; light users (${LIGHT_USER_EVENTS.join("–")} events): ${d.light_latency ? lat(d.light_latency) : "- (give --events)"}`
   );
 }
 

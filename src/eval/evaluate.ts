@@ -151,9 +151,10 @@ export interface Latency {
 
 /**
  * How labels reached consumers: what an online learner saw before the final view. Latency is
- * emitted_at − event_time of each label_id's first live revision (stream time of the input that
- * published it minus the event time of its deciding signal): with traffic published as it happens
- * it is how long a label waited; with a backlog published at once it includes the backlog's age.
+ * emitted_at − event_time of each response and preference label_id's first live revision (stream
+ * time of the input that published it minus the event time of its deciding signal; session labels
+ * wait for the session's close in any case and are left out): with traffic published as it
+ * happens it is how long a label waited; with a backlog published at once it includes its age.
  */
 export interface Delivery {
   /** Retraction messages received (revisions with retracted: true). */
@@ -200,6 +201,8 @@ function delivery(all: readonly Label[], isBot: (user: string) => boolean, event
   let fromBots = 0;
   for (const l of firstLive.values()) {
     if (isBot(l.user)) fromBots++;
+    // Session labels wait for the session's close (session_gap) whatever the mode.
+    if (l.kind === "session") continue;
     const ms = Date.parse(l.emitted_at) - Date.parse(l.event_time);
     if (!Number.isFinite(ms)) continue;
     waits.push(ms);
