@@ -11,7 +11,9 @@ import { runChain, scoreChain } from "../test/support/label-chain.js";
  * once with label-derive's probation on (hold) and once off (emit at once, retract on a flag).
  * Stream time follows the traffic as if it were published as it happens (each input's stream
  * time is the latest event time published so far), so the latencies are deterministic and are
- * what a live pipeline fed in real time would show.
+ * what a live pipeline fed in real time would show. An hour of other users' traffic follows the
+ * simulated span, as it would in production, so the span's sessions close on the watermark (not
+ * at the end of input); only the span's users are scored.
  *
  *   node dist/bench/label-delivery.js [seed…]    (after a build; default seeds 21 22)
  */
@@ -28,14 +30,21 @@ export interface DeliveryRow {
   delivery: Delivery;
 }
 
-/** Runs one seed in both modes (400 users, 30 % bots, 2 h, as issue 9 measured). */
+const HOUR = 3_600_000;
+const START = Date.parse("2026-01-01T00:00:00Z");
+
+/** Runs one seed (a number) in both modes (400 users, 30 % bots, 2 h, as issue 9 measured). */
 export async function measureDelivery(seed: string, opts: { users?: number; durationMs?: number } = {}): Promise<DeliveryRow[]> {
-  const sim = simulate({ seed, users: opts.users ?? 400, durationMs: opts.durationMs ?? 2 * 3_600_000, botFraction: 0.3 });
-  const perUser = eventsPerUser(sim.events, (id) => pseudonymize(DEV_PSEUDONYM_KEY, id));
+  const users = opts.users ?? 400;
+  const durationMs = opts.durationMs ?? 2 * HOUR;
+  const sim = simulate({ seed, users, durationMs, startTime: START, botFraction: 0.3 });
+  const after = simulate({ seed: `${seed}:after`, users: Math.max(20, Math.round(users / 5)), durationMs: HOUR, startTime: START + durationMs, botFraction: 0.3 });
+  const pseudonymOf = (id: string) => pseudonymize(DEV_PSEUDONYM_KEY, id);
+  const perUser = eventsPerUser(sim.events, pseudonymOf);
   const rows: DeliveryRow[] = [];
   for (const mode of ["hold", "emit"] as const) {
-    const r = await runChain(sim.events, { partitions: 4, labelConfig: { probation: { enabled: mode === "hold" } } });
-    const report = scoreChain(r, sim.truth, perUser);
+    const r = await runChain([...sim.events, ...after.events], { partitions: 4, labelConfig: { probation: { enabled: mode === "hold" } } });
+    const report = scoreChain({ ...r, labels: r.labels.filter((l) => perUser.has(l.user)) }, sim.truth, perUser);
     rows.push({ seed, mode, live: report.labels.live, live_from_bots: report.labels.from_bots, positive_precision: report.positive.precision, coverage: report.coverage, delivery: report.delivery });
   }
   return rows;
