@@ -1,4 +1,5 @@
 import { pathToFileURL } from "node:url";
+import { liveLabels } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import type { Delivery } from "../src/eval/evaluate.js";
 import { eventsPerUser } from "../src/eval/inputs.js";
@@ -25,6 +26,8 @@ export interface DeliveryRow {
   /** Labels of the final view, and of those from bot users in the truth. */
   live: number;
   live_from_bots: number;
+  /** Labels of the final view from users bot-score flagged (routed to <p>.bots): 0 with retraction. */
+  live_from_flagged: number;
   positive_precision: number | null;
   coverage: number | null;
   delivery: Delivery;
@@ -45,7 +48,8 @@ export async function measureDelivery(seed: string, opts: { users?: number; dura
   for (const mode of ["hold", "emit"] as const) {
     const r = await runChain([...sim.events, ...after.events], { partitions: 4, labelConfig: { probation: { enabled: mode === "hold" } } });
     const report = scoreChain({ ...r, labels: r.labels.filter((l) => perUser.has(l.user)) }, sim.truth, perUser);
-    rows.push({ seed, mode, live: report.labels.live, live_from_bots: report.labels.from_bots, positive_precision: report.positive.precision, coverage: report.coverage, delivery: report.delivery });
+    const flagged = liveLabels(r.labels).filter((l) => r.botUsers.has(l.user)).length;
+    rows.push({ seed, mode, live: report.labels.live, live_from_bots: report.labels.from_bots, live_from_flagged: flagged, positive_precision: report.positive.precision, coverage: report.coverage, delivery: report.delivery });
   }
   return rows;
 }
@@ -53,7 +57,7 @@ export async function measureDelivery(seed: string, opts: { users?: number; dura
 /** The figures as a table (latencies in stream time). */
 export function formatDelivery(rows: readonly DeliveryRow[]): string {
   const min = (ms: number | null) => (ms === null ? "-" : `${(ms / 60_000).toFixed(1)} min`);
-  const head = ["seed", "mode", "light p50", "light p99", "all p50", "all p99", "published→retracted", "bot labels ever live", "live", "live from bots", "pos. precision"];
+  const head = ["seed", "mode", "light p50", "light p99", "all p50", "all p99", "published→retracted", "bot labels ever live", "live", "live from bots", "from flagged", "pos. precision"];
   const lines = [head.join(" | ")];
   for (const r of rows) {
     const d = r.delivery;
@@ -69,6 +73,7 @@ export function formatDelivery(rows: readonly DeliveryRow[]): string {
         String(d.published_from_bots),
         String(r.live),
         String(r.live_from_bots),
+        String(r.live_from_flagged),
         r.positive_precision === null ? "-" : r.positive_precision.toFixed(3),
       ].join(" | "),
     );

@@ -16,4 +16,5 @@ test("hold vs emit-and-retract: emit publishes light users' labels at once but t
   assert.ok(e.published_then_retracted > h.published_then_retracted, `retracted: emit ${e.published_then_retracted}, hold ${h.published_then_retracted}`);
   assert.equal(e.published_then_retracted, e.published_then_retracted_bots, "only bots' labels are retracted");
   assert.deepEqual([emit!.live, emit!.live_from_bots, emit!.positive_precision], [hold!.live, hold!.live_from_bots, hold!.positive_precision], "the same final view");
+  assert.deepEqual([hold!.live_from_flagged, emit!.live_from_flagged], [0, 0], "no live label of a flagged user");
 });
