@@ -928,6 +928,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       if (r.sc) slot.features.add(key, ttl.responseMs, "signal_count", -r.sc);
       delete r.sc;
     }
+    // Forgotten sessions (s.old) are dropped once retracted: nothing of them is left to take back.
     for (const x of [...s.sess.values(), ...s.old]) {
       for (const [rule, rec] of x.labels) {
         const out = this.retract(slot, rec, st, emits, { kind: "session", rule });
