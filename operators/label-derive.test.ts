@@ -734,16 +734,16 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
   assert.equal(h.metric("label_users_flagged"), 1);
   const u = await readFeatures(h.state, "feedback", "user", ALICE);
   assert.deepEqual([u!.fields.bot_band, u!.fields.bot_score, u!.fields.events], ["bot", 0.95, 5], "the marker is not an event of the user");
-  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight, undefined, rid);
-  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight, undefined);
+  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight ?? 0, 0, rid);
+  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight ?? 0, 0);
   // The marker is not passed on: `next` carries the cleaned events.
   assert.deepEqual(h.outputs("next"), envs.filter((x) => !isBotMarker(x)));
 
-  // Without probation the early labels are out before the flag (nothing recalls them), but the flag still stops later ones.
+  // Without probation the early labels are out before the flag; the flag retracts them and stops later ones.
   const free = harness({ session_gap: "10m" });
   await free.push(0, structuredClone(envs));
   await free.advanceWatermark(0, T0 + 86_400 * SEC);
-  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id]).sort(), [["accept", "r1"], ["copy", "r1"]]);
+  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id, l.revision, l.retracted ?? false]).sort(), [["accept", "r1", 0, false], ["accept", "r1", 1, true], ["copy", "r1", 0, false], ["copy", "r1", 1, true]]);
 });
 
 test("probation: an ambivalent event does not settle the user; the next human event does", async () => {
@@ -855,6 +855,95 @@ test("lint: probation.min_events below bot-score's regularity.min_events is flag
 });
 
 // ---------------------------------------------------------------------------------------------
+// Retraction: a flag withdraws what the user already published
+
+/** bot-score's flag marker for a user, at `at` seconds (its indicators name the reason). */
+const flagOf = (at: number, user = ALICE) => e("accept", at, { rid: "r9", qid: "q-9", user, band: "bot" });
+const live = (ls: Label[]) => latest(ls).filter((l) => l.retracted !== true && l.weight > 0);
+
+test("retraction: a flag retracts every label the user published (same label_id, next revision, weight 0, retracted) and takes back its feature contributions", async () => {
+  const S2 = { session: "s-2" };
+  const B = { user: BOB, session: "s-b" };
+  const h = harness({ session_gap: "10m" });
+  // Session s-1: a copy, a regenerate, an accept of the replacement (response, preference and session labels).
+  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 40, "r2")]);
+  // Bob's labels must stay; his events also move the watermark past s-1's end + 2 gaps (s-1 is forgotten, its labels kept for retraction).
+  await h.push(0, [shown(1500, "b1", "qb", B), on("accept", 1510, "b1", {}, { ...B, qid: "qb" })]);
+  await h.push(0, [shown(2000, "r9", "q-9", S2), on("accept", 2010, "r9", {}, { ...S2, qid: "q-9" }), on("dwell", 2015, "r9", { dwell_ms: 20_000 }, { ...S2, qid: "q-9" })]);
+  const before = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.deepEqual([...new Set(before.map((l) => l.kind))].sort(), ["preference", "response", "session"], "every kind is published before the flag");
+  assert.ok((await storedState<{ sess: { id: string }[] }>(h.state, ALICE)).state.sess.every((x) => x.id !== "s-1"), "s-1 was forgotten as a session");
+  const bobBefore = await readFeatures(h.state, "feedback", "response", "b1");
+
+  const marker = flagOf(2020);
+  await h.push(0, [marker]);
+  const all = labels(h);
+  const retractions = all.filter((l) => l.retracted);
+  assert.equal(retractions.length, before.length);
+  for (const l of before) {
+    const r = retractions.find((x) => x.label_id === l.label_id);
+    assert.ok(r, `${l.rule} ${l.label_id} retracted`);
+    const { revision, weight, emitted_at, retracted, retracted_reason, ...rest } = r;
+    assert.deepEqual([revision, weight, emitted_at, retracted, retracted_reason], [l.revision + 1, 0, marker.event.timestamp, true, "bot: regularity"]);
+    const { revision: _r, weight: _w, emitted_at: _e, ...was } = l;
+    assert.deepEqual(rest, was, "the rest of the label as it was (ids, polarity, rule, signals, event_time)");
+  }
+  assert.deepEqual(live(all).filter((l) => l.user === ALICE), [], "the final view holds no label of the flagged user");
+  assert.ok(live(all).some((l) => l.user === BOB), "other users' labels stay");
+  assert.equal(h.metric("labels_retracted"), before.length);
+
+  // Its contributions to the features are taken back in the same commit.
+  for (const rid of ["r1", "r2", "r9"]) {
+    const f = (await readFeatures(h.state, "feedback", "response", rid))!.fields;
+    assert.deepEqual([f.pos_weight ?? 0, f.neg_weight ?? 0, f.pos_weight_nobase ?? 0, f.neg_weight_nobase ?? 0, f.signal_count ?? 0], [0, 0, 0, 0, 0], rid);
+  }
+  for (const sid of ["s-1", "s-2"]) {
+    const f = (await readFeatures(h.state, "feedback", "session", sid))!.fields;
+    assert.deepEqual([f.pos_weight ?? 0, f.neg_weight ?? 0], [0, 0], sid);
+  }
+  assert.deepEqual(await readFeatures(h.state, "feedback", "response", "b1"), bobBefore);
+
+  // A second marker (bot-score forgot and flagged again) and later events retract and count nothing more.
+  const features = await dump(h.state);
+  await h.push(0, [flagOf(2030)]);
+  assert.equal(labels(h).length, all.length, "no double retraction");
+  const stored = (await storedState<Record<string, unknown>>(h.state, ALICE)).state;
+  assert.deepEqual({ ...(await dump(h.state)), [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null }, { ...features, [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null });
+  assert.ok(stored.bot);
+  await h.push(0, [on("copy_paste", 2040, "r9", { span_length: 600 }, { ...S2, qid: "q-9" })]);
+  assert.equal(labels(h).length, all.length);
+  assert.equal((await readFeatures(h.state, "feedback", "response", "r9"))!.fields.signal_count, 0);
+});
+
+test("retraction with probation (hold): released labels are retracted, held ones dropped without a retraction", async () => {
+  const B = { user: BOB, session: "s-b" };
+  const S2 = { session: "s-2" };
+  const h = harness(PROBATION());
+  // Alice's first session is released when Bob moves the watermark past it; her second is held when the flag comes.
+  await h.push(0, [shown(0, "r1"), on("accept", 25, "r1"), on("share", 40, "r1")]);
+  await h.push(0, [shown(641, "b1", "qb", B), shown(700, "r2", "q-2", S2), on("accept", 720, "r2", {}, { ...S2, qid: "q-2" })]);
+  const released = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.ok(released.length >= 2 && released.every((l) => l.session_id === "s-1"), JSON.stringify(released.map((l) => [l.rule, l.session_id])));
+  await h.push(0, [flagOf(730)]);
+  const retracted = labels(h).filter((l) => l.retracted);
+  assert.deepEqual(retracted.map((l) => l.label_id).sort(), released.map((l) => l.label_id).sort(), "exactly the published ones");
+  assert.equal(h.metric("labels_dropped_bot"), 1, "the held accept of r2 is dropped");
+  assert.deepEqual(live(labels(h)).filter((l) => l.user === ALICE), []);
+});
+
+test("retraction reaches as far as the label state remembers: response_memory", async () => {
+  const S2 = { session: "s-2" };
+  const h = harness({ session_gap: "10m", response_memory: "1h" });
+  await h.push(0, [shown(0, "r1"), on("accept", 25, "r1")]);
+  // Two hours later: r1 (and session s-1) are past response_memory and forgotten.
+  await h.push(0, [shown(7200, "r9", "q-9", S2), on("accept", 7210, "r9", {}, { ...S2, qid: "q-9" })]);
+  await h.push(0, [flagOf(7220)]);
+  const left = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.deepEqual(left.map((l) => [l.kind, l.response_id ?? null, l.session_id]).sort(), [["response", "r1", "s-1"], ["session", "r1", "s-1"]], "beyond the reach: not retracted");
+  assert.ok(labels(h).some((l) => l.retracted && l.response_id === "r9"), "within it: retracted");
+});
+
+// ---------------------------------------------------------------------------------------------
 // Determinism, redelivery, crashes — on realistic traffic from the simulator
 
 let simInputs: Envelope[] | undefined;
@@ -925,6 +1014,24 @@ for (const at of ["before_commits", "mid_commits", "after_commits"] as const) {
     assert.deepEqual(crashed.state, clean.state);
   });
 }
+
+test("retraction is exactly once: emit mode on simulated traffic, batch sizes and crashes at every point give the same labels (retractions included), state and features", async () => {
+  const envs = await simulatedInputs();
+  const config: LabelDeriveConfig = { probation: { enabled: false } };
+  const base = await runAll(envs, { batchSize: 1, config });
+  const flagged = new Set(envs.filter(isBotMarker).map((x) => x.event.user));
+  assert.ok(base.h.metric("labels_retracted") > 10, `retractions: ${base.h.metric("labels_retracted")}`);
+  assert.deepEqual(live(base.ls).filter((l) => flagged.has(l.user)), [], "no live label of a flagged user");
+  const runs = [
+    await runAll(envs, { batchSize: 13, config }),
+    ...(await Promise.all((["before_commits", "mid_commits", "after_commits"] as const).map((at) => runAll(envs, { batchSize: 25, config, crashes: 6, crashAt: at })))),
+  ];
+  for (const [i, r] of runs.entries()) {
+    assert.deepEqual([...r.emits.keys()].sort(), [...base.emits.keys()].sort(), `run ${i}: label ids and revisions`);
+    for (const [k, v] of base.emits) assert.deepEqual(r.emits.get(k), v, `run ${i}: ${k}`);
+    assert.deepEqual(r.state, base.state, `run ${i}: state and features`);
+  }
+});
 
 // ---------------------------------------------------------------------------------------------
 // Config, rules file and lint

@@ -316,7 +316,7 @@ test("golden: replaying the whole pipeline, one stage from the middle, and a reb
     let changed = 0;
     for (const id of new Set([...was.keys(), ...now.keys(), ...want.keys()])) {
       if (want.has(id)) assert.equal(now.get(id), want.get(id), `(e) label ${id} ends as with the fixed rule from the start`);
-      // A label the fixed rule no longer makes cannot be taken back (labels have no retraction):
+      // A label the fixed rule no longer makes is not taken back (only a bot flag retracts labels):
       // like an unchanged one, it is not published again.
       if (!want.has(id) || was.get(id) === want.get(id)) assert.deepEqual(revs(rebuilt, id), revs(golden, id), `(e) label ${id} is not published again`);
       else changed++;

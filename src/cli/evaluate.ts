@@ -3,8 +3,8 @@ import type { Cluster, Redis } from "ioredis";
 import { readFile } from "node:fs/promises";
 import { ConfigError } from "../core/errors.js";
 import { pseudonymize, resolvePseudonymKey } from "../core/pseudonym.js";
-import { evaluate, type EvaluateInput, type Report, type TargetResult } from "../eval/evaluate.js";
-import { parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
+import { LIGHT_USER_EVENTS, evaluate, type Delivery, type EvaluateInput, type Latency, type Report, type TargetResult } from "../eval/evaluate.js";
+import { eventsPerUser, parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
 import { collectLive } from "../eval/live.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { parseTruth, type TruthRecord } from "../sim/truth.js";
@@ -26,6 +26,7 @@ interface EvaluateFlags extends PipelineOptions {
   features?: string;
   bots?: string;
   scoresWithoutBaselines?: string;
+  events?: string;
   keyEnv: string;
   check?: boolean;
 }
@@ -66,7 +67,8 @@ export function formatReport(r: Report, notes: string[] = []): string {
   const lines = [
     `label quality against the simulator's truth${r.seed === null ? "" : ` (seed ${r.seed})`}`,
     `  labels: ${L.received} received, ${L.distinct} distinct (response ${L.by_kind.response}, preference ${L.by_kind.preference}, session ${L.by_kind.session}); ` +
-      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v2.json, ${L.unknown_response} on unknown responses`,
+      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v2.json, ${L.unknown_response} on unknown responses; ` +
+      `${L.live} in the final view (latest revision, not retracted, weight > 0), which is scored`,
     `  responses: ${r.responses.human} human, ${r.responses.signalled} with a signal, ${r.responses.labelled} of those labelled`,
     "",
     `  ${"target".padEnd(42)}${"value".padStart(9)}   ${"goal".padEnd(10)} result`,
@@ -85,11 +87,22 @@ export function formatReport(r: Report, notes: string[] = []): string {
       ? `  bot filter: ${r.bots.filtered} users filtered; precision ${f(r.bots.precision)}, recall ${f(r.bots.recall)} ` +
         `(user-agent ${f(r.bots.recall_by_kind.ua_bot)}, regular ${f(r.bots.recall_by_kind.regular_script)}, human-paced ${f(r.bots.recall_by_kind.human_paced_script)}), human FPR ${pct(r.bots.human_fpr)}`
       : "  bot filter: no bot decisions given (--bots)",
-    `  labels from bot users: ${L.from_bots}; labels carrying a raw user id: ${L.raw_user_ids}`,
+    `  labels from bot users in the final view: ${L.from_bots}; labels carrying a raw user id: ${L.raw_user_ids}`,
+    deliveryRow(r.delivery),
     ...notes.map((n) => `  note: ${n}`),
     "",
   ];
   return lines.join("\n");
+}
+
+function deliveryRow(d: Delivery): string {
+  const ms = (x: number | null) => (x === null ? "-" : x < 1000 ? `${Math.round(x)} ms` : x < 120_000 ? `${(x / 1000).toFixed(1)} s` : `${(x / 60_000).toFixed(1)} min`);
+  const lat = (l: Latency) => `p50 ${ms(l.p50_ms)}, p99 ${ms(l.p99_ms)} (n=${l.n})`;
+  return (
+    `  retractions: ${d.retractions}; published then retracted: ${d.published_then_retracted} (of bot users ${d.published_then_retracted_bots}); ` +
+    `labels of bot users ever live: ${d.published_from_bots}\n` +
+    `  latency of response and preference labels (emitted_at − event_time of the first live revision): ${lat(d.latency)}; light users (${LIGHT_USER_EVENTS.join("–")} events): ${d.light_latency ? lat(d.light_latency) : "- (give --events)"}`
+  );
 }
 
 function rejectedNote(what: string, rejected: RejectedLine[]): string[] {
@@ -152,16 +165,23 @@ async function evaluateFiles(io: CliIo, flags: EvaluateFlags & { labels: string 
   const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
   if (dev) notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key`);
   const ps = pseudonymizer(key);
+  const events = await readEvents(flags, ps.of);
   const input: EvaluateInput = {
     labels: parsedLabels.labels,
     truth,
     pseudonymOf: ps.of,
     rejectedLabels: parsedLabels.rejected.length,
+    ...(events ? { eventsPerUser: events } : {}),
     ...(features ? { features } : {}),
     ...(botUsers ? { botUsers } : {}),
     ...(scoresWithoutBaselines ? { scoresWithoutBaselines } : {}),
   };
   report(io, flags, input, ps.known, notes);
+}
+
+/** Events per user from --events (the simulator's events.jsonl), for the light users' latency. */
+async function readEvents(flags: EvaluateFlags, pseudonymOf: (id: string) => string): Promise<Map<string, number> | undefined> {
+  return flags.events ? eventsPerUser((await readInput(flags.events, "--events")).split("\n"), pseudonymOf) : undefined;
 }
 
 /**
@@ -187,6 +207,8 @@ async function evaluateLive(io: CliIo, file: string, flags: EvaluateFlags, truth
       scoresWithoutBaselines: live.scoresWithoutBaselines,
       rejectedLabels: live.rejectedLabels,
     };
+    const events = await readEvents(flags, ps.of);
+    if (events) input.eventsPerUser = events;
     const notes: string[] = [];
     if (dev) {
       // `tacit run` never falls back to the development key; only a dev-mode worker (`tacit demo`)
@@ -221,6 +243,7 @@ export function registerEvaluate(program: Command, io: CliIo = STD_IO, env: Read
       .option("--features <file>", "per-response features JSONL ({response_id, pos_weight, neg_weight, signal_count})")
       .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
       .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
+      .option("--events <file>", "events.jsonl written by tacit simulate: events per user, for the label latency of light users (3–5 events)")
       .option(
         "--key-env <VAR>",
         "environment variable holding the pseudonymization key (unset: the development key for files; for a pipeline only if its labels were made with it)",

@@ -54,9 +54,12 @@ export interface LabelBase {
   event_time: string;
   /** RFC 3339 wall-clock time of publication: the only field that differs on replay. */
   emitted_at: string;
-  /** v2: this revision withdraws the label (weight 0). */
+  /**
+   * v2: true on a retraction, the revision (weight 0) that withdraws a label whose evidence is
+   * gone — above all, its user was later flagged as a bot. Absent otherwise.
+   */
   retracted?: boolean;
-  /** v2: why it was retracted (with retracted only). */
+  /** v2: why it was retracted (with retracted only), e.g. `bot: rate, regularity` (bot-score's indicators). */
   retracted_reason?: string;
   /** v2: rank of the labelled (chosen) response, 1 = top. */
   position?: number;
@@ -146,6 +149,14 @@ export function toLabelV1<L extends Label>(label: L): L {
 type MissingLabelField = Exclude<keyof LabelBase, (typeof LABEL_FIELDS)[number]>;
 const labelFieldsComplete: [MissingLabelField] extends [never] ? true : MissingLabelField = true;
 void labelFieldsComplete;
+
+/**
+ * The final view of a label changelog: the highest revision of each label_id, without those
+ * whose latest revision is a retraction or has weight 0 (a label whose evidence was withdrawn).
+ */
+export function liveLabels<L extends Pick<Label, "label_id" | "revision" | "weight" | "retracted">>(labels: Iterable<L>): L[] {
+  return latestRevisions(labels).filter((l) => l.retracted !== true && l.weight > 0);
+}
 
 /** The highest revision of each label_id, in first-seen order (what a consumer should keep). */
 export function latestRevisions<L extends Pick<Label, "label_id" | "revision">>(labels: Iterable<L>): L[] {

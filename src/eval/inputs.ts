@@ -153,3 +153,21 @@ export function parseScores(text: string): { scores: Map<string, number>; reject
   }
   return { scores, rejected };
 }
+
+/**
+ * Events per user in raw event lines (the simulator's events.jsonl): user_id → count, keyed by
+ * `pseudonymOf(user_id)` so it matches the labels' users. Lines that are not events are skipped.
+ */
+export function eventsPerUser(lines: Iterable<string>, pseudonymOf: (userId: string) => string): Map<string, number> {
+  const raw = new Map<string, number>();
+  for (const line of lines) {
+    if (line.trim() === "") continue;
+    try {
+      const u = (JSON.parse(line) as { user_id?: unknown } | null)?.user_id;
+      if (typeof u === "string") raw.set(u, (raw.get(u) ?? 0) + 1);
+    } catch {
+      // not JSON: not an event
+    }
+  }
+  return new Map([...raw].map(([u, n]) => [pseudonymOf(u), n]));
+}
