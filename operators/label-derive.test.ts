@@ -164,9 +164,9 @@ const CASES: Case[] = [
   { rule: "copy", title: "copy of the whole response: clipped at 1.5", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 1000 })], weight: 1.5, target: "r1" },
   { rule: "copy", title: "not a snippet (10 %)", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 100, span_length: 100 })] },
   { rule: "copy", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("copy_paste", 3, "r1", { span_length: 600, span_start: 0, span_end: 600 })] },
-  { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 25, "r1")], weight: 1, target: "r1" },
-  { rule: "accept", title: "not a quick accept (< 2 s after shown: no reading)", events: () => [shown(0, "r1"), on("accept", 1.5, "r1")] },
-  { rule: "accept", title: "accept 2 s after shown", events: () => [shown(0, "r1"), on("accept", 2, "r1")], weight: 1, target: "r1" },
+  { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 35, "r1")], weight: 1, target: "r1" },
+  { rule: "accept", title: "not a quick accept (< 30 s after shown: no full reading)", events: () => [shown(0, "r1"), on("accept", 29.5, "r1")] },
+  { rule: "accept", title: "accept 30 s after shown", events: () => [shown(0, "r1"), on("accept", 30, "r1")], weight: 1, target: "r1" },
   { rule: "accept", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 3, "r1", { dwell_ms: 3000 }), on("accept", 4, "r1")] },
   { rule: "edit_light", title: "edit distance 10 %", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 100, original_length: 1000 })], weight: 0.8, target: "r1" },
   { rule: "edit_light", title: "edit given as texts", events: () => [shown(0, "r1"), on("edit", 30, "r1", { original_text: "abcdefghij", edited_text: "abcdefghiX" })], weight: 0.8, target: "r1" },
@@ -297,7 +297,7 @@ test("every default rule has a table case that fires it and one that must not", 
 // Label contents, revisions, preference signals
 
 test("a label carries the deciding signal, deterministic id, event time and emitted_at from the stream time", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 35, "r1")];
   const { labels: ls } = await run(envs);
   const accept = ls.find((l) => l.rule === "accept")!;
   assert.equal(accept.label_id, labelId("feedback", "response", ["r1"], "accept"));
@@ -314,11 +314,11 @@ test("a label carries the deciding signal, deterministic id, event time and emit
     label: "positive",
     weight: 1,
     rule: "accept",
-    rule_version: 2,
+    rule_version: 3,
     signals: [{ event_id: envs[1]!.event.event_id, event_type: "accept" }],
-    event_time: "2026-01-01T10:00:25.000Z",
+    event_time: "2026-01-01T10:00:35.000Z",
     // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
-    emitted_at: "2026-01-01T10:00:25.000Z",
+    emitted_at: "2026-01-01T10:00:35.000Z",
     // A single response: no position, nothing to correct for.
     propensity: 1,
   });
@@ -398,7 +398,7 @@ test("a repeated event (same event_id) does not revise a label", async () => {
 });
 
 test("regenerate then accept: the preference carries the regenerate and the accept as its signals", async () => {
-  const envs = [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 40, "r2")];
+  const envs = [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 45, "r2")];
   const { labels: ls } = await run(envs);
   const pref = ls.find((l) => l.kind === "preference")!;
   assert.deepEqual(pref.signals, [
@@ -454,7 +454,7 @@ test("per-user dwell baseline: a fast reader's 5 s read is not a glance", async 
   const envs: Envelope[] = [];
   // A fast reader: their reads take 8 s (smoothed with 5 reads at the 30 s prior: about 11.7 s).
   for (let i = 0; i < 25; i++) envs.push(shown(i * 60, `f${i}`, `q${i}`), on("dwell", i * 60 + 8, `f${i}`, { dwell_ms: 8000 }, { qid: `q${i}` }));
-  envs.push(shown(2000, "r-last", "q-last"), on("dwell", 2005, "r-last", { dwell_ms: 5000 }, { qid: "q-last" }), on("accept", 2006, "r-last", {}, { qid: "q-last" }));
+  envs.push(shown(2000, "r-last", "q-last"), on("dwell", 2005, "r-last", { dwell_ms: 5000 }, { qid: "q-last" }), on("accept", 2031, "r-last", {}, { qid: "q-last" }));
   const { h, labels: ls } = await run(envs);
   // 5 s is under 10 s but not under a third of this user's usual dwell: not read_short; the accept counts.
   assert.ok(!ls.some((l) => l.response_id === "r-last" && l.rule === "read_short"));
@@ -490,7 +490,7 @@ test("explicit feedback never produces a label; it is counted in the features", 
 });
 
 test("inputs without a bot verdict produce no labels (bot-score must run first)", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 35, "r1")];
   for (const x of envs) delete x.attrs.bot;
   const { h } = await run(envs);
   assert.deepEqual(labels(h), []);
@@ -685,7 +685,7 @@ test("probation: labels are held until the user's min_events-th event, then rele
 });
 
 test("probation: a human with 3 events gets labels when the watermark closes the session, dated by the input that moved it past, whatever the batches", async () => {
-  const alice = [shown(0, "r1"), on("accept", 25, "r1"), on("share", 40, "r1")];
+  const alice = [shown(0, "r1"), on("accept", 32, "r1"), on("share", 40, "r1")];
   // Bob moves the watermark past Alice's end + gap (40 s + 10 min); Alice comes back in a new session.
   const rest = [shown(641, "b1", "qb", { user: BOB, session: "s-b" }), on("accept", 700, "b1", {}, { user: BOB, qid: "qb", session: "s-b" }), shown(720, "r9", "q-9", { session: "s-2" })];
   const free = harness({ session_gap: "10m" });
@@ -720,8 +720,8 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
   const envs = [
     shown(0, "r1"),
     on("copy_paste", 10, "r1", { span_length: 600 }),
-    on("accept", 20, "r1"),
-    e("accept", 25, { rid: "r1", qid: "q-1", band: "bot" }),
+    on("accept", 31, "r1"),
+    e("accept", 33, { rid: "r1", qid: "q-1", band: "bot" }),
     // Much later, after bot-score forgot the user: human again as far as bot-score knows.
     shown(4000, "r9", "q-9", { session: "s-9" }),
     on("accept", 4030, "r9", {}, { qid: "q-9", session: "s-9" }),
@@ -747,7 +747,7 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
 });
 
 test("probation: an ambivalent event does not settle the user; the next human event does", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1"), on("dwell", 30, "r1", { dwell_ms: 30_000 }, { band: "ambivalent" }), on("share", 35, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 31, "r1"), on("dwell", 33, "r1", { dwell_ms: 30_000 }, { band: "ambivalent" }), on("share", 35, "r1")];
   const h = harness(PROBATION(3));
   await h.push(0, structuredClone(envs.slice(0, 3)));
   assert.deepEqual(labels(h), [], "3 events, the 3rd ambivalent: still on probation");
@@ -866,16 +866,16 @@ test("retraction: a flag retracts every label the user published (same label_id,
   const B = { user: BOB, session: "s-b" };
   const h = harness({ session_gap: "10m" });
   // Session s-1: a copy, a regenerate, an accept of the replacement (response, preference and session labels).
-  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 40, "r2")]);
+  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 50, "r2")]);
   // Bob's labels must stay; his events also move the watermark past s-1's end + 2 gaps (s-1 is forgotten, its labels kept for retraction).
-  await h.push(0, [shown(1500, "b1", "qb", B), on("accept", 1510, "b1", {}, { ...B, qid: "qb" })]);
-  await h.push(0, [shown(2000, "r9", "q-9", S2), on("accept", 2010, "r9", {}, { ...S2, qid: "q-9" }), on("dwell", 2015, "r9", { dwell_ms: 20_000 }, { ...S2, qid: "q-9" })]);
+  await h.push(0, [shown(1500, "b1", "qb", B), on("accept", 1540, "b1", {}, { ...B, qid: "qb" })]);
+  await h.push(0, [shown(2000, "r9", "q-9", S2), on("accept", 2040, "r9", {}, { ...S2, qid: "q-9" }), on("dwell", 2045, "r9", { dwell_ms: 20_000 }, { ...S2, qid: "q-9" })]);
   const before = live(labels(h)).filter((l) => l.user === ALICE);
   assert.deepEqual([...new Set(before.map((l) => l.kind))].sort(), ["preference", "response", "session"], "every kind is published before the flag");
   assert.ok((await storedState<{ sess: { id: string }[] }>(h.state, ALICE)).state.sess.every((x) => x.id !== "s-1"), "s-1 was forgotten as a session");
   const bobBefore = await readFeatures(h.state, "feedback", "response", "b1");
 
-  const marker = flagOf(2020);
+  const marker = flagOf(2050);
   await h.push(0, [marker]);
   const all = labels(h);
   const retractions = all.filter((l) => l.retracted);
@@ -905,12 +905,12 @@ test("retraction: a flag retracts every label the user published (same label_id,
 
   // A second marker (bot-score forgot and flagged again) and later events retract and count nothing more.
   const features = await dump(h.state);
-  await h.push(0, [flagOf(2030)]);
+  await h.push(0, [flagOf(2060)]);
   assert.equal(labels(h).length, all.length, "no double retraction");
   const stored = (await storedState<Record<string, unknown>>(h.state, ALICE)).state;
   assert.deepEqual({ ...(await dump(h.state)), [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null }, { ...features, [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null });
   assert.ok(stored.bot);
-  await h.push(0, [on("copy_paste", 2040, "r9", { span_length: 600 }, { ...S2, qid: "q-9" })]);
+  await h.push(0, [on("copy_paste", 2070, "r9", { span_length: 600 }, { ...S2, qid: "q-9" })]);
   assert.equal(labels(h).length, all.length);
   assert.equal((await readFeatures(h.state, "feedback", "response", "r9"))!.fields.signal_count, 0);
 });
@@ -920,11 +920,11 @@ test("retraction with probation (hold): released labels are retracted, held ones
   const S2 = { session: "s-2" };
   const h = harness(PROBATION());
   // Alice's first session is released when Bob moves the watermark past it; her second is held when the flag comes.
-  await h.push(0, [shown(0, "r1"), on("accept", 25, "r1"), on("share", 40, "r1")]);
-  await h.push(0, [shown(641, "b1", "qb", B), shown(700, "r2", "q-2", S2), on("accept", 720, "r2", {}, { ...S2, qid: "q-2" })]);
+  await h.push(0, [shown(0, "r1"), on("accept", 35, "r1"), on("share", 40, "r1")]);
+  await h.push(0, [shown(641, "b1", "qb", B), shown(700, "r2", "q-2", S2), on("accept", 735, "r2", {}, { ...S2, qid: "q-2" })]);
   const released = live(labels(h)).filter((l) => l.user === ALICE);
   assert.ok(released.length >= 2 && released.every((l) => l.session_id === "s-1"), JSON.stringify(released.map((l) => [l.rule, l.session_id])));
-  await h.push(0, [flagOf(730)]);
+  await h.push(0, [flagOf(745)]);
   const retracted = labels(h).filter((l) => l.retracted);
   assert.deepEqual(retracted.map((l) => l.label_id).sort(), released.map((l) => l.label_id).sort(), "exactly the published ones");
   assert.equal(h.metric("labels_dropped_bot"), 1, "the held accept of r2 is dropped");
@@ -934,10 +934,10 @@ test("retraction with probation (hold): released labels are retracted, held ones
 test("retraction reaches as far as the label state remembers: response_memory", async () => {
   const S2 = { session: "s-2" };
   const h = harness({ session_gap: "10m", response_memory: "1h" });
-  await h.push(0, [shown(0, "r1"), on("accept", 25, "r1")]);
+  await h.push(0, [shown(0, "r1"), on("accept", 35, "r1")]);
   // Two hours later: r1 (and session s-1) are past response_memory and forgotten.
-  await h.push(0, [shown(7200, "r9", "q-9", S2), on("accept", 7210, "r9", {}, { ...S2, qid: "q-9" })]);
-  await h.push(0, [flagOf(7220)]);
+  await h.push(0, [shown(7200, "r9", "q-9", S2), on("accept", 7240, "r9", {}, { ...S2, qid: "q-9" })]);
+  await h.push(0, [flagOf(7250)]);
   const left = live(labels(h)).filter((l) => l.user === ALICE);
   assert.deepEqual(left.map((l) => [l.kind, l.response_id ?? null, l.session_id]).sort(), [["response", "r1", "s-1"], ["session", "r1", "s-1"]], "beyond the reach: not retracted");
   assert.ok(labels(h).some((l) => l.retracted && l.response_id === "r9"), "within it: retracted");
@@ -1066,7 +1066,7 @@ test("a bad envelope goes to the DLQ without stopping the batch", async () => {
   const h = harness();
   const broken = shown(0, "r0");
   (broken.event as { user?: unknown }).user = undefined;
-  await h.push(0, [broken, shown(1, "r1"), on("accept", 25, "r1")]);
+  await h.push(0, [broken, shown(1, "r1"), on("accept", 35, "r1")]);
   assert.equal(h.log[0]!.outcome.error?.code, "bad_envelope");
   assert.equal(labels(h).filter((l) => l.rule === "accept").length, 1);
 });

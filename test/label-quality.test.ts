@@ -4,6 +4,7 @@ import { formatReport } from "../src/cli/evaluate.js";
 import { liveLabels } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import { evaluate } from "../src/eval/evaluate.js";
+import { explicitAgreement, formatExplicit, ratingsFromEvents } from "../src/eval/explicit.js";
 import { simulate } from "../src/sim/simulate.js";
 import { runChain, scoreChain } from "./support/label-chain.js";
 
@@ -54,5 +55,20 @@ for (const seed of [7, 11]) {
     const human = evaluate({ labels: r.labels.filter((l) => !bots.has(l.user)), truth: sim.truth, features: r.features, pseudonymOf: (id) => pseudonymize(DEV_PSEUDONYM_KEY, id) });
     t.diagnostic(`human users only: positive precision ${human.positive.precision?.toFixed(3)}, negative precision ${human.negative.precision?.toFixed(3)}, coverage ${human.coverage?.toFixed(3)}, AUC ${human.score.auc?.toFixed(3)}`);
     assert.ok(human.positive.precision! >= 0.8, `human positive precision ${human.positive.precision}`);
+
+    // Calibration (tacit evaluate --explicit): the held-out explicit ratings judge the labels as the
+    // hidden truth does — each agreement figure with at least 10 labels sits within the Wilson
+    // interval of the truth's figure for the same labels (raters err on 4 % of ratings, so the
+    // figures need not be equal).
+    const agreement = explicitAgreement(r.labels, ratingsFromEvents(sim.events.join("\n")), sim.truth);
+    for (const line of formatExplicit(agreement).split("\n")) t.diagnostic(line);
+    const judged = agreement.rows.filter((x) => x.explicit.n >= 10);
+    assert.ok(judged.some((x) => x.rule === "all"), `rows with n ≥ 10: ${judged.length}`);
+    for (const row of judged) {
+      const [lo, hi] = row.truth!.ci!;
+      assert.equal(row.truth!.n, row.explicit.n, "the same labels on both sides");
+      assert.ok(row.explicit.precision! >= lo && row.explicit.precision! <= hi, `${row.label} ${row.rule}: explicit ${row.explicit.precision}, truth ${row.truth!.precision} [${lo}, ${hi}] (n ${row.explicit.n})`);
+    }
   });
 }
+

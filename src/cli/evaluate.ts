@@ -2,10 +2,12 @@ import type { Command } from "commander";
 import type { Cluster, Redis } from "ioredis";
 import { readFile } from "node:fs/promises";
 import { ConfigError } from "../core/errors.js";
+import type { Label } from "../core/label.js";
 import { pseudonymize, resolvePseudonymKey } from "../core/pseudonym.js";
 import { LIGHT_USER_EVENTS, evaluate, type Delivery, type EvaluateInput, type Latency, type Report, type TargetResult } from "../eval/evaluate.js";
 import { eventsPerUser, parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
-import { collectLive } from "../eval/live.js";
+import { explicitAgreement, formatExplicit, ratingsFromEvents } from "../eval/explicit.js";
+import { collectLive, collectLiveExplicit } from "../eval/live.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { parseTruth, type TruthRecord } from "../sim/truth.js";
 import { cliLogger, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
@@ -29,6 +31,7 @@ interface EvaluateFlags extends PipelineOptions {
   events?: string;
   keyEnv: string;
   check?: boolean;
+  explicit?: boolean;
 }
 
 async function readInput(path: string, flag: string): Promise<string> {
@@ -226,6 +229,42 @@ async function evaluateLive(io: CliIo, file: string, flags: EvaluateFlags, truth
 }
 
 /**
+ * `--explicit`: agreement of the labels with the explicit ratings, from files (labels, and the
+ * events as published for the ratings) or live (labels stream, ratings from the response features
+ * in Redis). Truth is optional: given, the same labels are also judged by the hidden quality.
+ */
+async function evaluateExplicit(io: CliIo, pipeline: string | undefined, flags: EvaluateFlags): Promise<void> {
+  const truth = flags.truth ? parseTruth(await readInput(flags.truth, "--truth")) : undefined;
+  const notes: string[] = [];
+  let labels: Label[];
+  let ratings;
+  if (pipeline === undefined) {
+    const parsed = parseLabels(await readInput(flags.labels!, "--labels"));
+    notes.push(...rejectedNote("label", parsed.rejected));
+    labels = parsed.labels;
+    ratings = ratingsFromEvents(await readInput(flags.events!, "--events"));
+  } else {
+    const p = loadForCli(pipeline, flags);
+    let nats: NatsHandles | undefined;
+    let redis: Redis | Cluster | undefined;
+    try {
+      nats = await connectNats(p, `tacit-evaluate-${process.pid}`);
+      redis = await openRedisChecked(p, cliLogger());
+      const live = await collectLiveExplicit(p, nats, redis);
+      if (live.rejectedLabels) notes.push(`${live.rejectedLabels} message(s) on the labels stream did not match label.v1.json`);
+      labels = live.labels;
+      ratings = live.ratings;
+    } finally {
+      redis?.disconnect();
+      await nats?.nc.close().catch(() => undefined);
+    }
+  }
+  const r = explicitAgreement(labels, ratings, truth);
+  if (flags.json) io.out(`${JSON.stringify({ ...r, notes })}\n`);
+  else io.out(formatExplicit(r, notes));
+}
+
+/**
  * Adds `tacit evaluate [pipeline]`: label quality of a run against the simulator's ground truth,
  * read from files (labels, and optionally features, bot decisions and baseline-free scores) or,
  * given a pipeline, live from its labels and bots streams and its features in Redis.
@@ -243,15 +282,32 @@ export function registerEvaluate(program: Command, io: CliIo = STD_IO, env: Read
       .option("--features <file>", "per-response features JSONL ({response_id, pos_weight, neg_weight, signal_count})")
       .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
       .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
-      .option("--events <file>", "events.jsonl written by tacit simulate: events per user, for the label latency of light users (3–5 events)")
+      .option(
+        "--events <file>",
+        "events.jsonl written by tacit simulate (the events as published): events per user, for the label latency of light users (3–5 events); with --explicit on files, its explicit_feedback events are the ratings",
+      )
       .option(
         "--key-env <VAR>",
         "environment variable holding the pseudonymization key (unset: the development key for files; for a pipeline only if its labels were made with it)",
         DEFAULT_KEY_ENV,
       )
-      .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user"),
+      .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user")
+      .option(
+        "--explicit",
+        "agreement of the labels with the explicit ratings (held out from label inputs) on the responses that have both, per rule, with Wilson 95 % intervals and counts; --truth optional (adds the hidden truth of the same labels)",
+      ),
   ).action(async (pipeline: string | undefined, flags: EvaluateFlags) =>
     runCommand(io, async () => {
+      if (flags.explicit) {
+        if (pipeline !== undefined) {
+          const files = (["labels", "features", "bots", "scoresWithoutBaselines", "events"] as const).filter((k) => flags[k] !== undefined);
+          if (files.length > 0) throw new ConfigError(`a pipeline is read live: drop ${files.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(", ")}, or the pipeline to score files`);
+        } else if (!flags.labels || !flags.events) {
+          throw new ConfigError("--explicit on files needs --labels <file> and --events <file> (the events as published, with their explicit_feedback), or a running pipeline");
+        }
+        await evaluateExplicit(io, pipeline, flags);
+        return;
+      }
       if (!flags.truth) throw new ConfigError("--truth <file> is required (the truth.jsonl written by tacit simulate)");
       if (pipeline === undefined && !flags.labels) {
         throw new ConfigError("give the labels to score: --labels <file> (one JSON object per line), or a running pipeline (tacit evaluate <pipeline.yaml> --truth <file>)");
