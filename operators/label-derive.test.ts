@@ -8,7 +8,7 @@ import { newConfigAjv } from "../src/config/ajv.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";
 import { ConfigError } from "../src/core/errors.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
-import { labelSchemaV1, type Label } from "../src/core/label.js";
+import { labelSchema, type Label } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
 import { partitionKey } from "../src/core/state.js";
 import { fieldNames, readFeatures, userFeaturesKey } from "../src/labels/features.js";
@@ -30,7 +30,8 @@ const SEC = 1000;
 const MIN = 60 * SEC;
 const ALICE = pseudonymize(DEV_PSEUDONYM_KEY, "alice");
 const BOB = pseudonymize(DEV_PSEUDONYM_KEY, "bob");
-const validateLabel = newConfigAjv().compile(labelSchemaV1());
+const validateLabel = newConfigAjv().compile(labelSchema(2));
+const validateLabelV1 = newConfigAjv().compile(labelSchema(1));
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
 
 // ---------------------------------------------------------------------------------------------
@@ -101,13 +102,14 @@ function harness(config: LabelDeriveConfig = {}, opts: { partitions?: number } =
   return new OperatorHarness(labelDerive, { ...NO_PROBATION, ...config }, { stage: "label-derive", prefix: "feedback", ...opts });
 }
 
-/** Every label published, deduplicated by emit id; each is checked against label.v1.json. */
+/** Every label published, deduplicated by emit id; each is checked against label.v2.json (and a v1 label against label.v1.json too). */
 function labels(h: OperatorHarness<LabelDeriveConfig>): Label[] {
   const out: Label[] = [];
   for (const to of ["labels.response", "labels.preference", "labels.session"] as const) {
     for (const em of h.emits(to)) {
       const l = em.value as Label;
-      assert.ok(validateLabel(l), `label ${em.id} does not match label.v1.json: ${JSON.stringify(validateLabel.errors)}`);
+      assert.ok(validateLabel(l), `label ${em.id} does not match label.v2.json: ${JSON.stringify(validateLabel.errors)}`);
+      if (l.schema_version === 1) assert.ok(validateLabelV1(l), `v1 label ${em.id} does not match label.v1.json: ${JSON.stringify(validateLabelV1.errors)}`);
       assert.equal(em.id, `label:${l.label_id}:${l.revision}`);
       assert.equal(to, `labels.${l.kind}`);
       out.push(l);
@@ -162,9 +164,9 @@ const CASES: Case[] = [
   { rule: "copy", title: "copy of the whole response: clipped at 1.5", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 1000 })], weight: 1.5, target: "r1" },
   { rule: "copy", title: "not a snippet (10 %)", events: () => [shown(0, "r1"), on("copy_paste", 30, "r1", { span_start: 0, span_end: 100, span_length: 100 })] },
   { rule: "copy", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 2, "r1", { dwell_ms: 2000 }), on("copy_paste", 3, "r1", { span_length: 600, span_start: 0, span_end: 600 })] },
-  { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 25, "r1")], weight: 1, target: "r1" },
-  { rule: "accept", title: "not a quick accept (< 2 s after shown: no reading)", events: () => [shown(0, "r1"), on("accept", 1.5, "r1")] },
-  { rule: "accept", title: "accept 2 s after shown", events: () => [shown(0, "r1"), on("accept", 2, "r1")], weight: 1, target: "r1" },
+  { rule: "accept", title: "accept after reading", events: () => [shown(0, "r1"), on("accept", 35, "r1")], weight: 1, target: "r1" },
+  { rule: "accept", title: "not a quick accept (< 30 s after shown: no full reading)", events: () => [shown(0, "r1"), on("accept", 29.5, "r1")] },
+  { rule: "accept", title: "accept 30 s after shown", events: () => [shown(0, "r1"), on("accept", 30, "r1")], weight: 1, target: "r1" },
   { rule: "accept", title: "not after a glance", events: () => [shown(0, "r1"), on("dwell", 3, "r1", { dwell_ms: 3000 }), on("accept", 4, "r1")] },
   { rule: "edit_light", title: "edit distance 10 %", events: () => [shown(0, "r1"), on("edit", 30, "r1", { edit_distance: 100, original_length: 1000 })], weight: 0.8, target: "r1" },
   { rule: "edit_light", title: "edit given as texts", events: () => [shown(0, "r1"), on("edit", 30, "r1", { original_text: "abcdefghij", edited_text: "abcdefghiX" })], weight: 0.8, target: "r1" },
@@ -295,12 +297,12 @@ test("every default rule has a table case that fires it and one that must not", 
 // Label contents, revisions, preference signals
 
 test("a label carries the deciding signal, deterministic id, event time and emitted_at from the stream time", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 35, "r1")];
   const { labels: ls } = await run(envs);
   const accept = ls.find((l) => l.rule === "accept")!;
   assert.equal(accept.label_id, labelId("feedback", "response", ["r1"], "accept"));
   assert.deepEqual(accept, {
-    schema_version: 1,
+    schema_version: 2,
     label_id: accept.label_id,
     revision: 0,
     pipeline: "feedback",
@@ -312,14 +314,46 @@ test("a label carries the deciding signal, deterministic id, event time and emit
     label: "positive",
     weight: 1,
     rule: "accept",
-    rule_version: 2,
+    rule_version: 3,
     signals: [{ event_id: envs[1]!.event.event_id, event_type: "accept" }],
-    event_time: "2026-01-01T10:00:25.000Z",
+    event_time: "2026-01-01T10:00:35.000Z",
     // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
-    emitted_at: "2026-01-01T10:00:25.000Z",
+    emitted_at: "2026-01-01T10:00:35.000Z",
+    // A single response: no position, nothing to correct for.
+    propensity: 1,
   });
   assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("feedback", "response", ["r1"], "copy"));
   assert.notEqual(labelId("feedback", "response", ["r1"], "accept"), labelId("other", "response", ["r1"], "accept"));
+});
+
+test("labels v2: position, propensity, model and the user's context (event context, enrich's cohort, device) of the labelled response's earliest event; schema_version 1 publishes the v1 view", async () => {
+  const ctx = (variant: string, device: string, cohort: string): Partial<TacitEvent> => ({ context: { device, experiment: { id: "exp-1", variant } }, cohort });
+  const withCtx = (env: Envelope, c: Partial<TacitEvent>): Envelope => ({ ...env, event: { ...env.event, ...c } });
+  const shownList = list(0, ["a", "b", "c"]).map((env) => withCtx({ ...env, event: { ...env.event, payload: { ...env.event.payload, model: "ranker-7" } } }, ctx("B", "mobile", "new")));
+  // A later click carries another context: the response's earliest event decides, whatever the arrival order.
+  const click = withCtx(on("click", 10, "c", { position: 3 }), ctx("A", "desktop", "old"));
+  const dwell = on("dwell", 80, "c", { dwell_ms: 70_000 });
+  for (const order of [[...shownList, click, dwell], [click, ...shownList, dwell]]) {
+    const { labels: ls } = await run(order, { close: true });
+    const resp = ls.filter((l) => l.kind === "response" && l.response_id === "c");
+    assert.ok(resp.length > 0, "the click on c makes labels");
+    for (const l of resp) {
+      assert.equal(l.schema_version, 2);
+      assert.deepEqual([l.position, l.propensity, l.model, l.experiment, l.cohort, l.device], [3, 0.48, "ranker-7", { id: "exp-1", variant: "B" }, "new", "mobile"], l.rule);
+    }
+    // (A click before its list arrives cannot tell what it skipped: no preference then.)
+    const pref = ls.find((l) => l.kind === "preference");
+    assert.ok(pref || order[0] === click, "a click below skipped results makes a preference");
+    if (pref) assert.deepEqual([pref.position, pref.propensity, pref.model], [3, 0.48, "ranker-7"]);
+    const sess = ls.find((l) => l.kind === "session");
+    if (sess) assert.deepEqual([sess.position, sess.propensity, sess.experiment?.variant, sess.device], [undefined, undefined, "B", "mobile"]);
+  }
+  const { labels: v1 } = await run([...shownList, click, dwell], { close: true, config: { schema_version: 1 } });
+  assert.ok(v1.length > 0);
+  for (const l of v1) {
+    assert.equal(l.schema_version, 1);
+    assert.ok(validateLabelV1(l), JSON.stringify(validateLabelV1.errors));
+  }
 });
 
 /** A rules file with one rule (YAML of the rule's body, indented by 4). */
@@ -364,7 +398,7 @@ test("a repeated event (same event_id) does not revise a label", async () => {
 });
 
 test("regenerate then accept: the preference carries the regenerate and the accept as its signals", async () => {
-  const envs = [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 40, "r2")];
+  const envs = [shown(0, "r1"), on("regenerate", 10, "r1"), shown(12, "r2"), on("accept", 45, "r2")];
   const { labels: ls } = await run(envs);
   const pref = ls.find((l) => l.kind === "preference")!;
   assert.deepEqual(pref.signals, [
@@ -420,7 +454,7 @@ test("per-user dwell baseline: a fast reader's 5 s read is not a glance", async 
   const envs: Envelope[] = [];
   // A fast reader: their reads take 8 s (smoothed with 5 reads at the 30 s prior: about 11.7 s).
   for (let i = 0; i < 25; i++) envs.push(shown(i * 60, `f${i}`, `q${i}`), on("dwell", i * 60 + 8, `f${i}`, { dwell_ms: 8000 }, { qid: `q${i}` }));
-  envs.push(shown(2000, "r-last", "q-last"), on("dwell", 2005, "r-last", { dwell_ms: 5000 }, { qid: "q-last" }), on("accept", 2006, "r-last", {}, { qid: "q-last" }));
+  envs.push(shown(2000, "r-last", "q-last"), on("dwell", 2005, "r-last", { dwell_ms: 5000 }, { qid: "q-last" }), on("accept", 2031, "r-last", {}, { qid: "q-last" }));
   const { h, labels: ls } = await run(envs);
   // 5 s is under 10 s but not under a third of this user's usual dwell: not read_short; the accept counts.
   assert.ok(!ls.some((l) => l.response_id === "r-last" && l.rule === "read_short"));
@@ -456,7 +490,7 @@ test("explicit feedback never produces a label; it is counted in the features", 
 });
 
 test("inputs without a bot verdict produce no labels (bot-score must run first)", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 35, "r1")];
   for (const x of envs) delete x.attrs.bot;
   const { h } = await run(envs);
   assert.deepEqual(labels(h), []);
@@ -651,7 +685,7 @@ test("probation: labels are held until the user's min_events-th event, then rele
 });
 
 test("probation: a human with 3 events gets labels when the watermark closes the session, dated by the input that moved it past, whatever the batches", async () => {
-  const alice = [shown(0, "r1"), on("accept", 25, "r1"), on("share", 40, "r1")];
+  const alice = [shown(0, "r1"), on("accept", 32, "r1"), on("share", 40, "r1")];
   // Bob moves the watermark past Alice's end + gap (40 s + 10 min); Alice comes back in a new session.
   const rest = [shown(641, "b1", "qb", { user: BOB, session: "s-b" }), on("accept", 700, "b1", {}, { user: BOB, qid: "qb", session: "s-b" }), shown(720, "r9", "q-9", { session: "s-2" })];
   const free = harness({ session_gap: "10m" });
@@ -686,8 +720,8 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
   const envs = [
     shown(0, "r1"),
     on("copy_paste", 10, "r1", { span_length: 600 }),
-    on("accept", 20, "r1"),
-    e("accept", 25, { rid: "r1", qid: "q-1", band: "bot" }),
+    on("accept", 31, "r1"),
+    e("accept", 33, { rid: "r1", qid: "q-1", band: "bot" }),
     // Much later, after bot-score forgot the user: human again as far as bot-score knows.
     shown(4000, "r9", "q-9", { session: "s-9" }),
     on("accept", 4030, "r9", {}, { qid: "q-9", session: "s-9" }),
@@ -700,20 +734,20 @@ test("probation: bot-score's flag drops the held labels; the user stays a bot (n
   assert.equal(h.metric("label_users_flagged"), 1);
   const u = await readFeatures(h.state, "feedback", "user", ALICE);
   assert.deepEqual([u!.fields.bot_band, u!.fields.bot_score, u!.fields.events], ["bot", 0.95, 5], "the marker is not an event of the user");
-  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight, undefined, rid);
-  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight, undefined);
+  for (const rid of ["r1", "r9"]) assert.equal((await readFeatures(h.state, "feedback", "response", rid))!.fields.pos_weight ?? 0, 0, rid);
+  assert.equal((await readFeatures(h.state, "feedback", "session", "s-1"))!.fields.pos_weight ?? 0, 0);
   // The marker is not passed on: `next` carries the cleaned events.
   assert.deepEqual(h.outputs("next"), envs.filter((x) => !isBotMarker(x)));
 
-  // Without probation the early labels are out before the flag (nothing recalls them), but the flag still stops later ones.
+  // Without probation the early labels are out before the flag; the flag retracts them and stops later ones.
   const free = harness({ session_gap: "10m" });
   await free.push(0, structuredClone(envs));
   await free.advanceWatermark(0, T0 + 86_400 * SEC);
-  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id]).sort(), [["accept", "r1"], ["copy", "r1"]]);
+  assert.deepEqual(labels(free).map((l) => [l.rule, l.response_id, l.revision, l.retracted ?? false]).sort(), [["accept", "r1", 0, false], ["accept", "r1", 1, true], ["copy", "r1", 0, false], ["copy", "r1", 1, true]]);
 });
 
 test("probation: an ambivalent event does not settle the user; the next human event does", async () => {
-  const envs = [shown(0, "r1"), on("accept", 25, "r1"), on("dwell", 30, "r1", { dwell_ms: 30_000 }, { band: "ambivalent" }), on("share", 35, "r1")];
+  const envs = [shown(0, "r1"), on("accept", 31, "r1"), on("dwell", 33, "r1", { dwell_ms: 30_000 }, { band: "ambivalent" }), on("share", 35, "r1")];
   const h = harness(PROBATION(3));
   await h.push(0, structuredClone(envs.slice(0, 3)));
   assert.deepEqual(labels(h), [], "3 events, the 3rd ambivalent: still on probation");
@@ -821,6 +855,95 @@ test("lint: probation.min_events below bot-score's regularity.min_events is flag
 });
 
 // ---------------------------------------------------------------------------------------------
+// Retraction: a flag withdraws what the user already published
+
+/** bot-score's flag marker for a user, at `at` seconds (its indicators name the reason). */
+const flagOf = (at: number, user = ALICE) => e("accept", at, { rid: "r9", qid: "q-9", user, band: "bot" });
+const live = (ls: Label[]) => latest(ls).filter((l) => l.retracted !== true && l.weight > 0);
+
+test("retraction: a flag retracts every label the user published (same label_id, next revision, weight 0, retracted) and takes back its feature contributions", async () => {
+  const S2 = { session: "s-2" };
+  const B = { user: BOB, session: "s-b" };
+  const h = harness({ session_gap: "10m" });
+  // Session s-1: a copy, a regenerate, an accept of the replacement (response, preference and session labels).
+  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 50, "r2")]);
+  // Bob's labels must stay; his events also move the watermark past s-1's end + 2 gaps (s-1 is forgotten, its labels kept for retraction).
+  await h.push(0, [shown(1500, "b1", "qb", B), on("accept", 1540, "b1", {}, { ...B, qid: "qb" })]);
+  await h.push(0, [shown(2000, "r9", "q-9", S2), on("accept", 2040, "r9", {}, { ...S2, qid: "q-9" }), on("dwell", 2045, "r9", { dwell_ms: 20_000 }, { ...S2, qid: "q-9" })]);
+  const before = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.deepEqual([...new Set(before.map((l) => l.kind))].sort(), ["preference", "response", "session"], "every kind is published before the flag");
+  assert.ok((await storedState<{ sess: { id: string }[] }>(h.state, ALICE)).state.sess.every((x) => x.id !== "s-1"), "s-1 was forgotten as a session");
+  const bobBefore = await readFeatures(h.state, "feedback", "response", "b1");
+
+  const marker = flagOf(2050);
+  await h.push(0, [marker]);
+  const all = labels(h);
+  const retractions = all.filter((l) => l.retracted);
+  assert.equal(retractions.length, before.length);
+  for (const l of before) {
+    const r = retractions.find((x) => x.label_id === l.label_id);
+    assert.ok(r, `${l.rule} ${l.label_id} retracted`);
+    const { revision, weight, emitted_at, retracted, retracted_reason, ...rest } = r;
+    assert.deepEqual([revision, weight, emitted_at, retracted, retracted_reason], [l.revision + 1, 0, marker.event.timestamp, true, "bot: regularity"]);
+    const { revision: _r, weight: _w, emitted_at: _e, ...was } = l;
+    assert.deepEqual(rest, was, "the rest of the label as it was (ids, polarity, rule, signals, event_time)");
+  }
+  assert.deepEqual(live(all).filter((l) => l.user === ALICE), [], "the final view holds no label of the flagged user");
+  assert.ok(live(all).some((l) => l.user === BOB), "other users' labels stay");
+  assert.equal(h.metric("labels_retracted"), before.length);
+
+  // Its contributions to the features are taken back in the same commit.
+  for (const rid of ["r1", "r2", "r9"]) {
+    const f = (await readFeatures(h.state, "feedback", "response", rid))!.fields;
+    assert.deepEqual([f.pos_weight ?? 0, f.neg_weight ?? 0, f.pos_weight_nobase ?? 0, f.neg_weight_nobase ?? 0, f.signal_count ?? 0], [0, 0, 0, 0, 0], rid);
+  }
+  for (const sid of ["s-1", "s-2"]) {
+    const f = (await readFeatures(h.state, "feedback", "session", sid))!.fields;
+    assert.deepEqual([f.pos_weight ?? 0, f.neg_weight ?? 0], [0, 0], sid);
+  }
+  assert.deepEqual(await readFeatures(h.state, "feedback", "response", "b1"), bobBefore);
+
+  // A second marker (bot-score forgot and flagged again) and later events retract and count nothing more.
+  const features = await dump(h.state);
+  await h.push(0, [flagOf(2060)]);
+  assert.equal(labels(h).length, all.length, "no double retraction");
+  const stored = (await storedState<Record<string, unknown>>(h.state, ALICE)).state;
+  assert.deepEqual({ ...(await dump(h.state)), [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null }, { ...features, [`tacit:{feedback:u:${ALICE}}:label-derive:state`]: null });
+  assert.ok(stored.bot);
+  await h.push(0, [on("copy_paste", 2070, "r9", { span_length: 600 }, { ...S2, qid: "q-9" })]);
+  assert.equal(labels(h).length, all.length);
+  assert.equal((await readFeatures(h.state, "feedback", "response", "r9"))!.fields.signal_count, 0);
+});
+
+test("retraction with probation (hold): released labels are retracted, held ones dropped without a retraction", async () => {
+  const B = { user: BOB, session: "s-b" };
+  const S2 = { session: "s-2" };
+  const h = harness(PROBATION());
+  // Alice's first session is released when Bob moves the watermark past it; her second is held when the flag comes.
+  await h.push(0, [shown(0, "r1"), on("accept", 35, "r1"), on("share", 40, "r1")]);
+  await h.push(0, [shown(641, "b1", "qb", B), shown(700, "r2", "q-2", S2), on("accept", 735, "r2", {}, { ...S2, qid: "q-2" })]);
+  const released = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.ok(released.length >= 2 && released.every((l) => l.session_id === "s-1"), JSON.stringify(released.map((l) => [l.rule, l.session_id])));
+  await h.push(0, [flagOf(745)]);
+  const retracted = labels(h).filter((l) => l.retracted);
+  assert.deepEqual(retracted.map((l) => l.label_id).sort(), released.map((l) => l.label_id).sort(), "exactly the published ones");
+  assert.equal(h.metric("labels_dropped_bot"), 1, "the held accept of r2 is dropped");
+  assert.deepEqual(live(labels(h)).filter((l) => l.user === ALICE), []);
+});
+
+test("retraction reaches as far as the label state remembers: response_memory", async () => {
+  const S2 = { session: "s-2" };
+  const h = harness({ session_gap: "10m", response_memory: "1h" });
+  await h.push(0, [shown(0, "r1"), on("accept", 35, "r1")]);
+  // Two hours later: r1 (and session s-1) are past response_memory and forgotten.
+  await h.push(0, [shown(7200, "r9", "q-9", S2), on("accept", 7240, "r9", {}, { ...S2, qid: "q-9" })]);
+  await h.push(0, [flagOf(7250)]);
+  const left = live(labels(h)).filter((l) => l.user === ALICE);
+  assert.deepEqual(left.map((l) => [l.kind, l.response_id ?? null, l.session_id]).sort(), [["response", "r1", "s-1"], ["session", "r1", "s-1"]], "beyond the reach: not retracted");
+  assert.ok(labels(h).some((l) => l.retracted && l.response_id === "r9"), "within it: retracted");
+});
+
+// ---------------------------------------------------------------------------------------------
 // Determinism, redelivery, crashes — on realistic traffic from the simulator
 
 let simInputs: Envelope[] | undefined;
@@ -892,6 +1015,24 @@ for (const at of ["before_commits", "mid_commits", "after_commits"] as const) {
   });
 }
 
+test("retraction is exactly once: emit mode on simulated traffic, batch sizes and crashes at every point give the same labels (retractions included), state and features", async () => {
+  const envs = await simulatedInputs();
+  const config: LabelDeriveConfig = { probation: { enabled: false } };
+  const base = await runAll(envs, { batchSize: 1, config });
+  const flagged = new Set(envs.filter(isBotMarker).map((x) => x.event.user));
+  assert.ok(base.h.metric("labels_retracted") > 10, `retractions: ${base.h.metric("labels_retracted")}`);
+  assert.deepEqual(live(base.ls).filter((l) => flagged.has(l.user)), [], "no live label of a flagged user");
+  const runs = [
+    await runAll(envs, { batchSize: 13, config }),
+    ...(await Promise.all((["before_commits", "mid_commits", "after_commits"] as const).map((at) => runAll(envs, { batchSize: 25, config, crashes: 6, crashAt: at })))),
+  ];
+  for (const [i, r] of runs.entries()) {
+    assert.deepEqual([...r.emits.keys()].sort(), [...base.emits.keys()].sort(), `run ${i}: label ids and revisions`);
+    for (const [k, v] of base.emits) assert.deepEqual(r.emits.get(k), v, `run ${i}: ${k}`);
+    assert.deepEqual(r.state, base.state, `run ${i}: state and features`);
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // Config, rules file and lint
 
@@ -925,7 +1066,7 @@ test("a bad envelope goes to the DLQ without stopping the batch", async () => {
   const h = harness();
   const broken = shown(0, "r0");
   (broken.event as { user?: unknown }).user = undefined;
-  await h.push(0, [broken, shown(1, "r1"), on("accept", 25, "r1")]);
+  await h.push(0, [broken, shown(1, "r1"), on("accept", 35, "r1")]);
   assert.equal(h.log[0]!.outcome.error?.code, "bad_envelope");
   assert.equal(labels(h).filter((l) => l.rule === "accept").length, 1);
 });

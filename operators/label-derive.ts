@@ -5,7 +5,7 @@ import { projectRoot } from "../src/config/paths.js";
 import { DURATION_SCHEMA, formatDuration, parseDuration } from "../src/core/duration.js";
 import { BadInputError, errorMessage } from "../src/core/errors.js";
 import { isBotMarker, type Envelope, type EventType, type TacitEvent } from "../src/core/event.js";
-import type { Label, LabelSignal, SignalEventType } from "../src/core/label.js";
+import { toLabelV1, type Label, type LabelExperiment, type LabelSignal, type SignalEventType } from "../src/core/label.js";
 import type {
   Emit,
   KeyScope,
@@ -63,16 +63,22 @@ export interface LabelDeriveConfig {
   /** Responses remembered per user (the least recently touched is forgotten first). @default 500 */
   max_responses?: number;
   /**
-   * Labels of a user are held until the user is settled as human: after `min_events` events, or
-   * when the watermark closes the session they belong to, without bot-score having flagged the
-   * user in the meantime (a flag drops them).
+   * Hold or emit-and-retract. Held (enabled): labels of a user wait until the user is settled as
+   * human: after `min_events` events, or when the watermark closes the session they belong to (a
+   * flag first drops them). Emitted (disabled): labels go out at once. Either way a later flag
+   * retracts what was published.
    */
   probation?: {
-    /** @default true */
+    /** Hold labels until the user is settled (false: emit at once, retract on a flag). @default true */
     enabled?: boolean;
     /** Events of a user (seen by this stage) after which the user is settled. @default 20 */
     min_events?: number;
   };
+  /**
+   * Label schema of the published labels: 2 (label.v2.json) or 1 (label.v1.json, the v2 fields
+   * left out) for consumers that still validate against v1. @default 2
+   */
+  schema_version?: 1 | 2;
 }
 
 export const DEFAULT_RULES_FILE = "config/label-rules.yaml";
@@ -129,9 +135,17 @@ export const labelDeriveSchema: JSONSchemaType<LabelDeriveConfig> = {
         "user's labels are held in its state until the user is settled as human: after min_events events of the user, or when the " +
         "watermark closes the session a label belongs to (its last event + session_gap), whichever comes first. When bot-score flags " +
         "the user before that, the held labels are dropped and the user makes no labels for as long as its state lives. The label-derived " +
-        "feature weights (pos_weight, neg_weight, their *_nobase twins) count a label only once it is released.",
+        "feature weights (pos_weight, neg_weight, their *_nobase twins) count a label only once it is released. Whether held or not, a " +
+        "flag retracts every label of the user already published (a revision with weight 0 and retracted: true) as far back as the " +
+        "label state remembers it (response_memory). Hold or emit is a trade of label latency against labels published and later " +
+        "retracted: see the README (Labels for ML teams) for both measured.",
       properties: {
-        enabled: { type: "boolean", nullable: true, default: true, description: "Hold labels until the user is settled (false: emit at once; a later flag can then not recall them)." },
+        enabled: {
+          type: "boolean",
+          nullable: true,
+          default: true,
+          description: "true: hold a user's labels until it is settled (hold). false: emit them at once; a later flag retracts them (emit-and-retract).",
+        },
         min_events: {
           type: "integer",
           nullable: true,
@@ -141,6 +155,16 @@ export const labelDeriveSchema: JSONSchemaType<LabelDeriveConfig> = {
           examples: [20],
         },
       },
+    },
+    schema_version: {
+      type: "integer",
+      nullable: true,
+      enum: [1, 2],
+      default: 2,
+      description:
+        "Label schema of the published labels: 2 = config/schemas/label.v2.json (the v1 fields unchanged, plus retracted, position, propensity, model, experiment, cohort, device); " +
+        "1 = label.v1.json exactly (the v2 fields left out), for consumers that still validate against v1 during their migration (README: Labels for ML teams).",
+      examples: [2],
     },
   },
 };
@@ -153,6 +177,7 @@ export interface CompiledLabelDerive {
   responseMemoryMs: number;
   maxResponses: number;
   probation: { enabled: boolean; minEvents: number };
+  schemaVersion: 1 | 2;
 }
 
 /** Applies defaults, parses durations and resolves the rules file; throws ConfigError naming the field. */
@@ -170,6 +195,7 @@ export function compileLabelDerive(config: LabelDeriveConfig = {}): CompiledLabe
     responseMemoryMs: parseDuration(config.response_memory ?? "24h", "response_memory"),
     maxResponses: config.max_responses ?? 500,
     probation: { enabled: config.probation?.enabled ?? true, minEvents: config.probation?.min_events ?? 20 },
+    schemaVersion: config.schema_version ?? 2,
   };
 }
 
@@ -241,16 +267,24 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
     "sessionize merges later stay two sessions here. Probation: a user's labels are held in its state until the user is settled as " +
     "human (probation.min_events events, or the watermark closing the label's session) and dropped if bot-score's flag marker " +
     "(attrs.bot.band = \"bot\") arrives first; a flagged user makes no labels for as long as its state lives and its features say " +
-    "bot_band = bot. Held labels keep the ids and revisions they would have had; a label released at a session's close (like every " +
+    "bot_band = bot. Retraction: the flag also retracts every label of the user already published (released or emitted without " +
+    "probation) that the state remembers (response labels while their response is remembered, response_memory; session labels for " +
+    "response_memory after the session's end): the same label_id, the next revision, weight 0, retracted: true and retracted_reason " +
+    "(\"bot: <bot-score indicators>\"), dated by the marker's stream time and keeping the label's event_time; in the same commit the " +
+    "user's response pos/neg weights (and *_nobase), its responses' signal_count and its sessions' pos/neg weights go back to 0, " +
+    "and its later signals are not counted. A second marker retracts nothing more. Held labels keep the ids and revisions they would have had; a label released at a session's close (like every " +
     "label decided there) takes as emitted_at the stream time of the input after which the watermark passed the session's end + " +
-    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on.",
+    "session_gap (on an idle advance, with no such input: the stream time of the session's last input). The marker is not passed on. " +
+    "Labels follow config/schemas/label.v2.json (schema_version: 1 publishes the v1 view): a response or preference label carries the " +
+    "(chosen) response's position, the propensity behind its ips factor and its model (response_shown.payload.model); every label carries " +
+    "the user's experiment, cohort and device as of the earliest event of its response (session labels: of its session) that had them.",
   keyed: true,
   schema: labelDeriveSchema as unknown as Record<string, unknown>,
   state: [
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
-      holds: "<applied seq>:<JSON>: the stream sequence of the user's last input applied (the runtime's exactly-once guard), then per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels); probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
-      ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps",
+      holds: "<applied seq>:<JSON>: the stream sequence of the user's last input applied (the runtime's exactly-once guard), then per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels), the live labels of forgotten sessions (for retraction); per label, what its latest published revision said; probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
+      ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps (their live labels after response_memory)",
     },
     { key: "tacit:{<prefix>:u:<user>}:features:user", holds: "hash: user features (see `tacit features`)", ttl: "feature_ttl.user" },
     { key: "tacit:{<prefix>:u:<user>}:features:response:<response_id>", holds: "hash: response features", ttl: "feature_ttl.response" },
@@ -288,6 +322,33 @@ interface LabelRec {
   w: number;
   /** Signals: [event_id, event_type, ts], in event-time order (at most MAX_SIGNALS). */
   sig: [string, SignalEventType, number][];
+  /** Its latest published revision (absent: never published, e.g. held and dropped): what a retraction re-states. */
+  p?: Published;
+}
+
+/** What the latest published revision of a label said, besides its id, rule and signals. */
+interface Published {
+  /** Its weight: > 0 while the label is live (a flag then retracts it). */
+  w: number;
+  /** session_id, event_time (ms). */
+  s: string;
+  t: number;
+  /** query_id and response_id, where the label has them. */
+  q?: string;
+  r?: string;
+  /** Polarity (response and session labels) and rule_version. */
+  l?: "positive" | "negative";
+  v: string | number;
+}
+
+/** A session label state forgot (two gaps after its end), kept while a flag could still retract its labels. */
+interface Retired {
+  id: string;
+  end: number;
+  /** Its session labels that are live. */
+  labels: [string, LabelRec][];
+  /** Its features hash holds label weights (pos_weight or neg_weight ≠ 0). */
+  w?: 1;
 }
 
 /** What is remembered of one response (short keys: stored per user). */
@@ -325,6 +386,24 @@ interface Resp {
   nb?: [string, number, string[]][];
   /** Summed weights of its current response labels: [pos, neg, pos without baselines, neg without]. */
   tot?: [number, number, number, number];
+  /** response_shown.payload.model. */
+  m?: string;
+  /** The user's context at the response's earliest event that carried one (labels v2). */
+  cx?: Ctx;
+  /** What this state added to its signal_count feature (a flag takes it back). */
+  sc?: number;
+}
+
+/**
+ * The user's context at one event, for labels v2: event time and id (the earliest event wins, so
+ * arrival order does not matter), experiment, cohort, device.
+ */
+interface Ctx {
+  t: number;
+  e: string;
+  x?: LabelExperiment;
+  c?: string;
+  d?: string;
 }
 
 /** One session's aggregates (provisional session id from sessionize). */
@@ -351,6 +430,8 @@ interface Sess {
   /** Session labels, by rule; and the response last labelled by a last_click rule. */
   labels: Map<string, LabelRec>;
   lastClick?: string;
+  /** The user's context at the session's earliest event that carried one (labels v2). */
+  cx?: Ctx;
 }
 
 /**
@@ -374,10 +455,15 @@ interface UserState {
   n: number;
   /** Settled as human: labels are emitted at once. */
   ok: boolean;
-  /** Flagged by bot-score (sticky while the state lives): no labels, held ones dropped. */
-  bot?: { since: number; score: number };
+  /**
+   * Flagged by bot-score (sticky while the state lives): no labels, held ones dropped, published
+   * ones retracted; `why` is the retractions' reason.
+   */
+  bot?: { since: number; score: number; why?: string };
   /** Held labels and weight changes, in the order they were made. */
   held: Held[];
+  /** Forgotten sessions with live labels or label weights, for response_memory after their end. */
+  old: Retired[];
 }
 
 interface StoredResp extends Omit<Resp, "labels"> {
@@ -397,10 +483,11 @@ interface StoredState {
   ok?: boolean;
   bot?: UserState["bot"];
   held?: Held[];
+  old?: Retired[];
 }
 
 function emptyState(): UserState {
-  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [] };
+  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [], old: [] };
 }
 
 /** Serializes a user's state (Maps as entry lists; -Infinity as null through JSON). */
@@ -416,6 +503,7 @@ function encodeLabelState(s: UserState): string {
   if (s.ok) stored.ok = true;
   if (s.bot) stored.bot = s.bot;
   if (s.held.length) stored.held = s.held;
+  if (s.old.length) stored.old = s.old;
   return JSON.stringify(stored);
 }
 
@@ -434,6 +522,7 @@ function decodeLabelState(raw: string): UserState {
     ok: st.ok === true,
     ...(st.bot ? { bot: st.bot } : {}),
     held: Array.isArray(st.held) ? st.held : [],
+    old: Array.isArray(st.old) ? st.old : [],
   };
 }
 
@@ -448,6 +537,32 @@ const SIGNAL_EVENT_TYPES: ReadonlySet<EventType> = new Set<EventType>(["click", 
 const round = (x: number): number => Math.round(x * 1e6) / 1e6;
 const iso = (ms: number): string => new Date(ms).toISOString();
 const num = (v: unknown): number | undefined => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+const str = (v: unknown): string | undefined => (typeof v === "string" && v !== "" ? v : undefined);
+
+/** The context an event carries (enrich puts experiment in context, cohort on the event, the parsed user agent in ua); undefined when none. */
+function contextOf(ev: TacitEvent): Ctx | undefined {
+  const c = ev.context ?? {};
+  const ex = c.experiment as { id?: unknown; variant?: unknown } | undefined;
+  const id = str(ex?.id);
+  const variant = str(ex?.variant);
+  const x: LabelExperiment | undefined = id !== undefined ? (variant !== undefined ? { id, variant } : { id }) : undefined;
+  const cohort = str(ev.cohort);
+  const device = str(c.device) ?? str(ev.ua?.device);
+  if (!x && cohort === undefined && device === undefined) return undefined;
+  return { t: ev.ts, e: ev.event_id, ...(x ? { x } : {}), ...(cohort !== undefined ? { c: cohort } : {}), ...(device !== undefined ? { d: device } : {}) };
+}
+
+/** The earlier of two contexts (event time, then event id). */
+function earlier(a: Ctx | undefined, b: Ctx | undefined): Ctx | undefined {
+  if (!a || !b) return a ?? b;
+  return b.t < a.t || (b.t === a.t && b.e < a.e) ? b : a;
+}
+
+/** The v2 context fields of a label. */
+function contextFields(cx: Ctx | undefined): Pick<Label, "experiment" | "cohort" | "device"> {
+  if (!cx) return {};
+  return { ...(cx.x ? { experiment: cx.x } : {}), ...(cx.c !== undefined ? { cohort: cx.c } : {}), ...(cx.d !== undefined ? { device: cx.d } : {}) };
+}
 
 /**
  * Deterministic label id: a short hash of pipeline, kind, target ids and rule name (session labels
@@ -574,7 +689,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const emits: Emit[] = [];
     if (isBotMarker(env)) {
       // bot-score's flag: acted on here, not passed on (`next` carries the cleaned events).
-      this.flag(slot, env);
+      this.flag(slot, env, input.stream_time_ms, emits);
     } else {
       this.apply(slot, env, input, emits);
       emits.push({ to: "next", id: `${this.ctx.stage}:${env.src.seq}`, value: env });
@@ -675,6 +790,8 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     sess.st = Math.max(sess.st, input.stream_time_ms);
     if (!human) sess.amb = true;
     if (ev.event_type !== "explicit_feedback" && (!sess.last || ev.ts >= sess.last[2])) sess.last = [ev.event_id, ev.event_type, ev.ts, ev.response_id];
+    const cx = contextOf(ev);
+    if (cx) sess.cx = earlier(sess.cx, cx);
 
     // Features every event updates.
     const uk = userFeaturesKey(this.ctx.prefix, slot.user);
@@ -696,11 +813,13 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const p = ev.payload ?? {};
 
     if (r) {
+      if (cx) r.cx = earlier(r.cx, cx);
       const rk = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
       const rs: Record<string, string | number> = { last_event_time: r.t };
       if (r.q !== undefined) rs.query_id = r.q;
       if (r.s !== undefined) rs.session_id = r.s;
-      if (SIGNAL_EVENT_TYPES.has(ev.event_type)) f.add(rk, ttl.responseMs, "signal_count", 1);
+      // A flagged user's signals are not counted (the flag took back those it had).
+      if (SIGNAL_EVENT_TYPES.has(ev.event_type) && !s.bot) this.countSignal(slot, r);
       if (ev.event_type === "explicit_feedback") {
         const up = p.rating === "up" || (typeof p.rating === "number" && p.rating >= 4);
         const down = p.rating === "down" || (typeof p.rating === "number" && p.rating <= 2);
@@ -717,6 +836,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         if (len !== undefined && len > 0) r.len = len;
         const pos = num(p.position);
         if (pos !== undefined && pos >= 1) r.pos = pos;
+        r.m ??= str(p.model);
         if (r.pos === undefined || r.pos === 1) observe(s.b, hl, ev.ts, "n");
         if (r.pos === undefined) this.linkRegeneration(s, r, ev.ts);
       }
@@ -835,27 +955,114 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     this.prune(s);
   }
 
+  /** Counts a signal about a response in its features (and remembers it, for a flag to take back). */
+  private countSignal(slot: Slot, r: Resp): void {
+    slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), this.c.ttl.responseMs, "signal_count", 1);
+    r.sc = (r.sc ?? 0) + 1;
+  }
+
   /** On probation: labels and their feature weights are held (see release). */
   private holding(s: UserState): boolean {
     return this.c.probation.enabled && !s.ok && s.bot === undefined;
   }
 
   /**
-   * bot-score flagged the user: the held labels and weights are dropped, the user's sessions make
-   * no session labels, and no later event of the user makes a label while this state lives.
+   * bot-score flagged the user: the held labels and weights are dropped, every label of the user
+   * still live is retracted and its feature contributions taken back (see retractAll), the
+   * user's sessions make no session labels, and no later event of the user makes a label while
+   * this state lives. A second marker finds nothing left to retract.
    */
-  private flag(slot: Slot, env: Envelope): void {
+  private flag(slot: Slot, env: Envelope, st: number, emits: Emit[]): void {
     const s = slot.state;
-    const score = num((env.attrs.bot as { score?: unknown }).score) ?? 1;
+    const bot = env.attrs.bot as { score?: unknown; indicators?: unknown };
     if (!s.bot) {
-      s.bot = { since: env.event.ts, score };
+      const names = Array.isArray(bot.indicators) ? bot.indicators.flatMap((i: { name?: unknown; strength?: unknown }) => (typeof i?.name === "string" && (num(i.strength) ?? 0) > 0 ? [i.name] : [])) : [];
+      s.bot = { since: env.event.ts, score: num(bot.score) ?? 1, why: names.length ? `bot: ${[...new Set(names)].join(", ")}` : "bot" };
       this.ctx.metrics.count("label_users_flagged", 1);
     }
     const dropped = s.held.filter((h) => h.l !== undefined).length;
     if (dropped) this.ctx.metrics.count("labels_dropped_bot", dropped);
     s.held = [];
     for (const x of s.sess.values()) x.amb = true;
+    this.retractAll(slot, st, emits);
     slot.features.put(userFeaturesKey(this.ctx.prefix, slot.user), this.c.ttl.userMs, { bot_band: "bot", bot_score: s.bot.score });
+  }
+
+  /**
+   * Retracts every live label the user published that its state still remembers (response and
+   * preference labels while their response is remembered, session labels for response_memory
+   * after the session's end): the same label_id, the next revision, weight 0, `retracted: true`,
+   * dated `st`. The user's label weights (response and session features) and its responses'
+   * signal counts go back to 0 in the same commit.
+   */
+  private retractAll(slot: Slot, st: number, emits: Emit[]): void {
+    const s = slot.state;
+    const ttl = this.c.ttl;
+    for (const r of s.resp.values()) {
+      for (const [key, rec] of r.labels) {
+        const sep = key.indexOf("\u0000");
+        const out = this.retract(slot, rec, st, emits, sep < 0 ? { kind: "response", rule: key, response_id: r.id } : { kind: "preference", rule: key.slice(0, sep), response_id: r.id, rejected: key.slice(sep + 1) }, this.responseFields(r));
+        if (out) r.labels.set(key, out);
+      }
+      if (r.nb) for (const x of r.nb) x[1] = 0;
+      const key = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
+      if (r.tot) {
+        r.tot = [0, 0, 0, 0];
+        slot.features.put(key, ttl.responseMs, { pos_weight: 0, neg_weight: 0, pos_weight_nobase: 0, neg_weight_nobase: 0 });
+      }
+      // An increment, not a write: the runtime folds a batch's writes of a hash into its first one, before later increments.
+      if (r.sc) slot.features.add(key, ttl.responseMs, "signal_count", -r.sc);
+      delete r.sc;
+    }
+    // Forgotten sessions (s.old) are dropped once retracted: nothing of them is left to take back.
+    for (const x of [...s.sess.values(), ...s.old]) {
+      for (const [rule, rec] of x.labels) {
+        const out = this.retract(slot, rec, st, emits, { kind: "session", rule }, "cx" in x ? contextFields(x.cx) : {});
+        if (out && x.labels instanceof Map) x.labels.set(rule, out);
+      }
+      if ("pos" in x ? x.pos !== 0 || x.neg !== 0 : x.w) slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), ttl.sessionMs, { pos_weight: 0, neg_weight: 0 });
+      if ("pos" in x) x.pos = x.neg = 0;
+    }
+    s.old = [];
+  }
+
+  /** The retraction of one live label (the record's next revision), published; undefined when it is not live. */
+  private retract(
+    slot: Slot,
+    rec: LabelRec,
+    st: number,
+    emits: Emit[],
+    at: { kind: Label["kind"]; rule: string; response_id?: string; rejected?: string },
+    v2: Partial<Label>,
+  ): LabelRec | undefined {
+    const p = rec.p;
+    if (!p || p.w <= 0) return undefined;
+    const next: LabelRec = { ...rec, rev: rec.rev + 1, w: 0, p: { ...p, w: 0 } };
+    const label = {
+      schema_version: 2,
+      label_id: rec.id,
+      revision: next.rev,
+      pipeline: this.ctx.pipeline,
+      kind: at.kind,
+      ...(at.kind === "session" ? (p.r !== undefined ? { response_id: p.r } : {}) : { response_id: at.response_id }),
+      ...(p.q !== undefined ? { query_id: p.q } : {}),
+      session_id: p.s,
+      user: slot.user,
+      ...(p.l !== undefined ? { label: p.l } : {}),
+      ...(at.kind === "preference" ? { chosen_response_id: at.response_id, rejected_response_id: at.rejected } : {}),
+      weight: 0,
+      rule: at.rule,
+      rule_version: p.v,
+      signals: signalsOf(rec.sig),
+      event_time: iso(p.t),
+      emitted_at: iso(st),
+      ...v2,
+      retracted: true,
+      retracted_reason: slot.state.bot?.why ?? "bot",
+    } as Label;
+    this.ctx.metrics.count("labels_retracted", 1, { kind: at.kind });
+    this.send(label, emits);
+    return next;
   }
 
   /**
@@ -875,7 +1082,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       sessions.add(h.s);
       if (h.l) {
         this.ctx.metrics.count("labels_released", 1, { kind: h.l.kind });
-        this.publish({ ...h.l, emitted_at: iso(st) }, emits);
+        this.publish(slot, { ...h.l, emitted_at: iso(st) }, emits);
       }
       if (h.w) {
         // A response forgotten meanwhile (response_memory) has no sums left to add to.
@@ -927,7 +1134,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const ev = env.event;
     const prev = this.resp(slot, prevId, ev.ts, undefined, undefined);
     if (prev.q === undefined && typeof note.previous_query_id === "string") prev.q = note.previous_query_id;
-    if (note.decision === "reformulation") slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, prev.id), this.c.ttl.responseMs, "signal_count", 1);
+    if (note.decision === "reformulation" && !slot.state.bot) this.countSignal(slot, prev);
     const reform = {
       decision: typeof note.decision === "string" ? note.decision : undefined,
       kind: typeof note.kind === "string" ? note.kind : undefined,
@@ -1084,7 +1291,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       }
     }
     const label: Label = {
-      schema_version: 1,
+      schema_version: 2,
       label_id: rec.id,
       revision: rec.rev,
       pipeline: this.ctx.pipeline,
@@ -1100,6 +1307,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       signals: signalsOf(rec.sig),
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
+      ...this.responseFields(r),
     };
     this.emit(slot, label, emits);
   }
@@ -1114,7 +1322,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const rec = this.revise(chosen.labels, `${rule.name}\u0000${rejected.id}`, labelId(this.ctx.pipeline, "preference", [chosen.id, rejected.id], rule.name), firing, d);
     if (!rec) return;
     const label: Label = {
-      schema_version: 1,
+      schema_version: 2,
       label_id: rec.id,
       revision: rec.rev,
       pipeline: this.ctx.pipeline,
@@ -1131,6 +1339,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       signals: signalsOf(rec.sig),
       event_time: iso(d.ts),
       emitted_at: iso(d.st),
+      ...this.responseFields(chosen),
     };
     this.emit(slot, label, emits);
   }
@@ -1144,12 +1353,50 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       this.ctx.metrics.count("labels_held", 1, { kind: label.kind });
       return;
     }
-    this.publish(label, emits);
+    this.publish(slot, label, emits);
   }
 
-  private publish(label: Label, emits: Emit[]): void {
+  /** Publishes a label and records in its state what was published (what a retraction would re-state). */
+  private publish(slot: Slot, label: Label, emits: Emit[]): void {
+    const rec = this.recOf(slot.state, label);
+    if (rec) {
+      const p: Published = { w: label.weight, s: label.session_id, t: Date.parse(label.event_time), v: label.rule_version };
+      if (label.query_id !== undefined) p.q = label.query_id;
+      if (label.kind === "session" && label.response_id !== undefined) p.r = label.response_id;
+      if (label.label !== undefined) p.l = label.label;
+      rec.p = p;
+    }
     this.ctx.metrics.count("labels", 1, { kind: label.kind, rule: label.rule });
-    emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value: label });
+    this.send(label, emits);
+  }
+
+  private send(label: Label, emits: Emit[]): void {
+    const value = this.c.schemaVersion === 1 ? toLabelV1(label) : label;
+    emits.push({ to: `labels.${label.kind}` as OutputName, id: `label:${label.label_id}:${label.revision}`, value });
+  }
+
+  /**
+   * The v2 fields of a label on response `r` (for a preference, the chosen one): its position and
+   * the examination probability its ips factor came from, its model, the user's context.
+   */
+  private responseFields(r: Resp): Pick<Label, "position" | "propensity" | "model" | "experiment" | "cohort" | "device"> {
+    return {
+      ...(r.pos !== undefined && Number.isInteger(r.pos) ? { position: r.pos } : {}),
+      propensity: propensity(this.rules, r.pos),
+      ...(r.m !== undefined ? { model: r.m } : {}),
+      ...contextFields(r.cx),
+    };
+  }
+
+  /** The state's record of a label (undefined when its response or session was forgotten meanwhile). */
+  private recOf(s: UserState, l: Label): LabelRec | undefined {
+    const rec =
+      l.kind === "session"
+        ? s.sess.get(l.session_id)?.labels.get(l.rule)
+        : l.kind === "preference"
+          ? s.resp.get(l.chosen_response_id)?.labels.get(`${l.rule}\u0000${l.rejected_response_id}`)
+          : s.resp.get(l.response_id)?.labels.get(l.rule);
+    return rec?.id === l.label_id ? rec : undefined;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1175,7 +1422,12 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     }
     // Closed sessions are kept for one more gap so a late event (within sessionize's allowed lateness) revises them.
     for (const [id, x] of s.sess) {
-      if (x.closed && wm > x.end + 2 * this.c.gapMs) s.sess.delete(id);
+      if (x.closed && wm > x.end + 2 * this.c.gapMs) {
+        s.sess.delete(id);
+        // What a flag would still have to retract stays, without the session's aggregates.
+        const live = [...x.labels].filter(([, r]) => (r.p?.w ?? 0) > 0);
+        if (!s.bot && (live.length || x.pos !== 0 || x.neg !== 0)) s.old.push({ id, end: x.end, labels: live, ...(x.pos !== 0 || x.neg !== 0 ? { w: 1 as const } : {}) });
+      }
     }
   }
 
@@ -1209,7 +1461,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (sig.length === 0) return;
     const emitSession = (rec: LabelRec, rule: Firing["rule"]): void => {
       const label: Label = {
-        schema_version: 1,
+        schema_version: 2,
         label_id: rec.id,
         revision: rec.rev,
         pipeline: this.ctx.pipeline,
@@ -1224,12 +1476,13 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         signals: signalsOf(rec.sig),
         event_time: iso(x.end),
         emitted_at: iso(st),
+        ...contextFields(x.cx),
       };
       this.emit(slot, label, emits);
     };
     for (const firing of firings) {
       const prev = x.labels.get(firing.rule.name);
-      const rec: LabelRec = { id: labelId(this.ctx.pipeline, "session", [slot.user, x.id], firing.rule.name), rev: (prev?.rev ?? -1) + 1, w: round(firing.weight), sig: [...sig] };
+      const rec: LabelRec = { id: labelId(this.ctx.pipeline, "session", [slot.user, x.id], firing.rule.name), rev: (prev?.rev ?? -1) + 1, w: round(firing.weight), sig: [...sig], ...(prev?.p ? { p: prev.p } : {}) };
       if (prev && prev.w === rec.w && JSON.stringify(prev.sig) === JSON.stringify(rec.sig)) continue;
       x.labels.set(firing.rule.name, rec);
       emitSession(rec, firing.rule);
@@ -1268,7 +1521,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       this.emit(
         slot,
         {
-          schema_version: 1,
+          schema_version: 2,
           label_id: rec.id,
           revision: rec.rev,
           pipeline: this.ctx.pipeline,
@@ -1284,6 +1537,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
           signals: signalsOf(rec.sig),
           event_time: iso(last[2]),
           emitted_at: iso(st),
+          ...this.responseFields(r),
         },
         emits,
       );
@@ -1296,6 +1550,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     for (const [id, r] of s.resp) {
       if (r.t < s.at - this.c.responseMemoryMs && !(r.s !== undefined && open.has(r.s))) s.resp.delete(id);
     }
+    s.old = s.old.filter((o) => o.end >= s.at - this.c.responseMemoryMs);
     if (s.resp.size > this.c.maxResponses) {
       const ids = [...s.resp.keys()].sort((a, b) => s.resp.get(a)!.t - s.resp.get(b)!.t || (a < b ? -1 : 1));
       for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);

@@ -335,3 +335,25 @@ test("bot-score's flag marker is passed on unchanged and changes no state; the f
   assert.deepEqual(lone.state.keys(), [userKey("feedback", "u1", STAGE, "state")]);
   assert.deepEqual(await stored(lone, "u1"), { applied: 1, json: "" });
 });
+
+test("out of order: a response_shown that arrives before its query is still the response the follow-up reformulates", async () => {
+  const inOrder = [query(T0, "pyhton tutorial", "q1"), shown(T0 + 1_000, "r1", "q1"), query(T0 + 30_000, "python tutorial", "q2")];
+  // Stream order: q1's response before q1 itself (within the out-of-orderness), then the follow-up.
+  const swapped = [shown(T0 + 1_000, "r1", "q1"), query(T0, "pyhton tutorial", "q1"), query(T0 + 30_000, "python tutorial", "q2")];
+  for (const events of [inOrder, swapped]) {
+    const out = await run(harness(), events);
+    const note = noteOf(out[2]!);
+    assert.equal(note.decision, "reformulation");
+    assert.equal(note.previous_query_id, "q1");
+    assert.equal(note.previous_response_id, "r1");
+  }
+  // Two early responses of one query (a regeneration): the later shown is the one reformulated.
+  const two = await run(harness(), [shown(T0 + 5_000, "r2", "q1"), shown(T0 + 1_000, "r1", "q1"), query(T0, "pyhton tutorial", "q1"), query(T0 + 30_000, "python tutorial", "q2")]);
+  assert.equal(noteOf(two[3]!).previous_response_id, "r2");
+  // An early response of another session or query is not taken; nothing is kept once taken.
+  const h = harness();
+  const other = await run(h, [shown(T0 + 1_000, "rx", "q1", { session_id: "s2" }), shown(T0 + 1_000, "ry", "q9"), query(T0, "pyhton tutorial", "q1"), query(T0 + 30_000, "python tutorial", "q2")]);
+  assert.equal(noteOf(other[3]!).previous_response_id, null);
+  const { json } = await stored(h, "u1");
+  assert.deepEqual((JSON.parse(json) as UserState).early?.map((e) => e[2]), ["rx", "ry"]);
+});

@@ -156,7 +156,17 @@ export interface PrevQuery {
 export interface UserState {
   v: 1;
   sessions: [string, PrevQuery][];
+  /**
+   * Responses shown for a query that has not arrived yet (`[session id, query_id, response_id,
+   * time]`, at most MAX_EARLY): out of order, a response_shown can come before its query. When the
+   * query comes, the latest of its early responses becomes the one a later reformulation refers to,
+   * as it would have in event-time order.
+   */
+  early?: [string, string, string, number][];
 }
+
+/** Early responses (shown before their query arrived) remembered per user. */
+const MAX_EARLY = 16;
 
 /** The reformulation-similarity operator. */
 export const reformulation: OperatorSpec<ReformulationConfig, KeyedProcessor<UserState>> = {
@@ -169,7 +179,8 @@ export const reformulation: OperatorSpec<ReformulationConfig, KeyedProcessor<Use
     "added, superstring) is a clarification; any other kind but new_topic, or a 3-gram Jaccard ≥ jaccard_min, or a " +
     "normalized Levenshtein ≤ levenshtein_max, is a reformulation (dissatisfaction with the previous response); the rest, " +
     "and anything after max_gap, is a new topic. The first query of a session is `none`. Other events pass through; " +
-    "response_shown events record the response a later reformulation refers to. bot-score's flag marker (attrs.bot.band = " +
+    "response_shown events record the response a later reformulation refers to (one that arrives before its query is kept " +
+    "until the query comes, so arrival order does not change which response that is). bot-score's flag marker (attrs.bot.band = " +
     "\"bot\") is passed on unchanged and changes no state.",
   keyed: true,
   schema: reformulationSchema as unknown as Record<string, unknown>,
@@ -178,7 +189,8 @@ export const reformulation: OperatorSpec<ReformulationConfig, KeyedProcessor<Use
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
         "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then per session (at most max_sessions) " +
-        "the previous query's redacted text, time, query_id and last response shown (nothing after the colon while the user has no query)",
+        "the previous query's redacted text, time, query_id and last response shown (nothing after the colon while the user has no query); " +
+        "responses shown before their query arrived (session, query_id, response_id, time; at most 16), until the query comes",
       ttl: "state_ttl from the last write; each session is also dropped once state_ttl of event time has passed since its query",
     },
   ],
@@ -252,6 +264,30 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Ke
     ttlMs: () => c.ttlMs,
   };
 
+  /** Forgets early responses older than the TTL (event time) and the oldest beyond MAX_EARLY. */
+  function pruneEarly(s: UserState, now: number): void {
+    if (!s.early) return;
+    const kept = s.early.filter((e) => e[3] >= now - c.ttlMs).sort((a, b) => a[3] - b[3] || (a[2] < b[2] ? -1 : a[2] > b[2] ? 1 : 0));
+    if (kept.length > MAX_EARLY) kept.splice(0, kept.length - MAX_EARLY);
+    if (kept.length) s.early = kept;
+    else delete s.early;
+  }
+
+  /** Moves the early responses of the query `q` (same session) onto it: the latest shown is its last response. */
+  function takeEarly(s: UserState, sid: string, q: PrevQuery): void {
+    if (!s.early) return;
+    const rest: [string, string, string, number][] = [];
+    for (const e of s.early) {
+      if (e[0] !== sid || e[1] !== q.qid) rest.push(e);
+      else if (q.rts === undefined || e[3] > q.rts || (e[3] === q.rts && e[2] > q.rid!)) {
+        q.rid = e[2];
+        q.rts = e[3];
+      }
+    }
+    if (rest.length) s.early = rest;
+    else delete s.early;
+  }
+
   /** Forgets sessions whose query is older than the TTL (event time) and the oldest beyond max_sessions. */
   function prune(s: UserState, now: number): void {
     let n = 0;
@@ -275,10 +311,21 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Ke
     const sid = sessionOf(env);
     if (ev.event_type === "response_shown") {
       const prev = s && findSession(s, sid);
-      if (s && prev && ev.response_id !== undefined && (ev.query_id === undefined || ev.query_id === prev.qid) && (prev.rts === undefined || ev.ts >= prev.rts)) {
-        prev.rid = ev.response_id;
-        prev.rts = ev.ts;
-        key.put(s);
+      if (ev.response_id === undefined) return undefined;
+      if (s && prev && (ev.query_id === undefined || ev.query_id === prev.qid)) {
+        // The latest shown wins (ties by response id, so arrival order does not decide).
+        if (prev.rts === undefined || ev.ts > prev.rts || (ev.ts === prev.rts && ev.response_id > prev.rid!)) {
+          prev.rid = ev.response_id;
+          prev.rts = ev.ts;
+          key.put(s);
+        }
+      } else if (ev.query_id !== undefined && !(prev && ev.ts < prev.ts)) {
+        // Its query has not arrived yet (or is not remembered): kept until it does.
+        const st = s ?? { v: 1, sessions: [] };
+        const early = (st.early ??= []);
+        early.push([sid, ev.query_id, ev.response_id, ev.ts]);
+        pruneEarly(st, ev.ts);
+        key.put(st);
       }
       return undefined;
     }
@@ -294,12 +341,16 @@ function createReformulation(c: CompiledReformulation, ctx: OperatorContext): Ke
     }
     const note = prev ? compareQueries(c, { text: prev.text, ts: prev.ts, query_id: prev.qid, response_id: prev.rid }, text, ev.ts) : NO_PREVIOUS;
     const next: PrevQuery = { text, ts: ev.ts };
-    if (ev.query_id !== undefined) next.qid = ev.query_id;
     const st = s ?? { v: 1, sessions: [] };
+    if (ev.query_id !== undefined) {
+      next.qid = ev.query_id;
+      takeEarly(st, sid, next);
+    }
     const at = st.sessions.findIndex(([id]) => id === sid);
     if (at >= 0) st.sessions[at]![1] = next;
     else st.sessions.push([sid, next]);
     prune(st, ev.ts);
+    pruneEarly(st, ev.ts);
     key.put(st);
     return note;
   }

@@ -12,6 +12,8 @@ import { loadPipelineOrThrow } from "../src/config/load.js";
 import { defaultPipelinePath } from "../src/config/paths.js";
 import { stageGroups, streamName } from "../src/config/topology.js";
 import type { Report } from "../src/eval/evaluate.js";
+import { explicitAgreement, ratingsFromEvents, type ExplicitReport } from "../src/eval/explicit.js";
+import { collectLiveExplicit } from "../src/eval/live.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats } from "../src/runtime/nats.js";
 import { publishLines } from "../src/runtime/publisher.js";
@@ -74,6 +76,18 @@ test("tacit evaluate <pipeline> --truth: labels, bots and features read live fro
       assert.ok(Array.isArray(report.targets) && report.targets.length > 0);
       assert.match(report.score.source, /features/, "features read from Redis");
       assert.ok(!report.notes.some((n) => /development pseudonym key|no label's user matches/.test(n)), report.notes.join("; "));
+
+      // --explicit, live: the ratings come from the response features label-derive keeps in Redis
+      // (no truth needed); they must give what the published events give for the same labels.
+      const explicit = await run(["evaluate", file, "--explicit", "--json", ...SET], env);
+      assert.equal(explicit.code, 0, explicit.err);
+      const agreement = JSON.parse(explicit.out) as ExplicitReport & { notes: string[] };
+      const liveLabels = await collectLiveExplicit(p, nats, redis);
+      assert.ok(agreement.labels_rated > 0, explicit.out);
+      assert.deepEqual({ ...agreement, notes: undefined }, { ...explicitAgreement(liveLabels.labels, ratingsFromEvents(sim.events.join("\n"))), notes: undefined });
+      const withTruth = await run(["evaluate", file, "--explicit", "--truth", truthFile, ...SET], env);
+      assert.equal(withTruth.code, 0, withTruth.err);
+      assert.match(withTruth.out, /(positive|negative)\s+all\s+\d+\s+\d+\s+[\d.]+\s+\[[\d.]+, [\d.]+\]\s+[\d.]+\s+\[/);
 
       // The pipeline used a real key: without it the development key is not accepted (exit 2).
       const noKey = await run(["evaluate", file, "--truth", truthFile, ...SET], { ...env, TACIT_PSEUDONYM_KEY: "" });

@@ -4,7 +4,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { JetStreamPublisher, publisherFor } from "../src/runtime/jspub.js";
+import { JetStreamPublisher, PublishGroup, publisherFor } from "../src/runtime/jspub.js";
 import { TransientError } from "../src/core/errors.js";
 import { startServers, type TestServers } from "./harness.js";
 
@@ -75,4 +75,23 @@ test("publisher: a subject no stream takes, a refused publish and no answer at a
   closing.close();
   await assert.rejects(p, /closed before the PubAck/);
   silent2.unsubscribe();
+});
+
+test("publisher: a PublishGroup resolves once every publish has its PubAck and rejects at the first refused one", async () => {
+  const pub = publisherFor(nc);
+  const before = (await jsm.streams.info("PUBT")).state.messages;
+  const ok = new PublishGroup();
+  for (let i = 0; i < 500; i++) pub.send(ok, "pubt.g", enc(`g${i}`), { msgID: `group-${i}` });
+  assert.equal(ok.size, 500);
+  await ok.wait();
+  assert.equal(ok.size, 0);
+  assert.equal(pub.inFlight, 0);
+  assert.equal((await jsm.streams.info("PUBT")).state.messages, before + 500);
+
+  const bad = new PublishGroup();
+  pub.send(bad, "pubt.g", enc("fine"), { msgID: "group-ok" });
+  pub.send(bad, "nostream.g", enc("lost"));
+  await assert.rejects(bad.wait(), (err: Error) => err instanceof TransientError && /no stream listens/.test(err.message));
+  // Failed once, it stays failed for whoever waits next.
+  await assert.rejects(bad.wait(), /no stream listens/);
 });

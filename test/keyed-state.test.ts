@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Redis } from "ioredis";
 import { startServers, type TestServers } from "./harness.js";
-import { eventually, readStream, consumersDrained } from "./support/streams.js";
+import { eventually, readLabelStream, readStream, consumersDrained } from "./support/streams.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { findOperator } from "../operators/index.js";
@@ -60,7 +60,7 @@ async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<{
     events[env.event.event_id] = { ...env, src: undefined };
   }
   const latest: Record<string, { revision: number }> = {};
-  for (const m of await readStream(nats, streamName(p, "labels"))) {
+  for (const m of await readLabelStream(nats, streamName(p, "labels"))) {
     const l = JSON.parse(m.data) as { label_id: string; revision: number };
     if (!latest[l.label_id] || latest[l.label_id]!.revision < l.revision) latest[l.label_id] = l;
   }

@@ -86,15 +86,20 @@ test("tacit run with a bad pipeline exits 2 with the problem, and binds nothing"
   assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
 });
 
+test("tacit run on a pipeline that was never deployed exits 2 naming the deploy command, and binds nothing", { timeout: 20_000 }, async () => {
+  const port = await freePort();
+  const r = await runUntilExit({ NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY }, port);
+  assert.equal(r.code, 2, r.stderr);
+  assert.deepEqual(lines(r.stderr), [`tacit: config: pipeline "feedback" is not deployed: stream feedback_in, feedback_x_dedupe not found (run: tacit deploy ${PIPELINE})`]);
+  assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
+});
+
 test("tacit run that starts serves /readyz on its metrics port, and SIGTERM exits 0 and frees the port", { timeout: 20_000 }, async (t) => {
   const port = await freePort();
-  const p = spawnTacit(["run", PIPELINE, "--metrics-port", String(port)], {
-    TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")),
-    TACIT_LOG_LEVEL: "error",
-    NATS_URL: servers.natsUrl,
-    REDIS_URL: servers.redisUrl,
-    TACIT_PSEUDONYM_KEY: KEY,
-  });
+  const env = { TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")), TACIT_LOG_LEVEL: "error", NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY };
+  const deploy = spawnTacit(["deploy", PIPELINE], env);
+  assert.equal(await deploy.exited(), 0, deploy.stderr());
+  const p = spawnTacit(["run", PIPELINE, "--metrics-port", String(port)], env);
   t.after(() => void (p.running() && p.child.kill("SIGKILL")));
   const deadline = Date.now() + 10_000;
   let status = 0;

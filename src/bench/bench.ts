@@ -9,7 +9,7 @@ import type { Logger, OperatorSpec } from "../core/operator.js";
 import { percentile } from "../telemetry/metrics.js";
 import { applyDeploy, planDeploy } from "../runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
-import { publisherFor } from "../runtime/jspub.js";
+import { PublishGroup, publisherFor } from "../runtime/jspub.js";
 import { publishLines } from "../runtime/publisher.js";
 import { durableName, stageGroups, streamName } from "../config/topology.js";
 import { Worker } from "../runtime/worker.js";
@@ -208,7 +208,9 @@ async function relay(nats: NatsHandles, inStream: string, outSubject: string, ba
     }
     const take = buffer.splice(0, batch);
     const pub = publisherFor(nats.nc);
-    await Promise.all(take.map((m) => pub.publish(outSubject, m.data, { msgID: `relay:${m.seq}` })));
+    const group = new PublishGroup();
+    for (const m of take) pub.send(group, outSubject, m.data, { msgID: `relay:${m.seq}` });
+    await group.wait();
     for (const m of take) m.ack();
   }
   await msgs.close();

@@ -17,6 +17,7 @@ import { resolvePseudonymKey, pseudonymize } from "../core/pseudonym.js";
 import { simulate } from "../sim/simulate.js";
 import type { TruthRecord } from "../sim/truth.js";
 import { collectLive } from "../eval/live.js";
+import { eventsPerUser } from "../eval/inputs.js";
 import { evaluate, type Report } from "../eval/evaluate.js";
 import { formatReport } from "./evaluate.js";
 import { desiredStreams } from "../runtime/deploy.js";
@@ -193,13 +194,26 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     if (truth.length) {
       const pseudonymOf = (id: string) => pseudonymize(key, id);
       const live = await collectLive(p, nats, redis, truth, pseudonymOf);
-      report = evaluate({ labels: live.labels, truth, pseudonymOf, features: live.features, botUsers: live.botUsers, scoresWithoutBaselines: live.scoresWithoutBaselines, rejectedLabels: live.rejectedLabels });
+      report = evaluate({
+        labels: live.labels,
+        truth,
+        pseudonymOf,
+        features: live.features,
+        botUsers: live.botUsers,
+        scoresWithoutBaselines: live.scoresWithoutBaselines,
+        rejectedLabels: live.rejectedLabels,
+        eventsPerUser: eventsPerUser(lines, pseudonymOf),
+      });
       say("\n6. label quality against the simulator's hidden ground truth (tacit evaluate)");
       say(formatReport(report).replace(/^/gm, "   "));
     }
     const ok = drained(status);
     if (opts.json) process.stdout.write(JSON.stringify({ published, status, evaluation: report }, null, 2) + "\n");
     say(`\n${ok ? "done" : "not drained in time"}: ${published} published → ${status.outputs.labels} labels, ${status.outputs.bots} bot events, ${status.outputs.late} late, ${status.outputs.dlq} dead letters`);
+    if (report) {
+      const d = report.delivery;
+      say(`   final view: ${report.labels.live} labels, ${report.labels.from_bots} from bot users; ${d.retractions} retractions (${d.published_then_retracted_bots} of bot users' labels published, then retracted)`);
+    }
     say("   next: tacit status pipelines/feedback.yaml · tacit tail pipelines/feedback.yaml labels --count 5 · tacit features pipelines/feedback.yaml get response <id> · tacit services down");
     return ok ? 0 : 1;
   } finally {

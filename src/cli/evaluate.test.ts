@@ -78,3 +78,44 @@ test("tacit evaluate: missing or unreadable inputs are usage errors (exit 2)", a
   assert.equal(missing.code, 2);
   assert.match(missing.err, /--truth: \/nonexistent\/truth.jsonl does not exist/);
 });
+
+test("tacit evaluate --explicit on files: agreement per rule with intervals, the truth beside it when given; usage errors exit 2", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), "tacit-eval-explicit-"));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const { sim, labels } = oracleLabels();
+  // Ratings on three labelled responses: two agree with the oracle, one does not; a duplicate delivery counts once.
+  const targets = labels.slice(0, 3);
+  const rating = (i: number, rid: string, r: unknown) => JSON.stringify({ event_id: `x${i}`, event_type: "explicit_feedback", response_id: rid, payload: { rating: r } });
+  const events = [
+    ...sim.events.filter((l) => !l.includes("explicit_feedback")),
+    rating(1, targets[0]!.response_id, targets[0]!.label === "positive" ? 5 : 1),
+    rating(2, targets[1]!.response_id, targets[1]!.label === "positive" ? "up" : "down"),
+    rating(2, targets[1]!.response_id, targets[1]!.label === "positive" ? "up" : "down"),
+    rating(3, targets[2]!.response_id, targets[2]!.label === "positive" ? "down" : "up"),
+  ];
+  await writeFile(join(dir, "events.jsonl"), events.join("\n"));
+  await writeFile(join(dir, "labels.jsonl"), labels.map((l) => JSON.stringify(l)).join("\n"));
+  await writeFile(join(dir, "truth.jsonl"), sim.truth.map((r) => JSON.stringify(r)).join("\n"));
+  const base = ["evaluate", "--explicit", "--labels", join(dir, "labels.jsonl"), "--events", join(dir, "events.jsonl")];
+
+  const json = await cli([...base, "--json"]);
+  assert.equal(json.code, undefined, json.err);
+  const report = JSON.parse(json.out) as { labels_rated: number; rated_responses: number; rows: { rule: string; label: string; explicit: { n: number; agree: number; ci: number[] }; truth: unknown }[] };
+  assert.equal(report.labels_rated, 3);
+  assert.equal(report.rated_responses, 3);
+  const oracle = report.rows.filter((r) => r.rule === "oracle");
+  assert.deepEqual([oracle.reduce((s, r) => s + r.explicit.n, 0), oracle.reduce((s, r) => s + r.explicit.agree, 0)], [3, 2]);
+  assert.ok(oracle.every((r) => r.truth === null && r.explicit.ci.length === 2));
+
+  // With the truth: the oracle's labels are all right, whatever the raters said.
+  const human = await cli([...base, "--truth", join(dir, "truth.jsonl")]);
+  assert.equal(human.code, undefined, human.err);
+  assert.match(human.out, /rated responses: 3 \(0 tied, left out\)/);
+  assert.match(human.out, /(positive|negative)\s+oracle\s+\d\s+\d\s+[\d.]+\s+\[[\d.]+, [\d.]+\]\s+1\.000/);
+
+  for (const args of [["evaluate", "--explicit", "--labels", join(dir, "labels.jsonl")], ["evaluate", "--explicit", "--events", join(dir, "events.jsonl")]]) {
+    const r = await cli(args);
+    assert.equal(r.code, 2);
+    assert.match(r.err, /--explicit on files needs --labels <file> and --events <file>/);
+  }
+});

@@ -2,10 +2,12 @@ import type { Command } from "commander";
 import type { Cluster, Redis } from "ioredis";
 import { readFile } from "node:fs/promises";
 import { ConfigError } from "../core/errors.js";
+import type { Label } from "../core/label.js";
 import { pseudonymize, resolvePseudonymKey } from "../core/pseudonym.js";
-import { evaluate, type EvaluateInput, type Report, type TargetResult } from "../eval/evaluate.js";
-import { parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
-import { collectLive } from "../eval/live.js";
+import { LIGHT_USER_EVENTS, evaluate, type Delivery, type EvaluateInput, type Latency, type Report, type TargetResult } from "../eval/evaluate.js";
+import { eventsPerUser, parseFeatures, parseLabels, parseScores, parseUserSet, type RejectedLine } from "../eval/inputs.js";
+import { explicitAgreement, formatExplicit, ratingsFromEvents } from "../eval/explicit.js";
+import { collectLive, collectLiveExplicit } from "../eval/live.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { parseTruth, type TruthRecord } from "../sim/truth.js";
 import { cliLogger, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
@@ -26,8 +28,10 @@ interface EvaluateFlags extends PipelineOptions {
   features?: string;
   bots?: string;
   scoresWithoutBaselines?: string;
+  events?: string;
   keyEnv: string;
   check?: boolean;
+  explicit?: boolean;
 }
 
 async function readInput(path: string, flag: string): Promise<string> {
@@ -66,7 +70,8 @@ export function formatReport(r: Report, notes: string[] = []): string {
   const lines = [
     `label quality against the simulator's truth${r.seed === null ? "" : ` (seed ${r.seed})`}`,
     `  labels: ${L.received} received, ${L.distinct} distinct (response ${L.by_kind.response}, preference ${L.by_kind.preference}, session ${L.by_kind.session}); ` +
-      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v1.json, ${L.unknown_response} on unknown responses`,
+      `${L.duplicates} duplicates, ${L.rejected} rejected by label.v2.json, ${L.unknown_response} on unknown responses; ` +
+      `${L.live} in the final view (latest revision, not retracted, weight > 0), which is scored`,
     `  responses: ${r.responses.human} human, ${r.responses.signalled} with a signal, ${r.responses.labelled} of those labelled`,
     "",
     `  ${"target".padEnd(42)}${"value".padStart(9)}   ${"goal".padEnd(10)} result`,
@@ -85,11 +90,22 @@ export function formatReport(r: Report, notes: string[] = []): string {
       ? `  bot filter: ${r.bots.filtered} users filtered; precision ${f(r.bots.precision)}, recall ${f(r.bots.recall)} ` +
         `(user-agent ${f(r.bots.recall_by_kind.ua_bot)}, regular ${f(r.bots.recall_by_kind.regular_script)}, human-paced ${f(r.bots.recall_by_kind.human_paced_script)}), human FPR ${pct(r.bots.human_fpr)}`
       : "  bot filter: no bot decisions given (--bots)",
-    `  labels from bot users: ${L.from_bots}; labels carrying a raw user id: ${L.raw_user_ids}`,
+    `  labels from bot users in the final view: ${L.from_bots}; labels carrying a raw user id: ${L.raw_user_ids}`,
+    deliveryRow(r.delivery),
     ...notes.map((n) => `  note: ${n}`),
     "",
   ];
   return lines.join("\n");
+}
+
+function deliveryRow(d: Delivery): string {
+  const ms = (x: number | null) => (x === null ? "-" : x < 1000 ? `${Math.round(x)} ms` : x < 120_000 ? `${(x / 1000).toFixed(1)} s` : `${(x / 60_000).toFixed(1)} min`);
+  const lat = (l: Latency) => `p50 ${ms(l.p50_ms)}, p99 ${ms(l.p99_ms)} (n=${l.n})`;
+  return (
+    `  retractions: ${d.retractions}; published then retracted: ${d.published_then_retracted} (of bot users ${d.published_then_retracted_bots}); ` +
+    `labels of bot users ever live: ${d.published_from_bots}\n` +
+    `  latency of response and preference labels (emitted_at − event_time of the first live revision): ${lat(d.latency)}; light users (${LIGHT_USER_EVENTS.join("–")} events): ${d.light_latency ? lat(d.light_latency) : "- (give --events)"}`
+  );
 }
 
 function rejectedNote(what: string, rejected: RejectedLine[]): string[] {
@@ -152,16 +168,23 @@ async function evaluateFiles(io: CliIo, flags: EvaluateFlags & { labels: string 
   const { key, dev } = resolvePseudonymKey(env, flags.keyEnv, true);
   if (dev) notes.push(`${flags.keyEnv} is not set: users matched with the development pseudonym key`);
   const ps = pseudonymizer(key);
+  const events = await readEvents(flags, ps.of);
   const input: EvaluateInput = {
     labels: parsedLabels.labels,
     truth,
     pseudonymOf: ps.of,
     rejectedLabels: parsedLabels.rejected.length,
+    ...(events ? { eventsPerUser: events } : {}),
     ...(features ? { features } : {}),
     ...(botUsers ? { botUsers } : {}),
     ...(scoresWithoutBaselines ? { scoresWithoutBaselines } : {}),
   };
   report(io, flags, input, ps.known, notes);
+}
+
+/** Events per user from --events (the simulator's events.jsonl), for the light users' latency. */
+async function readEvents(flags: EvaluateFlags, pseudonymOf: (id: string) => string): Promise<Map<string, number> | undefined> {
+  return flags.events ? eventsPerUser((await readInput(flags.events, "--events")).split("\n"), pseudonymOf) : undefined;
 }
 
 /**
@@ -187,6 +210,8 @@ async function evaluateLive(io: CliIo, file: string, flags: EvaluateFlags, truth
       scoresWithoutBaselines: live.scoresWithoutBaselines,
       rejectedLabels: live.rejectedLabels,
     };
+    const events = await readEvents(flags, ps.of);
+    if (events) input.eventsPerUser = events;
     const notes: string[] = [];
     if (dev) {
       // `tacit run` never falls back to the development key; only a dev-mode worker (`tacit demo`)
@@ -201,6 +226,42 @@ async function evaluateLive(io: CliIo, file: string, flags: EvaluateFlags, truth
     redis?.disconnect();
     await nats?.nc.close().catch(() => undefined);
   }
+}
+
+/**
+ * `--explicit`: agreement of the labels with the explicit ratings, from files (labels, and the
+ * events as published for the ratings) or live (labels stream, ratings from the response features
+ * in Redis). Truth is optional: given, the same labels are also judged by the hidden quality.
+ */
+async function evaluateExplicit(io: CliIo, pipeline: string | undefined, flags: EvaluateFlags): Promise<void> {
+  const truth = flags.truth ? parseTruth(await readInput(flags.truth, "--truth")) : undefined;
+  const notes: string[] = [];
+  let labels: Label[];
+  let ratings;
+  if (pipeline === undefined) {
+    const parsed = parseLabels(await readInput(flags.labels!, "--labels"));
+    notes.push(...rejectedNote("label", parsed.rejected));
+    labels = parsed.labels;
+    ratings = ratingsFromEvents(await readInput(flags.events!, "--events"));
+  } else {
+    const p = loadForCli(pipeline, flags);
+    let nats: NatsHandles | undefined;
+    let redis: Redis | Cluster | undefined;
+    try {
+      nats = await connectNats(p, `tacit-evaluate-${process.pid}`);
+      redis = await openRedisChecked(p, cliLogger());
+      const live = await collectLiveExplicit(p, nats, redis);
+      if (live.rejectedLabels) notes.push(`${live.rejectedLabels} message(s) on the labels stream did not match label.v1.json`);
+      labels = live.labels;
+      ratings = live.ratings;
+    } finally {
+      redis?.disconnect();
+      await nats?.nc.close().catch(() => undefined);
+    }
+  }
+  const r = explicitAgreement(labels, ratings, truth);
+  if (flags.json) io.out(`${JSON.stringify({ ...r, notes })}\n`);
+  else io.out(formatExplicit(r, notes));
 }
 
 /**
@@ -222,13 +283,31 @@ export function registerEvaluate(program: Command, io: CliIo = STD_IO, env: Read
       .option("--bots <file>", "pseudonyms routed to <p>.bots, one per line or as {user} objects")
       .option("--scores-without-baselines <file>", "per-response scores computed without per-user baselines ({response_id, score})")
       .option(
+        "--events <file>",
+        "events.jsonl written by tacit simulate (the events as published): events per user, for the label latency of light users (3–5 events); with --explicit on files, its explicit_feedback events are the ratings",
+      )
+      .option(
         "--key-env <VAR>",
         "environment variable holding the pseudonymization key (unset: the development key for files; for a pipeline only if its labels were made with it)",
         DEFAULT_KEY_ENV,
       )
-      .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user"),
+      .option("--check", "exit 1 when a target is missed or cannot be computed, or the labels' users match no truth user")
+      .option(
+        "--explicit",
+        "agreement of the labels with the explicit ratings (held out from label inputs) on the responses that have both, per rule, with Wilson 95 % intervals and counts; --truth optional (adds the hidden truth of the same labels)",
+      ),
   ).action(async (pipeline: string | undefined, flags: EvaluateFlags) =>
     runCommand(io, async () => {
+      if (flags.explicit) {
+        if (pipeline !== undefined) {
+          const files = (["labels", "features", "bots", "scoresWithoutBaselines", "events"] as const).filter((k) => flags[k] !== undefined);
+          if (files.length > 0) throw new ConfigError(`a pipeline is read live: drop ${files.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(", ")}, or the pipeline to score files`);
+        } else if (!flags.labels || !flags.events) {
+          throw new ConfigError("--explicit on files needs --labels <file> and --events <file> (the events as published, with their explicit_feedback), or a running pipeline");
+        }
+        await evaluateExplicit(io, pipeline, flags);
+        return;
+      }
       if (!flags.truth) throw new ConfigError("--truth <file> is required (the truth.jsonl written by tacit simulate)");
       if (pipeline === undefined && !flags.labels) {
         throw new ConfigError("give the labels to score: --labels <file> (one JSON object per line), or a running pipeline (tacit evaluate <pipeline.yaml> --truth <file>)");

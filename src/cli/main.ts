@@ -14,6 +14,7 @@ import { registerDlq } from "./dlq.js";
 import { registerReplay } from "./replay.js";
 import { registerEvaluate } from "./evaluate.js";
 import { registerSimulate } from "./simulate.js";
+import { registerExport } from "./export.js";
 
 const pkg = createRequire(import.meta.url)("../../../package.json") as { version: string };
 
@@ -38,6 +39,7 @@ export function buildProgram(): Command {
   registerFeatures(program);
   registerSimulate(program);
   registerEvaluate(program);
+  registerExport(program);
   registerBench(program);
   registerDemo(program);
   for (const c of program.commands) c.exitOverride();

@@ -94,7 +94,7 @@ export function registerRun(program: Command): void {
       try {
         nats = await connectNats(p, `tacit-worker-${hostname()}-${process.pid}`);
         redis = await openRedisChecked(p, log);
-        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, workerId, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis });
+        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, workerId, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis, requireDeployed: true });
         await worker.start();
       } catch (err) {
         await worker?.stop().catch(() => undefined);

@@ -53,16 +53,18 @@ function typeOf(s: Schema): string {
 
 const cell = (t: string | undefined) => (t ?? "").replace(/\|/g, "\\|").replace(/\n/g, " ");
 
-/** The label schema for ML teams, from config/schemas/label.v1.json. */
+/** The label schema for ML teams, from config/schemas/label.v2.json (v2 fields marked). */
 export function renderLabelSchema(): string {
-  const schema = JSON.parse(readFileSync(join(projectRoot(), "config", "schemas", "label.v1.json"), "utf8")) as Schema & { examples?: unknown[] };
+  const read = (v: number) => JSON.parse(readFileSync(join(projectRoot(), "config", "schemas", `label.v${v}.json`), "utf8")) as Schema & { examples?: unknown[] };
+  const schema = read(2);
+  const v1 = new Set(Object.keys(read(1).properties ?? {}));
   const required = new Set(schema.required ?? []);
-  const out = ["_Generated from `config/schemas/label.v1.json` by `node scripts/gen-readme.mjs`._", "", cell(schema.description), "", "| field | type | required | meaning |", "|---|---|---|---|"];
+  const out = ["_Generated from `config/schemas/label.v2.json` by `node scripts/gen-readme.mjs`._", "", cell(schema.description), "", "| field | type | required | since | meaning |", "|---|---|---|---|---|"];
   for (const [name, s] of Object.entries(schema.properties ?? {})) {
-    out.push(`| \`${name}\` | ${typeOf(s)} | ${required.has(name) ? "yes" : ""} | ${cell(s.description)} |`);
-    if (s.type === "array" && s.items?.properties) {
-      for (const [sub, ss] of Object.entries(s.items.properties)) out.push(`| \`${name}[].${sub}\` | ${typeOf(ss)} | ${s.items.required?.includes(sub) ? "yes" : ""} | ${cell(ss.description)} |`);
-    }
+    const since = v1.has(name) ? "v1" : "v2";
+    out.push(`| \`${name}\` | ${typeOf(s)} | ${required.has(name) ? "yes" : ""} | ${since} | ${cell(s.description)} |`);
+    const sub = s.type === "array" ? { path: `${name}[]`, of: s.items } : { path: name, of: s };
+    for (const [f, ss] of Object.entries(sub.of?.properties ?? {})) out.push(`| \`${sub.path}.${f}\` | ${typeOf(ss)} | ${sub.of?.required?.includes(f) ? "yes" : ""} | ${since} | ${cell(ss.description)} |`);
   }
   if (schema.examples?.length) out.push("", "Example:", "", "```json", JSON.stringify(schema.examples[0], null, 2), "```");
   return out.join("\n");

@@ -1,16 +1,19 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { newConfigAjv } from "../config/ajv.js";
-import { LABEL_FIELDS, LABEL_KINDS, labelSchemaV1, latestRevisions, type PreferenceLabel, type ResponseLabel, type SessionLabel } from "./label.js";
+import { LABEL_FIELDS, LABEL_KINDS, LABEL_V2_FIELDS, labelSchema, latestRevisions, toLabelV1, type PreferenceLabel, type ResponseLabel, type SessionLabel } from "./label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "./pseudonym.js";
 import { EVENT_TYPES } from "./event.js";
 
-const schema = labelSchemaV1() as {
-  properties: Record<string, { enum?: string[]; items?: { properties: { event_type: { enum: string[] } } } }>;
+type LabelSchema = {
+  properties: Record<string, { enum?: (string | number)[]; items?: { properties: { event_type: { enum: string[] } } } }>;
   required: string[];
   examples: unknown[];
 };
+const schema = labelSchema(1) as LabelSchema;
 const validate = newConfigAjv().compile(schema);
+const schemaV2 = labelSchema(2) as LabelSchema;
+const validateV2 = newConfigAjv().compile(schemaV2);
 const user = pseudonymize(DEV_PSEUDONYM_KEY, "u-1");
 
 const response: ResponseLabel = {
@@ -70,8 +73,11 @@ test("the schema's examples and typed labels of every kind validate", () => {
   for (const ex of [...schema.examples, response, preference, session]) assert.ok(validate(ex), JSON.stringify(validate.errors));
 });
 
-test("the TypeScript type and the JSON Schema name the same fields", () => {
-  assert.deepEqual(Object.keys(schema.properties), [...LABEL_FIELDS]);
+test("the TypeScript type and the JSON Schemas name the same fields: v2 adds fields after v1's and keeps each v1 field but schema_version as it was", () => {
+  assert.deepEqual(Object.keys(schemaV2.properties), [...LABEL_FIELDS]);
+  assert.deepEqual(Object.keys(schema.properties), LABEL_FIELDS.filter((f) => !(LABEL_V2_FIELDS as readonly string[]).includes(f)));
+  for (const f of Object.keys(schema.properties)) if (f !== "schema_version") assert.deepEqual(schemaV2.properties[f], schema.properties[f], f);
+  assert.deepEqual(schemaV2.required, schema.required);
   assert.deepEqual(schema.properties.kind!.enum, [...LABEL_KINDS]);
   // Signals may be any event type except explicit feedback, which is never a label input.
   assert.deepEqual(schema.properties.signals!.items!.properties.event_type.enum, EVENT_TYPES.filter((t) => t !== "explicit_feedback"));
@@ -115,4 +121,47 @@ test("latestRevisions keeps the highest revision of each label_id", () => {
     { label_id: "a", revision: 1 },
   ]);
   assert.deepEqual(kept, [{ label_id: "a", revision: 2 }, { label_id: "b", revision: 1 }]);
+});
+
+const v2: ResponseLabel = {
+  ...response,
+  schema_version: 2,
+  position: 3,
+  propensity: 0.48,
+  model: "ranker-2026-01",
+  experiment: { id: "exp-1", variant: "B" },
+  cohort: "new",
+  device: "mobile",
+};
+
+test("label.v2.json: its examples, v2 labels of every kind, a retraction and every v1 label validate", () => {
+  const retraction = { ...v2, revision: 1, weight: 0, retracted: true, retracted_reason: "bot" };
+  for (const ex of [...schemaV2.examples, v2, { ...preference, schema_version: 2, propensity: 1 }, { ...session, schema_version: 2, cohort: "c" }, retraction, response, preference, session, ...schema.examples]) {
+    assert.ok(validateV2(ex), `${JSON.stringify(ex)}: ${JSON.stringify(validateV2.errors)}`);
+  }
+});
+
+test("label.v2.json rejects what it must", () => {
+  const bad: [string, Record<string, unknown>][] = [
+    ["retracted with a weight", { ...v2, retracted: true, weight: 0.5 }],
+    ["a reason without retracted", { ...v2, retracted_reason: "bot" }],
+    ["v1 label with a v2 field", { ...v2, schema_version: 1 }],
+    ["schema_version 3", { ...v2, schema_version: 3 }],
+    ["position 0", { ...v2, position: 0 }],
+    ["fractional position", { ...v2, position: 1.5 }],
+    ["propensity 0", { ...v2, propensity: 0 }],
+    ["propensity above 1", { ...v2, propensity: 1.2 }],
+    ["experiment without id", { ...v2, experiment: { variant: "B" } }],
+    ["unknown field", { ...v2, score: 3 }],
+    ["v1 contract still holds: raw user id", { ...v2, user: "u-1" }],
+  ];
+  for (const [why, label] of bad) assert.equal(validateV2(JSON.parse(JSON.stringify(label)) as unknown), false, why);
+});
+
+test("a v1 consumer: label.v1.json rejects a v2 label, and accepts its v1 view (what label-derive publishes with schema_version: 1)", () => {
+  assert.equal(validate(v2), false);
+  const v1 = toLabelV1(v2);
+  assert.ok(validate(v1), JSON.stringify(validate.errors));
+  assert.deepEqual(v1, response, "the v1 view is the v1 label: every v1 field as it was");
+  assert.equal(v2.schema_version, 2, "the label itself is left as it was");
 });

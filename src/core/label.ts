@@ -3,8 +3,9 @@ import { fileURLToPath } from "node:url";
 import type { EventType } from "./event.js";
 
 /**
- * A weak label as published on `<p>.labels.<kind>`; `config/schemas/label.v1.json` is the
- * contract and this type mirrors it field by field (a test keeps the two in step).
+ * A weak label as published on `<p>.labels.<kind>`; `config/schemas/label.v2.json` is the
+ * contract (additive over label.v1.json) and this type mirrors it field by field (a test keeps the
+ * two in step).
  */
 export type Label = ResponseLabel | PreferenceLabel | SessionLabel;
 
@@ -26,8 +27,8 @@ export interface LabelSignal {
 
 /** Fields every label carries. */
 export interface LabelBase {
-  /** Always 1 for this schema. */
-  schema_version: 1;
+  /** 2 with the v2 fields; 1 for a v1 label (no v2 field), see label.v2.json. */
+  schema_version: 1 | 2;
   /** Deterministic: same inputs → same id, in every run and replay. */
   label_id: string;
   /** 0 first; higher when the label is re-emitted because its inputs changed. */
@@ -53,6 +54,31 @@ export interface LabelBase {
   event_time: string;
   /** RFC 3339 wall-clock time of publication: the only field that differs on replay. */
   emitted_at: string;
+  /**
+   * v2: true on a retraction, the revision (weight 0) that withdraws a label whose evidence is
+   * gone — above all, its user was later flagged as a bot. Absent otherwise.
+   */
+  retracted?: boolean;
+  /** v2: why it was retracted (with retracted only), e.g. `bot: rate, regularity` (bot-score's indicators). */
+  retracted_reason?: string;
+  /** v2: rank of the labelled (chosen) response, 1 = top. */
+  position?: number;
+  /** v2: P(examined | position) behind the inverse-propensity weight; 1 without a position. */
+  propensity?: number;
+  /** v2: response_shown.payload.model of the labelled (chosen) response. */
+  model?: string;
+  /** v2: the user's experiment and variant (event context or enrich's lookup). */
+  experiment?: LabelExperiment;
+  /** v2: the user's cohort (enrich's lookup). */
+  cohort?: string;
+  /** v2: device class (event context, else parsed user agent). */
+  device?: string;
+}
+
+/** An A/B experiment assignment as labels carry it (v2). */
+export interface LabelExperiment {
+  id: string;
+  variant?: string;
 }
 
 export interface ResponseLabel extends LabelBase {
@@ -99,12 +125,38 @@ export const LABEL_FIELDS = [
   "signals",
   "event_time",
   "emitted_at",
+  "retracted",
+  "retracted_reason",
+  "position",
+  "propensity",
+  "model",
+  "experiment",
+  "cohort",
+  "device",
 ] as const satisfies readonly (keyof LabelBase)[];
+
+/** The fields label.v2.json adds to v1: a v1 label carries none of them. */
+export const LABEL_V2_FIELDS = ["retracted", "retracted_reason", "position", "propensity", "model", "experiment", "cohort", "device"] as const satisfies readonly (typeof LABEL_FIELDS)[number][];
+
+/** The v1 view of a label: the v2 fields dropped, schema_version 1 (what label.v1.json consumers accept). */
+export function toLabelV1<L extends Label>(label: L): L {
+  const v1 = { ...label, schema_version: 1 } as L;
+  for (const f of LABEL_V2_FIELDS) delete v1[f];
+  return v1;
+}
 
 // Compile-time: LABEL_FIELDS names every field of LabelBase.
 type MissingLabelField = Exclude<keyof LabelBase, (typeof LABEL_FIELDS)[number]>;
 const labelFieldsComplete: [MissingLabelField] extends [never] ? true : MissingLabelField = true;
 void labelFieldsComplete;
+
+/**
+ * The final view of a label changelog: the highest revision of each label_id, without those
+ * whose latest revision is a retraction or has weight 0 (a label whose evidence was withdrawn).
+ */
+export function liveLabels<L extends Pick<Label, "label_id" | "revision" | "weight" | "retracted">>(labels: Iterable<L>): L[] {
+  return latestRevisions(labels).filter((l) => l.retracted !== true && l.weight > 0);
+}
 
 /** The highest revision of each label_id, in first-seen order (what a consumer should keep). */
 export function latestRevisions<L extends Pick<Label, "label_id" | "revision">>(labels: Iterable<L>): L[] {
@@ -116,25 +168,27 @@ export function latestRevisions<L extends Pick<Label, "label_id" | "revision">>(
   return [...best.values()];
 }
 
-let labelSchemaCache: Record<string, unknown> | undefined;
+const labelSchemaCache = new Map<1 | 2, Record<string, unknown>>();
 
 /**
- * `config/schemas/label.v1.json`, read from the repository root at run time (this module runs
- * from `dist/src/core/` or `src/core/`; reading rather than importing keeps Node 20 quiet about
- * JSON modules).
+ * `config/schemas/label.v<version>.json`, read from the repository root at run time (this module
+ * runs from `dist/src/core/` or `src/core/`; reading rather than importing keeps Node 20 quiet
+ * about JSON modules).
  */
-export function labelSchemaV1(): Record<string, unknown> {
-  if (!labelSchemaCache) {
+export function labelSchema(version: 1 | 2): Record<string, unknown> {
+  let schema = labelSchemaCache.get(version);
+  if (!schema) {
     let lastError: unknown;
-    for (const rel of ["../../../config/schemas/label.v1.json", "../../config/schemas/label.v1.json"]) {
+    for (const rel of [`../../../config/schemas/label.v${version}.json`, `../../config/schemas/label.v${version}.json`]) {
       try {
-        labelSchemaCache = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as Record<string, unknown>;
+        schema = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as Record<string, unknown>;
         break;
       } catch (err) {
         lastError = err;
       }
     }
-    if (!labelSchemaCache) throw new Error("config/schemas/label.v1.json not found", { cause: lastError });
+    if (!schema) throw new Error(`config/schemas/label.v${version}.json not found`, { cause: lastError });
+    labelSchemaCache.set(version, schema);
   }
-  return labelSchemaCache;
+  return schema;
 }

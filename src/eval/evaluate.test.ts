@@ -184,3 +184,29 @@ test("a target value that rounds onto its goal is printed with enough digits to 
   assert.match(row(0.833, false), /0\.833\s.*FAIL/);
   assert.doesNotMatch(row(0.833, false), /0\.8330/);
 });
+
+test("the final view is scored: a retracted or weight-0 latest revision drops the label; delivery counts retractions, leaks and latency", () => {
+  const t = (s: number) => new Date(Date.parse("2026-01-01T00:00:00Z") + s * 1000).toISOString();
+  const botLabel = label("bot1", "positive", 1, "b1", { event_time: t(0), emitted_at: t(60) });
+  const wrong = label("x1", "positive", 1, "h1", { event_time: t(0), emitted_at: t(0) });
+  const held = label("g1", "positive", 1, "h2", { event_time: t(0), emitted_at: t(1800) });
+  const labels = [
+    botLabel,
+    { ...botLabel, revision: 1, weight: 0, retracted: true, retracted_reason: "bot: rate", emitted_at: t(600) },
+    wrong,
+    { ...wrong, revision: 1, weight: 0, emitted_at: t(5) },
+    held,
+  ];
+  const r = evaluate({ labels, truth, pseudonymOf: P, eventsPerUser: new Map([[P("h2"), 4], [P("h1"), 30]]) });
+  assert.deepEqual([r.labels.distinct, r.labels.live, r.labels.from_bots, r.positive.labels, r.positive.precision], [3, 1, 0, 1, 1]);
+  assert.deepEqual(r.delivery, {
+    retractions: 1,
+    published_then_retracted: 1,
+    published_then_retracted_bots: 1,
+    published_from_bots: 1,
+    latency: { n: 3, p50_ms: 60_000, p99_ms: 1_800_000 },
+    light_latency: { n: 1, p50_ms: 1_800_000, p99_ms: 1_800_000 },
+  });
+  // Without the retraction the bot's label is live.
+  assert.equal(evaluate({ labels: labels.filter((l) => !l.retracted), truth, pseudonymOf: P }).labels.from_bots, 1);
+});

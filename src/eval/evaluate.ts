@@ -1,5 +1,6 @@
-import { latestRevisions, type Label } from "../core/label.js";
+import { latestRevisions, liveLabels, type Label } from "../core/label.js";
 import type { BotKind, ResponseTruth, TruthRecord, UserTruth } from "../sim/truth.js";
+import { percentile } from "../telemetry/metrics.js";
 import { confusion, coverage, prf, rocAuc, spearman } from "./metrics.js";
 
 /** Online features of one response, as `tacit features` reads them from Redis. */
@@ -36,8 +37,10 @@ export interface EvaluateInput {
   botUsers?: ReadonlySet<string>;
   /** Per-response scores computed without per-user baselines, for the AUC gain. */
   scoresWithoutBaselines?: ReadonlyMap<string, number>;
-  /** Labels the caller dropped because they did not match label.v1.json (reported, not scored). */
+  /** Labels the caller dropped because they did not match label.v2.json (reported, not scored). */
   rejectedLabels?: number;
+  /** Events per user (pseudonym), e.g. counted in the simulator's events file: picks the light users of the latency figures. */
+  eventsPerUser?: ReadonlyMap<string, number>;
   targets?: Partial<Targets>;
 }
 
@@ -72,14 +75,16 @@ export interface Report {
     received: number;
     /** Distinct label_ids (highest revision kept). */
     distinct: number;
+    /** The final view, which everything below scores: label_ids whose latest revision is not retracted and has weight > 0. */
+    live: number;
     /** Same label_id and revision seen more than once (at-least-once delivery leaking through). */
     duplicates: number;
-    /** Labels that did not match label.v1.json (dropped before scoring). */
+    /** Labels that did not match label.v2.json (dropped before scoring). */
     rejected: number;
     by_kind: { response: number; preference: number; session: number };
     /** Labels naming a response the truth does not know. */
     unknown_response: number;
-    /** Labels whose user is a bot in the truth (must be 0). */
+    /** Labels of the final view whose user is a bot in the truth (must be 0). */
     from_bots: number;
     /** Labels whose `user` is a raw user_id rather than a pseudonym (must be 0). */
     raw_user_ids: number;
@@ -131,9 +136,87 @@ export interface Report {
     /** AUC with baselines minus AUC without. */
     auc_gain: number | null;
   };
+  delivery: Delivery;
   targets: TargetResult[];
   /** True when every computable target passes and none is missing. */
   all_pass: boolean;
+}
+
+/** Label latency over a set of labels: p50 / p99 of emitted_at − event_time, ms. */
+export interface Latency {
+  n: number;
+  p50_ms: number | null;
+  p99_ms: number | null;
+}
+
+/**
+ * How labels reached consumers: what an online learner saw before the final view. Latency is
+ * emitted_at − event_time of each response and preference label_id's first live revision (stream
+ * time of the input that published it minus the event time of its deciding signal; session labels
+ * wait for the session's close in any case and are left out): with traffic published as it
+ * happens it is how long a label waited; with a backlog published at once it includes its age.
+ */
+export interface Delivery {
+  /** Retraction messages received (revisions with retracted: true). */
+  retractions: number;
+  /** label_ids that were live in some revision and are retracted in the final view: what an online learner consumed and had to take back. */
+  published_then_retracted: number;
+  /** Of those, label_ids of bot users in the truth. */
+  published_then_retracted_bots: number;
+  /** label_ids of bot users that were live in some revision (leaked to online consumers before a retraction, or still live). */
+  published_from_bots: number;
+  latency: Latency;
+  /** The same for users with 3–5 events (null without eventsPerUser). */
+  light_latency: Latency | null;
+}
+
+/** Users with this many events (inclusive) are light users. */
+export const LIGHT_USER_EVENTS: readonly [number, number] = [3, 5];
+
+function latencyOf(ms: number[]): Latency {
+  return { n: ms.length, p50_ms: num(percentile(ms, 50)), p99_ms: num(percentile(ms, 99)) };
+}
+
+/** Retractions, leaks and latency of a label changelog (every revision, in any order). */
+function delivery(all: readonly Label[], isBot: (user: string) => boolean, eventsPerUser: ReadonlyMap<string, number> | undefined): Delivery {
+  const firstLive = new Map<string, Label>();
+  let retractions = 0;
+  for (const l of all) {
+    if (l.retracted === true) retractions++;
+    else if (l.weight > 0) {
+      const cur = firstLive.get(l.label_id);
+      if (!cur || l.revision < cur.revision) firstLive.set(l.label_id, l);
+    }
+  }
+  let thenRetracted = 0;
+  let thenRetractedBots = 0;
+  for (const l of latestRevisions(all)) {
+    if (l.retracted !== true || !firstLive.has(l.label_id)) continue;
+    thenRetracted++;
+    if (isBot(l.user)) thenRetractedBots++;
+  }
+  const [lo, hi] = LIGHT_USER_EVENTS;
+  const waits: number[] = [];
+  const light: number[] = [];
+  let fromBots = 0;
+  for (const l of firstLive.values()) {
+    if (isBot(l.user)) fromBots++;
+    // Session labels wait for the session's close (session_gap) whatever the mode.
+    if (l.kind === "session") continue;
+    const ms = Date.parse(l.emitted_at) - Date.parse(l.event_time);
+    if (!Number.isFinite(ms)) continue;
+    waits.push(ms);
+    const n = eventsPerUser?.get(l.user);
+    if (n !== undefined && n >= lo && n <= hi) light.push(ms);
+  }
+  return {
+    retractions,
+    published_then_retracted: thenRetracted,
+    published_then_retracted_bots: thenRetractedBots,
+    published_from_bots: fromBots,
+    latency: latencyOf(waits),
+    light_latency: eventsPerUser ? latencyOf(light) : null,
+  };
 }
 
 const num = (x: number): number | null => (Number.isFinite(x) ? x : null);
@@ -210,7 +293,8 @@ export function evaluate(input: EvaluateInput): Report {
     if (seen.has(key)) duplicates++;
     else seen.add(key);
   }
-  const labels = latestRevisions(input.labels);
+  const distinct = latestRevisions(input.labels).length;
+  const labels = liveLabels(input.labels);
   const byKind = { response: 0, preference: 0, session: 0 };
   let unknownResponse = 0;
   let fromBots = 0;
@@ -322,7 +406,8 @@ export function evaluate(input: EvaluateInput): Report {
     seed,
     labels: {
       received: input.labels.length,
-      distinct: labels.length,
+      distinct,
+      live: labels.length,
       duplicates,
       rejected: input.rejectedLabels ?? 0,
       by_kind: byKind,
@@ -351,6 +436,7 @@ export function evaluate(input: EvaluateInput): Report {
     },
     bots,
     baselines,
+    delivery: delivery(input.labels, (u) => pseudonymToUser.get(u)?.is_bot === true, input.eventsPerUser),
     targets: targetResults,
     all_pass: targetResults.every((t) => t.pass === true),
   };

@@ -1,6 +1,6 @@
 import type { ValidateFunction } from "ajv";
 import { newConfigAjv } from "../config/ajv.js";
-import { labelSchemaV1, type Label } from "../core/label.js";
+import { labelSchema, type Label } from "../core/label.js";
 import type { ResponseFeatures } from "./evaluate.js";
 
 /**
@@ -42,14 +42,14 @@ function unwrapLabel(v: unknown): unknown {
 
 let labelValidator: ValidateFunction | undefined;
 
-/** Validates one value against config/schemas/label.v1.json; returns the error text or null. */
+/** Validates one value against config/schemas/label.v2.json (which v1 labels also match); returns the error text or null. */
 export function labelSchemaErrors(value: unknown): string | null {
-  labelValidator ??= newConfigAjv().compile(labelSchemaV1());
+  labelValidator ??= newConfigAjv().compile(labelSchema(2));
   if (labelValidator(value)) return null;
   return (labelValidator.errors ?? []).map((e) => `${e.instancePath || "/"} ${e.message ?? "is invalid"}`).join("; ");
 }
 
-/** Labels from JSONL; lines that are not labels matching label.v1.json are rejected with the reason. */
+/** Labels from JSONL; lines that are not labels matching label.v2.json are rejected with the reason. */
 export function parseLabels(text: string): { labels: Label[]; rejected: RejectedLine[] } {
   const labels: Label[] = [];
   const rejected: RejectedLine[] = [];
@@ -152,4 +152,22 @@ export function parseScores(text: string): { scores: Map<string, number>; reject
     scores.set(v.response_id, score);
   }
   return { scores, rejected };
+}
+
+/**
+ * Events per user in raw event lines (the simulator's events.jsonl): user_id → count, keyed by
+ * `pseudonymOf(user_id)` so it matches the labels' users. Lines that are not events are skipped.
+ */
+export function eventsPerUser(lines: Iterable<string>, pseudonymOf: (userId: string) => string): Map<string, number> {
+  const raw = new Map<string, number>();
+  for (const line of lines) {
+    if (line.trim() === "") continue;
+    try {
+      const u = (JSON.parse(line) as { user_id?: unknown } | null)?.user_id;
+      if (typeof u === "string") raw.set(u, (raw.get(u) ?? 0) + 1);
+    } catch {
+      // not JSON: not an event
+    }
+  }
+  return new Map([...raw].map(([u, n]) => [pseudonymOf(u), n]));
 }

@@ -7,6 +7,7 @@ import { streamName } from "../config/topology.js";
 import { responseFeaturesKey } from "../labels/features.js";
 import type { TruthRecord } from "../sim/truth.js";
 import type { ResponseFeatures } from "./evaluate.js";
+import type { Rated } from "./explicit.js";
 import { labelSchemaErrors } from "./inputs.js";
 
 const decoder = new TextDecoder();
@@ -55,12 +56,7 @@ export interface LiveInputs {
  * routed to `<name>_bots`, and per-response features from Redis for every response in the truth.
  */
 export async function collectLive(p: Pipeline, nats: NatsHandles, redis: Redis | Cluster, truth: readonly TruthRecord[], pseudonymOf: (userId: string) => string): Promise<LiveInputs> {
-  const labels: Label[] = [];
-  let rejectedLabels = 0;
-  for (const v of await readAll(nats, streamName(p, "labels"))) {
-    if (labelSchemaErrors(v) === null) labels.push(v as Label);
-    else rejectedLabels++;
-  }
+  const { labels, rejectedLabels } = await readLabels(p, nats);
   const botUsers = new Set<string>();
   for (const v of await readAll(nats, streamName(p, "bots"))) {
     const u = (v as { user?: unknown; event?: { user?: unknown } }).user ?? (v as { event?: { user?: unknown } }).event?.user;
@@ -84,4 +80,41 @@ export async function collectLive(p: Pipeline, nats: NatsHandles, redis: Redis |
     });
   }
   return { labels, rejectedLabels, features, scoresWithoutBaselines, botUsers };
+}
+
+/** Labels from `<name>_labels` (those matching label.v1.json) and how many did not match. */
+async function readLabels(p: Pipeline, nats: NatsHandles): Promise<{ labels: Label[]; rejectedLabels: number }> {
+  const labels: Label[] = [];
+  let rejectedLabels = 0;
+  for (const v of await readAll(nats, streamName(p, "labels"))) {
+    if (labelSchemaErrors(v) === null) labels.push(v as Label);
+    else rejectedLabels++;
+  }
+  return { labels, rejectedLabels };
+}
+
+/**
+ * What `evaluate --explicit` needs from a running pipeline, no truth involved: the labels, and for
+ * every labelled response the explicit ratings label-derive counted in its features
+ * (explicit_up / explicit_down in Redis).
+ */
+export async function collectLiveExplicit(p: Pipeline, nats: NatsHandles, redis: Redis | Cluster): Promise<{ labels: Label[]; rejectedLabels: number; ratings: Map<string, Rated> }> {
+  const { labels, rejectedLabels } = await readLabels(p, nats);
+  const targets = new Map<string, string>();
+  for (const l of labels) if (l.kind === "response" && l.response_id !== undefined) targets.set(l.response_id, l.user);
+  const ids = [...targets.keys()];
+  const ratings = new Map<string, Rated>();
+  const BATCH = 500;
+  for (let i = 0; i < ids.length; i += BATCH) {
+    const chunk = ids.slice(i, i + BATCH);
+    const pipe = redis.pipeline();
+    for (const id of chunk) pipe.hmget(responseFeaturesKey(p.subject_prefix, targets.get(id)!, id), "explicit_up", "explicit_down");
+    const res = (await pipe.exec()) ?? [];
+    res.forEach(([err, v], j) => {
+      const [up, down] = (v as (string | null)[] | null) ?? [];
+      const r = { up: Number(up ?? 0), down: Number(down ?? 0) };
+      if (!err && r.up + r.down > 0) ratings.set(chunk[j]!, r);
+    });
+  }
+  return { labels, rejectedLabels, ratings };
 }

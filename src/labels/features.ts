@@ -46,11 +46,11 @@ export interface FeatureField {
 
 /** Every field label-derive writes, by entity: the README renders this table. */
 export const FEATURE_FIELDS: readonly FeatureField[] = [
-  { entity: "response", name: "pos_weight", meaning: "summed weight of the response's positive response labels (latest revisions), after position and per-user de-biasing; a label counts once it is released (label-derive's probation), so a bot's held labels never do" },
+  { entity: "response", name: "pos_weight", meaning: "summed weight of the response's positive response labels (latest revisions), after position and per-user de-biasing; a label counts once it is released (label-derive's probation), so a bot's held labels never do; a bot flag takes the user's back to 0 (its labels are retracted)" },
   { entity: "response", name: "neg_weight", meaning: "summed weight of its negative response labels" },
   { entity: "response", name: "pos_weight_nobase", meaning: "pos_weight computed without the per-user baseline factors (to measure what the baselines add)" },
   { entity: "response", name: "neg_weight_nobase", meaning: "neg_weight computed without the per-user baseline factors" },
-  { entity: "response", name: "signal_count", meaning: "interaction events naming the response (click, copy_paste, accept, edit, regenerate, dwell, abandon, task_complete, share) plus reformulations that followed it" },
+  { entity: "response", name: "signal_count", meaning: "interaction events naming the response (click, copy_paste, accept, edit, regenerate, dwell, abandon, task_complete, share) plus reformulations that followed it; a bot flag takes the user's back (its later signals are not counted)" },
   { entity: "response", name: "position", meaning: "rank in its result list (1 = top); absent for single responses" },
   { entity: "response", name: "query_id", meaning: "the query it answered" },
   { entity: "response", name: "session_id", meaning: "the (provisional) session it was shown in" },
@@ -60,7 +60,7 @@ export const FEATURE_FIELDS: readonly FeatureField[] = [
   { entity: "user", name: "count_<event_type>", meaning: "events of the user per event type (all bands, humans and ambivalent)" },
   { entity: "user", name: "events", meaning: "events of the user" },
   { entity: "user", name: "bot_score", meaning: "the latest bot score (bot-score's attrs.bot.score); once flagged, the score of the flag" },
-  { entity: "user", name: "bot_band", meaning: "human or ambivalent (ambivalent users get features but no labels); bot once bot-score flagged the user, for as long as label-derive's state of the user lives (no labels, held ones dropped)" },
+  { entity: "user", name: "bot_band", meaning: "human or ambivalent (ambivalent users get features but no labels); bot once bot-score flagged the user, for as long as label-derive's state of the user lives (no labels, held ones dropped, published ones retracted)" },
   { entity: "user", name: "accept_rate", meaning: "exponentially weighted accepts per response (event-time half-life baselines.half_life, smoothed towards the prior)" },
   { entity: "user", name: "edit_rate", meaning: "exponentially weighted edits per response" },
   { entity: "user", name: "regenerate_rate", meaning: "exponentially weighted regenerations per response" },
@@ -78,7 +78,7 @@ export const FEATURE_FIELDS: readonly FeatureField[] = [
   { entity: "session", name: "start", meaning: "event time (ms) of its first event" },
   { entity: "session", name: "end", meaning: "event time (ms) of its last event" },
   { entity: "session", name: "duration_ms", meaning: "end − start" },
-  { entity: "session", name: "pos_weight", meaning: "summed weight of positive response labels decided in the session (written once they are released: for a user on probation, when the session closes)" },
+  { entity: "session", name: "pos_weight", meaning: "summed weight of positive response labels decided in the session (written once they are released: for a user on probation, when the session closes; 0 after a bot flag)" },
   { entity: "session", name: "neg_weight", meaning: "summed weight of negative response labels decided in the session" },
 ];
 

@@ -17,6 +17,25 @@ import { durableName, maxAckPending, pipelineStreams, stageGroups, stageSubject,
 
 const NS_PER_MS = 1_000_000;
 
+/**
+ * A worker of a pipeline that was never deployed would wait for its input streams forever, so a
+ * worker started from the CLI checks them first and fails with the command that creates them.
+ */
+export async function assertDeployed(p: Pipeline, jsm: JetStreamManager, groups: StageGroup[]): Promise<void> {
+  const missing: string[] = [];
+  for (const g of groups) {
+    try {
+      await jsm.streams.info(g.inputStream);
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+      missing.push(g.inputStream);
+    }
+  }
+  if (missing.length > 0) {
+    throw new ConfigError(`pipeline "${p.name}" is not deployed: stream ${missing.join(", ")} not found (run: tacit deploy ${p.file ?? "<pipeline.yaml>"})`);
+  }
+}
+
 export interface FieldChange {
   field: string;
   from: unknown;

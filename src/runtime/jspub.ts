@@ -16,9 +16,52 @@ export interface PublishOptions {
 }
 
 interface Waiter {
-  resolve(ack: PubAck): void;
-  reject(err: Error): void;
+  /** A single publish's promise (`publish`), or … */
+  resolve?(ack: PubAck): void;
+  reject?(err: Error): void;
+  /** … the group it counts in (`send`). */
+  group?: PublishGroup;
   deadline: number;
+}
+
+/**
+ * Publishes awaited together: one counter and one promise for all of them, where a promise per
+ * publish (with its resolvers and its catch) was a batch's largest allocation after the messages.
+ * `wait` resolves once every publish sent so far has its PubAck and rejects at the first failure.
+ */
+export class PublishGroup {
+  private open = 0;
+  private error: Error | undefined;
+  private waiter: { resolve(): void; reject(err: Error): void } | undefined;
+
+  /** Publishes of the group still waiting for their PubAck. */
+  get size(): number {
+    return this.open;
+  }
+
+  /** Counts a publish in (the publisher calls it). */
+  add(): void {
+    this.open++;
+  }
+
+  /** A publish of the group got its PubAck (or failed: `err`). */
+  end(err?: Error): void {
+    this.open--;
+    if (err) this.error ??= err;
+    const w = this.waiter;
+    if (!w || (this.open > 0 && !this.error)) return;
+    this.waiter = undefined;
+    if (this.error) w.reject(this.error);
+    else w.resolve();
+  }
+
+  wait(): Promise<void> {
+    if (this.error) return Promise.reject(this.error);
+    if (this.open === 0) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.waiter = { resolve, reject };
+    });
+  }
 }
 
 const decoder = new TextDecoder();
@@ -50,6 +93,24 @@ export class JetStreamPublisher {
 
   /** Publishes without waiting; the promise settles with the PubAck (or the server's refusal). */
   publish(subject: string, data: Uint8Array, opts: PublishOptions = {}): Promise<PubAck> {
+    let waiter!: Waiter;
+    const promise = new Promise<PubAck>((resolve, reject) => {
+      waiter = { resolve, reject, deadline: 0 };
+    });
+    // A caller that gave up on a batch after its first failure does not await the rest: their
+    // rejections must not surface as unhandled (awaiting callers still see them).
+    promise.catch(() => undefined);
+    this.issue(subject, data, opts, waiter);
+    return promise;
+  }
+
+  /** Publishes without waiting, counted in `group` (await `group.wait()`): no promise per message. */
+  send(group: PublishGroup, subject: string, data: Uint8Array, opts: PublishOptions = {}): void {
+    group.add();
+    this.issue(subject, data, opts, { group, deadline: 0 });
+  }
+
+  private issue(subject: string, data: Uint8Array, opts: PublishOptions, waiter: Waiter): void {
     this.sub ??= this.nc.subscribe(`${this.inbox}.*`, { callback: (err, m) => (err ? this.failAll(err) : this.answer(m)) });
     this.sweeper ??= setInterval(() => this.sweep(), Math.max(50, Math.min(1_000, this.timeoutMs / 4))).unref();
     const token = (this.next++).toString(36);
@@ -58,18 +119,13 @@ export class JetStreamPublisher {
       hdrs ??= natsHeaders();
       hdrs.set("Nats-Msg-Id", opts.msgID);
     }
-    const promise = new Promise<PubAck>((resolve, reject) => {
-      this.waiting.set(token, { resolve, reject, deadline: Date.now() + this.timeoutMs });
-    });
-    // A caller that gave up on a batch after its first failure does not await the rest: their
-    // rejections must not surface as unhandled (awaiting callers still see them).
-    promise.catch(() => undefined);
+    waiter.deadline = Date.now() + this.timeoutMs;
+    this.waiting.set(token, waiter);
     try {
       this.nc.publish(subject, data, { reply: `${this.inbox}.${token}`, headers: hdrs });
     } catch (err) {
       this.settle(token, err instanceof Error ? err : new Error(String(err)));
     }
-    return promise;
   }
 
   /** Publishes still waiting for their PubAck. */
@@ -115,8 +171,9 @@ export class JetStreamPublisher {
     const w = this.waiting.get(token);
     if (!w) return;
     this.waiting.delete(token);
-    if (err) w.reject(err);
-    else w.resolve(ack!);
+    if (w.group) w.group.end(err);
+    else if (err) w.reject!(err);
+    else w.resolve!(ack!);
   }
 
   private sweep(): void {

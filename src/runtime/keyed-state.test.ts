@@ -6,6 +6,7 @@ import type { KeyedInput, KeyedProcessor, KeyScope, StageInput, TimerFiring } fr
 import { MemoryStateStore } from "../state/memory.js";
 import { KeyedChain, emptyResult, type Item, type MsgResult } from "./chain.js";
 import { CacheBudget, StageState, mergeByTag } from "./keyed-state.js";
+import type { CommitGroup } from "../core/state.js";
 import { assignWatermarks, admitInOrder } from "./watermarks.js";
 
 const silent = { debug() {}, info() {}, warn() {}, error() {} };
@@ -148,6 +149,28 @@ test("mergeByTag puts a user's state and effects in one group; other tags stay a
     ["tacit:{t:u:b}:s:state"],
     ["tacit:{t}:index:r"],
   ]);
+});
+
+test("mergeByTag folds a key's repeated hash writes into its first (later fields win) and leaves the given groups unchanged", () => {
+  const key = "tacit:{t:u:a}:features:user";
+  const groups: CommitGroup[] = [
+    { ops: [{ op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" }, { op: "hset", key, fields: { a: 1, b: 1 }, ttl_ms: 10 }] },
+    { ops: [{ op: "hincrbyfloat", key, field: "n", by: 1 }] },
+    { ops: [{ op: "hset", key, fields: { b: 2, c: 2 } }] },
+    { ops: [{ op: "hset", key, fields: { c: 3 }, ttl_ms: 20 }] },
+  ];
+  const before = structuredClone(groups);
+  const merged = mergeByTag(groups);
+  assert.deepEqual(merged, [
+    {
+      ops: [
+        { op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" },
+        { op: "hset", key, fields: { a: 1, b: 2, c: 3 }, ttl_ms: 20 },
+        { op: "hincrbyfloat", key, field: "n", by: 1 },
+      ],
+    },
+  ]);
+  assert.deepEqual(groups, before);
 });
 
 test("admitInOrder skips what was applied and redelivered copies behind newer inputs", () => {

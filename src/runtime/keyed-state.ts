@@ -25,6 +25,8 @@ interface Entry<S> {
   applied: number;
   /** The Redis key (built once per entry). */
   key: string;
+  /** The scope operators see for this user (built on first use, then reused: no closures per input). */
+  scope?: KeyScope<S>;
 }
 
 /** The bound of the in-memory state of one worker, shared by every stage and partition it runs. */
@@ -185,23 +187,16 @@ export class StageState<S> {
     // Recency: a touched entry goes to the end of the eviction order.
     this.entries.delete(user);
     this.entries.set(user, e);
-    return {
-      user,
-      partition,
-      get: () => e.state,
-      put: (state) => {
-        e.state = state;
-        this.dirty.add(user);
-      },
-      clear: () => {
-        e.state = undefined;
-        this.dirty.add(user);
-      },
-      setTimer: (at) => this.setTimer(user, at),
-    };
+    return (e.scope ??= new UserScope(this, e, user, partition));
   }
 
-  private setTimer(user: string, at: number | undefined): void {
+  /** Marks a user's state as changed (written with the next commit). */
+  touch(user: string): void {
+    this.dirty.add(user);
+  }
+
+  /** @internal (UserScope) */
+  setTimer(user: string, at: number | undefined): void {
     if (this.timers.get(user) === at) return;
     this.changeTimer(user, at);
     if (at !== undefined) {
@@ -281,14 +276,39 @@ export class StageState<S> {
   }
 }
 
+/** One user's scope: a view of its cache entry (the entry lives as long as the scope can be used). */
+class UserScope<S> implements KeyScope<S> {
+  constructor(
+    private readonly owner: StageState<S>,
+    private readonly e: Entry<S>,
+    readonly user: string,
+    readonly partition: number,
+  ) {}
+  get(): S | undefined {
+    return this.e.state;
+  }
+  put(state: S): void {
+    this.e.state = state;
+    this.owner.touch(this.user);
+  }
+  clear(): void {
+    this.e.state = undefined;
+    this.owner.touch(this.user);
+  }
+  setTimer(at: number | undefined): void {
+    this.owner.setTimer(this.user, at);
+  }
+}
+
 /**
  * Merges commit groups that share a hash tag into one group each, in first-seen order: a user's
  * state and the features it writes land together (one atomic step per user, on Cluster too).
  */
 export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
-  const byTag = new Map<string, CommitGroup>();
-  /** The first hset of each key in a merged group. */
-  const hsets = new Map<string, Extract<StateOp, { op: "hset" }>>();
+  /** The merged group of each tag; `shared` while its ops array is still the caller's (copied on the first merge). */
+  const byTag = new Map<string, { group: CommitGroup; shared: boolean }>();
+  /** Where the first hset of each key sits in its merged group. */
+  const hsets = new Map<string, { group: CommitGroup; i: number }>();
   const out: CommitGroup[] = [];
   for (const g of groups) {
     if (g.guard || g.ops.length === 0) {
@@ -296,38 +316,41 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
       continue;
     }
     const tag = hashTagOf(g.ops[0]!.key);
-    const same = g.ops.every((op) => hashTagOf(op.key) === tag);
+    let same = true;
+    for (let i = 1; i < g.ops.length && same; i++) same = hashTagOf(g.ops[i]!.key) === tag;
     const into = same ? byTag.get(tag) : undefined;
     if (into) {
+      if (into.shared) {
+        into.group.ops = into.group.ops.slice();
+        into.shared = false;
+      }
+      const ops = into.group.ops;
       for (const op of g.ops) {
         // Repeated hash writes of one key fold into the first (later fields win): a user's
         // features set by each of a batch's inputs are written once. Increments are kept in
         // stream order, so the sums do not depend on where batches begin.
-        if (op.op !== "hset") {
-          into.ops.push(op);
-          continue;
-        }
-        const prev = hsets.get(op.key);
-        if (prev) {
-          prev.fields = { ...prev.fields, ...op.fields };
-          if (op.ttl_ms !== undefined) prev.ttl_ms = op.ttl_ms;
+        const prev = op.op === "hset" ? hsets.get(op.key) : undefined;
+        if (op.op !== "hset") ops.push(op);
+        else if (prev) {
+          // A new op object: the caller's ops are never changed.
+          const first = prev.group.ops[prev.i] as Extract<StateOp, { op: "hset" }>;
+          const merged = { ...first, fields: { ...first.fields, ...op.fields } };
+          if (op.ttl_ms !== undefined) merged.ttl_ms = op.ttl_ms;
+          prev.group.ops[prev.i] = merged;
         } else {
-          const copy = { ...op };
-          hsets.set(op.key, copy);
-          into.ops.push(copy);
+          hsets.set(op.key, { group: into.group, i: ops.length });
+          ops.push(op);
         }
       }
     } else {
-      const copy = {
-        ops: g.ops.map((op) => {
-          if (op.op !== "hset") return op;
-          const c = { ...op };
-          if (same && !hsets.has(op.key)) hsets.set(op.key, c);
-          return c;
-        }),
-      };
-      if (same) byTag.set(tag, copy);
-      out.push(copy);
+      const group: CommitGroup = { ops: g.ops };
+      if (same) {
+        byTag.set(tag, { group, shared: true });
+        g.ops.forEach((op, i) => {
+          if (op.op === "hset" && !hsets.has(op.key)) hsets.set(op.key, { group, i });
+        });
+      }
+      out.push(group);
     }
   }
   return out;

@@ -7,7 +7,7 @@ import type { CommitGroup, StateStore } from "../core/state.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { startStageSpan } from "../telemetry/tracing.js";
 import type { MsgResult } from "./chain.js";
-import { publisherFor } from "./jspub.js";
+import { PublishGroup, publisherFor } from "./jspub.js";
 import { OP_REVISION_HEADER, decideLabel, labelContentHash, publishedKey, type PublishedLabel } from "./label-registry.js";
 import { dlqSubject, nextSubject, outputSubject, type StageGroup } from "../config/topology.js";
 
@@ -104,15 +104,10 @@ export class Outputs {
     // Issued without an await in between (until max_in_flight are out), so a batch's publishes
     // leave in a few socket writes.
     const limit = p.runtime.max_in_flight;
-    const pending: Promise<unknown>[] = [];
-    const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: MsgHdrs) => {
-      pending.push(pub.publish(subject, data, { msgID, headers: hdrs }));
-    };
+    const pending = new PublishGroup();
+    const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: MsgHdrs) => pub.send(pending, subject, data, { msgID, headers: hdrs });
     // Awaited only when full: an await per input would yield to nats.js's flush each time.
-    const drain = async () => {
-      await Promise.all(pending);
-      pending.length = 0;
-    };
+    const drain = () => pending.wait();
     const { plan, commits } = await this.planLabels(results, sink, registry);
     const last = g.index === this.groups.length - 1;
     const now = Date.now();
@@ -121,11 +116,7 @@ export class Outputs {
       let value = e.value;
       let id = e.id;
       let hdrs: MsgHdrs | undefined;
-      const header = (k: string, v: string) => {
-        hdrs ??= natsHeaders();
-        hdrs.set(k, v);
-      };
-      const decided = plan.get(e);
+      const decided = plan.size ? plan.get(e) : undefined;
       if (decided === null) return;
       if (decided) {
         if (decided.rev !== decided.k) {
@@ -133,11 +124,11 @@ export class Outputs {
           value = { ...label, revision: decided.rev };
           id = `label:${label.label_id}:${decided.rev}`;
         }
-        header(OP_REVISION_HEADER, String(decided.k));
+        (hdrs ??= natsHeaders()).set(OP_REVISION_HEADER, String(decided.k));
       }
       const subject = e.to === "next" ? nextSubject(p, this.groups, g, (e.value as Envelope).partition) : outputSubject(p, e.to);
-      if (traceparent) header("traceparent", traceparent);
-      if (redriven && e.to === "next") header(DLQ_HEADERS.redriven, redriven);
+      if (traceparent) (hdrs ??= natsHeaders()).set("traceparent", traceparent);
+      if (redriven && e.to === "next") (hdrs ??= natsHeaders()).set(DLQ_HEADERS.redriven, redriven);
       if (observer && ((e.to === "next" && last) || LABEL_OUTPUTS.has(e.to))) {
         const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
         if (Number.isFinite(ts)) observer.endToEnd(g.name, now - ts, e.to === "next" ? "next" : "label");
@@ -162,20 +153,20 @@ export class Outputs {
         h.set(DLQ_HEADERS.sourceSeq, String(m.seq));
         if (r.redriven) h.set(DLQ_HEADERS.redriven, r.redriven);
         send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
-        if (pending.length >= limit) await drain();
+        if (pending.size >= limit) await drain();
         continue;
       }
       const span = startStageSpan(r.traceparent, g.name);
       for (const { emit } of r.emits) emitOut(emit, span?.traceparent, r.redriven, msgs[i], r.envelope);
-      if (pending.length >= limit) await drain();
+      if (pending.size >= limit) await drain();
       span?.span.end();
     }
     for (const { emit } of sink.emits) {
       emitOut(emit);
-      if (pending.length >= limit) await drain();
+      if (pending.size >= limit) await drain();
     }
     try {
-      await Promise.all(pending);
+      await pending.wait();
     } catch (err) {
       throw new TransientError("publish_failed", `publishing outputs failed: ${errorMessage(err)}`, err);
     }

@@ -12,6 +12,7 @@ import type { RuntimeObserver } from "../telemetry/otel.js";
 import { ControlLoop } from "./control.js";
 import { CacheBudget } from "./keyed-state.js";
 import { PartitionLeases } from "./leases.js";
+import { assertDeployed } from "./deploy.js";
 import { connectNats, type NatsHandles } from "./nats.js";
 import { Outputs } from "./outputs.js";
 import { ConsumerRunner, type RunnerHost } from "./runner.js";
@@ -36,6 +37,8 @@ export interface WorkerOptions {
   nats?: NatsHandles;
   /** Receives batch timings, end-to-end latencies and watermark lags (OpenTelemetry in `tacit run`). */
   observer?: RuntimeObserver;
+  /** Fail the start (ConfigError) when an input stream does not exist yet (`tacit run`). */
+  requireDeployed?: boolean;
 }
 
 /**
@@ -94,6 +97,7 @@ export class Worker implements RunnerHost {
     this.store = new RedisStateStore(this.redis);
     // Create each stage's operator now, so a bad config or a missing secret fails the start.
     for (const g of this.groups) for (const s of g.stages) await (g.keyed ? this.create(s.name, new ManualClock(0)) : this.unkeyed(s.name));
+    if (this.opts.requireDeployed) await assertDeployed(p, this.natsHandles.jsm, this.groups);
     // The control loop starts every group that is not paused, before it returns: a worker
     // started during a replay does not touch the paused groups.
     this.control = new ControlLoop(this.redis, p.subject_prefix, this.id, this.groups.map((g) => g.name), {

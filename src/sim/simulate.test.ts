@@ -366,3 +366,28 @@ test("bots give themselves away as configured; humans never do anything impossib
   const paced = [...users.values()].filter((u) => u.bot_kind === "human_paced_script").length;
   assert.ok(scriptsWithImpossible > paced / 2, `${scriptsWithImpossible} of ${paced}`);
 });
+
+test("explicit ratings: a small share of humans rate, skewed to extremes, mostly agreeing with the hidden quality", () => {
+  const ratings = events.filter((e) => e.event_type === "explicit_feedback");
+  const raters = new Set([...users.values()].filter((u) => u.rates_explicitly).map((u) => u.user_id));
+  const humans = [...users.values()].filter((u) => !u.is_bot);
+  // A small share of the humans, and only they rate; no bot rates.
+  assert.ok(raters.size >= 0.05 * humans.length && raters.size <= 0.16 * humans.length, `${raters.size} raters of ${humans.length}`);
+  assert.ok([...users.values()].every((u) => !u.is_bot || !u.rates_explicitly));
+  assert.ok(ratings.length > 30, `${ratings.length} ratings`);
+  assert.ok(ratings.every((e) => raters.has(e.user_id)));
+  // Skew to extremes: numeric ratings are mostly 1 or 5, and the rated responses are further from a middling quality than those the raters used.
+  const numeric = ratings.map((e) => e.payload.rating).filter((r): r is number => typeof r === "number");
+  assert.ok(numeric.filter((r) => r === 1 || r === 5).length / numeric.length > 0.7, numeric.join());
+  const extremity = (ids: Iterable<string>): number => mean([...ids].map((id) => Math.abs(responses.get(id)!.quality - 0.5)));
+  const used = new Set(events.filter((e) => raters.has(e.user_id) && e.response_id !== undefined && e.event_type !== "response_shown" && e.event_type !== "explicit_feedback").map((e) => e.response_id!));
+  assert.ok(extremity(ratings.map((e) => e.response_id!)) > extremity(used) + 0.03, `${extremity(ratings.map((e) => e.response_id!))} vs ${extremity(used)}`);
+  // Polarity follows the hidden quality (but for RATING_NOISE, 4 %).
+  const agree = ratings.filter((e) => (e.payload.rating === "up" || Number(e.payload.rating) >= 4) === responses.get(e.response_id!)!.good).length;
+  assert.ok(agree / ratings.length > 0.9, `${agree} of ${ratings.length}`);
+  // A rating comes after what the rater did with the response.
+  for (const e of ratings) {
+    const before = events.filter((x) => x.response_id === e.response_id && x.event_type !== "explicit_feedback");
+    assert.ok(before.every((x) => x.t <= e.t));
+  }
+});

@@ -802,8 +802,11 @@ function malformed(w: World, ev: SimEvent): { line: string; reason: NonNullable<
   }
 }
 
-function deliver(w: World): { lines: string[]; noise: NoiseTruth[] } {
+function deliver(w: World): { lines: string[]; noise: NoiseTruth[]; events: { t: number; bot: boolean }[] } {
   const { rng, opts } = w;
+  // The ratings emitted inline are replaced by the explicit-rating model (explicitRatings); they
+  // still take their draws here, so every other line stays as it was.
+  const replaced = new Set(w.generated.filter((g) => g.ev.event_type === "explicit_feedback").map((g) => g.ev.event_id));
   // Generation order is per user; event-time order (stable on generation order) is the baseline.
   const ordered = w.generated.slice().sort((a, b) => a.t - b.t || a.seq - b.seq);
   const out: Delivered[] = [];
@@ -832,6 +835,11 @@ function deliver(w: World): { lines: string[]; noise: NoiseTruth[] } {
       out.push({ at: at + rng.uniform(0, SECOND), seq: seq++, line: m.line, eventId: m.eventId, noise: "malformed", reason: m.reason });
     }
   }
+  const ratings = explicitRatings(w, replaced);
+  for (const g of ratings) out.push({ at: g.t, seq: seq++, line: JSON.stringify(g.ev), eventId: g.ev.event_id });
+  const kept = out.filter((d) => !replaced.has(d.eventId));
+  out.length = 0;
+  out.push(...kept);
   out.sort((a, b) => a.at - b.at || a.seq - b.seq);
   const lineOfSeq = new Map<number, number>();
   out.forEach((d, i) => lineOfSeq.set(d.seq, i + 1));
@@ -844,7 +852,64 @@ function deliver(w: World): { lines: string[]; noise: NoiseTruth[] } {
     if (d.delayMs !== undefined) rec.delay_ms = d.delayMs;
     noise.push(rec);
   });
-  return { lines: out.map((d) => d.line), noise };
+  const events = [...w.generated.filter((g) => !replaced.has(g.ev.event_id)), ...ratings];
+  return { lines: out.map((d) => d.line), noise, events };
+}
+
+/** Share of human users who give explicit ratings at all. */
+const RATER_SHARE = 0.1;
+/** Share of a rater's ratings whose polarity contradicts the response's hidden quality (a mis-tap, a mood). */
+const RATING_NOISE = 0.04;
+
+/**
+ * The explicit-rating model: an observation channel, drawn from its own generator so that the
+ * behaviour (every other event) is the same with or without it. A small share of human users rate
+ * (RATER_SHARE), and they rate with the biases of explicit feedback in the field: self-selection
+ * to extremes — a response far from average (very good or very bad) is rated far more often than
+ * a middling one (the J-shaped distribution of online ratings, Hu, Pavlou & Zhang 2009) — and
+ * numeric ratings mostly at the ends of the scale. The polarity follows the hidden quality except
+ * for RATING_NOISE, so agreement with explicit ratings can be checked against the truth.
+ */
+function explicitRatings(w: World, replaced: ReadonlySet<string>): Generated[] {
+  const rng = new Rng(`${w.opts.seed}/explicit-ratings`);
+  const raters = new Map<string, SimUser>();
+  for (const u of w.users) {
+    const rates = !u.truth.is_bot && rng.chance(RATER_SHARE);
+    u.truth.rates_explicitly = rates;
+    if (rates) raters.set(u.truth.user_id, u);
+  }
+  // A rater rates a response after the last thing it did with it.
+  const last = new Map<string, number>();
+  const used = new Set<string>();
+  for (const g of w.generated) {
+    const rid = g.ev.response_id;
+    if (rid === undefined || replaced.has(g.ev.event_id) || !raters.has(g.ev.user_id)) continue;
+    last.set(rid, Math.max(last.get(rid) ?? -Infinity, g.t));
+    if (g.ev.event_type !== "response_shown") used.add(rid);
+  }
+  const out: Generated[] = [];
+  for (const r of w.responses.values()) {
+    const u = raters.get(r.user_id);
+    if (!u || !used.has(r.response_id)) continue;
+    if (!rng.chance(0.1 + 0.6 * Math.abs(2 * r.quality - 1))) continue;
+    const positive = rng.chance(RATING_NOISE) ? !r.good : r.good;
+    const rating: string | number = rng.chance(0.4) ? (positive ? "up" : "down") : positive ? (rng.chance(0.8) ? 5 : 4) : rng.chance(0.8) ? 1 : 2;
+    const t = Math.round(last.get(r.response_id)! + rng.gamma(2, 4 * SECOND));
+    const ev: SimEvent = {
+      event_id: w.id("e"),
+      session_id: r.session_id,
+      user_id: r.user_id,
+      timestamp: new Date(t).toISOString(),
+      query_id: r.query_id,
+      response_id: r.response_id,
+      event_type: "explicit_feedback",
+      payload: { rating },
+      user_agent: u.truth.user_agent,
+      context: { device: u.truth.device, app_version: u.appVersion, experiment: { id: EXPERIMENT_ID, variant: u.variant } },
+    };
+    out.push({ t, seq: -1, ev, bot: false });
+  }
+  return out;
 }
 
 // ───────────────────────────── entry point ─────────────────────────────
@@ -882,7 +947,7 @@ function generate(opts: CompiledSimOptions): { result: SimResult; lastMs: number
       if (t >= end) break;
     }
   }
-  const { lines, noise } = deliver(w);
+  const { lines, noise, events } = deliver(w);
 
   const meta: MetaTruth = {
     kind: "meta",
@@ -904,17 +969,17 @@ function generate(opts: CompiledSimOptions): { result: SimResult; lastMs: number
   for (const n of noise) noiseCounts[n.noise]++;
   let first = Infinity;
   let last = -Infinity;
-  for (const g of w.generated) {
+  for (const g of events) {
     first = Math.min(first, g.t);
     last = Math.max(last, g.t);
   }
-  const botEvents = w.generated.filter((g) => g.bot).length;
+  const botEvents = events.filter((g) => g.bot).length;
   const bots = w.users.filter((u) => u.truth.is_bot).length;
   const summary: SimSummary = {
     seed: opts.seed,
     lines: lines.length,
-    events: w.generated.length,
-    human_events: w.generated.length - botEvents,
+    events: events.length,
+    human_events: events.length - botEvents,
     bot_events: botEvents,
     users: w.users.length,
     humans: w.users.length - bots,
@@ -925,8 +990,8 @@ function generate(opts: CompiledSimOptions): { result: SimResult; lastMs: number
     responses: responses.length,
     good_responses: responses.filter((r) => r.good).length,
     noise: noiseCounts,
-    first_event_time: w.generated.length ? new Date(first).toISOString() : null,
-    last_event_time: w.generated.length ? new Date(last).toISOString() : null,
+    first_event_time: events.length ? new Date(first).toISOString() : null,
+    last_event_time: events.length ? new Date(last).toISOString() : null,
   };
-  return { result: { events: lines, truth, summary }, lastMs: w.generated.length ? Math.round(last) : undefined };
+  return { result: { events: lines, truth, summary }, lastMs: events.length ? Math.round(last) : undefined };
 }

@@ -41,6 +41,8 @@ export interface UserTruth {
   propensity: number;
   device: "desktop" | "mobile";
   user_agent: string;
+  /** Gives explicit ratings (a small share of humans; see the simulator's explicit-rating model). */
+  rates_explicitly?: boolean;
 }
 
 /** One query and how it relates to the previous query of its session. */

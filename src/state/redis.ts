@@ -132,16 +132,19 @@ export class RedisStateStore implements StateStore {
     // On one Redis, consecutive unguarded groups run as one script call: the same order and the
     // same all-at-once (one MULTI/EXEC), a fraction of the calls. Bounded so no call carries an
     // ARGV large enough to slow Redis down (redis/redis#2601).
-    const chunks: { group: CommitGroup; members: number }[] = [];
+    // A chunk lists its groups (not a merged copy: copying ops group by group made building a
+    // chunk quadratic in its size).
+    const chunks: { groups: CommitGroup[]; ops: number }[] = [];
     for (const g of groups) {
       const last = chunks[chunks.length - 1];
-      if (this.inOrder && !g.guard && last && !last.group.guard && last.group.ops.length + g.ops.length <= MAX_OPS_PER_CALL) {
-        last.group = { ops: [...last.group.ops, ...g.ops] };
-        last.members++;
-      } else chunks.push({ group: g, members: 1 });
+      if (this.inOrder && !g.guard && last && !last.groups[0]!.guard && last.ops + g.ops.length <= MAX_OPS_PER_CALL) {
+        last.groups.push(g);
+        last.ops += g.ops.length;
+      } else chunks.push({ groups: [g], ops: g.ops.length });
     }
     const cmds: PipelineCommand[] = [];
-    for (const { group: g } of chunks) {
+    for (const { groups: members } of chunks) {
+      const g = members[0]!;
       const keys: string[] = [g.guard?.key ?? ""];
       const index = new Map<string, number>();
       const ki = (k: string): number => {
@@ -157,30 +160,37 @@ export class RedisStateStore implements StateStore {
       // Numbers travel as the strings Redis would get as arguments (a float as JS prints it).
       const argv: (string | number)[] = [];
       const t = (ms: number | undefined) => String(Math.round(ms ?? 0));
-      for (const op of g.ops) {
-        switch (op.op) {
-          case "set":
-            argv.push("set", ki(op.key), op.value, t(op.ttl_ms));
-            break;
-          case "del":
-            argv.push("del", ki(op.key));
-            break;
-          case "hset": {
-            const entries = Object.entries(op.fields);
-            argv.push("hset", ki(op.key), entries.length);
-            for (const [f, v] of entries) argv.push(f, String(v));
-            argv.push(t(op.ttl_ms));
-            break;
+      for (const member of members) {
+        for (const op of member.ops) {
+          switch (op.op) {
+            case "set":
+              argv.push("set", ki(op.key), op.value, t(op.ttl_ms));
+              break;
+            case "del":
+              argv.push("del", ki(op.key));
+              break;
+            case "hset": {
+              const at = argv.length + 2;
+              argv.push("hset", ki(op.key), 0);
+              let n = 0;
+              for (const f in op.fields) {
+                argv.push(f, String(op.fields[f]));
+                n++;
+              }
+              argv[at] = n;
+              argv.push(t(op.ttl_ms));
+              break;
+            }
+            case "hincrbyfloat":
+              argv.push("hincrbyfloat", ki(op.key), op.field, String(op.by), t(op.ttl_ms));
+              break;
+            case "zadd":
+              argv.push("zadd", ki(op.key), String(op.score), op.member, t(op.ttl_ms));
+              break;
+            case "zrem":
+              argv.push("zrem", ki(op.key), op.member);
+              break;
           }
-          case "hincrbyfloat":
-            argv.push("hincrbyfloat", ki(op.key), op.field, String(op.by), t(op.ttl_ms));
-            break;
-          case "zadd":
-            argv.push("zadd", ki(op.key), String(op.score), op.member, t(op.ttl_ms));
-            break;
-          case "zrem":
-            argv.push("zrem", ki(op.key), op.member);
-            break;
         }
       }
       // A key of '' for "no guard" still needs a slot-consistent name on Cluster: reuse the first op key.
@@ -193,7 +203,7 @@ export class RedisStateStore implements StateStore {
     const res = await this.pipelined(cmds, true);
     // One MULTI/EXEC: no other client ran in between, so every group saw the same lease.
     if (lease && res.some((v) => v === -1)) throw new LeaseLostError(lease);
-    return chunks.flatMap((c, i) => Array<boolean>(c.members).fill(res[i] === 1));
+    return chunks.flatMap((c, i) => Array<boolean>(c.groups.length).fill(res[i] === 1));
   }
 
   /**

@@ -19,7 +19,16 @@ export class StageCounters implements OperatorMetrics {
   }
 
   count(name: string, by = 1, attrs?: Record<string, string>): void {
-    const key = attrs ? `${name}{${Object.entries(attrs).map(([k, v]) => `${k}=${v}`).join(",")}}` : name;
+    let key = name;
+    if (attrs) {
+      // Built by hand: counted for most inputs, so no arrays per call.
+      let sep = "{";
+      for (const k in attrs) {
+        key += `${sep}${k}=${attrs[k]}`;
+        sep = ",";
+      }
+      key += sep === "{" ? "{}" : "}";
+    }
     this.counts.set(key, (this.counts.get(key) ?? 0) + by);
   }
 

@@ -146,9 +146,10 @@ export async function runChain(lines: readonly string[], opts: ChainOptions = {}
 }
 
 /** Scores a chain result against the simulator's truth (users matched with the development pseudonym key). */
-export function scoreChain(r: ChainResult, truth: readonly TruthRecord[]): Report {
+export function scoreChain(r: ChainResult, truth: readonly TruthRecord[], eventsPerUser?: ReadonlyMap<string, number>): Report {
   const cache = new Map<string, string>();
   return evaluate({
+    ...(eventsPerUser ? { eventsPerUser } : {}),
     labels: r.labels,
     truth,
     features: r.features,

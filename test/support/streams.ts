@@ -1,5 +1,6 @@
 import { AckPolicy, DeliverPolicy } from "@nats-io/jetstream";
 import type { NatsHandles } from "../../src/runtime/nats.js";
+import { labelSchemaErrors } from "../../src/eval/inputs.js";
 
 export interface StoredMsg {
   subject: string;
@@ -30,6 +31,25 @@ export async function readStream(nats: NatsHandles, stream: string, filter?: str
   }
   await nats.jsm.consumers.delete(stream, name).catch(() => undefined);
   return out;
+}
+
+/**
+ * Every message of a label stream, each checked against config/schemas/label.v2.json (the
+ * contract): the integration tests read published labels through this, so every label the suite
+ * publishes is validated.
+ */
+export async function readLabelStream(nats: NatsHandles, stream: string, filter?: string): Promise<StoredMsg[]> {
+  const msgs = await readStream(nats, stream, filter);
+  for (const m of msgs) {
+    let errors: string | null;
+    try {
+      errors = labelSchemaErrors(JSON.parse(m.data));
+    } catch (err) {
+      errors = `not JSON: ${(err as Error).message}`;
+    }
+    if (errors !== null) throw new Error(`label at ${stream} seq ${m.seq} does not match label.v2.json: ${errors}: ${m.data}`);
+  }
+  return msgs;
 }
 
 /** Polls until `pred` holds, or fails with `what` after `timeoutMs`. */
