@@ -75,7 +75,7 @@ test("NATS_URL and REDIS_URL are honoured through the defaults", () => {
   const r = load("minimal.yaml", { env: { NATS_URL: "nats://a:1,nats://b:2", REDIS_URL: "rediss://r:6380" } });
   assert.equal(r.pipeline!.nats.url, "nats://a:1,nats://b:2");
   assert.equal(r.pipeline!.redis.url, "rediss://r:6380");
-  assert.equal(r.pipeline!.redis.tls, true, "rediss:// implies TLS");
+  assert.deepEqual(r.pipeline!.redis.tls, {}, "rediss:// implies TLS");
 });
 
 test("bad indentation is reported at the misindented line with a hint", () => {

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 
-import { connect, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
+import { connect, credsAuthenticator, nkeyAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { TransientError } from "../core/errors.js";
@@ -25,7 +25,7 @@ export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHand
       user: n.user,
       pass: n.password,
       token: n.token,
-      authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : undefined,
+      authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : n.nkey_seed ? nkeyAuthenticator(new TextEncoder().encode(n.nkey_seed)) : undefined,
       tls,
       noAsyncTraces: true,
       maxReconnectAttempts: -1,
