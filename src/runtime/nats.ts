@@ -5,6 +5,9 @@ import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManage
 import type { Pipeline } from "../config/types.js";
 import { TransientError } from "../core/errors.js";
 
+/** How long the first connection (TLS handshake included) may take before the start fails. */
+const CONNECT_TIMEOUT_MS = 5_000;
+
 export interface NatsHandles {
   nc: NatsConnection;
   js: JetStreamClient;
@@ -28,11 +31,14 @@ export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHand
       authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : n.nkey_seed ? nkeyAuthenticator(new TextEncoder().encode(n.nkey_seed)) : undefined,
       tls,
       noAsyncTraces: true,
+      timeout: CONNECT_TIMEOUT_MS,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
     });
   } catch (err) {
-    throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}`, err);
+    // A server that requires a client certificate drops the handshake without a word: say so.
+    const hint = n.tls && !n.tls.cert_file && /timeout/i.test(String(err)) ? " (does the server require a client certificate? set nats.tls.cert_file and key_file)" : "";
+    throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}${hint}`, err);
   }
   const js = jetstream(nc, { timeout: 10_000 });
   const jsm = await jetstreamManager(nc, { timeout: 10_000 });
