@@ -2,7 +2,7 @@ import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { freePort, natsAnswers } from "../../src/services/processes.js";
+import { freePort, freePorts, natsAnswers, redisAnswers } from "../../src/services/processes.js";
 
 /**
  * Servers the harness does not start (TLS servers, NATS and Redis clusters) as child processes
@@ -119,4 +119,69 @@ export async function startTlsRedis(dir: string, tls: { cert: string; key: strin
   ]);
   await waitReady("redis-server (TLS)", proc, async () => /Ready to accept connections/.test(proc.output()));
   return { proc, url: `rediss://127.0.0.1:${port}` };
+}
+
+/** A Redis Cluster of `masters` masters with one replica each, on loopback, from `redis-cli --cluster create`. */
+export interface RedisCluster {
+  /** `redis+cluster://127.0.0.1:p1,…` (all nodes). */
+  url: string;
+  nodes: { port: number; proc: Proc }[];
+  /** The ports of the current masters (asked of a live node). */
+  masters(): Promise<number[]>;
+  /** The hash slots a live node serves, as [first, last] ranges. */
+  slotsOf(port: number): [number, number][];
+  stop(): Promise<void>;
+}
+
+export async function startRedisCluster(dir: string, count = 3, nodeTimeoutMs = 2_000): Promise<RedisCluster> {
+  // Each node's cluster bus listens on port + 10000: both must be free.
+  const ports = await freePorts(count * 2, "127.0.0.1", 10_000);
+  const nodes = ports.map((port) => ({
+    port,
+    proc: startProcess("redis-server", [
+      "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--dbfilename", `dump-${port}.rdb`, "--appendonly", "yes", "--appendfilename", `aof-${port}.aof`,
+      "--appenddirname", `aof-${port}`, "--save", "", "--cluster-enabled", "yes", "--cluster-config-file", `nodes-${port}.conf`, "--cluster-node-timeout", String(nodeTimeoutMs), "--protected-mode", "no",
+    ]),
+  }));
+  const stop = async () => {
+    await Promise.all(nodes.map((n) => n.proc.stop({ hard: true })));
+  };
+  try {
+    for (const n of nodes) await waitReady(`redis-server ${n.port}`, n.proc, () => redisAnswers("127.0.0.1", n.port));
+    const create = spawnSync("redis-cli", ["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-replicas", "1", "--cluster-yes"], { encoding: "utf8", timeout: 30_000 });
+    if (create.status !== 0) throw new Error(`redis-cli --cluster create: ${create.stdout}\n${create.stderr}`);
+    await waitFor("the cluster to be ok", async () => {
+      const r = spawnSync("redis-cli", ["--cluster", "check", `127.0.0.1:${ports[0]}`], { encoding: "utf8" });
+      return r.status === 0 && /All 16384 slots covered/.test(r.stdout);
+    });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  const masters = async () => {
+    for (const n of nodes) {
+      if (!n.proc.running()) continue;
+      const r = spawnSync("redis-cli", ["-p", String(n.port), "cluster", "nodes"], { encoding: "utf8" });
+      if (r.status !== 0) continue;
+      return r.stdout.split("\n").filter((l) => /\bmaster\b/.test(l) && !/\bfail\b/.test(l) && /\d+-\d+/.test(l)).map((l) => Number(/:(\d+)@/.exec(l)![1]));
+    }
+    return [];
+  };
+  const slotsOf = (port: number): [number, number][] => {
+    const r = spawnSync("redis-cli", ["-p", String(port), "cluster", "nodes"], { encoding: "utf8" });
+    const mine = r.stdout.split("\n").find((l) => l.includes("myself")) ?? "";
+    return mine.split(" ").slice(8).filter((f) => /^\d+(-\d+)?$/.test(f)).map((f) => {
+      const [a, b] = f.split("-").map(Number);
+      return [a!, b ?? a!];
+    });
+  };
+  return { url: `redis+cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}`, nodes, masters, slotsOf, stop };
+}
+
+async function waitFor(what: string, pred: () => Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(200);
+  }
 }
