@@ -185,3 +185,43 @@ async function waitFor(what: string, pred: () => Promise<boolean>, timeoutMs = 2
     await sleep(200);
   }
 }
+
+/** A 3-node JetStream cluster on loopback (no auth): nodes by server name, and a URL list of all of them. */
+export interface NatsCluster {
+  url: string;
+  nodes: Map<string, { port: number; proc: Proc }>;
+  stop(): Promise<void>;
+}
+
+export async function startNatsCluster(dir: string, size = 3): Promise<NatsCluster> {
+  const ports = await freePorts(size * 2);
+  const client = ports.slice(0, size);
+  const route = ports.slice(size);
+  const nodes = new Map<string, { port: number; proc: Proc }>();
+  for (let i = 0; i < size; i++) {
+    const name = `n${i + 1}`;
+    const conf = join(dir, `${name}.conf`);
+    writeFileSync(
+      conf,
+      [
+        `server_name: ${name}`,
+        `listen: 127.0.0.1:${client[i]}`,
+        `jetstream { store_dir: "${join(dir, name)}" }`,
+        `cluster { name: tacit-test, listen: 127.0.0.1:${route[i]}, routes: [${route.filter((_, j) => j !== i).map((r) => `nats-route://127.0.0.1:${r}`).join(", ")}] }`,
+      ].join("\n"),
+    );
+    nodes.set(name, { port: client[i]!, proc: startProcess("nats-server", ["-c", conf]) });
+  }
+  const stop = async () => {
+    await Promise.all([...nodes.values()].map((n) => n.proc.stop({ hard: true })));
+  };
+  try {
+    for (const [name, n] of nodes) await waitReady(`nats-server ${name}`, n.proc, () => natsAnswers("127.0.0.1", n.port));
+    // JetStream is usable once the meta group has a leader.
+    await waitFor("the JetStream meta leader", async () => [...nodes.values()].every((n) => /JetStream cluster new metadata leader|Self is new JetStream cluster metadata leader/.test(n.proc.output())) || [...nodes.values()].some((n) => /Self is new JetStream cluster metadata leader/.test(n.proc.output())));
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { url: client.map((p) => `nats://127.0.0.1:${p}`).join(","), nodes, stop };
+}
