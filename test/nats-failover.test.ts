@@ -37,6 +37,18 @@ interface Run {
   killed?: string;
 }
 
+/** JetStream API requests time out while a leader is being elected (and on a fresh cluster): try again. */
+async function retry<T>(fn: () => Promise<T>, attempts = 10): Promise<T> {
+  for (let i = 1; ; i++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (i >= attempts) throw err;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
 async function connectWithRetry(p: Pipeline): Promise<NatsHandles> {
   for (let i = 0; ; i++) {
     try {
@@ -59,27 +71,28 @@ async function run(t: TestContext, servers: TestServers, nats: NatsCluster, name
   const p = loadPipelineOrThrow(PIPELINE, { env, set: ["streams.replicas=3"], operators: findOperator });
   const h = await connectWithRetry(p);
   t.after(() => h.nc.close());
-  await applyDeploy(p, h.jsm, findOperator, await planDeploy(p, h.jsm, findOperator));
-  await publishLines(p, h.js, EVENTS, { idPrefix: name });
+  await retry(async () => applyDeploy(p, h.jsm, findOperator, await planDeploy(p, h.jsm, findOperator)));
+  await retry(() => publishLines(p, h.js, EVENTS, { idPrefix: name }));
   const worker = spawnTacit(["run", PIPELINE, "--set", "streams.replicas=3", "--metrics-port", "0"], { ...env, TACIT_LOG_LEVEL: "warn", TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")) });
   t.after(() => void (worker.running() && worker.child.kill("SIGKILL")));
   const events = streamName(p, "events");
-  const count = async () => (await h.jsm.streams.info(events)).state.messages;
+  const count = async () => (await h.jsm.streams.info(events).catch(() => undefined))?.state.messages ?? -1;
   let killed: string | undefined;
   let killedAt = 0;
   if (victim) {
     await eventually("half the events out", async () => (await count()) >= N / 2, 120_000, 20);
-    killed = await victim(p, h).catch(() => victim(p, h));
+    killed = await retry(() => victim(p, h));
     killedAt = Date.now();
     await nats.nodes.get(killed)!.proc.stop({ hard: true });
   }
   // Progress samples after the kill: the stall is the longest gap without a new output.
-  let last = await count().catch(() => 0);
+  let last = await count();
   let lastChange = Date.now();
   let stallMs = 0;
   const start = Date.now();
   await eventually("every event out", async () => {
-    const c = await count().catch(() => last);
+    const c = await count();
+    if (c < 0) return false;
     const now = Date.now();
     if (c !== last) {
       stallMs = Math.max(stallMs, now - lastChange);
@@ -99,7 +112,7 @@ async function run(t: TestContext, servers: TestServers, nats: NatsCluster, name
   assert.ok(worker.running(), worker.stderr());
   const out = new Map<string, string>();
   let repeats = 0;
-  const stored = await readStream(h, events).catch(() => readStream(h, events));
+  const stored = await retry(() => readStream(h, events));
   for (const m of stored) {
     const env = JSON.parse(m.data) as { event: { event_id: string } };
     if (out.has(env.event.event_id)) repeats++;
