@@ -15,6 +15,7 @@ import {
   compileEnrichConfig,
   enrich,
   fingerprint,
+  MAX_CONTEXT_DEPTH,
   parseRfc3339,
   parseUserAgent,
   type EnrichConfig,
@@ -124,6 +125,15 @@ test("every kind of bad input becomes a dead-letter outcome with a specific reas
     assert.equal(code, cases[i]![1], `case ${i}: ${message}`);
     assert.match(message, cases[i]![2], `case ${i}`);
   });
+});
+
+test("a context nested deeper than MAX_CONTEXT_DEPTH is dead-lettered; one at the limit passes and serializes", async () => {
+  const p = await processor();
+  const nested = (depth: number) => JSON.parse('{"a":'.repeat(depth - 1) + "{}" + "}".repeat(depth - 1)) as unknown;
+  const deep = `{"event_id":"e-9","session_id":"s","user_id":"u","timestamp":"${ISO0}","query_id":"q","event_type":"query","payload":{"text":"x"},"context":{"a":${"[".repeat(20_000)}${"]".repeat(20_000)}}}`;
+  const [atLimit, over, huge] = await p.process([input(ev({ context: nested(MAX_CONTEXT_DEPTH) })), input(ev({ context: nested(MAX_CONTEXT_DEPTH + 1) })), input(deep)]);
+  assert.ok(JSON.stringify(envelopeOf(atLimit!)).length > 0);
+  for (const o of [over!, huge!]) assert.deepEqual(dlq(o), { code: "schema_violation", message: `/context nests deeper than ${MAX_CONTEXT_DEPTH} levels` });
 });
 
 test("time bounds are relative to the stream's time, not the wall clock", async () => {

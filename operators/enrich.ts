@@ -294,6 +294,26 @@ export interface CheckedEvent {
 }
 
 /**
+ * How deep `context` (the one field passed through as sent) may nest. Deeper values would
+ * overflow the stack of every later JSON.stringify and block the stage's batches.
+ */
+export const MAX_CONTEXT_DEPTH = 32;
+
+/** The nesting depth of a JSON value (a scalar is 0), counted without recursion, up to `limit + 1`. */
+function depthOf(value: unknown, limit: number): number {
+  let max = 0;
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length) {
+    const [v, d] = stack.pop()!;
+    if (v === null || typeof v !== "object") continue;
+    if (d + 1 > max) max = d + 1;
+    if (max > limit) return max;
+    for (const child of Object.values(v)) stack.push([child, d + 1]);
+  }
+  return max;
+}
+
+/**
  * Checks a parsed message against the v1 event contract: unknown event type first (the most
  * specific reason), then the JSON Schema, cross-field rules, and the timestamp format.
  * Stream-time bounds (skew, age) are the stage's and are checked by the processor.
@@ -308,6 +328,9 @@ export function checkEvent(value: unknown): CheckedEvent | BadInputError {
   const validate = eventValidator();
   if (!validate(value)) return new BadInputError("schema_violation", formatSchemaErrors(validate.errors ?? []));
   const event = value as unknown as RawEvent;
+  if (event.context !== undefined && depthOf(event.context, MAX_CONTEXT_DEPTH) > MAX_CONTEXT_DEPTH) {
+    return new BadInputError("schema_violation", `/context nests deeper than ${MAX_CONTEXT_DEPTH} levels`);
+  }
   if (event.event_type === "copy_paste") {
     const p = event.payload as { span_start: number; span_end: number };
     if (p.span_end < p.span_start) return new BadInputError("schema_violation", "/payload/span_end must be >= span_start");

@@ -13,10 +13,11 @@ import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Redis } from "ioredis";
+import { Cluster, Redis } from "ioredis";
 import { startServers, type TestServers } from "./harness.js";
 import { Random } from "./support/random.js";
 import { consumersDrained, eventually, readLabelStream, readStream } from "./support/streams.js";
+import { startRedisCluster } from "./support/servers.js";
 import { spawnTacit, type TacitProcess } from "./support/tacit-process.js";
 import { findOperator } from "../operators/index.js";
 import { projectRoot } from "../src/config/paths.js";
@@ -29,6 +30,7 @@ import { groupState, keptByRebuild, type ReplayReport } from "../src/runtime/rep
 import { stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { simulate } from "../src/sim/simulate.js";
+import { userKey } from "../src/core/state.js";
 
 const ROOT = projectRoot();
 const PIPELINE = join(ROOT, "pipelines", "feedback.yaml");
@@ -97,7 +99,7 @@ interface Snapshot {
   counts: Record<string, number>;
 }
 
-async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<Snapshot> {
+async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis | Cluster): Promise<Snapshot> {
   const labels = new Map<string, string>();
   const msgs = await readLabelStream(nats, streamName(p, "labels"));
   const repeats: string[] = [];
@@ -109,12 +111,15 @@ async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<S
   }
   assert.deepEqual(repeats, [], "no label_id + revision is published twice");
   const features = new Map<string, Record<string, string>>();
-  let cursor = "0";
-  do {
-    const [next, keys] = await redis.scan(cursor, "MATCH", `tacit:{${p.subject_prefix}:u:*}:features:*`, "COUNT", 1000);
-    cursor = next;
-    for (const k of keys) features.set(k.replace(`{${p.subject_prefix}:`, "{"), await redis.hgetall(k));
-  } while (cursor !== "0");
+  // On Cluster, every master holds some of the keys.
+  for (const node of redis instanceof Cluster ? redis.nodes("master") : [redis]) {
+    let cursor = "0";
+    do {
+      const [next, keys] = await node.scan(cursor, "MATCH", `tacit:{${p.subject_prefix}:u:*}:features:*`, "COUNT", 1000);
+      cursor = next;
+      for (const k of keys) features.set(k.replace(`{${p.subject_prefix}:`, "{"), await node.hgetall(k));
+    } while (cursor !== "0");
+  }
   const counts: Record<string, number> = {};
   for (const s of ["events", "sessions", "late", "bots", "dlq"]) counts[s] = (await nats.jsm.streams.info(streamName(p, s))).state.messages;
   return { labels, labelMessages: msgs.length, features, counts };
@@ -398,5 +403,86 @@ test("golden: events dead-lettered by a too strict config, redriven after the fi
     // Everything but the DLQ equals the golden run: the malformed lines stay dead letters.
     assert.equal(snap.counts.dlq, golden.counts.dlq, "only the truly malformed lines remain in the DLQ");
     assertSame(snap, golden, "redrive after a config fix");
+  });
+});
+
+test("golden: Redis SIGKILLed mid-stream and restarted from its AOF: the workers wait, then end with the golden labels and features", { timeout: 180_000 }, async (t) => {
+  const { lines, golden } = await goldenOutput();
+  await withEnv(async (e) => {
+    const p = load(e.servers);
+    await deploy(p, e.nats);
+    await startWorker(e, p);
+    await publishLines(p, e.nats.js, lines, { idPrefix: "day" });
+    const labelsStream = streamName(p, "labels");
+    await eventually("a third of the labels", async () => (await e.nats.jsm.streams.info(labelsStream)).state.messages >= golden.labelMessages / 3, 120_000, 20);
+    // A crash, not a shutdown: no final AOF flush beyond what the server already wrote.
+    await e.servers.stopRedis({ hard: true });
+    const during = (await e.nats.jsm.streams.info(labelsStream)).state.messages;
+    await new Promise((r) => setTimeout(r, 3_000));
+    const down = Date.now();
+    await e.servers.restartRedis();
+    await quiescent(p, e.nats, "the run to finish after the restart");
+    t.diagnostic(`labels at the kill: ${during}/${golden.labelMessages}; finished ${((Date.now() - down) / 1000).toFixed(1)} s after Redis came back`);
+    assertSame(await snapshot(p, e.nats, e.redis), golden, "Redis restart from AOF");
+  });
+});
+
+/*
+ * Redis Cluster replicates asynchronously: a master killed right after a commit can lose that
+ * commit when its replica takes over, while the partition's progress — on another master — has
+ * already moved past it, so the events are not applied again. What must still hold: every event
+ * is output once (NATS keeps that), no label is published twice or differs from the golden one,
+ * and whatever is missing (labels, features) belongs to users whose keys lived on the killed
+ * master. The test reports how much was lost.
+ */
+// TODO (reported on issue 12): this fails today. During the failover every slot answers
+// CLUSTERDOWN for ~2-4 s, every partition loses its lease, and afterwards ~100 of the 2,391
+// events leave label-derive as late instead of as events (golden: 14 late), and labels of the
+// users on the killed master are missing. Marked todo so the suite shows it without failing.
+test("golden on Redis Cluster with replicas: a master SIGKILLed mid-stream, its replica is promoted; events exactly once, labels never wrong or repeated, losses only on the killed master's slots", { timeout: 240_000, todo: "fails: late events and missing labels after a Cluster failover (issue 12)" }, async (t) => {
+  const { lines, golden } = await goldenOutput();
+  await withEnv(async (e) => {
+    const cluster = await startRedisCluster(mkdtempSync(join(tmpdir(), "tacit-rcluster-")));
+    e.cleanup(() => cluster.stop());
+    const env = { ...envOf(e.servers), REDIS_URL: cluster.url };
+    const p = loadPipelineOrThrow(PIPELINE, { env, set: SETS, operators: findOperator });
+    await deploy(p, e.nats);
+    const worker = spawnTacit(["run", PIPELINE, ...setArgs(), "--metrics-port", "0"], { ...env, TACIT_LOG_LEVEL: "warn", TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")) });
+    e.cleanup(() => void (worker.running() && worker.child.kill("SIGKILL")));
+    await publishLines(p, e.nats.js, lines, { idPrefix: "day" });
+    const labelsStream = streamName(p, "labels");
+    await eventually("a third of the labels", async () => (await e.nats.jsm.streams.info(labelsStream)).state.messages >= golden.labelMessages / 3, 120_000, 20);
+    const before = await cluster.masters();
+    const victim = cluster.nodes.find((n) => n.port === before[0])!;
+    const lostSlots = cluster.slotsOf(victim.port);
+    await victim.proc.stop({ hard: true });
+    const killed = Date.now();
+    await eventually("a replica to be promoted", async () => {
+      const now = await cluster.masters();
+      return now.length === 3 && !now.includes(victim.port);
+    }, 30_000, 100);
+    const promoted = Date.now();
+    await quiescent(p, e.nats, "the run to finish after the failover", 150_000);
+    assert.ok(worker.running(), worker.stderr());
+    const live = cluster.nodes.filter((n) => n.proc.running()).map((n) => ({ host: "127.0.0.1", port: n.port }));
+    const client = new Cluster(live);
+    e.cleanup(() => client.disconnect());
+    await eventually("the cluster client", async () => client.status === "ready", 10_000);
+    const snap = await snapshot(p, e.nats, client);
+    assert.equal(snap.counts.events, golden.counts.events, `every event output exactly once: got ${JSON.stringify(snap.counts)}, golden ${JSON.stringify(golden.counts)}; worker log: ${worker.stderr().slice(-1500)}`);
+    assert.equal(snap.counts.dlq, golden.counts.dlq, "the same dead letters");
+    const extra = [...snap.labels.keys()].filter((k) => !golden.labels.has(k));
+    assert.deepEqual(extra, [], "no label that the golden run does not have");
+    for (const [k, v] of snap.labels) assert.equal(v, golden.labels.get(k), `label ${k} has the golden content`);
+    const onVictim = async (user: string) => {
+      const slot = Number(await client.cluster("KEYSLOT", userKey(p.subject_prefix, user, "features")));
+      return lostSlots.some(([a, b]) => slot >= a && slot <= b);
+    };
+    const missing = [...golden.labels].filter(([k]) => !snap.labels.has(k)).map(([, v]) => (JSON.parse(v) as { user: string }).user);
+    const changed = [...golden.features].filter(([k, v]) => JSON.stringify(snap.features.get(k)) !== JSON.stringify(v)).map(([k]) => /:u:([^}]+)\}/.exec(k)![1]!);
+    for (const user of [...missing, ...changed]) assert.ok(await onVictim(user), `user ${user} lost state but its keys were not on the killed master`);
+    t.diagnostic(`master ${victim.port} (slots ${JSON.stringify(lostSlots)}) killed; replica promoted after ${((promoted - killed) / 1000).toFixed(1)} s; run finished ${((Date.now() - killed) / 1000).toFixed(1)} s after the kill; lost: ${missing.length}/${golden.labels.size} labels, ${changed.length}/${golden.features.size} feature hashes, ${new Set([...missing, ...changed]).size} users`);
+    worker.child.kill("SIGTERM");
+    assert.equal(await worker.exited(), 0, worker.stderr());
   });
 });

@@ -5,7 +5,7 @@ import { errorMessage } from "../core/errors.js";
 import { expandString } from "./overrides.js";
 import type { Problem } from "./problems.js";
 import type { DocPath, SourceMap } from "./source.js";
-import type { Pipeline, PipelineFile, Stage } from "./types.js";
+import type { Pipeline, PipelineFile, Stage, TlsFiles } from "./types.js";
 
 /**
  * PipelineFile (validated, defaults applied) → Pipeline: durations in ms, secrets read from their
@@ -132,18 +132,21 @@ export function compilePipeline(data: PipelineFile, sm: SourceMap, opts: Compile
   if (seed !== undefined) nats.nkey_seed = seed;
   const creds = mustExist(["nats", "creds_file"], n.creds_file);
   if (creds !== undefined) nats.creds_file = creds;
-  if (n.tls) {
-    const tls: NonNullable<Pipeline["nats"]["tls"]> = {};
+  const tlsFiles = (section: "nats" | "redis", given: TlsFiles): TlsFiles => {
+    const tls: TlsFiles = {};
     for (const k of ["ca_file", "cert_file", "key_file"] as const) {
-      const f = mustExist(["nats", "tls", k], n.tls[k]);
+      const f = mustExist([section, "tls", k], given[k]);
       if (f !== undefined) tls[k] = f;
     }
-    nats.tls = tls;
-  }
+    if ((tls.cert_file === undefined) !== (tls.key_file === undefined)) at([section, "tls"], `${section}.tls: cert_file and key_file go together`, "give both for mutual TLS, or neither");
+    return tls;
+  };
+  if (n.tls) nats.tls = tlsFiles("nats", n.tls);
 
   const r = data.redis ?? {};
   const redisUrl = url(["redis", "url"], r.url!);
-  const redis: Pipeline["redis"] = { url: redisUrl, tls: r.tls === true || redisUrl.startsWith("rediss://") };
+  const redisTls = typeof r.tls === "object" ? tlsFiles("redis", r.tls) : r.tls === true || redisUrl.startsWith("rediss://") ? {} : false;
+  const redis: Pipeline["redis"] = { url: redisUrl, tls: redisTls };
   const redisPassword = fromFile(["redis", "password_file"], r.password_file) ?? fromEnv(["redis", "password_env"], r.password_env);
   if (redisPassword !== undefined) redis.password = redisPassword;
 

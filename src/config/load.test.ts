@@ -75,7 +75,7 @@ test("NATS_URL and REDIS_URL are honoured through the defaults", () => {
   const r = load("minimal.yaml", { env: { NATS_URL: "nats://a:1,nats://b:2", REDIS_URL: "rediss://r:6380" } });
   assert.equal(r.pipeline!.nats.url, "nats://a:1,nats://b:2");
   assert.equal(r.pipeline!.redis.url, "rediss://r:6380");
-  assert.equal(r.pipeline!.redis.tls, true, "rediss:// implies TLS");
+  assert.deepEqual(r.pipeline!.redis.tls, {}, "rediss:// implies TLS");
 });
 
 test("bad indentation is reported at the misindented line with a hint", () => {
@@ -237,6 +237,23 @@ test("secrets are read from files (relative to the pipeline) and from the enviro
   const skipped = loadPipeline(file, { operators: FAKE_OPERATORS, env: {}, secrets: false });
   assert.deepEqual(skipped.problems, []);
   assert.equal(skipped.pipeline!.redis.password, undefined);
+});
+
+test("redis.tls takes CA and client certificate files (relative to the pipeline); cert without key, or a missing file, is a problem at its line", () => {
+  const dir = mkdtempSync(join(tmpdir(), "tacit-load-"));
+  writeFileSync(join(dir, "ca.pem"), "x");
+  writeFileSync(join(dir, "c.pem"), "x");
+  const file = join(dir, "p.yaml");
+  const yaml = (tls: string) => `version: 1\nname: x\nredis:\n  url: rediss://r:6380\n  tls:\n${tls}stages:\n  - name: enrich\n    operator: enrich\n`;
+  writeFileSync(file, yaml("    ca_file: ca.pem\n"));
+  assert.deepEqual(loadPipeline(file, { operators: FAKE_OPERATORS, env: {} }).pipeline!.redis.tls, { ca_file: join(dir, "ca.pem") });
+  writeFileSync(file, yaml("    ca_file: ca.pem\n    cert_file: c.pem\n"));
+  assert.match(loadPipeline(file, { operators: FAKE_OPERATORS, env: {} }).problems[0]!.message, /cert_file and key_file go together/);
+  writeFileSync(file, yaml("    ca_file: gone.pem\n"));
+  const missing = loadPipeline(file, { operators: FAKE_OPERATORS, env: {} }).problems;
+  assert.equal(missing.length, 1);
+  assert.equal(missing[0]!.line, 6);
+  assert.match(missing[0]!.message, /redis\.tls\.ca_file: cannot read/);
 });
 
 test("a file that cannot be read or is not a mapping is one problem", () => {

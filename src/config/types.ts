@@ -3,6 +3,13 @@
  * (`Pipeline`, durations in ms, operator configs with their defaults applied).
  */
 
+/** TLS files of a connection (PEM paths): the CA to verify the server, and a client certificate for mutual TLS. */
+export interface TlsFiles {
+  ca_file?: string;
+  cert_file?: string;
+  key_file?: string;
+}
+
 export interface StageFile {
   /** Unique within the pipeline; names the stage's consumers and DLQ subject. */
   name: string;
@@ -28,9 +35,9 @@ export interface PipelineFile {
     token_env?: string;
     nkey_seed_file?: string;
     creds_file?: string;
-    tls?: { ca_file?: string; cert_file?: string; key_file?: string };
+    tls?: TlsFiles;
   };
-  redis?: { url?: string; password_env?: string; password_file?: string; tls?: boolean };
+  redis?: { url?: string; password_env?: string; password_file?: string; tls?: boolean | TlsFiles };
   partitions?: number;
   streams?: { max_age?: string; duplicate_window?: string; replicas?: number; max_bytes?: number };
   runtime?: {
@@ -73,9 +80,10 @@ export interface Pipeline {
     /** Seed of an nkey (`SU…`), from `nkey_seed_file`. */
     nkey_seed?: string;
     creds_file?: string;
-    tls?: { ca_file?: string; cert_file?: string; key_file?: string };
+    tls?: TlsFiles;
   };
-  redis: { url: string; password?: string; tls: boolean };
+  /** `tls` is false, or the TLS settings (empty: verify against the system CAs). */
+  redis: { url: string; password?: string; tls: false | TlsFiles };
   partitions: number;
   streams: { max_age_ms: number; duplicate_window_ms: number; replicas: number; max_bytes: number };
   runtime: {

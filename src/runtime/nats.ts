@@ -1,9 +1,12 @@
 import { readFileSync } from "node:fs";
 
-import { connect, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
+import { connect, credsAuthenticator, nkeyAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { TransientError } from "../core/errors.js";
+
+/** How long the first connection (TLS handshake included) may take before the start fails. */
+const CONNECT_TIMEOUT_MS = 5_000;
 
 export interface NatsHandles {
   nc: NatsConnection;
@@ -25,14 +28,17 @@ export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHand
       user: n.user,
       pass: n.password,
       token: n.token,
-      authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : undefined,
+      authenticator: n.creds_file ? credsAuthenticator(readFileSync(n.creds_file)) : n.nkey_seed ? nkeyAuthenticator(new TextEncoder().encode(n.nkey_seed)) : undefined,
       tls,
       noAsyncTraces: true,
+      timeout: CONNECT_TIMEOUT_MS,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
     });
   } catch (err) {
-    throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}`, err);
+    // A server that requires a client certificate drops the handshake without a word: say so.
+    const hint = n.tls && !n.tls.cert_file && /timeout/i.test(String(err)) ? " (does the server require a client certificate? set nats.tls.cert_file and key_file)" : "";
+    throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}${hint}`, err);
   }
   const js = jetstream(nc, { timeout: 10_000 });
   const jsm = await jetstreamManager(nc, { timeout: 10_000 });

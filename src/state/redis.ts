@@ -2,6 +2,8 @@ import { Redis, Cluster, type ChainableCommander } from "ioredis";
 import { LeaseLostError, hashTagOf, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
 import { Packr } from "msgpackr";
+import { readFileSync } from "node:fs";
+import type { TlsFiles } from "../config/types.js";
 
 /** Plain MessagePack (no records or extensions): what Redis's cmsgpack reads. */
 const packr = new Packr({ useRecords: false, variableMapSize: true });
@@ -283,7 +285,17 @@ export async function unlinkMatching(redis: RedisClient, pattern: string, doomed
 export interface RedisConnectOptions {
   lazy?: boolean;
   password?: string;
-  tls?: boolean;
+  /** TLS: true (system CAs) or the PEM files of a CA and a client certificate. */
+  tls?: boolean | TlsFiles;
+}
+
+/** Node TLS options from PEM files: read once, at connect time (a missing file throws here). */
+function tlsOptions(files: TlsFiles): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
+  const out: { ca?: Buffer; cert?: Buffer; key?: Buffer } = {};
+  if (files.ca_file) out.ca = readFileSync(files.ca_file);
+  if (files.cert_file) out.cert = readFileSync(files.cert_file);
+  if (files.key_file) out.key = readFileSync(files.key_file);
+  return out;
 }
 
 /**
@@ -292,7 +304,8 @@ export interface RedisConnectOptions {
  */
 export function openRedis(url: string, opts: RedisConnectOptions = {}): RedisClient {
   const auth = opts.password ? { password: opts.password } : {};
-  const tls = opts.tls || url.startsWith("rediss://") ? { tls: {} } : {};
+  const files = typeof opts.tls === "object" ? opts.tls : {};
+  const tls = opts.tls || url.startsWith("rediss://") ? { tls: tlsOptions(files) } : {};
   if (url.startsWith("redis+cluster://")) {
     const nodes = url.slice("redis+cluster://".length).split(",").map((hp) => {
       const [host, port] = hp.split(":");
@@ -304,6 +317,6 @@ export function openRedis(url: string, opts: RedisConnectOptions = {}): RedisCli
 }
 
 /** The Redis client for a pipeline's settings. */
-export function openPipelineRedis(p: { redis: { url: string; password?: string; tls: boolean } }): RedisClient {
+export function openPipelineRedis(p: { redis: { url: string; password?: string; tls: false | TlsFiles } }): RedisClient {
   return openRedis(p.redis.url, { password: p.redis.password, tls: p.redis.tls });
 }

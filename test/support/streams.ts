@@ -6,6 +6,8 @@ export interface StoredMsg {
   subject: string;
   seq: number;
   data: string;
+  /** The message's bytes as stored (`data` is their UTF-8 decoding). */
+  raw: Uint8Array;
   headers: Record<string, string>;
 }
 
@@ -25,7 +27,7 @@ export async function readStream(nats: NatsHandles, stream: string, filter?: str
       got++;
       const headers: Record<string, string> = {};
       if (m.headers) for (const [k, v] of m.headers) headers[k] = v.join(",");
-      out.push({ subject: m.subject, seq: m.seq, data: dec.decode(m.data), headers });
+      out.push({ subject: m.subject, seq: m.seq, data: dec.decode(m.data), raw: m.data, headers });
     }
     if (got === 0) break;
   }
