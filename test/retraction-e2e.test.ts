@@ -24,7 +24,7 @@ import { publishLines } from "../src/runtime/publisher.js";
 import { Worker } from "../src/runtime/worker.js";
 import { simulate } from "../src/sim/simulate.js";
 import { withServers } from "./harness.js";
-import { consumersDrained, eventually, readStream } from "./support/streams.js";
+import { consumersDrained, eventually, readLabelStream } from "./support/streams.js";
 import { spawnTacit } from "./support/tacit-process.js";
 
 const KEY = "t1:retraction-e2e-test-secret-0123";
@@ -79,7 +79,7 @@ test("bots flagged late: their published labels are retracted on the live stream
       const bots = new Map<string, string>();
       for (const u of [...sim.truth, ...after.truth]) if (u.kind === "user" && u.is_bot) bots.set(pseudonymize(key, u.user_id), u.user_id);
       const spanUsers = new Set(sim.truth.flatMap((u) => (u.kind === "user" ? [pseudonymize(key, u.user_id)] : [])));
-      const all = (await readStream(nats, streamName(p, "labels"))).map((m) => JSON.parse(m.data) as Label);
+      const all = (await readLabelStream(nats, streamName(p, "labels"))).map((m) => JSON.parse(m.data) as Label);
       const latest = new Map<string, Label>();
       for (const l of all) if ((latest.get(l.label_id)?.revision ?? -1) < l.revision) latest.set(l.label_id, l);
       const retracted = [...latest.values()].filter((l) => l.retracted === true);
