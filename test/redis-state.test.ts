@@ -13,6 +13,7 @@ import { LeaseLostError, partitionKey, userKey, type StateStore } from "../src/c
 import { MemoryStateStore } from "../src/state/memory.js";
 import { RedisStateStore } from "../src/state/redis.js";
 import { startServers, type TestServers } from "./harness.js";
+import { startRedisCluster } from "./support/servers.js";
 
 let servers: TestServers;
 let redis: Redis;
@@ -369,6 +370,35 @@ test("on Redis Cluster, batches spanning many users (many slots) work and agree 
   // The batch really spanned all three nodes.
   const masters = new Set(users.map((u) => cluster.slots[slotOf(userKey("c", u, "x"))]?.[0]));
   assert.equal(masters.size, 3);
+});
+
+test("on Redis Cluster with replicas, a replicated commit waits for a replica: it fails while a replica is stopped, passes once it is back, and does not wait for a master whose replica is gone", { timeout: 60_000 }, async (t) => {
+  const c = await startRedisCluster(mkdtempSync(join(tmpdir(), "tacit-rcluster-")));
+  t.after(() => c.stop());
+  const cluster = new Cluster(c.nodes.map((n) => ({ host: "127.0.0.1", port: n.port })), { redisOptions: { maxRetriesPerRequest: 2 } });
+  t.after(() => cluster.disconnect());
+  const store = new RedisStateStore(cluster, 500);
+  const key = userKey("w", "u", "x");
+  const commit = (value: string) => store.commit([{ ops: [{ op: "set", key, value }] }], { replicated: true });
+  await commit("1");
+  // The replica of the master that holds the key (WAIT on the other masters has nothing to wait for).
+  const master = Number(cluster.slots[slotOf(key)]![0]!.split(":")[1]);
+  const replica = c.nodes.find((n) => n.port === c.replicaOf(master))!;
+  replica.proc.child.kill("SIGSTOP");
+  t.after(() => replica.proc.child.kill("SIGCONT"));
+  // Written on the master, but no replica acknowledges it: the commit fails (its input is not acked).
+  const t0 = Date.now();
+  await assert.rejects(commit("2"), (e: unknown) => e instanceof TransientError && /no replica acknowledged the commit within 500 ms/.test(e.message));
+  assert.ok(Date.now() - t0 >= 500, "it waited for the replica");
+  replica.proc.child.kill("SIGCONT");
+  await commit("3");
+  // A master whose replica is gone has nothing to wait for.
+  await replica.proc.stop({ hard: true });
+  await commit("4");
+  const t1 = Date.now();
+  await commit("5");
+  assert.ok(Date.now() - t1 < 400, `a master without a replica is not waited for (${Date.now() - t1} ms)`);
+  assert.equal(await cluster.get(key), "5");
 });
 
 /** Redis Cluster's slot of a key (CRC16/XMODEM of its hash tag, mod 16384). */

@@ -146,7 +146,7 @@ export function compilePipeline(data: PipelineFile, sm: SourceMap, opts: Compile
   const r = data.redis ?? {};
   const redisUrl = url(["redis", "url"], r.url!);
   const redisTls = typeof r.tls === "object" ? tlsFiles("redis", r.tls) : r.tls === true || redisUrl.startsWith("rediss://") ? {} : false;
-  const redis: Pipeline["redis"] = { url: redisUrl, tls: redisTls };
+  const redis: Pipeline["redis"] = { url: redisUrl, tls: redisTls, replica_wait_ms: ms(["redis", "replica_wait"], r.replica_wait!) };
   const redisPassword = fromFile(["redis", "password_file"], r.password_file) ?? fromEnv(["redis", "password_env"], r.password_env);
   if (redisPassword !== undefined) redis.password = redisPassword;
 

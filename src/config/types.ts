@@ -37,7 +37,7 @@ export interface PipelineFile {
     creds_file?: string;
     tls?: TlsFiles;
   };
-  redis?: { url?: string; password_env?: string; password_file?: string; tls?: boolean | TlsFiles };
+  redis?: { url?: string; password_env?: string; password_file?: string; tls?: boolean | TlsFiles; replica_wait?: string };
   partitions?: number;
   streams?: { max_age?: string; duplicate_window?: string; replicas?: number; max_bytes?: number };
   runtime?: {
@@ -83,7 +83,8 @@ export interface Pipeline {
     tls?: TlsFiles;
   };
   /** `tls` is false, or the TLS settings (empty: verify against the system CAs). */
-  redis: { url: string; password?: string; tls: false | TlsFiles };
+  /** `replica_wait_ms`: on Redis Cluster, how long a keyed commit waits for a replica (0: not at all). */
+  redis: { url: string; password?: string; tls: false | TlsFiles; replica_wait_ms: number };
   partitions: number;
   streams: { max_age_ms: number; duplicate_window_ms: number; replicas: number; max_bytes: number };
   runtime: {

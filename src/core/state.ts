@@ -52,8 +52,11 @@ export interface StateStore {
    * `lease` (only where `inOrder`), every group is applied only while `lease.key` holds
    * `lease.holder`, checked inside the same atomic step: otherwise nothing is applied and it
    * rejects with LeaseLostError. That fences a stalled worker whose partition moved on.
+   * With `replicated`, it resolves only once every write this store made so far (this call's
+   * and earlier ones) has reached a replica, where the store replicates asynchronously and is
+   * told to wait (Redis Cluster with `redis.replica_wait`); else it rejects with a TransientError.
    */
-  commit(groups: CommitGroup[], opts?: { lease?: CommitLease }): Promise<boolean[]>;
+  commit(groups: CommitGroup[], opts?: { lease?: CommitLease; replicated?: boolean }): Promise<boolean[]>;
   /**
    * Whether `commit` applies its groups in the order given and together (one Redis server: one
    * MULTI/EXEC, which applies none when Redis refuses one while queueing, out of memory above

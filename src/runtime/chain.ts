@@ -17,7 +17,7 @@ export interface MsgResult {
   emits: { stage: string; emit: Emit }[];
   commits: CommitGroup[];
   error?: { stage: string; err: TacitError };
-  /** A retryable per-message error: nak this message (unkeyed groups) instead of settling it. */
+  /** A retryable per-message error: the runner retries the batch, in order (and dead-letters the message once it met `runtime.max_deliver`). */
   retry?: { stage: string; err: TacitError };
   /** The traceparent its outputs carry, when the input had one. */
   traceparent?: string;

@@ -60,7 +60,7 @@ function fenceOff(r: MsgResult): void {
  * while a batch is processed form the next batch, so batches grow with load. Per batch: decode,
  * run the group's chain, publish every output, commit (a keyed partition: the changed state,
  * timers, effects and its progress in one atomic step, fenced by its lease), then settle each
- * message exactly once (ack; term after dead-lettering; nak for a retryable error).
+ * message exactly once (ack; term after dead-lettering; a retryable error retries the batch, in order).
  */
 export class ConsumerRunner {
   private buffer: JsMsg[] = [];
@@ -350,8 +350,12 @@ export class ConsumerRunner {
         const retryable = err instanceof TacitError ? err.retryable : true;
         const delay = backoff[Math.min(attempt, backoff.length - 1)] ?? 1000;
         this.w.log.warn({ durable: this.durable, attempt, delay, retryable, err: errorMessage(err) }, "batch failed; retrying");
-        for (const m of msgs) m.working();
-        await new Promise((r) => setTimeout(r, delay));
+        // The batch stays ours while it waits: its ack deadline is pushed back through the delay.
+        const slice = Math.max(100, this.w.pipeline.runtime.ack_wait_ms / 3);
+        for (let left = delay; left > 0 && !this.abandon; left -= slice) {
+          for (const m of msgs) m.working();
+          await new Promise((r) => setTimeout(r, Math.min(left, slice)));
+        }
         if (this.abandon) return;
         if (held.length) {
           // Held batches are run again too, before this one: back to the buffer, in order.
@@ -434,8 +438,12 @@ export class ConsumerRunner {
     const { items, results } = this.decode(msgs);
     this.w.observer?.inputs?.(this.g.name, items);
     await runUnkeyed(this.unkeyedStages!, items, results);
-    // Retryable per-message errors are nak'ed one by one (order does not matter here).
-    this.giveUpExhausted(msgs, results);
+    // Retryable per-message errors (Redis down for enrich's context lookup) retry the batch in
+    // order, like a keyed partition's: a nak would send those messages on behind newer ones, and
+    // the keyed stages' event time depends on the order their inputs arrive in (events held back
+    // by an outage would come out `late`, bot scores would see them out of order).
+    const retry = this.giveUpExhausted(msgs, results);
+    if (retry) throw retry;
     this.applyFence(msgs, results, undefined);
     const sink = emptyResult();
     const labels = await this.w.outputs.publish(this.g, msgs, results, sink, new Map());
@@ -549,7 +557,9 @@ export class ConsumerRunner {
     const phases = [before!, [...users!, ...labels], after!, [progress]];
     try {
       if (state.inOrder) await state.commit(phases.flat(), lease ? { lease } : {});
-      else for (const phase of phases) if (phase.length) await state.commit(phase);
+      // The progress goes last, and waits for every phase to reach a replica (`redis.replica_wait`):
+      // the batch's messages are acked after it, so an acked input's state survives a failover.
+      else for (const [i, phase] of phases.entries()) if (phase.length) await state.commit(phase, { replicated: i === phases.length - 1 });
     } catch (err) {
       if (err instanceof LeaseLostError) {
         this.leaseLost();

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
-import type { Redis, Cluster } from "ioredis";
+import { Cluster, type Redis } from "ioredis";
 import type { Pipeline, Stage } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
 import { TacitError, errorMessage } from "../core/errors.js";
@@ -45,7 +45,7 @@ export interface WorkerOptions {
  * A worker runs the stage groups of a pipeline: a shared durable for unkeyed groups, and the
  * partitions it holds a lease on for keyed ones. Per batch: decode, run the group's operators,
  * publish every output (many in flight, deterministic Nats-Msg-Id), apply state commits, then
- * settle each message exactly once (ack; term after dead-lettering; nak for a retryable error).
+ * settle each message exactly once (ack; term after dead-lettering; a retryable error retries the batch, in order).
  */
 export class Worker implements RunnerHost {
   readonly id: string;
@@ -56,11 +56,20 @@ export class Worker implements RunnerHost {
   private readonly allGroups: StageGroup[];
   private natsHandles?: NatsHandles;
   private redis?: Redis | Cluster;
+  /** The state store's own Cluster connection, when its commits WAIT for replicas. */
+  private stateRedis?: Cluster;
   private ownsConnections = { nats: false, redis: false };
   private store?: StateStore;
   /** The processor of each unkeyed stage (keyed ones: one instance per partition, owned by its runner). */
   private readonly processors = new Map<string, Promise<{ proc: Processor; clock: ManualClock }>>();
   private readonly runners = new Map<string, ConsumerRunner>();
+  /**
+   * Runners still stopping, by key. A partition's lease can be lost and taken again by this same
+   * worker while its old runner finishes a batch (a Redis outage longer than the lease): the new
+   * runner starts only once the old one has stopped, else both would work on the partition, and
+   * the new one would read a progress the old one is still moving.
+   */
+  private readonly stoppingRunners = new Map<string, Promise<void>>();
   /** Lease loops of the keyed groups that are running (absent while a group is paused). */
   private readonly leases = new Map<string, PartitionLeases>();
   /** Groups paused by `tacit replay` (through the control hash). */
@@ -94,7 +103,11 @@ export class Worker implements RunnerHost {
     this.ownsConnections.nats = !this.opts.nats;
     this.redis = this.opts.redis ?? openPipelineRedis(p);
     this.ownsConnections.redis = !this.opts.redis;
-    this.store = new RedisStateStore(this.redis);
+    // On Cluster, a commit's WAIT holds its connection until a replica acknowledges: the state
+    // gets a connection of its own, so lease renewals never queue behind a WAIT.
+    const waits = this.redis instanceof Cluster && p.redis.replica_wait_ms > 0;
+    this.stateRedis = waits ? (this.redis as Cluster).duplicate() : undefined;
+    this.store = new RedisStateStore(this.stateRedis ?? this.redis, waits ? p.redis.replica_wait_ms : 0);
     // Create each stage's operator now, so a bad config or a missing secret fails the start.
     for (const g of this.groups) for (const s of g.stages) await (g.keyed ? this.create(s.name, new ManualClock(0)) : this.unkeyed(s.name));
     if (this.opts.requireDeployed) await assertDeployed(p, this.natsHandles.jsm, this.groups);
@@ -261,6 +274,7 @@ export class Worker implements RunnerHost {
     const r = new ConsumerRunner(this, g, partition);
     this.runners.set(this.runnerKey(g, partition), r);
     try {
+      await this.stoppingRunners.get(this.runnerKey(g, partition));
       await r.start();
     } catch (err) {
       this.runners.delete(this.runnerKey(g, partition));
@@ -278,7 +292,16 @@ export class Worker implements RunnerHost {
     const r = this.runners.get(key);
     this.runners.delete(key);
     // Handing a partition over while running: quick. Shutting down: drain the open pull too.
-    if (r) await r.stop(settle, !this.stopping);
+    if (r) {
+      const stopping = r.stop(settle, !this.stopping);
+      const stopped = stopping.catch(() => undefined);
+      this.stoppingRunners.set(key, stopped);
+      try {
+        await stopping;
+      } finally {
+        if (this.stoppingRunners.get(key) === stopped) this.stoppingRunners.delete(key);
+      }
+    }
     this.reportOwned(g);
   }
 
@@ -293,5 +316,6 @@ export class Worker implements RunnerHost {
     for (const p of this.processors.values()) await (await p.catch(() => undefined))?.proc.close?.();
     if (this.ownsConnections.nats && this.natsHandles) await this.natsHandles.nc.drain().catch(() => undefined);
     if (this.ownsConnections.redis && this.redis) this.redis.disconnect();
+    this.stateRedis?.disconnect();
   }
 }

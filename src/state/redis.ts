@@ -62,6 +62,9 @@ return 1
 
 type RedisClient = Redis | Cluster;
 
+/** How long a Cluster master's count of online replicas is trusted before INFO is asked again. */
+const REPLICA_CHECK_MS = 1000;
+
 /** Most state ops one commit script call carries on a single Redis. */
 const MAX_OPS_PER_CALL = 256;
 
@@ -83,7 +86,16 @@ function transient(err: unknown): TransientError {
 /** The Redis StateStore: pipelines many keys per round trip, one Lua call per commit group. */
 export class RedisStateStore implements StateStore {
   readonly inOrder: boolean;
-  constructor(readonly redis: RedisClient) {
+  /** Online replicas per Cluster master (`host:port`), as last asked. */
+  private readonly replicas = new Map<string, { at: number; online: Promise<number> }>();
+  /**
+   * @param replicaWaitMs On Redis Cluster: how long a `replicated` commit waits (`WAIT 1`) for
+   *   every master's writes to reach a replica; 0 does not wait.
+   */
+  constructor(
+    readonly redis: RedisClient,
+    private readonly replicaWaitMs = 0,
+  ) {
     this.inOrder = !(redis instanceof Cluster);
     redis.defineCommand("tacitCommit", { lua: COMMIT_LUA });
   }
@@ -127,9 +139,51 @@ export class RedisStateStore implements StateStore {
     }
   }
 
-  async commit(groups: CommitGroup[], opts: { lease?: CommitLease } = {}): Promise<boolean[]> {
+  async commit(groups: CommitGroup[], opts: { lease?: CommitLease; replicated?: boolean } = {}): Promise<boolean[]> {
+    const applied = await this.apply(groups, opts.lease);
+    if (opts.replicated) await this.replicated();
+    return applied;
+  }
+
+  /**
+   * Waits until every master's writes so far have reached one replica (`WAIT 1`: a client's
+   * writes to a node travel on its one connection, which is the connection WAIT asks on). A
+   * master with no replica online (its replica was promoted after a failover, or is down) has
+   * nothing to wait for: what it holds has no second copy until a replica joins it again. Which
+   * masters have one is asked with INFO, at most once a second per master, and again when a
+   * WAIT times out.
+   */
+  private async replicated(): Promise<void> {
+    const cluster = this.redis;
+    if (!(cluster instanceof Cluster) || this.replicaWaitMs <= 0) return;
+    try {
+      await Promise.all(
+        cluster.nodes("master").map(async (node) => {
+          if ((await this.onlineReplicas(node)) === 0) return;
+          if (Number(await node.call("WAIT", 1, this.replicaWaitMs)) >= 1) return;
+          if ((await this.onlineReplicas(node, true)) === 0) return;
+          throw new Error(`${node.options.host}:${node.options.port}: no replica acknowledged the commit within ${this.replicaWaitMs} ms`);
+        }),
+      );
+    } catch (err) {
+      throw transient(err);
+    }
+  }
+
+  /** How many replicas of a master are online (in sync), from INFO at most `REPLICA_CHECK_MS` old unless `fresh`. */
+  private onlineReplicas(node: Redis, fresh = false): Promise<number> {
+    const key = `${node.options.host}:${node.options.port}`;
+    const known = this.replicas.get(key);
+    if (known && !fresh && Date.now() - known.at < REPLICA_CHECK_MS) return known.online;
+    const online = node.info("replication").then((info) => info.match(/^slave\d+:.*state=online/gm)?.length ?? 0);
+    const entry = { at: Date.now(), online };
+    this.replicas.set(key, entry);
+    online.catch(() => this.replicas.get(key) === entry && this.replicas.delete(key));
+    return online;
+  }
+
+  private async apply(groups: CommitGroup[], lease: CommitLease | undefined): Promise<boolean[]> {
     if (groups.length === 0) return [];
-    const lease = opts.lease;
     if (lease && !this.inOrder) throw new Error("a lease-fenced commit needs a single Redis (the lease key is in another hash slot)");
     // On one Redis, consecutive unguarded groups run as one script call: the same order and the
     // same all-at-once (one MULTI/EXEC), a fraction of the calls. Bounded so no call carries an

@@ -128,8 +128,8 @@ export interface RedisCluster {
   nodes: { port: number; proc: Proc }[];
   /** The ports of the current masters (asked of a live node). */
   masters(): Promise<number[]>;
-  /** The hash slots a live node serves, as [first, last] ranges. */
-  slotsOf(port: number): [number, number][];
+  /** The port of a master's replica (asked of the master). */
+  replicaOf(port: number): number;
   stop(): Promise<void>;
 }
 
@@ -154,6 +154,11 @@ export async function startRedisCluster(dir: string, count = 3, nodeTimeoutMs = 
       const r = spawnSync("redis-cli", ["--cluster", "check", `127.0.0.1:${ports[0]}`], { encoding: "utf8" });
       return r.status === 0 && /All 16384 slots covered/.test(r.stdout);
     });
+    // Replicas take a moment to sync: until then a master's WAIT has no replica to answer it.
+    await waitFor("every replica to be in sync", async () => {
+      const online = ports.map((p) => spawnSync("redis-cli", ["-p", String(p), "info", "replication"], { encoding: "utf8" }).stdout.match(/^slave\d+:.*state=online/gm)?.length ?? 0);
+      return online.reduce((a, b) => a + b, 0) === count;
+    });
   } catch (err) {
     await stop();
     throw err;
@@ -167,15 +172,13 @@ export async function startRedisCluster(dir: string, count = 3, nodeTimeoutMs = 
     }
     return [];
   };
-  const slotsOf = (port: number): [number, number][] => {
-    const r = spawnSync("redis-cli", ["-p", String(port), "cluster", "nodes"], { encoding: "utf8" });
-    const mine = r.stdout.split("\n").find((l) => l.includes("myself")) ?? "";
-    return mine.split(" ").slice(8).filter((f) => /^\d+(-\d+)?$/.test(f)).map((f) => {
-      const [a, b] = f.split("-").map(Number);
-      return [a!, b ?? a!];
-    });
+  const replicaOf = (port: number): number => {
+    const r = spawnSync("redis-cli", ["-p", String(port), "info", "replication"], { encoding: "utf8" });
+    const m = /^slave0:ip=[^,]+,port=(\d+)/m.exec(r.stdout);
+    if (!m) throw new Error(`no replica of ${port}: ${r.stdout}`);
+    return Number(m[1]);
   };
-  return { url: `redis+cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}`, nodes, masters, slotsOf, stop };
+  return { url: `redis+cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}`, nodes, masters, replicaOf, stop };
 }
 
 async function waitFor(what: string, pred: () => Promise<boolean>, timeoutMs = 20_000): Promise<void> {
