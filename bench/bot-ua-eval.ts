@@ -157,12 +157,15 @@ export async function flagAgents(agents: readonly string[], batchSize = 500): Pr
     });
     const results = batch.map(emptyResult);
     const sink = emptyResult();
-    await chain.run(batch.map((input, msg) => ({ msg, input })), undefined, results, sink);
+    // The watermark reaches the events (bot-score holds inputs until it does, for event-time order).
+    await chain.run(batch.map((input, msg) => ({ msg, input })), T0, results, sink);
     await store.commit(chain.takeCommits(results, sink, T0).flat());
-    for (const r of results) {
+    const bots = new Set<string>();
+    for (const r of [...results, sink]) {
       if (r.error) throw r.error.err;
-      flagged.push(r.emits.some((e) => e.emit.to === "bots"));
+      for (const e of r.emits) if (e.emit.to === "bots") bots.add((e.emit.value as { user: string }).user);
     }
+    for (const input of batch) flagged.push(bots.has(input.envelope!.event.user));
   }
   return flagged;
 }

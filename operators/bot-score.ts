@@ -616,6 +616,8 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
 
   return {
     codec: { encode: encodeBotState, decode: decodeBotState, ttlMs: () => c.ttlMs },
+    // Rate windows, regularity and impossible sequences are judged on the user's events in event-time order.
+    eventTimeOrder: true,
     processElement(input: KeyedInput, key: KeyScope<UserState>): Outcome {
       const env = input.envelope;
       if (!env || typeof env.event?.user !== "string" || !Number.isFinite(env.event.ts)) {

@@ -644,6 +644,8 @@ interface Deciding {
 
 class LabelDeriver implements KeyedProcessor<UserState> {
   readonly codec: StateCodec<UserState>;
+  /** Signals are judged on what came before them in event time (a dwell after its click, baselines as of then). */
+  readonly eventTimeOrder = true;
   /** A user exactly at the population priors: what the *_nobase features assume of everyone. */
   private readonly population: BaselineView;
   private readonly features = new FeatureDelta();

@@ -84,14 +84,14 @@ async function stateLeft(h: OperatorHarness<SessionizeConfig>): Promise<string[]
 }
 
 test("an event bridging two sessions merges them; the emitted summary is superseded by a revision listing the merged-away id", async () => {
-  const h = harness({ gap: "30m", allowed_lateness: "10m" }, 5 * MIN);
+  const h = harness({ gap: "30m", allowed_lateness: "15m" }, 0);
   await h.push(0, [ev("u1", 0, "query", { query_id: "q1" }), ev("u1", 40 * MIN, "click")]);
   const [t, s] = nexts(h).map((e) => sessionOf(e).id);
   assert.notEqual(t, s, "40 min apart: two sessions");
-  // Watermark 35m has passed the first session's end + gap (30m): it is emitted, the second is not.
+  // Watermark 40m has passed the first session's end + gap (30m): it is emitted, the second is not.
   assert.deepEqual(summaries(h).map((x) => [x.session_id, x.revision, x.event_count]), [[t, 0, 1]]);
 
-  await h.push(0, [ev("u1", 28 * MIN, "copy_paste")]); // 7 min late, within 10 min; bridges both
+  await h.push(0, [ev("u1", 28 * MIN, "copy_paste")]); // 12 min late, within 15 min; bridges both
   assert.deepEqual(sessionOf(nexts(h)[2]!), { id: t, seq_in_session: 3 });
   assert.equal(summaries(h).length, 1, "the merged session ends at 40m: not due before the watermark passes 70m");
 
@@ -130,7 +130,9 @@ test("a late event within the allowed lateness revises the emitted summary: same
   assert.deepEqual(summaries(h).map((x) => [x.session_id, x.revision, x.event_count, x.ended_in_abandonment]), [[id, 0, 2, true]]);
 
   await h.push(0, [ev("u1", 35 * MIN, "accept", { query_id: "q1", response_id: "r1" })]); // watermark 44m: 9 min late
-  assert.equal(sessionOf(nexts(h)[3]!).id, id, "the late event is passed on with its session");
+  // Run at once (u2's event at 45m is still held: the watermark has not reached it).
+  assert.deepEqual(nexts(h).map((e) => e.event.event_type), ["query", "response_shown", "accept"]);
+  assert.equal(sessionOf(nexts(h)[2]!).id, id, "the late event is passed on with its session");
   assert.equal(h.outputs("late").length, 0);
 
   await h.advanceWatermark(0, T0 + 66 * MIN); // past the new end (35m) + gap
@@ -161,8 +163,9 @@ test("with emit_updates off a late event still counts in its session but no revi
   const h = harness({ gap: "30m", allowed_lateness: "10m", emit_updates: false }, 1 * MIN);
   await h.push(0, [ev("u1", 0), ev("u1", 10 * MIN), ev("u2", 45 * MIN)]);
   await h.push(0, [ev("u1", 35 * MIN)]);
-  assert.equal(nexts(h).length, 4);
+  assert.equal(nexts(h).length, 3, "the late event is passed on; u2's (45m) is held until the watermark reaches it");
   await h.advanceWatermark(0, FAR);
+  assert.equal(nexts(h).length, 4);
   assert.deepEqual(summaries(h).filter((x) => x.user === "u1").map((x) => [x.revision, x.event_count]), [[0, 2]]);
   assert.deepEqual(await stateLeft(h), []);
 });
@@ -584,7 +587,8 @@ test("property: seeded sessions through shuffles, lateness, batch sizes and cras
   // The stream must exercise what it claims to: merges, revisions after emission, merges into an emitted session.
   const all = summaries(reference.h);
   const finals = finalSummaries(all);
-  assert.ok(finals.filter((s) => s.merged_from.length > 0).length > 10, "merges");
+  // Inputs within the out-of-orderness arrive in event-time order (the runtime holds them), so only late ones bridge sessions.
+  assert.ok(finals.filter((s) => s.merged_from.length > 0).length >= 5, "merges");
   assert.ok(all.filter((s) => s.revision > 0).length > 10, "revisions");
   assert.ok(finals.some((s) => s.revision > 0 && s.merged_from.length > 0), "a merge into an already emitted session");
 

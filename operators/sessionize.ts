@@ -290,6 +290,8 @@ function checkEnvelope(env: Envelope): void {
 
 class Sessionizer implements KeyedProcessor<UserSessions> {
   readonly codec: StateCodec<UserSessions>;
+  /** Session ids (the first event's) and splits are decided on the user's events in event-time order. */
+  readonly eventTimeOrder = true;
 
   constructor(
     private readonly o: SessionizeOptions,

@@ -198,8 +198,9 @@ export interface TimerFiring {
   /** The watermark that passed it. */
   watermark_ms: number;
   /**
-   * Stream time of the input after which the watermark passed the timer; undefined when no
-   * input moved it there (an idle partition's advance). Deterministic on replay.
+   * Stream time of the input after which the timer was due (the one that moved the watermark
+   * past it, or that set it at or below the watermark); undefined when no input moved it there
+   * (an idle partition's advance). Deterministic on replay, whatever the batches.
    */
   stream_time_ms: number | undefined;
 }
@@ -220,7 +221,17 @@ export interface TimerOutcome {
 export interface KeyedProcessor<S> {
   readonly codec: StateCodec<S>;
   /**
-   * One input, in the partition's stream order, with its user's scope. Synchronous: every
+   * Decisions that must not depend on arrival order: the runtime holds the inputs of this
+   * operator's group (from the group's first stage on) until the watermark passes their event
+   * time and hands them over in (event time, event_id) order, interleaved with the timers as
+   * event time dictates (each input sees `watermark_ms` = its event time − 1). An input that
+   * arrives after the watermark passed it (later than `event_time.max_out_of_orderness`) is
+   * late: it is handed over at once, with the watermark it missed. Costs the out-of-orderness
+   * bound in latency.
+   */
+  readonly eventTimeOrder?: boolean;
+  /**
+   * One input, in the partition's stream order (event-time order with `eventTimeOrder`), with its user's scope. Synchronous: every
    * state it can touch is in memory. Return an error outcome rather than throwing for bad
    * input, before changing any state.
    */

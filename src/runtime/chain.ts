@@ -4,7 +4,7 @@ import type { KeyedInput, KeyedProcessor, TimerFiring } from "../core/operator.j
 import type { ManualClock } from "../core/clock.js";
 import type { Emit, OperatorMetrics, Outcome, Processor, StageInput } from "../core/operator.js";
 import type { CommitGroup } from "../core/state.js";
-import { mergeByTag, type StageState } from "./keyed-state.js";
+import { heldOrder, mergeByTag, type StageState } from "./keyed-state.js";
 
 /**
  * Chain execution: runs the stages of one group (Flink's operator chaining) over a batch and
@@ -39,6 +39,10 @@ export function emptyResult(): MsgResult {
 export interface Item {
   msg: number;
   input: StageInput;
+  /** Released from the event-time hold: its guard was applied when it was held. */
+  held?: true;
+  /** Where its outcome goes instead of its message's result (see KeyedChain.inOrder). */
+  into?: MsgResult;
 }
 
 function record(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResult, onNext: (e: Emit) => boolean): void {
@@ -121,20 +125,52 @@ export interface KeyedStage {
   clock: ManualClock;
 }
 
+const NO_BYTES = new Uint8Array();
+
 /**
  * Runs one partition's batch through a keyed group, one input at a time through every stage
  * (each input is finished by the whole chain before the next starts), firing each stage's due
  * timers before the first input whose watermark reached them and, at the end, up to the
  * batch's final watermark. `finalWm` is the partition's watermark after the batch.
+ *
+ * Event-time order (a stage's operator sets `eventTimeOrder`): the group's first stage holds
+ * each input, in its user's state, until the watermark reaches its event time (no input at or
+ * below the watermark can still come within the bound). Then the held inputs of the partition
+ * run in (event time, event_id, sequence) order, each seeing the watermark `event time − 1`, so
+ * every timer before it fires first and none after it; timers then fire up to the watermark.
+ * What the group decides is then a function of the events, not of their arrival order, for
+ * every input that arrives less than `event_time.max_out_of_orderness` behind the newest event
+ * of its partition. A later one (at or below the watermark) runs at once with the watermark it
+ * saw (sessionize judges its lateness against it). An input that comes in order is held only
+ * until the next input or the end of its batch when the bound is 0.
  */
 export class KeyedChain {
-  /** Stream time of the input after which the watermark took its current value (for TimerFiring). */
+  /** Stream time of the input after which what fires now became due (for TimerFiring): the batch's previous input. */
   private raisedBy: number | undefined;
+  /** The group runs in event-time order (see above). */
+  private readonly ordered: boolean;
+  /** Inputs of this batch held so far, by sequence: their message index (released in the batch, their outputs can be theirs). */
+  private readonly heldHere = new Map<number, number>();
+  /**
+   * Outputs are published message by message, then the sink's: the highest message that has
+   * outputs so far, and whether a release went to the sink. A release keeps its own message
+   * only while that keeps the publication in release order.
+   */
+  private top = -1;
+  private toSink = false;
+  /**
+   * Effects outside the operators' state (features), in the order they were made, with the
+   * result they belong to: they land in that order, so a field two inputs set ends as the later
+   * one left it, whichever message or sink each belongs to and wherever batches begin.
+   */
+  private readonly effects: { r: MsgResult; groups: CommitGroup[] }[] = [];
 
   constructor(
     private readonly stages: KeyedStage[],
     private readonly partition: number,
-  ) {}
+  ) {
+    this.ordered = stages.some((s) => s.proc.eventTimeOrder === true);
+  }
 
   /** Loads every user the batch (and the timers due by `finalWm`) can touch, one round trip per stage. */
   private async prepare(items: Item[], finalWm: number | undefined): Promise<void> {
@@ -145,6 +181,7 @@ export class KeyedChain {
       if (typeof user === "string") users.add(user);
     }
     if (finalWm !== undefined) for (const s of this.stages) for (const u of s.state.dueUsers(finalWm)) users.add(u);
+    if (finalWm !== undefined && this.ordered) for (const u of this.stages[0]!.state.dueHolders(finalWm)) users.add(u);
     await Promise.all(this.stages.map((s) => s.state.load(users)));
   }
 
@@ -152,23 +189,101 @@ export class KeyedChain {
   async run(items: Item[], finalWm: number | undefined, results: MsgResult[], sink: MsgResult): Promise<void> {
     await this.prepare(items, finalWm);
     this.raisedBy = undefined;
+    this.heldHere.clear();
+    this.top = -1;
+    this.toSink = false;
     let prev: StageInput | undefined;
     for (const it of items) {
-      const wm = it.input.watermark_ms;
-      if (prev && wm !== undefined && (prev.watermark_ms === undefined || wm > prev.watermark_ms)) this.raisedBy = prev.stream_time_ms;
-      this.feed(0, it, results, sink);
+      // What fires before this input became due after the previous one: a watermark it raised, or a timer it set at or below the watermark.
+      if (prev) this.raisedBy = prev.stream_time_ms;
+      if (this.ordered) this.admit(it, results, sink);
+      else this.feed(0, it, results, sink);
       prev = it.input;
     }
-    if (finalWm === undefined) return;
-    if (prev && (prev.watermark_ms === undefined || finalWm > prev.watermark_ms)) this.raisedBy = prev.stream_time_ms;
-    for (let k = 0; k < this.stages.length; k++) this.fireDue(k, finalWm, results, sink);
+    if (finalWm !== undefined) {
+      if (prev) this.raisedBy = prev.stream_time_ms;
+      this.advanceTo(finalWm, results, sink);
+    }
+    this.heldHere.clear();
   }
 
   /** Fires the timers due by `wm` after an idle advance (no input moved the watermark). */
   async advance(wm: number, sink: MsgResult): Promise<void> {
     await this.prepare([], wm);
     this.raisedBy = undefined;
-    for (let k = 0; k < this.stages.length; k++) this.fireDue(k, wm, [], sink);
+    this.advanceTo(wm, [], sink);
+  }
+
+  private advanceTo(wm: number, results: MsgResult[], sink: MsgResult): void {
+    if (this.ordered) this.release(wm, results, sink);
+    else for (let k = 0; k < this.stages.length; k++) this.fireDue(k, wm, results, sink);
+  }
+
+  /**
+   * Ordered group: releases what the input's watermark passed, then holds the input until the
+   * watermark passes it too (marked applied with the hold, in the same write). Late inputs,
+   * inputs already applied, and envelopes that lack what the operators check run at once.
+   */
+  private admit(it: Item, results: MsgResult[], sink: MsgResult): void {
+    const wm = it.input.watermark_ms;
+    if (wm !== undefined) this.release(wm, results, sink);
+    const head = this.stages[0]!;
+    const env = it.input.envelope;
+    const ev = env?.event;
+    if (!env || !ev || typeof ev.user !== "string" || !Number.isFinite(ev.ts) || typeof ev.event_id !== "string" || typeof ev.event_type !== "string" || typeof env.src?.seq !== "number" || it.input.seq <= head.state.applied(ev.user)) {
+      return this.inOrder(it, results, sink);
+    }
+    if (wm !== undefined && ev.ts <= wm) {
+      head.counters.count("late_unordered");
+      return this.inOrder(it, results, sink);
+    }
+    head.state.hold(ev.user, { seq: it.input.seq, st: it.input.stream_time_ms, env });
+    head.state.markApplied(ev.user, it.input.seq);
+    if (it.msg >= 0) this.heldHere.set(it.input.seq, it.msg);
+    head.counters.count("held");
+  }
+
+  /**
+   * Ordered group: runs the held inputs the watermark reached, in event-time order across the
+   * partition, then fires the timers up to it. An input held in this batch produces its own
+   * outputs (or dead letter) where that keeps them in release order; others produce the sink's,
+   * as a timer does, and if an operator rejects one, it is counted (`dlq`) and its outputs left
+   * out (it was settled when it was held, so it cannot go to the dead letters).
+   */
+  private release(frontier: number, results: MsgResult[], sink: MsgResult): void {
+    for (const h of this.stages[0]!.state.releaseDue(frontier).sort(heldOrder)) {
+      const wm = h.env.event.ts - 1;
+      for (let k = 0; k < this.stages.length; k++) this.fireDue(k, wm, results, sink);
+      const input: StageInput = { seq: h.seq, subject: "", data: NO_BYTES, envelope: h.env, deliveries: 1, stream_time_ms: this.raisedBy ?? h.st, watermark_ms: wm, partition: this.partition };
+      this.inOrder({ msg: this.heldHere.get(h.seq) ?? -1, input, held: true }, results, sink);
+    }
+    for (let k = 0; k < this.stages.length; k++) this.fireDue(k, frontier, results, sink);
+  }
+
+  /**
+   * Runs an input of an ordered group so that the batch's outputs are published in the order
+   * they were made (downstream groups then see event-time order too). Outputs are published
+   * message by message, then the sink's: an input keeps its outputs on its own message while
+   * that message comes after every one with outputs so far and nothing went to the sink; else
+   * they go to the sink, and an error or a drop still goes to its message (dead letter, metrics).
+   * An input held in an earlier batch has no message here: if an operator rejects it, it is
+   * counted (`dlq`) and its outputs are left out (it was settled when it was held).
+   */
+  private inOrder(it: Item, results: MsgResult[], sink: MsgResult): void {
+    if (it.msg >= 0 && !this.toSink && it.msg > this.top) {
+      this.top = it.msg;
+      return this.feed(0, it, results, sink);
+    }
+    this.toSink = true;
+    const one = emptyResult();
+    this.feed(0, { ...it, into: one }, results, sink);
+    const r = it.msg >= 0 ? results[it.msg]! : undefined;
+    if (r) {
+      if (one.error) r.error = one.error;
+      if (one.retry) r.retry = one.retry;
+      if (one.dropped) r.dropped ??= one.dropped;
+    }
+    if (!one.error && !one.retry) sink.emits.push(...one.emits);
   }
 
   private feed(k: number, it: Item, results: MsgResult[], sink: MsgResult): void {
@@ -176,7 +291,7 @@ export class KeyedChain {
     if (wm !== undefined) this.fireDue(k, wm, results, sink);
     const stage = this.stages[k]!;
     const input = it.input as KeyedInput;
-    const r = it.msg >= 0 ? results[it.msg]! : sink;
+    const r = it.into ?? (it.msg >= 0 ? results[it.msg]! : sink);
     stage.counters.count("in");
     const user = input.envelope?.event?.user;
     if (typeof user !== "string" || !Number.isFinite(input.envelope.event.ts)) {
@@ -185,7 +300,7 @@ export class KeyedChain {
       return;
     }
     // The runtime's exactly-once guard: an input at or below the user's applied sequence ran before.
-    if (it.msg >= 0 && input.seq <= stage.state.applied(user)) {
+    if (it.msg >= 0 && !it.held && input.seq <= stage.state.applied(user)) {
       stage.counters.count("dropped", 1, { reason: "already_applied" });
       r.dropped ??= "already_applied";
       return;
@@ -198,14 +313,15 @@ export class KeyedChain {
       if (err instanceof TacitError && err.retryable) throw err;
       o = { emits: [], error: err instanceof TacitError ? err : new TacitError("processing_failed", errorMessage(err), { cause: err }) };
     }
-    if (it.msg >= 0 && !o.error?.retryable) stage.state.markApplied(user, input.seq);
+    if (it.msg >= 0 && !it.held && !o.error?.retryable) stage.state.markApplied(user, input.seq);
+    if (o.commits?.length) this.effects.push({ r, groups: o.commits });
     record(stage.counters, stage.name, o, r, (e) => this.onward(k, it, e, results, sink));
   }
 
   /** Passes a `next` emit to the following stage; false at the end of the chain (it is an output). */
   private onward(k: number, from: Item, e: Emit, results: MsgResult[], sink: MsgResult): boolean {
     if (k + 1 >= this.stages.length) return false;
-    this.feed(k + 1, { msg: from.msg, input: { ...from.input, envelope: e.value as Envelope } }, results, sink);
+    this.feed(k + 1, { ...from, input: { ...from.input, envelope: e.value as Envelope } }, results, sink);
     return true;
   }
 
@@ -216,7 +332,7 @@ export class KeyedChain {
    * contribute no effects. `eventTimeMs` dates the state TTLs. Returned as phases, each to land
    * before the next starts (on a single Redis, one MULTI/EXEC in this order does that).
    */
-  takeCommits(results: MsgResult[], sink: MsgResult, eventTimeMs: number): CommitGroup[][] {
+  takeCommits(_results: MsgResult[], _sink: MsgResult, eventTimeMs: number): CommitGroup[][] {
     const before: CommitGroup[] = [];
     const users: CommitGroup[] = [];
     const after: CommitGroup[] = [];
@@ -226,13 +342,15 @@ export class KeyedChain {
       users.push(...c.users);
       after.push(...c.timersAfter);
     }
-    for (const r of results) if (!r.retry && !r.error) users.push(...r.commits);
-    users.push(...sink.commits);
+    // The batch's results and sink (`_results`, `_sink`): their effects, logged as they were made.
+    for (const { r, groups } of this.effects) if (!r.retry && !r.error) users.push(...groups);
+    this.effects.length = 0;
     return [before, mergeByTag(users), after];
   }
 
   /** Forgets the in-memory state (a failed batch, a lost lease): it is read again from Redis. */
   drop(): void {
+    this.effects.length = 0;
     for (const s of this.stages) s.state.drop();
   }
 
@@ -252,6 +370,9 @@ export class KeyedChain {
       const firing: TimerFiring = { at_ms: t.at, watermark_ms: wm, stream_time_ms: this.raisedBy };
       const out = stage.proc.onTimer(stage.state.scope(t.user, this.partition), firing);
       const from: Item = { msg: -1, input: { seq: 0, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: this.raisedBy ?? 0, watermark_ms: wm, partition: this.partition } };
+      if (out.commits?.length) this.effects.push({ r: sink, groups: out.commits });
+      // Published after every message's outputs: later inputs' outputs follow it there (see inOrder).
+      if (this.ordered && out.emits.length) this.toSink = true;
       record(stage.counters, stage.name, { emits: out.emits, commits: out.commits }, sink, (e) => this.onward(k, from, e, results, sink));
     }
   }

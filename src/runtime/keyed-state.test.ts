@@ -131,7 +131,7 @@ test("due users are found without scanning every timer; replaced timers do not p
   for (let i = 0; i < 5000; i++) state.scope(`u${i % 3}`, 0).setTimer(1000 + i);
   assert.deepEqual(state.dueUsers(999), []);
   assert.deepEqual(new Set(state.dueUsers(10_000)), new Set(["u0", "u1", "u2"]));
-  assert.ok((state as unknown as { heap: unknown[] }).heap.length <= 2 * 3 + 1024 + 1);
+  assert.ok((state as unknown as { timers: { heapSize: number } }).timers.heapSize <= 2 * 3 + 1024 + 1);
   const popped: string[] = [];
   for (let t = state.popDue(10_000); t; t = state.popDue(10_000)) popped.push(`${t.user}@${t.at}`);
   assert.deepEqual(popped, ["u2@5997", "u0@5998", "u1@5999"]);
@@ -178,4 +178,36 @@ test("admitInOrder skips what was applied and redelivered copies behind newer in
   assert.deepEqual(r.run.map((m) => m.seq), [5, 6]);
   assert.deepEqual(r.done.map((m) => m.seq), [3]);
   assert.equal(r.redelivered, 2);
+});
+
+test("event-time order: inputs are held in the user's state until the watermark reaches them, survive a restart, then run in event-time order", async () => {
+  const store = new MemoryStateStore();
+  const order = (seen: string[]): KeyedProcessor<Count> => ({ ...counter([]), eventTimeOrder: true, processElement(input, key) {
+    seen.push(`${input.envelope.event.user}@${input.envelope.event.ts}`);
+    return counter([]).processElement(input, key);
+  } });
+  const mk = (seen: string[]) => {
+    const proc = order(seen);
+    const state = new StageState(store, "t", "ord", 0, proc.codec, silent);
+    return { state, chain: new KeyedChain([{ name: "ord", proc: proc as KeyedProcessor<unknown>, state: state as StageState<unknown>, counters: noMetrics, clock: new ManualClock(0) }], 0) };
+  };
+  // Bound 10: a@20, a@5, b@12 arrive out of order; the watermark after them is 10 — only a@5 is due.
+  const first: string[] = [];
+  const one = mk(first);
+  const { results, sink, after } = await runBatch(one.chain, inputs([["a", 20], ["a", 5], ["b", 12]]), { hwm: 0 }, 10);
+  assert.deepEqual(first, ["a@5"]);
+  assert.ok(results.every((r) => !r.error));
+  await store.commit(one.chain.takeCommits(results, sink, 0).flat());
+  const raw = (await store.get([one.state.stateKey("a")]))[0]!;
+  assert.match(raw, /^2:\u0001\[.*"ts":20.*\]\n/, "a@20 is held in a's value, beside the guard");
+  // Another worker takes over: the held inputs come from the store and run in event-time order.
+  const second: string[] = [];
+  const two = mk(second);
+  const progress = { hwm: 3, maxTs: after.maxTs!, wm: after.wm! };
+  await runBatch(two.chain, inputs([["c", 40]], 4), progress, 10);
+  assert.deepEqual(second, ["b@12", "a@20"], "released by the watermark 30, in event-time order");
+  // A late input (at or below the watermark) runs at once, with its own outputs.
+  const late = await runBatch(two.chain, inputs([["a", 3]], 5), { hwm: 4, maxTs: 40, wm: 30 }, 10);
+  assert.deepEqual(second, ["b@12", "a@20", "a@3"]);
+  assert.equal(late.results[0]!.emits.length, 1);
 });

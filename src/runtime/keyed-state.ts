@@ -1,4 +1,5 @@
 import { TransientError, errorMessage } from "../core/errors.js";
+import type { Envelope } from "../core/event.js";
 import type { KeyScope, StateCodec } from "../core/operator.js";
 import type { Logger } from "../core/operator.js";
 import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type StateStore } from "../core/state.js";
@@ -15,6 +16,11 @@ import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type 
  *   where a batch's groups land one user at a time).
  * - Timers: one per user, in memory as a min-heap and persisted in the partition's sorted set
  *   `tacit:{<prefix>:p:<stage>:<n>}:timers` (read whole when the partition starts).
+ * - Inputs held for event-time order (a group with an operator that sets `eventTimeOrder`, see
+ *   KeyedChain): in the head stage's value of their user, before the operator's encoding
+ *   (`<applied seq>:\u0001<held JSON>\n<encoded state>`), so an input is held in the same atomic
+ *   write as the guard that says it was applied; each such user has a release time in the timers'
+ *   sorted set (member `\u0000h:<user>`, score: the earliest held event time).
  * - Only what changed since the last commit is written, in the batch's atomic commit.
  * - The cache is bounded: clean entries are evicted (least recently used first) after a commit;
  *   Redis stays the source of truth.
@@ -27,7 +33,29 @@ interface Entry<S> {
   key: string;
   /** The scope operators see for this user (built on first use, then reused: no closures per input). */
   scope?: KeyScope<S>;
+  /** Inputs held for event-time order, sorted by heldOrder (head stage of an ordered group). */
+  held?: HeldInput[];
 }
+
+/** An input held until the watermark passes its event time (see KeyedChain). */
+export interface HeldInput {
+  /** Its stream sequence and stream time. */
+  seq: number;
+  st: number;
+  env: Envelope;
+}
+
+/** Event-time order of held inputs: event time, then event_id, then stream sequence. */
+export function heldOrder(a: HeldInput, b: HeldInput): number {
+  const x = a.env.event;
+  const y = b.env.event;
+  return x.ts - y.ts || (x.event_id < y.event_id ? -1 : x.event_id > y.event_id ? 1 : 0) || a.seq - b.seq;
+}
+
+/** Member prefix of release times in the timers' sorted set (no user id starts with NUL). */
+const HOLD = "\u0000h:";
+/** Marks a stored payload that starts with held inputs (no operator encoding starts with it). */
+const HELD_MARK = "\u0001";
 
 /** The bound of the in-memory state of one worker, shared by every stage and partition it runs. */
 export class CacheBudget {
@@ -57,21 +85,114 @@ function encodeValue(applied: number, payload: string): string {
 }
 
 /** A stored keyed state: the applied sequence and the operator's encoding ('' when cleared). */
-export function decodeStoredValue(raw: string): { applied: number; payload: string } {
+export function decodeStoredValue(raw: string): { applied: number; payload: string; held?: HeldInput[] } {
   const colon = raw.indexOf(":");
-  return colon < 0 ? { applied: 0, payload: raw } : { applied: Number(raw.slice(0, colon)) || 0, payload: raw.slice(colon + 1) };
+  if (colon < 0) return { applied: 0, payload: raw };
+  const applied = Number(raw.slice(0, colon)) || 0;
+  if (raw[colon + 1] !== HELD_MARK) return { applied, payload: raw.slice(colon + 1) };
+  const nl = raw.indexOf("\n", colon);
+  return { applied, payload: raw.slice(nl + 1), held: JSON.parse(raw.slice(colon + 2, nl)) as HeldInput[] };
+}
+
+/**
+ * Event-time wake-ups of a stage's users (the operators' timers, or the release times of held
+ * inputs): one per user, in memory as a min-heap, with what changed since the last commit.
+ */
+class Wakeups {
+  readonly at = new Map<string, number>();
+  /** [at, user] min-heap; an element is live only while `at` maps its user to its time. */
+  private heap: [number, string][] = [];
+  private readonly changes = new Map<string, number | undefined>();
+  /** For each user in `changes`: its time as last committed (undefined: none). */
+  private readonly committed = new Map<string, number | undefined>();
+
+  load(all: Iterable<[string, number]>): void {
+    for (const [u, at] of all) this.at.set(u, at);
+    this.rebuild();
+  }
+
+  private rebuild(): void {
+    this.heap = [...this.at].map(([u, t]) => [t, u] as [number, string]).sort(cmp);
+  }
+
+  get heapSize(): number {
+    return this.heap.length;
+  }
+
+  /** Users due at `wm` or earlier: a walk of the heap's due part only. */
+  due(wm: number): string[] {
+    const out: string[] = [];
+    const stack = this.heap.length && this.heap[0]![0] <= wm ? [0] : [];
+    while (stack.length) {
+      const i = stack.pop()!;
+      const [at, user] = this.heap[i]!;
+      if (this.at.get(user) === at) out.push(user);
+      for (const c of [2 * i + 1, 2 * i + 2]) if (c < this.heap.length && this.heap[c]![0] <= wm) stack.push(c);
+    }
+    return out;
+  }
+
+  /** The earliest live wake-up at or before `wm`, removed; undefined when none is due. */
+  popDue(wm: number): { user: string; at: number } | undefined {
+    while (this.heap.length > 0) {
+      const [at, user] = this.heap[0]!;
+      if (this.at.get(user) !== at) {
+        heapPop(this.heap);
+        continue;
+      }
+      if (at > wm) return undefined;
+      heapPop(this.heap);
+      this.change(user, undefined);
+      return { user, at };
+    }
+    return undefined;
+  }
+
+  set(user: string, at: number | undefined): void {
+    if (this.at.get(user) === at) return;
+    this.change(user, at);
+    if (at !== undefined) {
+      heapPush(this.heap, [at, user]);
+      // Replaced times stay in the heap until they surface: rebuild it before they pile up.
+      if (this.heap.length > 2 * this.at.size + 1024) this.rebuild();
+    }
+  }
+
+  private change(user: string, at: number | undefined): void {
+    if (!this.changes.has(user)) this.committed.set(user, this.at.get(user));
+    if (at === undefined) this.at.delete(user);
+    else this.at.set(user, at);
+    this.changes.set(user, at);
+  }
+
+  /** The changes as sorted-set ops (members prefixed): new or earlier ones to `before`, later or removed ones to `after`. */
+  take(key: string, prefix: string, before: StateOp[], after: StateOp[]): void {
+    for (const [user, at] of this.changes) {
+      const was = this.committed.get(user);
+      if (at === was) continue;
+      const member = prefix + user;
+      if (at === undefined) after.push({ op: "zrem", key, member });
+      else (was === undefined || at < was ? before : after).push({ op: "zadd", key, score: at, member });
+    }
+    this.changes.clear();
+    this.committed.clear();
+  }
+
+  clear(): void {
+    this.at.clear();
+    this.changes.clear();
+    this.committed.clear();
+    this.heap = [];
+  }
 }
 
 export class StageState<S> {
   /** Insertion order is recency order: a touch moves an entry to the end. */
   private readonly entries = new Map<string, Entry<S>>();
   private readonly dirty = new Set<string>();
-  private readonly timers = new Map<string, number>();
-  /** [at, user] min-heap; an element is live only while `timers` maps its user to its time. */
-  private heap: [number, string][] = [];
-  private readonly timerChanges = new Map<string, number | undefined>();
-  /** For each user in `timerChanges`: its timer as last committed (undefined: none). */
-  private readonly timerCommitted = new Map<string, number | undefined>();
+  private readonly timers = new Wakeups();
+  /** Release times of held inputs: the earliest held event time of each user holding any. */
+  private readonly holds = new Wakeups();
   private loadedTimers = false;
   readonly timersKey: string;
 
@@ -105,8 +226,14 @@ export class StageState<S> {
     } catch (err) {
       throw err instanceof TransientError ? err : new TransientError("state_unavailable", `${this.stage}: timers read failed: ${errorMessage(err)}`, err);
     }
-    for (const { member, score } of all) this.timers.set(member, score);
-    this.heap = [...this.timers].map(([u, at]) => [at, u] as [number, string]).sort(cmp);
+    const timers: [string, number][] = [];
+    const holds: [string, number][] = [];
+    for (const { member, score } of all) {
+      if (member.startsWith(HOLD)) holds.push([member.slice(HOLD.length), score]);
+      else timers.push([member, score]);
+    }
+    this.timers.load(timers);
+    this.holds.load(holds);
     this.loadedTimers = true;
   }
 
@@ -126,8 +253,9 @@ export class StageState<S> {
       const raw = values[i];
       const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]! };
       if (raw != null) {
-        const { applied, payload } = decodeStoredValue(raw);
+        const { applied, payload, held } = decodeStoredValue(raw);
         entry.applied = applied;
+        if (held?.length) entry.held = held;
         if (payload !== "") {
           try {
             entry.state = this.codec.decode(payload);
@@ -142,31 +270,44 @@ export class StageState<S> {
 
   /** Users whose timer is due at `wm` or earlier (loaded or not): a walk of the heap's due part only. */
   dueUsers(wm: number): string[] {
-    const out: string[] = [];
-    const stack = this.heap.length && this.heap[0]![0] <= wm ? [0] : [];
-    while (stack.length) {
-      const i = stack.pop()!;
-      const [at, user] = this.heap[i]!;
-      if (this.timers.get(user) === at) out.push(user);
-      for (const c of [2 * i + 1, 2 * i + 2]) if (c < this.heap.length && this.heap[c]![0] <= wm) stack.push(c);
-    }
-    return out;
+    return this.timers.due(wm);
   }
 
   /** The earliest live timer at or before `wm`, removed; undefined when none is due. */
   popDue(wm: number): { user: string; at: number } | undefined {
-    while (this.heap.length > 0) {
-      const [at, user] = this.heap[0]!;
-      if (this.timers.get(user) !== at) {
-        heapPop(this.heap);
-        continue;
-      }
-      if (at > wm) return undefined;
-      heapPop(this.heap);
-      this.changeTimer(user, undefined);
-      return { user, at };
+    return this.timers.popDue(wm);
+  }
+
+  /** Users holding inputs with an event time at or before `frontier` (loaded or not). */
+  dueHolders(frontier: number): string[] {
+    return this.holds.due(frontier);
+  }
+
+  /** Holds an input of a loaded user until the frontier passes its event time. */
+  hold(user: string, input: HeldInput): void {
+    const e = this.entry(user);
+    const held = (e.held ??= []);
+    let i = held.length;
+    while (i > 0 && heldOrder(held[i - 1]!, input) > 0) i--;
+    held.splice(i, 0, input);
+    this.holds.set(user, held[0]!.env.event.ts);
+    this.dirty.add(user);
+  }
+
+  /** Every held input with an event time at or before `frontier`, taken out of the holds (in no particular order across users). */
+  releaseDue(frontier: number): HeldInput[] {
+    const out: HeldInput[] = [];
+    for (let h = this.holds.popDue(frontier); h; h = this.holds.popDue(frontier)) {
+      const e = this.entry(h.user);
+      const held = e.held ?? [];
+      let n = 0;
+      while (n < held.length && held[n]!.env.event.ts <= frontier) n++;
+      out.push(...held.splice(0, n));
+      if (held.length) this.holds.set(h.user, held[0]!.env.event.ts);
+      else delete e.held;
+      this.dirty.add(h.user);
     }
-    return undefined;
+    return out;
   }
 
   /** The guard: the highest input sequence applied to the user's state. */
@@ -197,20 +338,7 @@ export class StageState<S> {
 
   /** @internal (UserScope) */
   setTimer(user: string, at: number | undefined): void {
-    if (this.timers.get(user) === at) return;
-    this.changeTimer(user, at);
-    if (at !== undefined) {
-      heapPush(this.heap, [at, user]);
-      // Replaced timers stay in the heap until they surface: rebuild it before they pile up.
-      if (this.heap.length > 2 * this.timers.size + 1024) this.heap = [...this.timers].map(([u, t]) => [t, u] as [number, string]).sort(cmp);
-    }
-  }
-
-  private changeTimer(user: string, at: number | undefined): void {
-    if (!this.timerChanges.has(user)) this.timerCommitted.set(user, this.timers.get(user));
-    if (at === undefined) this.timers.delete(user);
-    else this.timers.set(user, at);
-    this.timerChanges.set(user, at);
+    this.timers.set(user, at);
   }
 
   private entry(user: string): Entry<S> {
@@ -229,18 +357,13 @@ export class StageState<S> {
   takeChanges(eventTimeMs: number): { timersBefore: CommitGroup[]; users: CommitGroup[]; timersAfter: CommitGroup[] } {
     const before: StateOp[] = [];
     const after: StateOp[] = [];
-    for (const [user, at] of this.timerChanges) {
-      const was = this.timerCommitted.get(user);
-      if (at === was) continue;
-      if (at === undefined) after.push({ op: "zrem", key: this.timersKey, member: user });
-      else (was === undefined || at < was ? before : after).push({ op: "zadd", key: this.timersKey, score: at, member: user });
-    }
-    this.timerChanges.clear();
-    this.timerCommitted.clear();
+    this.timers.take(this.timersKey, "", before, after);
+    this.holds.take(this.timersKey, HOLD, before, after);
     const users: CommitGroup[] = [];
     for (const user of this.dirty) {
       const e = this.entries.get(user)!;
-      const payload = e.state === undefined ? "" : this.codec.encode(e.state);
+      let payload = e.state === undefined ? "" : this.codec.encode(e.state);
+      if (e.held?.length) payload = `${HELD_MARK}${JSON.stringify(e.held)}\n${payload}`;
       const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
       users.push({ ops: [{ op: "set", key: e.key, value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
     }
@@ -264,9 +387,7 @@ export class StageState<S> {
     this.entries.clear();
     this.dirty.clear();
     this.timers.clear();
-    this.timerChanges.clear();
-    this.timerCommitted.clear();
-    this.heap = [];
+    this.holds.clear();
     this.loadedTimers = false;
   }
 

@@ -106,6 +106,9 @@ export async function runChain(lines: readonly string[], opts: ChainOptions = {}
     });
     for (let p = 0; p < partitions; p++) {
       await h.push(p, envelopes.filter((e) => e.partition === p), { batchSize });
+      // End of input: every session is decided, and every input a stage held for event-time order runs.
+      const wm = h.watermark(p);
+      if (opts.endOfInput !== false && wm !== undefined) await h.advanceWatermark(p, wm + 365 * 86_400_000);
     }
     if (name === "bot-score") botUsers = new Set(h.outputs("bots").map((b) => (b as { user: string }).user));
     dlq += h.log.filter((l) => l.outcome.error).length;
@@ -113,11 +116,6 @@ export async function runChain(lines: readonly string[], opts: ChainOptions = {}
     harness = h;
   }
   const h = harness!;
-  // End of input: every session is decided.
-  for (let p = 0; p < partitions && opts.endOfInput !== false; p++) {
-    const wm = h.watermark(p);
-    if (wm !== undefined) await h.advanceWatermark(p, wm + 365 * 86_400_000);
-  }
 
   const labelEmits: [string, Label][] = [];
   for (const to of ["labels.response", "labels.preference", "labels.session"] as const) {
