@@ -2,7 +2,7 @@ import { LeaseLostError, type CommitGroup, type CommitLease, type StateOp, type 
 
 interface Entry {
   kind: "string" | "hash" | "zset";
-  value: string | Map<string, string> | Map<string, number>;
+  value: string | Uint8Array | Map<string, string> | Map<string, number>;
   expiresAt?: number;
 }
 
@@ -37,7 +37,16 @@ export class MemoryStateStore implements StateStore {
   async get(keys: string[]): Promise<(string | null)[]> {
     return keys.map((k) => {
       const e = this.live(k);
-      return e?.kind === "string" ? (e.value as string) : null;
+      if (e?.kind !== "string") return null;
+      return typeof e.value === "string" ? e.value : Buffer.from(e.value as Uint8Array).toString();
+    });
+  }
+
+  async getBytes(keys: string[]): Promise<(Uint8Array | null)[]> {
+    return keys.map((k) => {
+      const e = this.live(k);
+      if (e?.kind !== "string") return null;
+      return typeof e.value === "string" ? Buffer.from(e.value) : (e.value as Uint8Array);
     });
   }
 
@@ -81,7 +90,8 @@ export class MemoryStateStore implements StateStore {
   private apply(op: StateOp): void {
     switch (op.op) {
       case "set":
-        this.data.set(op.key, { kind: "string", value: op.value });
+        // Bytes are copied, as Redis would: the caller may reuse its buffer.
+        this.data.set(op.key, { kind: "string", value: typeof op.value === "string" ? op.value : Uint8Array.from(op.value) });
         this.expire(op.key, op.ttl_ms);
         return;
       case "del":
