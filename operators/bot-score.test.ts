@@ -503,14 +503,14 @@ test("a message without an envelope fails as bad_envelope without stopping the b
 
 test("state read failure is retryable for the whole batch", async () => {
   const h = harness();
-  const get = h.state.getBytes.bind(h.state);
-  h.state.getBytes = () => Promise.reject(new Error("down"));
+  const get = h.state.get.bind(h.state);
+  h.state.get = () => Promise.reject(new Error("down"));
   const envs = [envOf(ev("u", T0)), envOf(ev("v", T0))];
   await assert.rejects(h.push(0, envs, { batchSize: 2 }), (err: unknown) => err instanceof TransientError && err.retryable);
   assert.equal(h.log.length, 0, "nothing was decided");
   assert.deepEqual([h.outputs("next"), h.outputs("bots"), h.state.keys()], [[], [], []]);
   // Redelivered once the store is back: processed as usual.
-  h.state.getBytes = get;
+  h.state.get = get;
   assert.deepEqual((await run(h, envs, 2)).map(bandOf), ["human", "human"]);
 });
 

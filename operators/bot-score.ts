@@ -370,7 +370,7 @@ const back = (at: number, x: number | undefined): number | null => (x === undefi
 const fwd = (at: number, x: number | null): number | undefined => (x === null ? undefined : at - x);
 
 /** Serializes a user's state (see StoredState). */
-export function encodeBotState(s: UserState): StoredState {
+export function encodeBotState(s: UserState): string {
   const at = Number.isFinite(s.max_ts) ? s.max_ts : 0;
   const t = s.times.map((x, i) => (i === 0 ? at - x : x - s.times[i - 1]!));
   const r = [...s.resp].map(([id, m]): StoredState["r"][number] =>
@@ -379,12 +379,12 @@ export function encodeBotState(s: UserState): StoredState {
   const stored: StoredState = { v: 1, at, score: s.score, t, r };
   if (s.act.some((a) => !a)) stored.k = s.act.map((a) => (a ? "1" : "0")).join("");
   if (s.bot) stored.bot = s.bot;
-  return stored;
+  return JSON.stringify(stored);
 }
 
-/** A stored user state back; throws on anything else. */
-export function decodeBotState(raw: unknown): UserState {
-  const st = raw as StoredState | null;
+/** Parses a stored user state; throws on anything else. */
+export function decodeBotState(raw: string): UserState {
+  const st = JSON.parse(raw) as StoredState;
   if (st?.v !== 1 || !Array.isArray(st.t) || !Array.isArray(st.r) || typeof st.at !== "number") throw new Error("unknown state version");
   const times: number[] = [];
   for (let i = 0; i < st.t.length; i++) times.push(i === 0 ? st.at - st.t[0]! : times[i - 1]! + st.t[i]!);
@@ -477,7 +477,7 @@ export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> =
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
-        "MessagePack `[applied seq, state]`: the stream sequence of the last input applied (the runtime's exactly-once guard), then recent event times " +
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then recent event times " +
         "(at most max(min_events, 2 × (max_events + 1))), responses seen (shown time, text_length, first click, first use, longest copy; at most max_responses), " +
         "the sticky bot verdict, the latest score",
       ttl: "state_ttl (≥ the longest rate window) after the user's latest event time: an event later than that starts afresh; the key expires state_ttl after its last write",

@@ -240,8 +240,8 @@ test("a bad envelope is a bad_envelope dead letter; the rest of the batch goes o
 
 test("a state failure makes the batch retryable instead of passing or dropping", async () => {
   const h = harness();
-  const get = h.state.getBytes.bind(h.state);
-  h.state.getBytes = async () => {
+  const get = h.state.get.bind(h.state);
+  h.state.get = async () => {
     throw new Error("connection reset");
   };
   await assert.rejects(h.push(0, [env("e", 1), env("e", 2)], { batchSize: 2 }), (err: unknown) => err instanceof TransientError && err.retryable);
@@ -249,7 +249,7 @@ test("a state failure makes the batch retryable instead of passing or dropping",
   assert.equal(h.log.length, 0, "nothing was decided");
   assert.deepEqual(h.state.keys(), []);
   // Redelivered once the store is back: decided as usual.
-  h.state.getBytes = get;
+  h.state.get = get;
   const out = await run(h, [env("e", 1), env("e", 2)], 2);
   passed(out[0]!, env("e", 1));
   droppedDuplicate(out[1]!);

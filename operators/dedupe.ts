@@ -87,7 +87,7 @@ export const dedupe: OperatorSpec<DedupeConfig, KeyedProcessor<DedupeState>> = {
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
-        "MessagePack `[applied seq, state]`: the stream sequence of the last input applied (the runtime's exactly-once guard), then the user's latest event time and, " +
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then the user's latest event time and, " +
         `per remembered event_id (at most ${MAX_IDS_PER_USER}, in claim order), the first copy's sequence in dedupe's input stream, its src.seq and its event time`,
       ttl: "window + 1h after the user's latest event time",
     },
@@ -156,18 +156,19 @@ export interface DedupeState {
 }
 
 /**
- * Stored as `{v: 1, at: <ms>, ids: [[<event_id>, <seq>, <src.seq>, <ts>], …]}` in claim order (a
- * busy user holds thousands of ids: flat tuples pack far faster than an object per id).
+ * Stored as `{"v":1,"at":<ms>,"ids":[[<event_id>,<seq>,<src.seq>,<ts>],…]}` in claim order. A busy
+ * user holds thousands of ids: one array handed to JSON.stringify encodes them about three times
+ * faster than concatenating a string per id.
  */
 export const dedupeCodec = (windowMs: number): StateCodec<DedupeState> => ({
   encode(s) {
     const ids = new Array<[string, number, number, number]>(s.ids.size);
     let i = 0;
     for (const [id, c] of s.ids) ids[i++] = [id, c.seq, c.src, c.ts];
-    return { v: 1, at: s.at, ids };
+    return JSON.stringify({ v: 1, at: s.at, ids });
   },
-  decode(stored) {
-    const st = stored as { v?: unknown; at?: unknown; ids?: unknown } | null;
+  decode(raw) {
+    const st = JSON.parse(raw) as { v?: unknown; at?: unknown; ids?: unknown };
     if (st?.v !== 1 || typeof st.at !== "number" || !Array.isArray(st.ids)) throw new Error("unknown state version");
     const ids = new Map<string, Claim>();
     for (const [id, seq, src, ts] of st.ids as [string, number, number, number][]) ids.set(id, { seq, src, ts });

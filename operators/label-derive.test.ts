@@ -134,12 +134,12 @@ async function run(envs: Envelope[], o: { close?: boolean; config?: LabelDeriveC
 
 const near = (a: number, b: number) => Math.abs(a - b) < 1e-6;
 
-/** A user's stored state: the runtime's applied sequence and what the codec encoded. */
+/** A user's stored state: the runtime's `<applied seq>:<encoding>`, the encoding (JSON) parsed. */
 async function storedState<T>(store: MemoryStateStore, user: string): Promise<{ applied: number; state: T }> {
-  const raw = (await store.getBytes([`tacit:{feedback:u:${user}}:label-derive:state`]))[0];
+  const raw = (await store.get([`tacit:{feedback:u:${user}}:label-derive:state`]))[0];
   assert.ok(raw, `no state stored for ${user}`);
-  const { applied, stored } = decodeStoredValue(raw);
-  return { applied, state: stored() as T };
+  const { applied, payload } = decodeStoredValue(raw);
+  return { applied, state: JSON.parse(payload) as T };
 }
 
 // ---------------------------------------------------------------------------------------------

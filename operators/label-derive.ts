@@ -283,7 +283,7 @@ export const labelDerive: OperatorSpec<LabelDeriveConfig> = {
   state: [
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
-      holds: "MessagePack [applied seq, state]: the stream sequence of the user's last input applied (the runtime's exactly-once guard), then per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels), the live labels of forgotten sessions (for retraction); per label, what its latest published revision said; probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
+      holds: "<applied seq>:<JSON>: the stream sequence of the user's last input applied (the runtime's exactly-once guard), then per-user baselines (decayed sums), remembered responses (position, length, clicks, dwell, regenerations, labels emitted: id, revision, weight, signals), open and recently closed sessions (aggregates, session labels), the live labels of forgotten sessions (for retraction); per label, what its latest published revision said; probation: events seen, settled or flagged as a bot, and the labels and feature weights held until release",
       ttl: "feature_ttl.user from the last write; responses are forgotten after response_memory, closed sessions after two session gaps (their live labels after response_memory)",
     },
     { key: "tacit:{<prefix>:u:<user>}:features:user", holds: "hash: user features (see `tacit features`)", ttl: "feature_ttl.user" },
@@ -490,8 +490,8 @@ function emptyState(): UserState {
   return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [], old: [] };
 }
 
-/** A user's state as plain data (Maps as entry lists). */
-function encodeLabelState(s: UserState): StoredState {
+/** Serializes a user's state (Maps as entry lists; -Infinity as null through JSON). */
+function encodeLabelState(s: UserState): string {
   const stored: StoredState = {
     v: 1,
     at: s.at,
@@ -504,12 +504,12 @@ function encodeLabelState(s: UserState): StoredState {
   if (s.bot) stored.bot = s.bot;
   if (s.held.length) stored.held = s.held;
   if (s.old.length) stored.old = s.old;
-  return stored;
+  return JSON.stringify(stored);
 }
 
-/** A stored user state back (a state stored as JSON has null for -Infinity); throws on anything else. */
-function decodeLabelState(raw: unknown): UserState {
-  const st = raw as StoredState | null;
+/** Parses a stored user state; throws on anything else. */
+function decodeLabelState(raw: string): UserState {
+  const st = JSON.parse(raw) as StoredState;
   if (st?.v !== 1 || !Array.isArray(st.resp) || !Array.isArray(st.sess)) throw new Error("unknown state version");
   const b = { ...emptySums(), ...st.b };
   if (b.t === null) b.t = -Infinity;

@@ -58,7 +58,7 @@ async function direct(counts?: Map<string, number>): Promise<(inputs: StageInput
 /** A user's stored value: the applied sequence and the state's JSON ("" when none). */
 async function stored(h: OperatorHarness<ReformulationConfig>, user: string): Promise<{ applied: number; json: string }> {
   const { applied, payload } = await h.stored(user);
-  return { applied, json: payload === "" ? "" : JSON.stringify(payload) };
+  return { applied, json: payload };
 }
 
 function inputOf(envelope: Envelope, seq: number): StageInput {

@@ -188,8 +188,8 @@ export const reformulation: OperatorSpec<ReformulationConfig, KeyedProcessor<Use
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
-        "MessagePack `[applied seq, state]`: the stream sequence of the last input applied (the runtime's exactly-once guard), then per session (at most max_sessions) " +
-        "the previous query's redacted text, time, query_id and last response shown (only `<applied seq>:` while the user has no query); " +
+        "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then per session (at most max_sessions) " +
+        "the previous query's redacted text, time, query_id and last response shown (nothing after the colon while the user has no query); " +
         "responses shown before their query arrived (session, query_id, response_id, time; at most 16), until the query comes",
       ttl: "state_ttl from the last write; each session is also dropped once state_ttl of event time has passed since its query",
     },
@@ -255,9 +255,9 @@ function findSession(s: UserState, sid: string): PrevQuery | undefined {
 
 function createReformulation(c: CompiledReformulation, ctx: OperatorContext): KeyedProcessor<UserState> {
   const codec: StateCodec<UserState> = {
-    encode: (s) => s,
-    decode(stored) {
-      const s = stored as { v?: unknown; sessions?: unknown } | null;
+    encode: (s) => JSON.stringify(s),
+    decode(raw) {
+      const s = JSON.parse(raw) as { v?: unknown; sessions?: unknown };
       if (s?.v === 1 && Array.isArray(s.sessions)) return s as UserState;
       throw new Error("unknown state version");
     },

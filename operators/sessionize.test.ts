@@ -3,8 +3,9 @@ import assert from "node:assert/strict";
 import { newConfigAjv } from "../src/config/ajv.js";
 import type { Envelope, EventType, TacitEvent } from "../src/core/event.js";
 import { isKeyedProcessor } from "../src/core/operator.js";
+import { decodeStoredValue } from "../src/runtime/keyed-state.js";
 import { partitionKey, userKey } from "../src/core/state.js";
-import { OperatorHarness, readStored, type CrashPoint } from "../test/support/operator-harness.js";
+import { OperatorHarness, type CrashPoint } from "../test/support/operator-harness.js";
 import { Random } from "../test/support/random.js";
 import { generateSessionStream, type SessionStream } from "../test/support/session-generator.js";
 import {
@@ -67,7 +68,9 @@ function finalSummaries(all: SessionSummary[]): SessionSummary[] {
 const stateKey = (user: string, prefix = PREFIX) => userKey(prefix, user, STAGE, "state");
 
 /** A stored state value split into the runtime's guard and the operator's encoding ('' once cleared). */
-const stored = readStored;
+function stored(raw: string | null): { applied: number; payload: string } | null {
+  return raw === null ? null : decodeStoredValue(raw);
+}
 
 /**
  * Keys holding anything but an exactly-once fence: session state, timers. Once a user's last
@@ -76,7 +79,7 @@ const stored = readStored;
  */
 async function stateLeft(h: OperatorHarness<SessionizeConfig>): Promise<string[]> {
   const keys = h.state.keys();
-  const values = await h.state.getBytes(keys);
+  const values = await h.state.get(keys);
   return keys.filter((_, i) => stored(values[i]!)?.payload !== "");
 }
 
@@ -261,7 +264,7 @@ test("stored state: each user's sessions behind its applied sequence, its timer 
   assert.ok(isKeyedProcessor(proc));
   const codec = proc.codec;
   for (const [user, i, count, end] of [["u1", 2, 2, MIN], ["u2", 1, 1, 0]] as const) {
-    const value = stored((await h.state.getBytes([stateKey(user)]))[0]!)!;
+    const value = stored((await h.state.get([stateKey(user)]))[0]!)!;
     assert.equal(value.applied, h.log[i]!.input.seq, `${user}: the guard is its last input's sequence`);
     const sessions = (codec.decode(value.payload) as { sessions: { count: number; end: number; rev: number }[] }).sessions;
     assert.deepEqual(sessions.map((s) => [s.count, s.end - T0, s.rev]), [[count, end, -1]]);
@@ -342,7 +345,7 @@ test("when a batch's own watermark closes a user's last session, the fence outli
     const res = await h.push(0, batch, { crash: { batch: 0, at } });
     assert.equal(res.crashed, true);
     assert.equal(summaries(h).length, 1, `${at}: u1's session fired and closed in the crashed round`);
-    assert.deepEqual(stored((await h.state.getBytes([stateKey("u1")]))[0]!), { applied: h.log[0]!.input.seq, payload: "" }, `${at}: u1 keeps its fence, no sessions`);
+    assert.deepEqual(stored((await h.state.get([stateKey("u1")]))[0]!), { applied: h.log[0]!.input.seq, payload: "" }, `${at}: u1 keeps its fence, no sessions`);
     await h.restart();
     await h.push(0, batch);
     assert.equal(h.dropped("already_applied"), 2, at);
@@ -655,7 +658,7 @@ test("bot-score's flag marker is passed on unchanged, joins no session and chang
   // The same events without the marker leave the same sessions behind.
   const without = harness({}, 0);
   await without.push(0, structuredClone(events.filter((_, i) => i !== 2)));
-  const sessionsOf = async (x: OperatorHarness<SessionizeConfig>) => stored((await x.state.getBytes([stateKey("u1")]))[0]!)!.payload;
+  const sessionsOf = async (x: OperatorHarness<SessionizeConfig>) => stored((await x.state.get([stateKey("u1")]))[0]!)!.payload;
   assert.deepEqual(await sessionsOf(h), await sessionsOf(without));
   await h.advanceWatermark(0, FAR);
   await without.advanceWatermark(0, FAR);
@@ -681,5 +684,5 @@ test("a flag marker counts toward the applied fence: redelivered after its commi
   await lone.push(0, [marker("u9", 0)]);
   assert.equal(nexts(lone).length, 1);
   assert.deepEqual(await stateLeft(lone), []);
-  assert.deepEqual(stored((await lone.state.getBytes([stateKey("u9")]))[0]!), { applied: lone.log[0]!.input.seq, payload: "" }, "only its fence");
+  assert.deepEqual(stored((await lone.state.get([stateKey("u9")]))[0]!), { applied: lone.log[0]!.input.seq, payload: "" }, "only its fence");
 });

@@ -165,7 +165,7 @@ export const sessionize: OperatorSpec<SessionizeConfig> = {
     {
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
-        "MessagePack [<applied seq>, <the user's open sessions (interval, counts, ids, emitted revision)>]; only \"<applied seq>:\" (the exactly-once guard) once the last session has closed",
+        "<applied seq>:<JSON of the user's open sessions (interval, counts, ids, emitted revision)>; only \"<applied seq>:\" (the exactly-once guard) once the last session has closed",
       ttl: "event-time deadline (last end + gap + allowed_lateness) minus the stage's event time, + 24h; 24h once no session is left",
     },
     {
@@ -296,9 +296,9 @@ class Sessionizer implements KeyedProcessor<UserSessions> {
     private readonly ctx: OperatorContext,
   ) {
     this.codec = {
-      encode: (state) => state,
-      decode: (stored) => {
-        const state = stored as UserSessions | null;
+      encode: (state) => JSON.stringify(state),
+      decode: (raw) => {
+        const state = JSON.parse(raw) as UserSessions;
         if (state?.v !== 1 || !Array.isArray(state.sessions)) throw new Error("sessionize: not a v1 sessions state");
         return state;
       },

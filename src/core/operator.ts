@@ -164,19 +164,12 @@ export interface OperatorSpec<C = Record<string, unknown>, P extends Processor |
 
 /** How the runtime stores one user's state of a keyed operator. */
 export interface StateCodec<S> {
-  /**
-   * The state as plain data (objects, arrays, strings, numbers, booleans, null, undefined; no
-   * Maps or class instances), which the runtime stores as MessagePack. It is packed at once, so
-   * it may be (or share parts with) the live state.
-   */
-  encode(state: S): unknown;
-  /** The state from what `encode` returned (or, for a state stored before MessagePack, its JSON parsed); throws on anything else. */
-  decode(stored: unknown): S;
+  encode(state: S): string;
+  decode(raw: string): S;
   /**
    * How long the stored state lives after a write, in ms; `eventTimeMs` is the event time of
-   * the write. A cleared (undefined) state stays this long as a tombstone (only the applied
-   * sequence: the guard of a user whose last batch was committed without its partition's
-   * progress, on Cluster).
+   * the write. A cleared (undefined) state stays this long as a tombstone `<applied seq>:` (the
+   * guard of a user whose last batch was committed without its partition's progress, on Cluster).
    */
   ttlMs(state: S | undefined, eventTimeMs: number): number;
 }

@@ -5,7 +5,7 @@
  */
 
 export type StateOp =
-  | { op: "set"; key: string; value: string | Uint8Array; ttl_ms?: number }
+  | { op: "set"; key: string; value: string; ttl_ms?: number }
   | { op: "del"; key: string }
   | { op: "hset"; key: string; fields: Record<string, string | number>; ttl_ms?: number }
   | { op: "hincrbyfloat"; key: string; field: string; by: number; ttl_ms?: number }
@@ -41,8 +41,6 @@ export class LeaseLostError extends Error {
 export interface StateStore {
   /** Values of string keys (null where missing), in one round trip. */
   get(keys: string[]): Promise<(string | null)[]>;
-  /** The same, as bytes (keyed state is binary). */
-  getBytes(keys: string[]): Promise<(Uint8Array | null)[]>;
   /** All fields of a hash ({} when missing). */
   hgetall(key: string): Promise<Record<string, string>>;
   /** All fields of many hashes in one round trip. */

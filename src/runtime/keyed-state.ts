@@ -2,7 +2,6 @@ import { TransientError, errorMessage } from "../core/errors.js";
 import type { KeyScope, StateCodec } from "../core/operator.js";
 import type { Logger } from "../core/operator.js";
 import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type StateStore } from "../core/state.js";
-import { Packr } from "msgpackr";
 
 /**
  * Keyed state and timers of one keyed stage in one partition, owned by the runtime (Flink's heap
@@ -10,11 +9,10 @@ import { Packr } from "msgpackr";
  * partition's lease: created when a partition starts, dropped when it stops, is lost or fenced.
  *
  * - Each user's state is one Redis string, `tacit:{<prefix>:u:<user>}:<stage>:state`, holding
- *   the MessagePack array `[<applied seq>, <state>]` (see `encodeStoredValue` for why
- *   MessagePack), or the text `<applied seq>:` once the state is cleared. It is read on the user's first touch after the
- *   partition started, then served from memory; the value carries the exactly-once guard, so an
- *   input at or below it never runs twice (also on Redis Cluster, where a batch's groups land
- *   one user at a time).
+ *   `<applied seq>:<encoded state>` (an empty state after the colon: cleared). It is read on the
+ *   user's first touch after the partition started, then served from memory; the value carries
+ *   the exactly-once guard, so an input at or below it never runs twice (also on Redis Cluster,
+ *   where a batch's groups land one user at a time).
  * - Timers: one per user, in memory as a min-heap and persisted in the partition's sorted set
  *   `tacit:{<prefix>:p:<stage>:<n>}:timers` (read whole when the partition starts).
  * - Only what changed since the last commit is written, in the batch's atomic commit.
@@ -53,42 +51,15 @@ export class CacheBudget {
   }
 }
 
-/**
- * Plain MessagePack (no records: each value stands alone, readable by any MessagePack library).
- * undefined, -Infinity and NaN round-trip as they are in memory (JSON turned them into null or
- * dropped them), so a state read back from Redis is the one the cache held.
- */
-const packr = new Packr({ useRecords: false, variableMapSize: true });
-
-/**
- * The stored value of a user's state: `[applied, state]`; a cleared state leaves the text
- * `<applied>:` (a tombstone that only guards, readable as such).
- * MessagePack rather than JSON, measured on the bench's states (`bench --events 20000`, the five
- * keyed stages, ≈ 470 B per state as JSON): packing took 0.4–0.65 of JSON.stringify's time, the
- * bytes are 0.75 of JSON's (less for Redis to store and the commit to carry), and the packed
- * bytes go into the commit as they are, where a JSON string was UTF-8-encoded again.
- */
-export function encodeStoredValue(applied: number, state: unknown): Uint8Array | string {
-  if (state === undefined) return `${applied}:`;
-  // A view of a buffer that later packs write after, never over: it stays valid until the commit.
-  return packr.pack([applied, state]);
+/** Encodes the stored value: the applied sequence, a colon, then the operator's encoding ('' when cleared). */
+function encodeValue(applied: number, payload: string): string {
+  return `${applied}:${payload}`;
 }
 
-/**
- * A stored keyed state: the applied sequence and a reader of the operator's encoded state
- * (`undefined` when cleared), from MessagePack, a tombstone, or the JSON form written before
- * MessagePack, `<applied>:<json>` (parsed only when read, so an unreadable state still yields its guard).
- */
-export function decodeStoredValue(raw: Uint8Array | string): { applied: number; stored(): unknown } {
-  // A MessagePack array of two; text (a tombstone, the JSON form) never starts with that byte.
-  if (typeof raw !== "string" && raw[0] === 0x92) {
-    const v = packr.unpack(raw) as [unknown, unknown];
-    return { applied: typeof v[0] === "number" ? v[0] : 0, stored: () => v[1] };
-  }
-  const text = typeof raw === "string" ? raw : Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength).toString();
-  const colon = text.indexOf(":");
-  const payload = colon < 0 ? text : text.slice(colon + 1);
-  return { applied: colon < 0 ? 0 : Number(text.slice(0, colon)) || 0, stored: () => (payload === "" ? undefined : JSON.parse(payload)) };
+/** A stored keyed state: the applied sequence and the operator's encoding ('' when cleared). */
+export function decodeStoredValue(raw: string): { applied: number; payload: string } {
+  const colon = raw.indexOf(":");
+  return colon < 0 ? { applied: 0, payload: raw } : { applied: Number(raw.slice(0, colon)) || 0, payload: raw.slice(colon + 1) };
 }
 
 export class StageState<S> {
@@ -145,9 +116,9 @@ export class StageState<S> {
     for (const u of users) if (!this.entries.has(u)) missing.push(u);
     if (missing.length === 0) return;
     const keys = missing.map((u) => this.stateKey(u));
-    let values: (Uint8Array | null)[];
+    let values: (string | null)[];
     try {
-      values = await this.store.getBytes(keys);
+      values = await this.store.get(keys);
     } catch (err) {
       throw err instanceof TransientError ? err : new TransientError("state_unavailable", `${this.stage}: state read failed: ${errorMessage(err)}`, err);
     }
@@ -155,13 +126,14 @@ export class StageState<S> {
       const raw = values[i];
       const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]! };
       if (raw != null) {
-        try {
-          const value = decodeStoredValue(raw);
-          entry.applied = value.applied;
-          const stored = value.stored();
-          if (stored !== undefined) entry.state = this.codec.decode(stored);
-        } catch (err) {
-          this.log.warn({ stage: this.stage, user, err: errorMessage(err) }, "unreadable state, starting afresh");
+        const { applied, payload } = decodeStoredValue(raw);
+        entry.applied = applied;
+        if (payload !== "") {
+          try {
+            entry.state = this.codec.decode(payload);
+          } catch (err) {
+            this.log.warn({ stage: this.stage, user, err: errorMessage(err) }, "unreadable state, starting afresh");
+          }
         }
       }
       this.entries.set(user, entry);
@@ -268,9 +240,9 @@ export class StageState<S> {
     const users: CommitGroup[] = [];
     for (const user of this.dirty) {
       const e = this.entries.get(user)!;
-      const value = encodeStoredValue(e.applied, e.state === undefined ? undefined : this.codec.encode(e.state));
+      const payload = e.state === undefined ? "" : this.codec.encode(e.state);
       const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
-      users.push({ ops: [{ op: "set", key: e.key, value, ttl_ms: ttl }] });
+      users.push({ ops: [{ op: "set", key: e.key, value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
     }
     this.dirty.clear();
     const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);

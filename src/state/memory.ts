@@ -2,7 +2,7 @@ import { LeaseLostError, type CommitGroup, type CommitLease, type StateOp, type 
 
 interface Entry {
   kind: "string" | "hash" | "zset";
-  value: string | Uint8Array | Map<string, string> | Map<string, number>;
+  value: string | Map<string, string> | Map<string, number>;
   expiresAt?: number;
 }
 
@@ -37,16 +37,7 @@ export class MemoryStateStore implements StateStore {
   async get(keys: string[]): Promise<(string | null)[]> {
     return keys.map((k) => {
       const e = this.live(k);
-      if (e?.kind !== "string") return null;
-      return typeof e.value === "string" ? e.value : Buffer.from(e.value as Uint8Array).toString();
-    });
-  }
-
-  async getBytes(keys: string[]): Promise<(Uint8Array | null)[]> {
-    return keys.map((k) => {
-      const e = this.live(k);
-      if (e?.kind !== "string") return null;
-      return typeof e.value === "string" ? Buffer.from(e.value) : (e.value as Uint8Array);
+      return e?.kind === "string" ? (e.value as string) : null;
     });
   }
 
@@ -90,8 +81,7 @@ export class MemoryStateStore implements StateStore {
   private apply(op: StateOp): void {
     switch (op.op) {
       case "set":
-        // Bytes are copied, as Redis would: the caller may reuse its buffer.
-        this.data.set(op.key, { kind: "string", value: typeof op.value === "string" ? op.value : Uint8Array.from(op.value) });
+        this.data.set(op.key, { kind: "string", value: op.value });
         this.expire(op.key, op.ttl_ms);
         return;
       case "del":

@@ -1,67 +1,12 @@
 import { Redis, Cluster, type ChainableCommander } from "ioredis";
 import { LeaseLostError, hashTagOf, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import { TransientError } from "../core/errors.js";
+import { Packr } from "msgpackr";
 import { readFileSync } from "node:fs";
 import type { TlsFiles } from "../config/types.js";
 
-/**
- * Packs a commit's flat ARGV (strings, integers, bytes) as a MessagePack array, the subset
- * Redis's cmsgpack reads: bytes (a keyed state) go as a str, since cmsgpack has no bin type and
- * a Lua string holds any bytes. Written here rather than by a general packer: one pass, one
- * buffer, and a state's bytes copied once.
- */
-export function packArgv(argv: readonly (string | number | Uint8Array)[]): Buffer {
-  let size = 5;
-  for (const a of argv) size += typeof a === "number" ? 9 : 5 + (typeof a === "string" ? a.length * 3 : a.length);
-  const buf = Buffer.allocUnsafe(size);
-  let at = 0;
-  const n = argv.length;
-  if (n < 16) buf[at++] = 0x90 | n;
-  else if (n < 0x10000) {
-    buf[at++] = 0xdc;
-    at = buf.writeUInt16BE(n, at);
-  } else {
-    buf[at++] = 0xdd;
-    at = buf.writeUInt32BE(n, at);
-  }
-  for (const a of argv) {
-    if (typeof a === "number") {
-      if (Number.isInteger(a) && a >= 0 && a < 0x80) buf[at++] = a;
-      else if (Number.isInteger(a) && a >= 0 && a <= 0xffffffff) {
-        buf[at++] = 0xce;
-        at = buf.writeUInt32BE(a, at);
-      } else {
-        buf[at++] = 0xcb;
-        at = buf.writeDoubleBE(a, at);
-      }
-      continue;
-    }
-    // The header's size is known after the bytes: room for str32's, then moved back if smaller.
-    const head = at;
-    const body = head + 5;
-    const len = typeof a === "string" ? buf.write(a, body) : (buf.set(a, body), a.length);
-    let h: number;
-    if (len < 32) {
-      buf[head] = 0xa0 | len;
-      h = 1;
-    } else if (len < 0x100) {
-      buf[head] = 0xd9;
-      buf[head + 1] = len;
-      h = 2;
-    } else if (len < 0x10000) {
-      buf[head] = 0xda;
-      buf.writeUInt16BE(len, head + 1);
-      h = 3;
-    } else {
-      buf[head] = 0xdb;
-      buf.writeUInt32BE(len, head + 1);
-      h = 5;
-    }
-    if (h < 5) buf.copyWithin(head + h, body, body + len);
-    at = head + h + len;
-  }
-  return buf.subarray(0, at);
-}
+/** Plain MessagePack (no records or extensions): what Redis's cmsgpack reads. */
+const packr = new Packr({ useRecords: false, variableMapSize: true });
 
 /**
  * Applies one commit group atomically. KEYS[1] is the guard key ('' when none); ARGV is
@@ -150,12 +95,6 @@ export class RedisStateStore implements StateStore {
     return res.map((v) => (v as string | null) ?? null);
   }
 
-  async getBytes(keys: string[]): Promise<(Uint8Array | null)[]> {
-    if (keys.length === 0) return [];
-    const res = await this.pipelined(keys.map((k) => ({ key: k, add: (p) => p.getBuffer(k) })));
-    return res.map((v) => (v as Buffer | null) ?? null);
-  }
-
   async hgetall(key: string): Promise<Record<string, string>> {
     try {
       return await this.redis.hgetall(key);
@@ -221,7 +160,7 @@ export class RedisStateStore implements StateStore {
       };
       const head: (string | number)[] = [g.guard ? g.guard.seq : "", Math.round(g.guard?.ttl_ms ?? 0), lease ? ki(lease.key) : "", lease?.holder ?? ""];
       // Numbers travel as the strings Redis would get as arguments (a float as JS prints it).
-      const argv: (string | number | Uint8Array)[] = [];
+      const argv: (string | number)[] = [];
       const t = (ms: number | undefined) => String(Math.round(ms ?? 0));
       for (const member of members) {
         for (const op of member.ops) {
@@ -260,7 +199,7 @@ export class RedisStateStore implements StateStore {
       if (!g.guard) keys[0] = keys[1] ?? "tacit:noop";
       cmds.push({
         key: keys[0]!,
-        add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number | Buffer)[]): void }).tacitCommit(keys.length, ...keys, ...head, packArgv(argv)),
+        add: (p) => (p as unknown as { tacitCommit(n: number, ...a: (string | number | Buffer)[]): void }).tacitCommit(keys.length, ...keys, ...head, packr.pack(argv)),
       });
     }
     const res = await this.pipelined(cmds, true);

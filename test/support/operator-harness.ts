@@ -72,16 +72,8 @@ export interface PushResult {
   crashed: boolean;
 }
 
-/** A stored keyed state value: the applied sequence and what the operator's codec encoded ("" when cleared); null when none. */
-export function readStored(raw: Uint8Array | null): { applied: number; payload: unknown } | null {
-  if (raw === null) return null;
-  const { applied, stored } = decodeStoredValue(raw);
-  return { applied, payload: stored() ?? "" };
-}
-
 /** Counts calls per StateStore method, to hold operators to their round-trip budget. */
 class CountingStore implements StateStore {
-  /** `get` counts reads of string keys as text or as bytes (keyed state is read as bytes). */
   readonly calls = { get: 0, hgetall: 0, hgetallMany: 0, zrangeByScore: 0, commit: 0, wipe: 0 };
   constructor(private readonly inner: StateStore) {}
   get inOrder() {
@@ -90,10 +82,6 @@ class CountingStore implements StateStore {
   get(keys: string[]) {
     this.calls.get++;
     return this.inner.get(keys);
-  }
-  getBytes(keys: string[]) {
-    this.calls.get++;
-    return this.inner.getBytes(keys);
   }
   hgetall(key: string) {
     this.calls.hgetall++;
@@ -244,11 +232,11 @@ export class OperatorHarness<C = Record<string, unknown>> {
     this.runs.clear();
   }
 
-  /** A user's stored keyed state: the applied sequence and what the operator's codec encoded ("" when cleared). */
-  async stored(user: string): Promise<{ applied: number; payload: unknown }> {
-    const [raw] = await this.state.getBytes([userKey(this.prefix, user, this.stage, "state")]);
+  /** A user's stored keyed state: the applied sequence and the operator's encoding ("" when cleared). */
+  async stored(user: string): Promise<{ applied: number; payload: string }> {
+    const [raw] = await this.state.get([userKey(this.prefix, user, this.stage, "state")]);
     if (raw == null) throw new Error(`${this.spec.name}: no state stored for ${user}`);
-    return readStored(raw)!;
+    return decodeStoredValue(raw);
   }
 
   /** Values published to an output, deduplicated by emit id, in publish order. */
