@@ -125,10 +125,14 @@ const TYPES = ["query", "response_shown", "click", "dwell", "copy_paste", "accep
  * spread over `users` users, one second of event time apart per user. Not realistic traffic
  * (that is `tacit simulate`), just valid events with per-user order.
  */
-export function* benchEvents(n: number, users: number, t0: number, stamp?: () => number): Generator<string> {
+export function* benchEvents(n: number, users: number, t0: number, stamp?: () => number, pickUser?: () => number): Generator<string> {
+  // With `pickUser` (load tests: users at random, so no user's events come like a metronome), each
+  // user's own count of events drives its session; in turn, that count is i / users.
+  const seen = pickUser ? new Map<number, number>() : undefined;
   for (let i = 0; i < n; i++) {
-    const u = i % users;
-    const k = Math.floor(i / users);
+    const u = pickUser ? pickUser() : i % users;
+    const k = seen ? (seen.get(u) ?? 0) : Math.floor(i / users);
+    seen?.set(u, k + 1);
     const type = TYPES[k % TYPES.length]!;
     const ts = stamp ? stamp() : t0 + k * 1000;
     const q = `q${u}-${Math.floor(k / TYPES.length)}`;
