@@ -76,9 +76,8 @@ test(TITLE, { timeout: (OVERLOAD_S * 4 + SOAK_S + 240) * 1000 }, async (t) => {
   const pid = worker.child.pid!;
   await eventually("the worker to be ready", async () => (await fetch(`http://127.0.0.1:${port}/readyz`).then((r) => r.status, () => 0)) === 200, 20_000);
   const inputs = stageGroups(p, findOperator).map((g) => g.inputStream);
-  // Every event ends in exactly one of these: passed on, filtered as a bot's (the bench's users are
-  // metronomes, so bot-score's regularity and rate rules flag them once they have enough events),
-  // or late.
+  // Every event ends in exactly one of these: passed on, filtered as a bot's (none expected with
+  // these users, counted all the same), or late.
   const outCount = async () => {
     let n = 0;
     for (const s of ["events", "bots", "late"]) n += (await nats.jsm.streams.info(streamName(p, s))).state.messages;
