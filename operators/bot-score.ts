@@ -521,7 +521,7 @@ export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> =
     "a user agent matched by isbot's full pattern; more than max_events events in any sliding event-time window; gaps between the " +
     "last min_events events with a coefficient of variation below max_cv; physically impossible sequences (a click, accept, copy or edit " +
     "before the response was shown, a dwell that began before it, a copy longer than the response); at least min_responses responses " +
-    "accepted, copied or edited and left within `within` of being shown (too soon to have read them; this one has a hard threshold only). Past its hard threshold an indicator's strength is 1; in its " +
+    "accepted, copied or edited and left within `within` of being shown (too soon to have read them). Past its hard threshold an indicator's strength is 1; in its " +
     "ambivalent band it grows from ambivalent_from to halfway to threshold, so one ambivalent indicator alone never makes a " +
     "bot. Indicators combine as 1 − Π(1 − weight·strength). At or above " +
     "`threshold` the event goes to <prefix>.bots (not on), and the verdict sticks for the state TTL; in [ambivalent_from, threshold) " +
