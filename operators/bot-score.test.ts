@@ -291,33 +291,6 @@ test("impossible: a copy longer than the response, in either arrival order", asy
   assert.deepEqual((await run(harness(), [shown(T0), noLen])).map(bandOf), ["human", "bot"]);
 });
 
-test("unread: a script that uses response after response within seconds of it being shown is a bot; readers are not", async () => {
-  /** Per response: shown at `at`, then the user's events on it at the given offsets (ms). */
-  const turns = (user: string, plan: [at: number, events: [type: EventType, offset: number, payload?: Record<string, unknown>][]][]): TacitEvent[] =>
-    plan.flatMap(([at, events], i) => [
-      ev(user, T0 + at, "response_shown", { response_id: `${user}-r${i}`, payload: { text_length: 900 } }),
-      ...events.map(([type, offset, payload = {}]) => ev(user, T0 + at + offset, type, { response_id: `${user}-r${i}`, payload })),
-    ]);
-  const copy = { span_start: 0, span_end: 200, span_length: 200 };
-  // A human-paced script: no impossible sequence, just an accept or copy 3 s after each impression.
-  const script = [...turns("bot", [[0, [["accept", 3_000]]], [12_000, [["copy_paste", 3_500, copy]]], [25_000, [["accept", 2_500], ["dwell", 5_000, { dwell_ms: 5_000 }]]]]), ev("bot", T0 + 40_000, "query")];
-  const out = await run(harness(), script);
-  // The third response settles once the user's event time is 8 s past its impression (the query at 40 s).
-  assert.deepEqual(out.map(bandOf), [...Array<string>(out.length - 1).fill("human"), "bot"]);
-  assert.deepEqual(indicatorNames(out.at(-1)!), ["unread"]);
-  assert.equal((await run(harness({ unread: { enabled: false } }), script)).map(bandOf).at(-1), "human");
-  assert.equal((await run(harness({ unread: { min_responses: 4 } }), script)).map(bandOf).at(-1), "human");
-  // A habitual accepter accepts within 2 s, but goes on reading (the dwell ends 20 s on): never unread.
-  const accepter = [...turns("fast", [0, 30_000, 60_000, 90_000].map((at): [number, [EventType, number, Record<string, unknown>?][]] => [at, [["accept", 2_000], ["dwell", 20_000, { dwell_ms: 20_000 }]]])), ev("fast", T0 + 200_000, "query")];
-  assert.ok((await run(harness(), accepter)).every((o) => bandOf(o) === "human"));
-  // A slow reader: copies after a 40 s read.
-  const reader = [...turns("slow", [0, 60_000, 120_000, 180_000].map((at): [number, [EventType, number, Record<string, unknown>?][]] => [at, [["dwell", 40_000, { dwell_ms: 40_000 }], ["copy_paste", 42_000, copy]]])), ev("slow", T0 + 300_000, "query")];
-  assert.ok((await run(harness(), reader)).every((o) => bandOf(o) === "human"));
-  // Quick backs without a use (a glance, then the next query) are not unread uses.
-  const glances = [...turns("glance", [0, 10_000, 20_000, 30_000].map((at): [number, [EventType, number, Record<string, unknown>?][]] => [at, [["dwell", 2_000, { dwell_ms: 2_000 }]]])), ev("glance", T0 + 60_000, "query")];
-  assert.ok((await run(harness(), glances)).every((o) => bandOf(o) === "human"));
-});
-
 test("responses remembered per user are bounded", async () => {
   const h = harness({ impossible: { max_responses: 5 } });
   await run(h, Array.from({ length: 12 }, (_, i) => ev("u", T0 + i * 60_000, "response_shown", { response_id: `r${i}`, payload: { text_length: 10 } })));
@@ -545,7 +518,7 @@ test("the stored state round-trips", () => {
   fc.assert(
     fc.property(
       fc.array(fc.integer({ min: T0, max: T0 + 3_600_000 }), { maxLength: 30 }),
-      fc.dictionary(fc.string({ minLength: 1, maxLength: 8 }), fc.record({ t: fc.integer({ min: T0, max: T0 + 3_600_000 }), s: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), l: fc.option(fc.nat(), { nil: undefined }), c: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), p: fc.option(fc.nat(), { nil: undefined }), u: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), a: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }) }, { requiredKeys: ["t"] })),
+      fc.dictionary(fc.string({ minLength: 1, maxLength: 8 }), fc.record({ t: fc.integer({ min: T0, max: T0 + 3_600_000 }), s: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), l: fc.option(fc.nat(), { nil: undefined }), c: fc.option(fc.integer({ min: T0, max: T0 + 3_600_000 }), { nil: undefined }), p: fc.option(fc.nat(), { nil: undefined }) }, { requiredKeys: ["t"] })),
       fc.array(fc.boolean(), { minLength: 30, maxLength: 30 }),
       (raw, resp, acts) => {
         const times = [...raw].sort((a, b) => a - b);

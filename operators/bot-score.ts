@@ -75,20 +75,6 @@ export interface BotScoreConfig {
     max_responses?: number;
   };
   /**
-   * Responses used without being read: accepted, copied or edited, and touched by no event of the
-   * user later than `within` after being shown, although the user's event time has gone past that.
-   */
-  unread?: {
-    /** @default true */
-    enabled?: boolean;
-    /** @default 1 */
-    weight?: number;
-    /** A used response whose every event falls within this of it being shown was not read. @default "8s" */
-    within?: string;
-    /** This many such responses among those remembered (impossible.max_responses) is a definite indicator. @default 3 */
-    min_responses?: number;
-  };
-  /**
    * How long a user's state (recent event times, responses, the sticky bot verdict) lives after
    * their last event; never shorter than the longest rate window. @default "1h"
    */
@@ -178,21 +164,6 @@ export const botScoreSchema: JSONSchemaType<BotScoreConfig> = {
         max_responses: { type: "integer", minimum: 1, default: 20, nullable: true, description: "Responses remembered per user (the least recently touched is forgotten first).", examples: [20] },
       },
     },
-    unread: {
-      type: "object",
-      additionalProperties: false,
-      nullable: true,
-      default: {},
-      description:
-        "Responses used without being read: accepted, copied or edited, with every event of the user on the response within `within` of it being shown, once the user's event time has gone past that. " +
-        "Silent reading runs at about 238 words per minute (Brysbaert 2019): 8 s is about 32 words, a fifth of a median response.",
-      properties: {
-        enabled: { type: "boolean", default: true, nullable: true, description: "Use the unread indicator." },
-        weight: weightSchema,
-        within: { ...DURATION_SCHEMA, default: "8s", nullable: true, description: "A used response left within this of being shown was not read.", examples: ["8s"] },
-        min_responses: { type: "integer", minimum: 1, default: 3, nullable: true, description: "This many unread used responses among those remembered (impossible.max_responses): definite.", examples: [3] },
-      },
-    },
     untimed_event_types: {
       type: "array",
       items: { type: "string", enum: [...EVENT_TYPES] },
@@ -213,7 +184,6 @@ export interface CompiledBotScore {
   rate: { window: string; windowMs: number; maxEvents: number; ambivalentEvents: number; weight: number }[];
   regularity: { enabled: boolean; weight: number; minEvents: number; maxCv: number; ambivalentCv: number };
   impossible: { clickBeforeShown: boolean; copyLongerThanResponse: boolean; usedBeforeShown: boolean; weight: number; toleranceMs: number; maxResponses: number };
-  unread: { enabled: boolean; weight: number; withinMs: number; minResponses: number };
   /** State TTL: max(state_ttl, longest rate window). */
   ttlMs: number;
   /** Most event times kept per user: enough to decide every rate rule and the regularity rule. */
@@ -260,12 +230,6 @@ export function compileBotScore(config: BotScoreConfig = {}): CompiledBotScore {
     rate,
     regularity,
     impossible,
-    unread: {
-      enabled: config.unread?.enabled ?? true,
-      weight: config.unread?.weight ?? 1,
-      withinMs: parseDuration(config.unread?.within ?? "8s", "unread.within"),
-      minResponses: config.unread?.min_responses ?? 3,
-    },
     ttlMs,
     ringSize,
     longestWindowMs,
@@ -301,7 +265,7 @@ function lintBotScore(config: BotScoreConfig): LintIssue[] {
 
 /** One piece of evidence behind a score. */
 export interface BotIndicator {
-  name: "user_agent" | "rate" | "regularity" | "impossible" | "unread" | "sticky";
+  name: "user_agent" | "rate" | "regularity" | "impossible" | "sticky";
   /** Strength in [0, 1] before weighting: 1 past the hard threshold, ambivalent strengths below. */
   strength: number;
   weight: number;
@@ -354,8 +318,6 @@ export interface ResponseMemo {
   p?: number;
   /** Earliest use of it: an accept, copy or edit, or the start of a dwell (event time − dwell_ms). */
   u?: number;
-  /** Earliest accept, copy or edit of it. */
-  a?: number;
   /** Last event time it was touched (eviction order). */
   t: number;
 }
@@ -398,13 +360,9 @@ interface StoredState {
   k?: string;
   /**
    * Responses: [response_id, at − touched, at − shown, text_length, at − first click, longest copy,
-   * at − first use, at − first accept/copy/edit] (null when unknown; the trailing ones left out when unknown, as states written before them have it).
+   * at − first use] (null when unknown; the last one left out when unknown, as states written before it have it).
    */
-  r: (
-    | [string, number, number | null, number | null, number | null, number | null]
-    | [string, number, number | null, number | null, number | null, number | null, number | null]
-    | [string, number, number | null, number | null, number | null, number | null, number | null, number]
-  )[];
+  r: ([string, number, number | null, number | null, number | null, number | null] | [string, number, number | null, number | null, number | null, number | null, number])[];
   bot?: UserState["bot"];
 }
 
@@ -415,11 +373,9 @@ const fwd = (at: number, x: number | null): number | undefined => (x === null ? 
 export function encodeBotState(s: UserState): string {
   const at = Number.isFinite(s.max_ts) ? s.max_ts : 0;
   const t = s.times.map((x, i) => (i === 0 ? at - x : x - s.times[i - 1]!));
-  const r = [...s.resp].map(([id, m]): StoredState["r"][number] => {
-    const head = [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null] as const;
-    if (m.a !== undefined) return [...head, back(at, m.u), at - m.a];
-    return m.u === undefined ? [...head] : [...head, at - m.u];
-  });
+  const r = [...s.resp].map(([id, m]): StoredState["r"][number] =>
+    m.u === undefined ? [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null] : [id, at - m.t, back(at, m.s), m.l ?? null, back(at, m.c), m.p ?? null, at - m.u],
+  );
   const stored: StoredState = { v: 1, at, score: s.score, t, r };
   if (s.act.some((a) => !a)) stored.k = s.act.map((a) => (a ? "1" : "0")).join("");
   if (s.bot) stored.bot = s.bot;
@@ -433,7 +389,7 @@ export function decodeBotState(raw: string): UserState {
   const times: number[] = [];
   for (let i = 0; i < st.t.length; i++) times.push(i === 0 ? st.at - st.t[0]! : times[i - 1]! + st.t[i]!);
   const resp = new Map<string, ResponseMemo>();
-  for (const [id, t, sh, l, c, p, u, a] of st.r) {
+  for (const [id, t, sh, l, c, p, u] of st.r) {
     const m: ResponseMemo = { t: st.at - t };
     const shown = fwd(st.at, sh);
     const click = fwd(st.at, c);
@@ -442,7 +398,6 @@ export function decodeBotState(raw: string): UserState {
     if (click !== undefined) m.c = click;
     if (p !== null) m.p = p;
     if (typeof u === "number") m.u = st.at - u;
-    if (typeof a === "number") m.a = st.at - a;
     resp.set(id, m);
   }
   const act = times.map((_, i) => st.k === undefined || st.k[i] !== "0");
@@ -487,19 +442,6 @@ export function gapCv(times: readonly number[]): number {
   return Math.sqrt(sq / n) / mean;
 }
 
-/**
- * Responses used without being read: accepted, copied or edited (not before being shown: that is
- * the impossible indicator's), with the last event on them within `withinMs` of being shown, and
- * settled: the user's event time (`now`) has gone past that, so no later event on them is due.
- */
-export function countUnread(resp: ReadonlyMap<string, ResponseMemo>, now: number, withinMs: number): number {
-  let n = 0;
-  for (const m of resp.values()) {
-    if (m.s !== undefined && m.a !== undefined && m.a >= m.s && m.t - m.s < withinMs && now >= m.s + withinMs) n++;
-  }
-  return n;
-}
-
 /** Noisy-OR of weighted strengths: 1 − Π(1 − w·s), in [0, 1]. */
 export function combineIndicators(indicators: readonly Pick<BotIndicator, "strength" | "weight">[]): number {
   let keep = 1;
@@ -515,13 +457,12 @@ const round = (x: number): number => Math.round(x * 1e4) / 1e4;
 /** The bot-score operator. */
 export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> = {
   name: "bot-score",
-  summary: "Graded per-user bot score from user agent, event rate, timing regularity, impossible sequences and responses used unread; bots go to <prefix>.bots.",
+  summary: "Graded per-user bot score from user agent, event rate, timing regularity and impossible sequences; bots go to <prefix>.bots.",
   description:
-    "Scores every event's user in [0, 1] from five indicators, each with a soft and a hard threshold (Duskin & Feitelson): " +
+    "Scores every event's user in [0, 1] from four indicators, each with a soft and a hard threshold (Duskin & Feitelson): " +
     "a user agent matched by isbot's full pattern; more than max_events events in any sliding event-time window; gaps between the " +
     "last min_events events with a coefficient of variation below max_cv; physically impossible sequences (a click, accept, copy or edit " +
-    "before the response was shown, a dwell that began before it, a copy longer than the response); at least min_responses responses " +
-    "accepted, copied or edited and left within `within` of being shown (too soon to have read them). Past its hard threshold an indicator's strength is 1; in its " +
+    "before the response was shown, a dwell that began before it, a copy longer than the response). Past its hard threshold an indicator's strength is 1; in its " +
     "ambivalent band it grows from ambivalent_from to halfway to threshold, so one ambivalent indicator alone never makes a " +
     "bot. Indicators combine as 1 − Π(1 − weight·strength). At or above " +
     "`threshold` the event goes to <prefix>.bots (not on), and the verdict sticks for the state TTL; in [ambivalent_from, threshold) " +
@@ -537,7 +478,7 @@ export const botScore: OperatorSpec<BotScoreConfig, KeyedProcessor<UserState>> =
       key: "tacit:{<prefix>:u:<user>}:<stage>:state",
       holds:
         "`<applied seq>:<JSON>`: the stream sequence of the last input applied (the runtime's exactly-once guard), then recent event times " +
-        "(at most max(min_events, 2 × (max_events + 1))), responses seen (shown time, text_length, first click, first use, first accept/copy/edit, longest copy; at most max_responses), " +
+        "(at most max(min_events, 2 × (max_events + 1))), responses seen (shown time, text_length, first click, first use, longest copy; at most max_responses), " +
         "the sticky bot verdict, the latest score",
       ttl: "state_ttl (≥ the longest rate window) after the user's latest event time: an event later than that starts afresh; the key expires state_ttl after its last write",
     },
@@ -633,8 +574,7 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
 
     const rid = ev.response_id;
     const imp = c.impossible;
-    const unread = c.unread.enabled && c.unread.weight > 0;
-    if (rid !== undefined && (imp.clickBeforeShown || imp.copyLongerThanResponse || imp.usedBeforeShown || unread)) {
+    if (rid !== undefined && (imp.clickBeforeShown || imp.copyLongerThanResponse || imp.usedBeforeShown)) {
       const memo = rememberResponse(s, rid, ts);
       const impossible = (detail: string) => found.push({ name: "impossible", strength: 1, weight: imp.weight, detail });
       if (ev.event_type === "response_shown") {
@@ -655,7 +595,6 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
           if (imp.copyLongerThanResponse && memo.l !== undefined && span > memo.l) impossible(`copy of ${span} characters from ${rid}, which has ${memo.l}`);
         }
       }
-      if (ev.event_type === "accept" || ev.event_type === "copy_paste" || ev.event_type === "edit") memo.a = memo.a === undefined ? ts : Math.min(memo.a, ts);
       if (imp.usedBeforeShown) {
         const d = ev.event_type === "dwell" ? ev.payload.dwell_ms : undefined;
         const start =
@@ -672,12 +611,6 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
     }
     // Forget responses not touched for the state TTL: the key's own TTL only runs from the last event.
     for (const [id, m] of s.resp) if (m.t < s.max_ts - c.ttlMs) s.resp.delete(id);
-    if (unread) {
-      const n = countUnread(s.resp, s.max_ts, c.unread.withinMs);
-      if (n >= c.unread.minResponses) {
-        found.push({ name: "unread", strength: 1, weight: c.unread.weight, value: n, limit: c.unread.minResponses, detail: `${n} responses used and left within ${formatDuration(c.unread.withinMs)} of being shown (at least ${c.unread.minResponses})` });
-      }
-    }
     return found;
   }
 
