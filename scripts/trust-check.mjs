@@ -50,15 +50,17 @@ try {
     const st = JSON.parse(tacit("status", pipeline, "--json"));
     streak = st.stages.every((s) => s.pending === 0 && s.ack_pending === 0) ? streak + 1 : 0;
   }
-  const evaluation = JSON.parse(tacit("evaluate", pipeline, "--truth", main.truth, "--events", main.out, "--json"));
+  // Evaluated once, in the form asked for.
+  const evaluate = tacit("evaluate", pipeline, "--truth", main.truth, "--events", main.out, ...(args.json ? ["--json"] : []));
   const exported = join(dir, "labels.jsonl");
   tacit("export", pipeline, "labels", "--format", "jsonl", "--out", exported);
 
   // --- the independent count: the exported final view against the truth files ---
-  const truth = [...readJsonl(main.truth), ...readJsonl(cont.truth)];
+  const mainTruth = readJsonl(main.truth);
+  const truth = [...mainTruth, ...readJsonl(cont.truth)];
   const response = new Map(truth.filter((t) => t.kind === "response").map((t) => [t.response_id, t]));
   const query = new Map(truth.filter((t) => t.kind === "query").map((t) => [t.query_id, t]));
-  const inMain = new Set(readJsonl(main.truth).filter((t) => t.kind === "response").map((t) => t.response_id));
+  const inMain = new Set(mainTruth.filter((t) => t.kind === "response").map((t) => t.response_id));
   const labels = readJsonl(exported).filter((l) => !l.retracted && l.weight > 0);
   const botOf = (l) => response.get(l.response_id)?.is_bot_user ?? response.get(l.chosen_response_id)?.is_bot_user ?? query.get(l.query_id)?.is_bot_user;
   const fromBots = labels.filter((l) => botOf(l) === true).length;
@@ -77,11 +79,11 @@ try {
     coverage: { signalled: signalled.length, labelled: signalled.filter((r) => labelled.has(r.response_id)).length },
   };
   count.coverage.value = count.coverage.labelled / count.coverage.signalled;
-  const result = { seed: args.seed, users: Number(args.users), evaluate: evaluation, independent: count };
+  const result = { seed: args.seed, users: Number(args.users), evaluate: args.json ? JSON.parse(evaluate) : undefined, independent: count };
   if (args.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
   else {
     const f = (x) => (Number.isFinite(x) ? x.toFixed(3) : String(x));
-    process.stdout.write(`${tacit("evaluate", pipeline, "--truth", main.truth, "--events", main.out)}\n`);
+    process.stdout.write(`${evaluate}\n`);
     process.stdout.write(
       `independent count (seed ${args.seed}, exported final view against the truth files): ${count.live_labels} live labels, ${fromBots} from bot users, ${unknown} matching no truth record; ` +
         `positive precision ${f(count.positive.precision)} (${count.positive.labels}), negative precision ${f(count.negative.precision)} (${count.negative.labels}), ` +

@@ -65,6 +65,11 @@ type RedisClient = Redis | Cluster;
 /** How long a Cluster master's count of online replicas is trusted before INFO is asked again. */
 const REPLICA_CHECK_MS = 1000;
 
+/** Replicas online (in sync) in the text of `INFO replication` of a master. */
+export function onlineReplicas(info: string): number {
+  return info.match(/^slave\d+:.*state=online/gm)?.length ?? 0;
+}
+
 /** Most state ops one commit script call carries on a single Redis. */
 const MAX_OPS_PER_CALL = 256;
 
@@ -175,7 +180,7 @@ export class RedisStateStore implements StateStore {
     const key = `${node.options.host}:${node.options.port}`;
     const known = this.replicas.get(key);
     if (known && !fresh && Date.now() - known.at < REPLICA_CHECK_MS) return known.online;
-    const online = node.info("replication").then((info) => info.match(/^slave\d+:.*state=online/gm)?.length ?? 0);
+    const online = node.info("replication").then(onlineReplicas);
     const entry = { at: Date.now(), online };
     this.replicas.set(key, entry);
     online.catch(() => this.replicas.get(key) === entry && this.replicas.delete(key));

@@ -3,6 +3,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { freePort, freePorts, natsAnswers, redisAnswers } from "../../src/services/processes.js";
+import { onlineReplicas } from "../../src/state/redis.js";
 
 /**
  * Servers the harness does not start (TLS servers, NATS and Redis clusters) as child processes
@@ -156,7 +157,7 @@ export async function startRedisCluster(dir: string, count = 3, nodeTimeoutMs = 
     });
     // Replicas take a moment to sync: until then a master's WAIT has no replica to answer it.
     await waitFor("every replica to be in sync", async () => {
-      const online = ports.map((p) => spawnSync("redis-cli", ["-p", String(p), "info", "replication"], { encoding: "utf8" }).stdout.match(/^slave\d+:.*state=online/gm)?.length ?? 0);
+      const online = ports.map((p) => onlineReplicas(spawnSync("redis-cli", ["-p", String(p), "info", "replication"], { encoding: "utf8" }).stdout));
       return online.reduce((a, b) => a + b, 0) === count;
     });
   } catch (err) {
