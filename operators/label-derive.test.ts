@@ -314,7 +314,7 @@ test("a label carries the deciding signal, deterministic id, event time and emit
     label: "positive",
     weight: 1,
     rule: "accept",
-    rule_version: 3,
+    rule_version: 4,
     signals: [{ event_id: envs[1]!.event.event_id, event_type: "accept" }],
     event_time: "2026-01-01T10:00:35.000Z",
     // The harness stores each input at its event time: emitted_at is when the deciding input was stored.
@@ -407,8 +407,9 @@ test("regenerate then accept: the preference carries the regenerate and the acce
   ]);
   assert.equal(pref.query_id, "q-1");
   assert.equal(pref.label, undefined);
-  // The old response got its own negative, the new one its positive.
-  assert.deepEqual(ls.filter((l) => l.kind === "response").map((l) => [l.rule, l.response_id]).sort(), [["accept", "r2"], ["regenerate", "r1"]]);
+  // The old response got its own negative; the new one no positive of its own (the default rules
+  // make none about a response that replaced a regenerated one), only the pair.
+  assert.deepEqual(ls.filter((l) => l.kind === "response").map((l) => [l.rule, l.response_id]).sort(), [["regenerate", "r1"]]);
 });
 
 test("click below skipped results: with the default skipped_previous, one pair; skipped_above gives one pair per skipped result", async () => {
@@ -865,8 +866,9 @@ test("retraction: a flag retracts every label the user published (same label_id,
   const S2 = { session: "s-2" };
   const B = { user: BOB, session: "s-b" };
   const h = harness({ session_gap: "10m" });
-  // Session s-1: a copy, a regenerate, an accept of the replacement (response, preference and session labels).
-  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 50, "r2")]);
+  // Session s-1: a copy, a regenerate, an accept of the replacement (the preference), then another
+  // question with an accepted answer (response labels; the session's net is positive: a session label).
+  await h.push(0, [shown(0, "r1"), on("copy_paste", 10, "r1", { span_length: 600 }), on("regenerate", 15, "r1"), shown(17, "r2"), on("accept", 50, "r2"), shown(60, "r3", "q-3"), on("accept", 95, "r3", {}, { qid: "q-3" })]);
   // Bob's labels must stay; his events also move the watermark past s-1's end + 2 gaps (s-1 is forgotten, its labels kept for retraction).
   await h.push(0, [shown(1500, "b1", "qb", B), on("accept", 1540, "b1", {}, { ...B, qid: "qb" })]);
   await h.push(0, [shown(2000, "r9", "q-9", S2), on("accept", 2040, "r9", {}, { ...S2, qid: "q-9" }), on("dwell", 2045, "r9", { dwell_ms: 20_000 }, { ...S2, qid: "q-9" })]);
