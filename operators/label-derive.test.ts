@@ -216,8 +216,6 @@ const CASES: Case[] = [
     target: "r9",
   },
   { rule: "click_satisfied", title: "not a 20 s dwell", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r1", { position: 1 }), on("dwell", 25, "r1", { dwell_ms: 20_000 })] },
-  { rule: "click_quick_back", title: "quick back", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r2", { position: 2 }), on("dwell", 9, "r2", { dwell_ms: 4000 })], weight: 0.3, target: "r2" },
-  { rule: "click_quick_back", title: "not a 20 s dwell", events: () => [...list(0, ["r1", "r2"]), on("click", 5, "r1", { position: 1 }), on("dwell", 25, "r1", { dwell_ms: 20_000 })] },
   {
     rule: "click_last",
     title: "the session's last click, 20 s dwell: satisfied at session end",

@@ -43,7 +43,6 @@ test("the default rules file loads, and every rule in it is enabled and has a de
     "regenerate_then_use",
     "reformulation",
     "click_satisfied",
-    "click_quick_back",
     "click_last",
     "click_skip_above",
     "abandon_unread",
