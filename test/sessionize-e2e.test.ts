@@ -533,7 +533,11 @@ test("sessionize end to end: generated sessions through NATS and Redis, two work
 
   // The run exercised what it claims to.
   assert.ok(tally.late_within > 0 && tally.late_beyond > 0, JSON.stringify(tally));
-  assert.ok(finals.some((s) => s.merged_from.length > 0), "sessions merged");
+  // Merges are not asserted here: with sessionize's event-time hold, events reordered within the
+  // out-of-orderness are released in time order and never split a session, so only a late event
+  // bridging two released sessions within the allowed lateness merges them: 0–2 a run, as the
+  // draws and the two enrich workers' reordering fall (the diagnostic below counts them). Merging
+  // itself is tested in operators/sessionize.test.ts; what merges here is checked against the oracle.
   assert.ok(summaries.some((s) => s.revision > 0), "summaries revised");
 
   // --- nothing left in Redis but the flush user's open session -----------------------------------
