@@ -76,7 +76,10 @@ export function userTag(prefix: string, user: string): string {
 
 /** A key of one user's state: `tacit:{<prefix>:u:<user>}:<parts…>`. */
 export function userKey(prefix: string, user: string, ...parts: (string | number)[]): string {
-  return ["tacit", userTag(prefix, user), ...parts].join(":");
+  // Concatenated (not an array joined): built several times for every input.
+  let key = `tacit:${userTag(prefix, user)}`;
+  for (const part of parts) key += `:${part}`;
+  return key;
 }
 
 /** A key of one partition's state (watermarks, timers): `tacit:{<prefix>:p:<stage>:<n>}:<parts…>`. */

@@ -481,13 +481,20 @@ function cmp(a: [number, string], b: [number, string]): number {
   return a[0] - b[0] || (a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0);
 }
 
+/** Swaps two heap elements (through a temporary: a destructuring swap allocated an array each time, every input). */
+function swap(h: [number, string][], i: number, j: number): void {
+  const t = h[i]!;
+  h[i] = h[j]!;
+  h[j] = t;
+}
+
 function heapPush(h: [number, string][], x: [number, string]): void {
   h.push(x);
   let i = h.length - 1;
   while (i > 0) {
     const p = (i - 1) >> 1;
     if (cmp(h[p]!, h[i]!) <= 0) break;
-    [h[p], h[i]] = [h[i]!, h[p]!];
+    swap(h, p, i);
     i = p;
   }
 }
@@ -504,7 +511,7 @@ function heapPop(h: [number, string][]): void {
     if (l < h.length && cmp(h[l]!, h[m]!) < 0) m = l;
     if (r < h.length && cmp(h[r]!, h[m]!) < 0) m = r;
     if (m === i) return;
-    [h[m], h[i]] = [h[i]!, h[m]!];
+    swap(h, m, i);
     i = m;
   }
 }

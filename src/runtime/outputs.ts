@@ -37,8 +37,6 @@ export interface SourceMsg {
   data: Uint8Array;
 }
 
-const encoder = new TextEncoder();
-
 export class Outputs {
   constructor(
     private readonly p: Pipeline,
@@ -134,7 +132,7 @@ export class Outputs {
         if (Number.isFinite(ts)) observer.endToEnd(g.name, now - ts, e.to === "next" ? "next" : "label");
       }
       // An envelope no stage changed leaves as the bytes it came in as: no stringify.
-      const data = source && envelope !== undefined && value === envelope ? source.data : encoder.encode(JSON.stringify(value));
+      const data = source && envelope !== undefined && value === envelope ? source.data : Buffer.from(JSON.stringify(value));
       send(subject, data, id, hdrs);
     };
     for (let i = 0; i < results.length; i++) {
