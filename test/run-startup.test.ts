@@ -5,6 +5,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync } from "node:fs";
+import { Redis } from "ioredis";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { projectRoot } from "../src/config/paths.js";
@@ -114,4 +115,24 @@ test("tacit run that starts serves /readyz on its metrics port, and SIGTERM exit
   assert.equal(await p.exited(), 0, p.stderr());
   assert.match(p.stderr(), /worker stopped cleanly/);
   assert.ok(await isPortFree(port, "0.0.0.0"), `metrics port ${port} is still taken after the exit`);
+});
+
+test("tacit run sent SIGTERM while still starting starts, then drains and exits 0 (not killed half way)", { timeout: 30_000 }, async (t) => {
+  const env = { TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")), TACIT_LOG_LEVEL: "debug", NATS_URL: servers.natsUrl, REDIS_URL: servers.redisUrl, TACIT_PSEUDONYM_KEY: KEY };
+  const deploy = spawnTacit(["deploy", PIPELINE], env);
+  assert.equal(await deploy.exited(), 0, deploy.stderr());
+  // Redis answers no one for 4 s (under the worker's 5 s start-up timeout): the worker waits in its start-up.
+  const redis = new Redis(servers.redisUrl);
+  t.after(() => redis.disconnect());
+  await redis.call("CLIENT", "PAUSE", "4000", "ALL");
+  const p = spawnTacit(["run", PIPELINE, "--metrics-port", "0"], env);
+  t.after(() => void (p.running() && p.child.kill("SIGKILL")));
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline && p.running() && !/"msg":"starting"/.test(p.stderr())) await new Promise((r) => setTimeout(r, 20));
+  const before = p.stderr();
+  assert.match(before, /"msg":"starting"/, "the worker reached its start-up");
+  p.child.kill("SIGTERM");
+  assert.doesNotMatch(before, /running feedback/, "the signal came before the worker had started");
+  assert.equal(await p.exited(), 0, p.stderr());
+  assert.match(p.stderr(), /running feedback[\s\S]*worker stopped cleanly/);
 });

@@ -87,6 +87,19 @@ export function registerRun(program: Command): void {
       let worker: Worker | undefined = undefined;
       const workerId = newWorkerId();
       const telemetry = new WorkerTelemetry(() => worker?.stageCounters.values() ?? [], () => worker?.ready() ?? false, { workerId, piiSampleEvery: opts.piiSample });
+      // SIGTERM/SIGINT are taken from the start: one that arrives while the worker is still
+      // starting (a scale-down right after a scale-up) stops it as soon as it has started, cleanly,
+      // instead of killing the process half way.
+      let stopSignal: string | undefined;
+      let onStop: ((sig: string) => void) | undefined;
+      const requestStop = (sig: string): void => {
+        if (stopSignal !== undefined) return;
+        stopSignal = sig;
+        onStop?.(sig);
+      };
+      process.once("SIGTERM", () => requestStop("SIGTERM"));
+      process.once("SIGINT", () => requestStop("SIGINT"));
+      log.debug({ pipeline: p.name }, "starting");
       // The CLI opens (and so closes) the connections: a start that fails half way must leave no
       // reconnecting client behind to keep the process alive.
       let nats: NatsHandles | undefined;
@@ -126,15 +139,14 @@ export function registerRun(program: Command): void {
       log.info({ worker: worker.id, pipeline: p.name }, "worker started");
       process.stderr.write(`tacit: worker ${worker.id} running ${p.name}; Ctrl-C or SIGTERM to stop\n`);
       await new Promise<void>((resolve) => {
-        const stop = (sig: string) => {
+        onStop = (sig: string) => {
           log.info({ signal: sig }, "draining");
-          worker!.stop().then(resolve, (err) => {
+          started.stop().then(resolve, (err) => {
             log.error({ err: String(err) }, "error while draining");
             resolve();
           });
         };
-        process.once("SIGTERM", () => stop("SIGTERM"));
-        process.once("SIGINT", () => stop("SIGINT"));
+        if (stopSignal !== undefined) onStop(stopSignal);
       });
       await closeConnections(nats, redis, true);
       await telemetry.stop();
