@@ -15,7 +15,10 @@ import { runChain, scoreChain } from "../test/support/label-chain.js";
  * Prints each seed's figures as `tacit evaluate` scores them (bot users' labels excluded in
  * brackets), then, over all seeds, how often each rule's live response labels were right against
  * the hidden quality: on first responses and on responses that replaced a regenerated one, by the
- * dwell that came with the label's signals, and by the rank of a ranked result.
+ * dwell that came with the label's signals, and by the rank of a ranked result. Last, the bot
+ * users whose labels stay live (bot-score never flagged them): their sessions and events, and the
+ * client anomalies looked at as bot indicators, counted on them and on every human; and how many
+ * live labels come from users seen in one session only (what a hold until a second session costs).
  *
  *   node dist/bench/label-rules.js [--rules <file>] [seed…]    (after a build; default seeds 101–110)
  */
@@ -42,6 +45,54 @@ function count(map: Map<string, Tally>, key: string, right: boolean): void {
 
 const fmt = (x: number | null | undefined): string => (x === null || x === undefined ? "-" : x.toFixed(3));
 
+interface RawEvent {
+  event_id: string;
+  event_type: string;
+  user_id: string;
+  session_id?: string;
+  query_id?: string;
+  response_id?: string;
+  ts: number;
+  payload?: { dwell_ms?: unknown };
+}
+
+/** How long a regeneration may go without a new response for its query before it counts as one without. */
+const REGENERATION_ANSWER_MS = 30_000;
+const USES = new Set(["accept", "copy_paste", "edit", "click", "task_complete", "share"]);
+
+/**
+ * Client anomalies of one user's events (in event time) that a bot indicator could use: a
+ * regeneration no new response followed, a second accept of one response, a response used after
+ * the user regenerated it.
+ */
+function anomalies(events: readonly RawEvent[]): { unanswered: number; second_accept: number; used_after_regenerate: number } {
+  const out = { unanswered: 0, second_accept: 0, used_after_regenerate: 0 };
+  const waiting = new Map<string, number>();
+  const regeneratedAt = new Map<string, number>();
+  const accepted = new Set<string>();
+  for (const e of events) {
+    for (const [q, at] of waiting) {
+      if (e.ts > at + REGENERATION_ANSWER_MS) {
+        out.unanswered++;
+        waiting.delete(q);
+      }
+    }
+    const rid = e.response_id ?? "";
+    if (e.event_type === "regenerate") {
+      waiting.set(e.query_id ?? "", e.ts);
+      if (!regeneratedAt.has(rid)) regeneratedAt.set(rid, e.ts);
+    } else if (e.event_type === "response_shown") waiting.delete(e.query_id ?? "");
+    if (e.event_type === "accept") {
+      if (accepted.has(rid)) out.second_accept++;
+      accepted.add(rid);
+    }
+    if (USES.has(e.event_type) && e.ts > (regeneratedAt.get(rid) ?? Number.POSITIVE_INFINITY)) out.used_after_regenerate++;
+  }
+  // A regeneration at the end of the user's events: a timer at its time + the wait would count it.
+  out.unanswered += waiting.size;
+  return out;
+}
+
 /** How many regenerations led to `r` (its truth names the response it replaced, if any). */
 function regenerations(r: ResponseTruth, truth: ReadonlyMap<string, ResponseTruth>): number {
   let n = 0;
@@ -56,6 +107,12 @@ async function main(): Promise<void> {
   const byRule = new Map<string, Tally>();
   const byDwell = new Map<string, Tally>();
   const byRank = new Map<string, Tally>();
+  const unflagged: string[] = [];
+  const humanAnomalies = new Map<string, number>();
+  let humans = 0;
+  let humansWithAny = 0;
+  let oneSession = 0;
+  let liveLabelCount = 0;
   const pseudonymOf = (id: string) => pseudonymize(DEV_PSEUDONYM_KEY, id);
   console.log("seed | positive precision (bot users excluded) | negative precision (excluded) | coverage | AUC");
   for (const seed of seeds) {
@@ -69,16 +126,43 @@ async function main(): Promise<void> {
     const truth = new Map<string, ResponseTruth>();
     for (const t of sim.truth) if (t.kind === "response") truth.set(t.response_id, t);
     const dwellOf = new Map<string, number>();
+    // Each user's well-formed events once (the simulator's delivery noise re-sends some), in event time.
+    const byUser = new Map<string, Map<string, RawEvent>>();
     for (const line of sim.events) {
+      let e: Omit<RawEvent, "ts"> & { timestamp?: unknown };
       try {
-        const e = JSON.parse(line) as { event_id?: unknown; event_type?: unknown; payload?: { dwell_ms?: unknown } };
-        if (e.event_type === "dwell" && typeof e.event_id === "string" && typeof e.payload?.dwell_ms === "number") dwellOf.set(e.event_id, e.payload.dwell_ms);
+        e = JSON.parse(line) as typeof e;
       } catch {
-        // Malformed lines are the simulator's delivery noise: no dwell to read.
+        continue; // malformed: the simulator's delivery noise
+      }
+      const ts = typeof e.timestamp === "string" ? Date.parse(e.timestamp) : Number.NaN;
+      if (typeof e.event_id !== "string" || typeof e.user_id !== "string" || !Number.isFinite(ts)) continue;
+      if (e.event_type === "dwell" && typeof e.payload?.dwell_ms === "number") dwellOf.set(e.event_id, e.payload.dwell_ms);
+      const mine = byUser.get(e.user_id) ?? new Map<string, RawEvent>();
+      mine.set(e.event_id, { ...e, ts });
+      byUser.set(e.user_id, mine);
+    }
+    const live = liveLabels(r.labels).filter((l) => l.weight > 0);
+    const liveOf = new Map<string, number>();
+    for (const l of live) liveOf.set(l.user, (liveOf.get(l.user) ?? 0) + 1);
+    for (const u of sim.truth) {
+      if (u.kind !== "user") continue;
+      const events = [...(byUser.get(u.user_id)?.values() ?? [])].sort((a, b) => a.ts - b.ts);
+      const found = anomalies(events);
+      const sessions = new Set(events.map((e) => e.session_id)).size;
+      const labels = liveOf.get(pseudonymOf(u.user_id)) ?? 0;
+      if (sessions <= 1) oneSession += labels;
+      liveLabelCount += labels;
+      if (!u.is_bot) {
+        humans++;
+        for (const [k, n] of Object.entries(found)) if (n > 0) humanAnomalies.set(k, (humanAnomalies.get(k) ?? 0) + 1);
+        if (Object.values(found).some((n) => n > 0)) humansWithAny++;
+      } else if (labels > 0 && !r.botUsers.has(pseudonymOf(u.user_id))) {
+        unflagged.push(`${seed} | ${u.bot_kind} | ${labels} | ${sessions} | ${events.length} | ${found.unanswered} | ${found.second_accept} | ${found.used_after_regenerate}`);
       }
     }
-    for (const l of liveLabels(r.labels) as Label[]) {
-      if (l.kind !== "response" || l.weight <= 0) continue;
+    for (const l of live as Label[]) {
+      if (l.kind !== "response") continue;
       const t = truth.get(l.response_id);
       if (!t) continue;
       const right = t.good === (l.label === "positive");
@@ -99,6 +183,10 @@ async function main(): Promise<void> {
   table(`live response labels right against the hidden quality, seeds ${seeds.join(", ")}`, byRule);
   table("the same by the dwell among the label's signals", byDwell);
   table("the same by the rank of a ranked result", byRank);
+  console.log(`\nbot users with live labels, never flagged\nseed | kind | live labels | sessions | events | regenerations unanswered | second accepts | uses after regenerating`);
+  for (const line of unflagged) console.log(line);
+  console.log(`humans (${humans}) with any of those anomalies: ${humansWithAny} (${[...humanAnomalies].map(([k, n]) => `${k} ${n}`).join(", ") || "none"})`);
+  console.log(`live labels of users seen in one session only: ${oneSession} of ${liveLabelCount}`);
 }
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) await main();
