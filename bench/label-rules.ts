@@ -1,11 +1,10 @@
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
-import { liveLabels, type Label } from "../src/core/label.js";
+import { liveLabels } from "../src/core/label.js";
 import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
-import { evaluate } from "../src/eval/evaluate.js";
 import { simulate } from "../src/sim/simulate.js";
 import type { ResponseTruth } from "../src/sim/truth.js";
-import { runChain, scoreChain } from "../test/support/label-chain.js";
+import { runChain, scoreChain, scoreHumanUsers } from "../test/support/label-chain.js";
 
 /**
  * The error analysis behind the default label rules (README "The default label rules, and why
@@ -93,6 +92,32 @@ function anomalies(events: readonly RawEvent[]): { unanswered: number; second_ac
   return out;
 }
 
+/**
+ * Each user's well-formed events once (the simulator's delivery noise re-sends some and breaks
+ * others), in event time, and every dwell's dwell_ms by event id.
+ */
+function readEvents(lines: readonly string[]): { byUser: Map<string, RawEvent[]>; dwellOf: Map<string, number> } {
+  const unique = new Map<string, Map<string, RawEvent>>();
+  const dwellOf = new Map<string, number>();
+  for (const line of lines) {
+    let e: Omit<RawEvent, "ts"> & { timestamp?: unknown };
+    try {
+      e = JSON.parse(line) as typeof e;
+    } catch {
+      continue;
+    }
+    const ts = typeof e.timestamp === "string" ? Date.parse(e.timestamp) : Number.NaN;
+    if (typeof e.event_id !== "string" || typeof e.user_id !== "string" || !Number.isFinite(ts)) continue;
+    if (e.event_type === "dwell" && typeof e.payload?.dwell_ms === "number") dwellOf.set(e.event_id, e.payload.dwell_ms);
+    const mine = unique.get(e.user_id) ?? new Map<string, RawEvent>();
+    mine.set(e.event_id, { ...e, ts });
+    unique.set(e.user_id, mine);
+  }
+  const byUser = new Map<string, RawEvent[]>();
+  for (const [user, events] of unique) byUser.set(user, [...events.values()].sort((a, b) => a.ts - b.ts));
+  return { byUser, dwellOf };
+}
+
 /** How many regenerations led to `r` (its truth names the response it replaced, if any). */
 function regenerations(r: ResponseTruth, truth: ReadonlyMap<string, ResponseTruth>): number {
   let n = 0;
@@ -119,35 +144,18 @@ async function main(): Promise<void> {
     const sim = simulate({ seed, users: 400, durationMs: 2 * 3_600_000 });
     const r = await runChain(sim.events, { partitions: 4, ...(labelConfig ? { labelConfig } : {}) });
     const all = scoreChain(r, sim.truth);
-    const bots = new Set(sim.truth.flatMap((u) => (u.kind === "user" && u.is_bot ? [pseudonymOf(u.user_id)] : [])));
-    const human = evaluate({ labels: r.labels.filter((l) => !bots.has(l.user)), truth: sim.truth, features: r.features, pseudonymOf });
+    const human = scoreHumanUsers(r, sim.truth);
     console.log(`${seed} | ${fmt(all.positive.precision)} (${fmt(human.positive.precision)}) | ${fmt(all.negative.precision)} (${fmt(human.negative.precision)}) | ${fmt(all.coverage)} | ${fmt(all.score.auc)}`);
 
     const truth = new Map<string, ResponseTruth>();
     for (const t of sim.truth) if (t.kind === "response") truth.set(t.response_id, t);
-    const dwellOf = new Map<string, number>();
-    // Each user's well-formed events once (the simulator's delivery noise re-sends some), in event time.
-    const byUser = new Map<string, Map<string, RawEvent>>();
-    for (const line of sim.events) {
-      let e: Omit<RawEvent, "ts"> & { timestamp?: unknown };
-      try {
-        e = JSON.parse(line) as typeof e;
-      } catch {
-        continue; // malformed: the simulator's delivery noise
-      }
-      const ts = typeof e.timestamp === "string" ? Date.parse(e.timestamp) : Number.NaN;
-      if (typeof e.event_id !== "string" || typeof e.user_id !== "string" || !Number.isFinite(ts)) continue;
-      if (e.event_type === "dwell" && typeof e.payload?.dwell_ms === "number") dwellOf.set(e.event_id, e.payload.dwell_ms);
-      const mine = byUser.get(e.user_id) ?? new Map<string, RawEvent>();
-      mine.set(e.event_id, { ...e, ts });
-      byUser.set(e.user_id, mine);
-    }
-    const live = liveLabels(r.labels).filter((l) => l.weight > 0);
+    const { byUser, dwellOf } = readEvents(sim.events);
+    const live = liveLabels(r.labels);
     const liveOf = new Map<string, number>();
     for (const l of live) liveOf.set(l.user, (liveOf.get(l.user) ?? 0) + 1);
     for (const u of sim.truth) {
       if (u.kind !== "user") continue;
-      const events = [...(byUser.get(u.user_id)?.values() ?? [])].sort((a, b) => a.ts - b.ts);
+      const events = byUser.get(u.user_id) ?? [];
       const found = anomalies(events);
       const sessions = new Set(events.map((e) => e.session_id)).size;
       const labels = liveOf.get(pseudonymOf(u.user_id)) ?? 0;
@@ -161,7 +169,7 @@ async function main(): Promise<void> {
         unflagged.push(`${seed} | ${u.bot_kind} | ${labels} | ${sessions} | ${events.length} | ${found.unanswered} | ${found.second_accept} | ${found.used_after_regenerate}`);
       }
     }
-    for (const l of live as Label[]) {
+    for (const l of live) {
       if (l.kind !== "response") continue;
       const t = truth.get(l.response_id);
       if (!t) continue;

@@ -2,11 +2,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { formatReport } from "../src/cli/evaluate.js";
 import { liveLabels } from "../src/core/label.js";
-import { DEV_PSEUDONYM_KEY, pseudonymize } from "../src/core/pseudonym.js";
-import { evaluate } from "../src/eval/evaluate.js";
 import { explicitAgreement, formatExplicit, ratingsFromEvents } from "../src/eval/explicit.js";
 import { simulate } from "../src/sim/simulate.js";
-import { runChain, scoreChain } from "./support/label-chain.js";
+import { runChain, scoreChain, scoreHumanUsers } from "./support/label-chain.js";
 
 /*
  * Simulated traffic through the whole chain in memory (enrich → dedupe → bot-score → sessionize →
@@ -51,8 +49,7 @@ for (const seed of [7, 11]) {
     assert.ok(report.baselines !== null && report.baselines.auc_gain !== null);
 
     // The same on human traffic only: what label-derive makes of what bot-score lets through as human.
-    const bots = new Set(sim.truth.flatMap((u) => (u.kind === "user" && u.is_bot ? [pseudonymize(DEV_PSEUDONYM_KEY, u.user_id)] : [])));
-    const human = evaluate({ labels: r.labels.filter((l) => !bots.has(l.user)), truth: sim.truth, features: r.features, pseudonymOf: (id) => pseudonymize(DEV_PSEUDONYM_KEY, id) });
+    const human = scoreHumanUsers(r, sim.truth);
     t.diagnostic(`human users only: positive precision ${human.positive.precision?.toFixed(3)}, negative precision ${human.negative.precision?.toFixed(3)}, coverage ${human.coverage?.toFixed(3)}, AUC ${human.score.auc?.toFixed(3)}`);
     assert.ok(human.positive.precision! >= 0.8, `human positive precision ${human.positive.precision}`);
 

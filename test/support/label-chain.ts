@@ -161,3 +161,13 @@ export function scoreChain(r: ChainResult, truth: readonly TruthRecord[], events
     },
   });
 }
+
+/**
+ * The same as scoreChain on the labels of the users the truth says are human: what label-derive
+ * makes of what bot-score lets through as human (bot users' labels left out, not counted against).
+ */
+export function scoreHumanUsers(r: ChainResult, truth: readonly TruthRecord[]): Report {
+  const pseudonymOf = (id: string) => pseudonymize(DEV_PSEUDONYM_KEY, id);
+  const bots = new Set(truth.flatMap((u) => (u.kind === "user" && u.is_bot ? [pseudonymOf(u.user_id)] : [])));
+  return evaluate({ labels: r.labels.filter((l) => !bots.has(l.user)), truth, features: r.features, pseudonymOf });
+}
