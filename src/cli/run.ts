@@ -90,15 +90,10 @@ export function registerRun(program: Command): void {
       // SIGTERM/SIGINT are taken from the start: one that arrives while the worker is still
       // starting (a scale-down right after a scale-up) stops it as soon as it has started, cleanly,
       // instead of killing the process half way.
-      let stopSignal: string | undefined;
-      let onStop: ((sig: string) => void) | undefined;
-      const requestStop = (sig: string): void => {
-        if (stopSignal !== undefined) return;
-        stopSignal = sig;
-        onStop?.(sig);
-      };
-      process.once("SIGTERM", () => requestStop("SIGTERM"));
-      process.once("SIGINT", () => requestStop("SIGINT"));
+      const stopRequested = new Promise<string>((resolve) => {
+        process.once("SIGTERM", () => resolve("SIGTERM"));
+        process.once("SIGINT", () => resolve("SIGINT"));
+      });
       log.debug({ pipeline: p.name }, "starting");
       // The CLI opens (and so closes) the connections: a start that fails half way must leave no
       // reconnecting client behind to keep the process alive.
@@ -138,16 +133,8 @@ export function registerRun(program: Command): void {
       }
       log.info({ worker: worker.id, pipeline: p.name }, "worker started");
       process.stderr.write(`tacit: worker ${worker.id} running ${p.name}; Ctrl-C or SIGTERM to stop\n`);
-      await new Promise<void>((resolve) => {
-        onStop = (sig: string) => {
-          log.info({ signal: sig }, "draining");
-          started.stop().then(resolve, (err) => {
-            log.error({ err: String(err) }, "error while draining");
-            resolve();
-          });
-        };
-        if (stopSignal !== undefined) onStop(stopSignal);
-      });
+      log.info({ signal: await stopRequested }, "draining");
+      await started.stop().catch((err: unknown) => log.error({ err: String(err) }, "error while draining"));
       await closeConnections(nats, redis, true);
       await telemetry.stop();
       process.stderr.write("tacit: worker stopped cleanly\n");
