@@ -233,6 +233,31 @@ test("RedisStateStore sets the TTLs it is given (PTTL)", async () => {
   near(await pttl("fence"), 80_000);
 });
 
+test("one call's ops on one key: every hash field lands, the last TTL given wins, a DEL drops the TTLs before it", async () => {
+  const k = (n: string) => userKey("t4", "fay", n);
+  await store.commit([
+    {
+      ops: [
+        { op: "hset", key: k("h"), fields: { a: 1, b: "two", c: 3.5 }, ttl_ms: 90_000 },
+        { op: "hincrbyfloat", key: k("h"), field: "n", by: 2, ttl_ms: 30_000 },
+        { op: "hset", key: k("h"), fields: {}, ttl_ms: 60_000 },
+        { op: "zadd", key: k("z"), score: 1, member: "x", ttl_ms: 80_000 },
+        { op: "del", key: k("z") },
+        { op: "zadd", key: k("z"), score: 2, member: "y" },
+        { op: "hincrbyfloat", key: k("g"), field: "n", by: 1, ttl_ms: 70_000 },
+        { op: "del", key: k("g") },
+        { op: "hset", key: k("g"), fields: { m: 1 } },
+      ],
+    },
+  ]);
+  assert.deepEqual(await redis.hgetall(k("h")), { a: "1", b: "two", c: "3.5", n: "2" });
+  const pttl = await redis.pttl(k("h"));
+  assert.ok(pttl <= 60_000 && pttl > 55_000, `h: ${pttl} not near 60000`);
+  assert.deepEqual(await store.zrangeByScore(k("z"), Number.NEGATIVE_INFINITY, Number.POSITIVE_INFINITY), [{ member: "y", score: 2 }]);
+  assert.equal(await redis.pttl(k("z")), -1);
+  assert.equal(await redis.pttl(k("g")), -1);
+});
+
 test("a fractional guard TTL and non-finite range bounds are accepted", async () => {
   const k = (n: string) => userKey("t3", "erin", n);
   assert.deepEqual(await store.commit([{ guard: { key: k("fence"), seq: 1, ttl_ms: 1234.5 }, ops: [{ op: "zadd", key: k("z"), score: 2, member: "a" }] }]), [true]);

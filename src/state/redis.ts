@@ -15,6 +15,10 @@ const packr = new Packr({ useRecords: false, variableMapSize: true });
  * (Redis's Lua has cmsgpack): name, key index, and its arguments, flat. One packed argument
  * instead of four or five per op: the client's cost per argument was most of a commit's.
  * Without a lease all keys share one hash tag, so this runs unchanged on Redis Cluster.
+ * A hash op is one HSET of all its fields, and each key's TTL is set once, after the ops (the
+ * last TTL given wins; a call runs at one instant, so that is the TTL each op would have left):
+ * per field and per op, they were most of the calls Redis ran (18 HSETs and 7.5 PEXPIREs per
+ * event of the bench, against 5 SETs).
  * Returns 1 applied, 0 fenced off by the guard, -1 lease not held.
  */
 const COMMIT_LUA = `
@@ -27,19 +31,27 @@ if ARGV[1] ~= '' then
 end
 local ARGV = cmsgpack.unpack(ARGV[5])
 local i = 1
-local function ttl(k, t) if tonumber(t) > 0 then redis.call('PEXPIRE', k, t) end end
+local ttls, order = {}, {}
+local function ttl(k, t)
+  if tonumber(t) > 0 then
+    if not ttls[k] then order[#order + 1] = k end
+    ttls[k] = t
+  end
+end
 while i <= #ARGV do
   local op = ARGV[i]
   local k = KEYS[tonumber(ARGV[i + 1])]
   if op == 'set' then
     if tonumber(ARGV[i + 3]) > 0 then redis.call('SET', k, ARGV[i + 2], 'PX', ARGV[i + 3]) else redis.call('SET', k, ARGV[i + 2]) end
+    ttls[k] = nil
     i = i + 4
   elseif op == 'del' then
     redis.call('DEL', k)
+    ttls[k] = nil
     i = i + 2
   elseif op == 'hset' then
     local n = tonumber(ARGV[i + 2])
-    for j = 0, n - 1 do redis.call('HSET', k, ARGV[i + 3 + 2 * j], ARGV[i + 4 + 2 * j]) end
+    if n > 0 then redis.call('HSET', k, unpack(ARGV, i + 3, i + 2 + 2 * n)) end
     ttl(k, ARGV[i + 3 + 2 * n])
     i = i + 4 + 2 * n
   elseif op == 'hincrbyfloat' then
@@ -56,6 +68,9 @@ while i <= #ARGV do
   else
     return redis.error_reply('unknown op ' .. tostring(op))
   end
+end
+for _, k in ipairs(order) do
+  if ttls[k] then redis.call('PEXPIRE', k, ttls[k]) end
 end
 return 1
 `;
