@@ -42,6 +42,8 @@ export interface BenchOptions {
   profile?: boolean;
   /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
   profileOut?: string;
+  /** The servers' process ids, when the bench started them itself: their CPU per event is reported too. */
+  servers?: { nats: number; redis: number };
 }
 
 export interface RateResult {
@@ -54,6 +56,11 @@ export interface RateResult {
    * far less than it changes the rate. The servers' CPU is not included.
    */
   cpu_us_per_event: number;
+  /**
+   * The servers' CPU (user + system, from /proc) per event over the same phase, when the bench
+   * started them: on a small machine they share the cores with the worker, so they bound the rate too.
+   */
+  servers_cpu_us_per_event?: { nats: number; redis: number };
 }
 
 export interface LatencyResult {
@@ -464,6 +471,18 @@ function procCpuMicros(pid: number, ticksPerS: number): number | undefined {
   }
 }
 
+/** The servers' CPU from now on: `perEvent(n)` is what they used since, per event of n (undefined without servers). */
+function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPerS: number): { perEvent(n: number): { nats: number; redis: number } | undefined } {
+  const read = () => (servers ? { nats: procCpuMicros(servers.nats, ticksPerS) ?? Number.NaN, redis: procCpuMicros(servers.redis, ticksPerS) ?? Number.NaN } : undefined);
+  const at = read();
+  return {
+    perEvent(n) {
+      const now = read();
+      return at && now ? { nats: (now.nats - at.nats) / n, redis: (now.redis - at.redis) / n } : undefined;
+    },
+  };
+}
+
 /** A process's resident set size from /proc/<pid>/status, bytes; undefined once it is gone. */
 function procRss(pid: number): number | undefined {
   try {
@@ -577,6 +596,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
     await publishRaw(nats, `${pipeline.subject_prefix}.relay.in`, lines());
     const sig = { stop: false };
+    const ticks = clockTicks();
+    const servers = serverCpu(opts.servers, ticks);
     const cpu0 = process.cpuUsage();
     const start = performance.now();
     const relayDone = relay(nats, rin, `${pipeline.subject_prefix}.relay.out`, batch, sig);
@@ -586,6 +607,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     });
     const relaySecs = (performance.now() - start) / 1000;
     const relayCpu = cpuMicros(cpu0);
+    const relayServers = servers.perEvent(opts.events);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users, `${pipeline.subject_prefix}.relay.in`);
     const relayLatencies = await relayLat;
@@ -602,7 +624,6 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const budget = worker.budget;
     const labels = stageLabels(pipeline.stages);
     const profiler = opts.profile === false ? undefined : new SelfProfiler();
-    const ticks = clockTicks();
     let rssPeak = 0;
     let cachePeak = 0;
     const sample = () => {
@@ -611,6 +632,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       for (const c of children) c.rssPeak = Math.max(c.rssPeak, procRss(c.pid) ?? 0);
     };
     await profiler?.start();
+    const pipeServers = serverCpu(opts.servers, ticks);
     const pcpu0 = process.cpuUsage();
     const pstart = performance.now();
     // Children first: their start-up takes longest. Their CPU is counted from spawn (start-up
@@ -647,6 +669,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     }
     const pipeSecs = (performance.now() - pstart) / 1000;
     const ownCpu = cpuMicros(pcpu0);
+    const pipeServersCpu = pipeServers.perEvent(opts.events);
     const childCpu = children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN);
     const profile = await profiler?.stop();
     if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
@@ -675,6 +698,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         events: opts.events,
         seconds: relaySecs,
         cpu_us_per_event: relayCpu / opts.events,
+        ...(relayServers ? { servers_cpu_us_per_event: relayServers } : {}),
         events_per_s: relayRate,
         latency: { events: relayLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(relayLatencies, 50), p99_ms: percentile(relayLatencies, 99) },
       },
@@ -683,6 +707,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         seconds: pipeSecs,
         cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / opts.events,
         in_process_cpu_us_per_event: ownCpu / opts.events,
+        ...(pipeServersCpu ? { servers_cpu_us_per_event: pipeServersCpu } : {}),
         events_per_s: pipeRate,
         stages: pipeline.stages.map((s) => s.name),
         outputs,

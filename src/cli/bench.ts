@@ -22,6 +22,9 @@ function fmt(r: BenchResult): string {
     `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
     `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,
+    ...(r.relay.servers_cpu_us_per_event && p.servers_cpu_us_per_event
+      ? [`servers   CPU/event relay: nats-server ${n(r.relay.servers_cpu_us_per_event.nats)} µs; pipeline: nats-server ${n(p.servers_cpu_us_per_event.nats)} µs, redis-server ${n(p.servers_cpu_us_per_event.redis)} µs`]
+      : []),
     `outputs ${p.outputs}, dropped ${p.dropped}, dead letters ${p.dlq}`,
   ];
   if (p.cpu_share) {
@@ -122,6 +125,7 @@ export function registerBench(program: Command): void {
             );
           }
           const workerEnv = { ...env, TACIT_PSEUDONYM_KEY: env.TACIT_PSEUDONYM_KEY ?? "bench:tacit-bench-fixed-key-0123456789" };
+          const [nats, redis] = started;
           const res = await runBench(p, findOperator, {
             events: opts.events,
             users: opts.users,
@@ -133,6 +137,7 @@ export function registerBench(program: Command): void {
             childPipeline: { file: pipelineFile, set },
             profile: opts.profile,
             ...(opts.profileOut ? { profileOut: opts.profileOut } : {}),
+            ...(nats && redis ? { servers: { nats: nats.pid, redis: redis.pid } } : {}),
           });
           out(opts.json, res, () => fmt(res));
           return 0;

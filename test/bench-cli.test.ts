@@ -1,0 +1,40 @@
+// `tacit bench` end to end, small: it starts its own nats-server and redis-server (no URLs
+// given), pushes the events through the relay and the default pipeline, and reports each phase's
+// figures, the servers' CPU among them. The targets themselves are the bench's to show, never a
+// test's (SPEC §9): this only checks that the command measures what it says.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { spawnTacit } from "./support/tacit-process.js";
+
+const EVENTS = 400;
+
+test("tacit bench on its own servers: every event through both phases, the servers' CPU per event reported", { timeout: 180_000 }, async (t) => {
+  const p = spawnTacit(["bench", "--events", String(EVENTS), "--users", "40", "--latency-events", "40", "--json", "--no-profile"], {
+    NATS_URL: "",
+    REDIS_URL: "",
+    TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")),
+    TACIT_LOG_LEVEL: "warn",
+  });
+  t.after(() => {
+    if (p.running()) p.child.kill("SIGKILL");
+  });
+  assert.equal(await p.exited(), 0, p.stderr());
+  const r = JSON.parse(p.stdout()) as {
+    relay: { events: number; servers_cpu_us_per_event?: { nats: number; redis: number } };
+    pipeline: { outputs: number; dlq: number; latency: { events: number }; servers_cpu_us_per_event?: { nats: number; redis: number } };
+    ratio: number;
+  };
+  assert.equal(r.pipeline.outputs, EVENTS);
+  assert.equal(r.pipeline.dlq, 0);
+  assert.equal(r.pipeline.latency.events, 40);
+  assert.ok(r.ratio > 0);
+  // JetStream works in both phases; only the pipeline keeps state in Redis.
+  const relay = r.relay.servers_cpu_us_per_event;
+  const pipe = r.pipeline.servers_cpu_us_per_event;
+  assert.ok(relay && pipe, "servers_cpu_us_per_event missing");
+  assert.ok(relay.nats > 0 && pipe.nats > 0, JSON.stringify({ relay, pipe }));
+  assert.ok(pipe.redis > 0, JSON.stringify(pipe));
+});
