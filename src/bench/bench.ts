@@ -251,7 +251,11 @@ async function latencyProbe(nats: NatsHandles, stream: string, tsOf: (data: Uint
       if (out.length >= expected || Date.now() > end) break;
     }
   })();
-  await Promise.race([done, new Promise((r) => setTimeout(r, timeoutMs))]);
+  // The timer is cleared once the probe is done: left running, it kept the process alive for up
+  // to timeoutMs after the bench had printed its figures.
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([done, new Promise((r) => (timer = setTimeout(r, timeoutMs)))]);
+  clearTimeout(timer);
   await msgs.close().catch(() => undefined);
   return out;
 }
