@@ -59,6 +59,7 @@ interface BenchCliOptions {
   latencyRate: number;
   workers: number;
   cacheEntries?: number;
+  stages?: number;
   profile: boolean;
   profileOut?: string;
   set: string[];
@@ -85,6 +86,11 @@ export function registerBench(program: Command): void {
       (v) => Number(v),
       1,
     )
+    .option(
+      "--stages <n>",
+      "only the pipeline's first n stages (the last of them publishes the outputs): run it for n = 1, 2, … to see what each layer of the pipeline costs; one worker only",
+      (v) => Number(v),
+    )
     .option("--cache-entries <n>", "shorthand for --set runtime.state_cache.max_entries=<n> (the in-memory keyed-state bound per worker)", (v) => Number(v))
     .option("--no-profile", "skip the CPU profiler (and the per-stage shares); the profiler costs a few per cent of CPU")
     .option("--profile-out <file>", "also write the pipeline phase's raw CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
@@ -94,6 +100,11 @@ export function registerBench(program: Command): void {
       action(async (file: string | undefined, opts: BenchCliOptions) => {
         for (const k of ["events", "users", "latencyEvents", "latencyRate", "workers"] as const) positiveInt(k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`), opts[k]);
         if (opts.cacheEntries !== undefined) positiveInt("cache-entries", opts.cacheEntries);
+        if (opts.stages !== undefined) {
+          positiveInt("stages", opts.stages);
+          // Child workers load the whole pipeline file.
+          if (opts.workers > 1) throw new ConfigError("--stages runs one worker: leave out --workers");
+        }
         const log = cliLogger();
         const started: ServiceHandle[] = [];
         let dir: string | undefined;
@@ -105,7 +116,8 @@ export function registerBench(program: Command): void {
           // the watermark (that wait is the bound itself; --set event_time.max_out_of_orderness=… to include it).
           const set = [`name=tacitbench`, `subject_prefix=tacitbench`, "event_time.max_out_of_orderness=0ms", ...opts.set, ...(opts.cacheEntries !== undefined ? [`runtime.state_cache.max_entries=${opts.cacheEntries}`] : [])];
           // Bad config fails before any server starts.
-          loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
+          const { stages } = loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
+          if (opts.stages !== undefined && opts.stages > stages.length) throw new ConfigError(`--stages ${opts.stages}: ${pipelineFile} has ${stages.length} stages`);
           // Own servers unless URLs were given: a bench must not touch someone's data.
           if (!process.env.NATS_URL || !process.env.REDIS_URL) {
             await ensureBinaries({ install: true, log: (m) => process.stderr.write(m + "\n") });
@@ -117,7 +129,9 @@ export function registerBench(program: Command): void {
             env.NATS_URL = nats.url;
             env.REDIS_URL = redis.url;
           }
-          const p = loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
+          const whole = loadPipelineOrThrow(pipelineFile, { set, env, operators: findOperator });
+          // A prefix of a valid pipeline is one: every stage's prerequisites come before it.
+          const p = opts.stages === undefined ? whole : { ...whole, stages: whole.stages.slice(0, opts.stages) };
           if (!opts.json) {
             process.stderr.write(
               `bench: ${opts.events} events over ${opts.users} users through a relay, then through ${p.stages.map((s) => s.name).join(" → ")} ` +
