@@ -22,6 +22,14 @@ import { admitInOrder, assignWatermarks, type PartitionProgress } from "./waterm
 const HELD_IDLE_MS = 20;
 /** How long one pull request waits for messages; also the longest a stop waits for it. */
 const FETCH_EXPIRES_MS = 2000;
+/**
+ * The server's heartbeats on an idle pull request; nats.js ends a fetch after two are missed.
+ * nats-server before 2.9.15 can drop a request that expires just as a message arrives without
+ * telling the client (nats-io/nats-server#3942): the partition then gets nothing until the fetch
+ * gives up. With nats.js's default (half the expiry) that was 2–4 s of stall, seen as a p99 of
+ * 2 s in the bench's latency phase; at the shortest heartbeat nats.js allows it is about 1 s.
+ */
+const FETCH_HEARTBEAT_MS = 500;
 const decoder = new TextDecoder();
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
@@ -179,7 +187,7 @@ export class ConsumerRunner {
           await new Promise((r) => setTimeout(r, 5));
           continue;
         }
-        const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS });
+        const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS, idle_heartbeat: FETCH_HEARTBEAT_MS });
         this.pull = iter;
         if (this.quick) iter.stop();
         for await (const m of iter) {
@@ -191,9 +199,10 @@ export class ConsumerRunner {
         missed = 0;
       } catch (err) {
         if (this.stopping) break;
-        // nats.js ends a fetch whose server heartbeats it missed; with heartbeats at half the
-        // expiry that races the server's own end of the request. Nothing is lost: pull again.
-        // Twice in a row is a real problem (server or consumer gone), handled as a failure.
+        // nats.js ends a fetch whose server heartbeats it missed: a request the server dropped
+        // without a word (see FETCH_HEARTBEAT_MS), or a race with the server's own end of the
+        // request. Nothing is lost: pull again. Twice in a row is a real problem (server or
+        // consumer gone), handled as a failure.
         if (err instanceof JetStreamError && err.message === "heartbeats missed" && missed++ === 0) continue;
         consumer = undefined;
         failures++;
