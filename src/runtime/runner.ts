@@ -24,10 +24,11 @@ const HELD_IDLE_MS = 20;
 const FETCH_EXPIRES_MS = 2000;
 /**
  * The server's heartbeats on an idle pull request; nats.js ends a fetch after two are missed.
- * nats-server before 2.9.15 can drop a request that expires just as a message arrives without
- * telling the client (nats-io/nats-server#3942): the partition then gets nothing until the fetch
- * gives up. With nats.js's default (half the expiry) that was 2–4 s of stall, seen as a p99 of
- * 2 s in the bench's latency phase; at the shortest heartbeat nats.js allows it is about 1 s.
+ * nats-server 2.9.10 (Debian's) can drop a request that expires just as a message arrives without
+ * telling the client (fixed upstream in nats-io/nats-server#3942): the partition then gets nothing
+ * until the fetch gives up. With nats.js's default (half the expiry) that was 4–5 s of stall, seen
+ * as a p99 of 2–3 s in the bench's latency phase; at the shortest heartbeat nats.js allows it is
+ * about a second (README, Performance).
  */
 const FETCH_HEARTBEAT_MS = 500;
 const decoder = new TextDecoder();
