@@ -28,9 +28,17 @@ const FETCH_EXPIRES_MS = 2000;
  * telling the client (fixed upstream in nats-io/nats-server#3942): the partition then gets nothing
  * until the fetch gives up. With nats.js's default (half the expiry) that was 4–5 s of stall, seen
  * as a p99 of 2–3 s in the bench's latency phase; at the shortest heartbeat nats.js allows it is
- * about a second (README, Performance).
+ * about a second (README, Performance), and FETCH_CHECK_MS cuts it shorter still.
  */
 const FETCH_HEARTBEAT_MS = 500;
+/**
+ * A fetch still open this long after its request's expiry asks the server whether any request of
+ * the consumer is still waiting. None: the request was dropped without a 408 (see above), and the
+ * fetch is ended and sent again at once. Ended only then, since a request the server still holds
+ * could deliver a message to a fetch that has stopped listening: a keyed partition would get it
+ * again only after ack_wait, behind newer ones, and skip it as a redelivery.
+ */
+const FETCH_CHECK_MS = 20;
 const decoder = new TextDecoder();
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
@@ -191,10 +199,15 @@ export class ConsumerRunner {
         const iter = await consumer.fetch({ max_messages: max, expires: FETCH_EXPIRES_MS, idle_heartbeat: FETCH_HEARTBEAT_MS });
         this.pull = iter;
         if (this.quick) iter.stop();
-        for await (const m of iter) {
-          ingest.count("ingest_delivered");
-          this.buffer.push(m);
-          this.wake?.();
+        const check = setTimeout(() => this.endIfDropped(iter), FETCH_EXPIRES_MS + FETCH_CHECK_MS);
+        try {
+          for await (const m of iter) {
+            ingest.count("ingest_delivered");
+            this.buffer.push(m);
+            this.wake?.();
+          }
+        } finally {
+          clearTimeout(check);
         }
         failures = 0;
         missed = 0;
@@ -213,6 +226,19 @@ export class ConsumerRunner {
     }
     this.fetchDone = true;
     this.wake?.();
+  }
+
+  /** Ends a fetch that outlived its request when the server holds no request of this consumer (see FETCH_CHECK_MS). */
+  private endIfDropped(iter: { stop(): void }): void {
+    if (this.stopping) return;
+    this.w.nats.jsm.consumers
+      .info(this.g.inputStream, this.durable)
+      .then((info) => {
+        if (info.num_waiting !== 0) return;
+        this.w.log.debug({ durable: this.durable }, "pull request dropped by the server without a 408; pulling again");
+        iter.stop();
+      })
+      .catch(() => undefined);
   }
 
   /**
