@@ -31,13 +31,8 @@ if ARGV[1] ~= '' then
 end
 local ARGV = cmsgpack.unpack(ARGV[5])
 local i = 1
-local ttls, order = {}, {}
-local function ttl(k, t)
-  if tonumber(t) > 0 then
-    if not ttls[k] then order[#order + 1] = k end
-    ttls[k] = t
-  end
-end
+local ttls = {}
+local function ttl(k, t) if tonumber(t) > 0 then ttls[k] = t end end
 while i <= #ARGV do
   local op = ARGV[i]
   local k = KEYS[tonumber(ARGV[i + 1])]
@@ -69,9 +64,7 @@ while i <= #ARGV do
     return redis.error_reply('unknown op ' .. tostring(op))
   end
 end
-for _, k in ipairs(order) do
-  if ttls[k] then redis.call('PEXPIRE', k, ttls[k]) end
-end
+for k, t in pairs(ttls) do redis.call('PEXPIRE', k, t) end
 return 1
 `;
 
