@@ -173,6 +173,26 @@ test("mergeByTag folds a key's repeated hash writes into its first (later fields
   assert.deepEqual(groups, before);
 });
 
+test("mergeByTag folds whole-number increments of a field into its first; fractions, and what came before a set or del, stay apart", () => {
+  const key = "tacit:{t:u:a}:features:user";
+  const inc = (field: string, by: number, ttl_ms?: number): CommitGroup => ({ ops: [{ op: "hincrbyfloat", key, field, by, ...(ttl_ms ? { ttl_ms } : {}) }] });
+  const groups: CommitGroup[] = [inc("n", 1, 10), inc("m", 0.5), inc("n", 2), inc("m", 0.25), inc("n", -1, 20), { ops: [{ op: "del", key }] }, inc("n", 4)];
+  const before = structuredClone(groups);
+  const merged = mergeByTag(groups);
+  assert.deepEqual(merged, [
+    {
+      ops: [
+        { op: "hincrbyfloat", key, field: "n", by: 2, ttl_ms: 20 },
+        { op: "hincrbyfloat", key, field: "m", by: 0.5 },
+        { op: "hincrbyfloat", key, field: "m", by: 0.25 },
+        { op: "del", key },
+        { op: "hincrbyfloat", key, field: "n", by: 4 },
+      ],
+    },
+  ]);
+  assert.deepEqual(groups, before);
+});
+
 test("admitInOrder skips what was applied and redelivered copies behind newer inputs", () => {
   const r = admitInOrder([{ seq: 3 }, { seq: 5 }, { seq: 4 }, { seq: 6 }, { seq: 5 }], 3);
   assert.deepEqual(r.run.map((m) => m.seq), [5, 6]);

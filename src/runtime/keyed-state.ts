@@ -424,12 +424,19 @@ class UserScope<S> implements KeyScope<S> {
 /**
  * Merges commit groups that share a hash tag into one group each, in first-seen order: a user's
  * state and the features it writes land together (one atomic step per user, on Cluster too).
+ * Within a merged group, repeated writes of one hash fold into its first write (later fields
+ * win), and repeated whole-number increments of one hash field fold into its first increment:
+ * a user's features changed by each input since the last commit are written once. Whole numbers
+ * add up exactly in any order, so the sums do not depend on where commits begin; fractional
+ * increments stay apart, in stream order (Redis would round their sum differently). Folding
+ * relies on a field being either written or incremented, never both (label-derive's features);
+ * a set or del of a key ends the folding of what came before it.
  */
 export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
   /** The merged group of each tag; `shared` while its ops array is still the caller's (copied on the first merge). */
   const byTag = new Map<string, { group: CommitGroup; shared: boolean }>();
-  /** Where the first hset of each key sits in its merged group. */
-  const hsets = new Map<string, { group: CommitGroup; i: number }>();
+  /** Per key: where its first hset and its fields' first whole-number increments sit in the merged group. */
+  const folds = new Map<string, Fold>();
   const out: CommitGroup[] = [];
   for (const g of groups) {
     if (g.guard || g.ops.length === 0) {
@@ -440,41 +447,75 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
     let same = true;
     for (let i = 1; i < g.ops.length && same; i++) same = hashTagOf(g.ops[i]!.key) === tag;
     const into = same ? byTag.get(tag) : undefined;
-    if (into) {
-      if (into.shared) {
-        into.group.ops = into.group.ops.slice();
-        into.shared = false;
-      }
-      const ops = into.group.ops;
-      for (const op of g.ops) {
-        // Repeated hash writes of one key fold into the first (later fields win): a user's
-        // features set by each of a batch's inputs are written once. Increments are kept in
-        // stream order, so the sums do not depend on where batches begin.
-        const prev = op.op === "hset" ? hsets.get(op.key) : undefined;
-        if (op.op !== "hset") ops.push(op);
-        else if (prev) {
-          // A new op object: the caller's ops are never changed.
-          const first = prev.group.ops[prev.i] as Extract<StateOp, { op: "hset" }>;
-          const merged = { ...first, fields: { ...first.fields, ...op.fields } };
-          if (op.ttl_ms !== undefined) merged.ttl_ms = op.ttl_ms;
-          prev.group.ops[prev.i] = merged;
-        } else {
-          hsets.set(op.key, { group: into.group, i: ops.length });
-          ops.push(op);
-        }
-      }
-    } else {
+    if (!into) {
       const group: CommitGroup = { ops: g.ops };
       if (same) {
         byTag.set(tag, { group, shared: true });
-        g.ops.forEach((op, i) => {
-          if (op.op === "hset" && !hsets.has(op.key)) hsets.set(op.key, { group, i });
-        });
+        g.ops.forEach((op, i) => noteFold(folds, group, op, i));
       }
       out.push(group);
+      continue;
     }
+    if (into.shared) {
+      into.group.ops = into.group.ops.slice();
+      into.shared = false;
+    }
+    for (const op of g.ops) if (!fold(folds, op)) noteFold(folds, into.group, op, into.group.ops.length) && into.group.ops.push(op);
   }
   return out;
+}
+
+/** Where a key's foldable ops sit; `own`: the op there is a copy of the caller's, free to change. */
+interface Fold {
+  hset?: { group: CommitGroup; i: number; own: boolean };
+  incr?: Map<string, { group: CommitGroup; i: number; own: boolean }>;
+}
+
+/** Records an op that did not fold (it is at `ops[i]` of `group`); returns true for the caller's `&&`. */
+function noteFold(folds: Map<string, Fold>, group: CommitGroup, op: StateOp, i: number): true {
+  if (op.op === "set" || op.op === "del") folds.delete(op.key);
+  else if (op.op === "hset") {
+    const f = folds.get(op.key) ?? {};
+    f.hset ??= { group, i, own: false };
+    folds.set(op.key, f);
+  } else if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
+    const f = folds.get(op.key) ?? {};
+    const incr = (f.incr ??= new Map());
+    if (!incr.has(op.field)) incr.set(op.field, { group, i, own: false });
+    folds.set(op.key, f);
+  }
+  return true;
+}
+
+/** Folds an op into an earlier one of its key (see mergeByTag); false when it must be appended. The caller's ops are never changed. */
+function fold(folds: Map<string, Fold>, op: StateOp): boolean {
+  if (op.op === "hset") {
+    const at = folds.get(op.key)?.hset;
+    if (!at) return false;
+    let first = at.group.ops[at.i] as Extract<StateOp, { op: "hset" }>;
+    if (!at.own) {
+      first = { ...first, fields: { ...first.fields } };
+      at.group.ops[at.i] = first;
+      at.own = true;
+    }
+    Object.assign(first.fields, op.fields);
+    if (op.ttl_ms !== undefined) first.ttl_ms = op.ttl_ms;
+    return true;
+  }
+  if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
+    const at = folds.get(op.key)?.incr?.get(op.field);
+    if (!at) return false;
+    let first = at.group.ops[at.i] as Extract<StateOp, { op: "hincrbyfloat" }>;
+    if (!at.own) {
+      first = { ...first };
+      at.group.ops[at.i] = first;
+      at.own = true;
+    }
+    first.by += op.by;
+    if (op.ttl_ms !== undefined) first.ttl_ms = op.ttl_ms;
+    return true;
+  }
+  return false;
 }
 
 function cmp(a: [number, string], b: [number, string]): number {
