@@ -165,7 +165,8 @@ test("a worker that lost a partition's lease never writes its cached state over 
         for await (const ci of nats.jsm.consumers.list(dedupe.inputStream)) pending += ci.num_ack_pending;
         return pending > 0;
       }, 30_000);
-      await new Promise((r) => setTimeout(r, 2_000));
+      // Its next commit (the pipeline's commit_interval after the batch) finds the lease gone.
+      await eventually("the stale worker to drop its cached state", async () => w.budget.size() === 0, 30_000, 100);
       for (const k of stateKeys) assert.equal(await redis.get(k), "999999:written-by-the-new-owner", `${k}: the stale owner wrote nothing`);
       const after = await Promise.all([...Array(p.partitions).keys()].map((n) => redis.hget(`tacit:{${p.subject_prefix}:p:dedupe:${n}}:wm`, "applied_seq")));
       assert.deepEqual(after, progress, "no progress committed without the lease");
