@@ -2,7 +2,7 @@
 // token, the stream's de-duplication visible, refusals and silence turned into errors.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { JetStreamPublisher, PublishGroup, publisherFor } from "../src/runtime/jspub.js";
 import { TransientError } from "../src/core/errors.js";
@@ -30,11 +30,7 @@ test("publisher: many publishes in flight, each PubAck matched to its own publis
   assert.equal(publisherFor(nc), pub, "one publisher per connection");
   const n = 2_000;
   const acks = await Promise.all(
-    Array.from({ length: n }, (_, i) => {
-      const h = headers();
-      h.set("Tacit-Probe", `p${i}`);
-      return pub.publish(`pubt.${i % 3}`, enc(`m${i}`), { msgID: `id-${i}`, headers: h });
-    }),
+    Array.from({ length: n }, (_, i) => pub.publish(`pubt.${i % 3}`, enc(`m${i}`), { msgID: `id-${i}`, headers: [["Tacit-Probe", `p${i}`], ["Tacit-Note", ` two\r\nlines `]] })),
   );
   assert.equal(pub.inFlight, 0);
   // One connection keeps publish order, so stream sequences follow the publishes.
@@ -44,6 +40,7 @@ test("publisher: many publishes in flight, each PubAck matched to its own publis
   assert.equal(new TextDecoder().decode(m!.data), "m1233");
   assert.equal(m!.header.get("Tacit-Probe"), "p1233");
   assert.equal(m!.header.get("Nats-Msg-Id"), "id-1233");
+  assert.equal(m!.header.get("Tacit-Note"), "two lines", "line breaks in a value become a space, the value trimmed");
 
   const again = await pub.publish("pubt.0", enc("m7"), { msgID: "id-7" });
   assert.deepEqual(again, { stream: "PUBT", seq: 8, duplicate: true });
@@ -55,9 +52,7 @@ test("publisher: a subject no stream takes, a refused publish and no answer at a
   await assert.rejects(pub.publish("nostream.x", enc("x")), (err: Error) => err instanceof TransientError && /no stream listens/.test(err.message));
 
   // The stream refuses a publish whose expected stream does not match.
-  const h = headers();
-  h.set("Nats-Expected-Stream", "OTHER");
-  await assert.rejects(pub.publish("pubt.0", enc("x"), { headers: h }), (err: Error) => err instanceof TransientError && /refused the publish/.test(err.message));
+  await assert.rejects(pub.publish("pubt.0", enc("x"), { headers: [["Nats-Expected-Stream", "OTHER"]] }), (err: Error) => err instanceof TransientError && /refused the publish/.test(err.message));
 
   // A responder that never answers: the sweep times the publish out.
   const silent = nc.subscribe("silent.>", { callback: () => undefined });

@@ -78,3 +78,35 @@ export function isBotMarker(env: Envelope): boolean {
   const bot = env.attrs?.bot as { band?: unknown } | undefined;
   return bot?.band === "bot";
 }
+
+/** The keys of an envelope in the order every stage writes them (enrich's, kept by spreads). */
+const ENVELOPE_KEYS = ["v", "event", "src", "partition", "attrs"];
+/** How an envelope's bytes end when it carries no annotations yet (enrich's output). */
+const NO_ATTRS_TAIL = Buffer.from(',"attrs":{}}');
+
+/**
+ * The bytes of `out`, an envelope that stages made from `input` (decoded from `bytes`) by adding
+ * annotations only: `bytes` with the annotations spliced in, the same bytes `JSON.stringify(out)`
+ * gives when `bytes` came from `JSON.stringify` — without encoding the event again, most of an
+ * envelope. Undefined unless `out` shares `input`'s event, source and partition (the same objects:
+ * operators never change their input in place), keeps the key order, and `bytes` ends with
+ * empty annotations; the caller then encodes `out` whole.
+ */
+export function spliceAttrs(bytes: Uint8Array, input: Envelope, out: unknown): Buffer | undefined {
+  const o = out as Envelope | null;
+  if (o === null || typeof o !== "object" || o.v !== input.v || o.event !== input.event || o.src !== input.src || o.partition !== input.partition) return undefined;
+  let n = 0;
+  for (const k in o) if (k !== ENVELOPE_KEYS[n++]) return undefined;
+  if (n !== ENVELOPE_KEYS.length) return undefined;
+  for (const _ in input.attrs) return undefined;
+  const tail = NO_ATTRS_TAIL.length;
+  const head = bytes.length - tail + 9;
+  if (bytes.length < tail || Buffer.compare(NO_ATTRS_TAIL, bytes.subarray(bytes.length - tail)) !== 0) return undefined;
+  const attrs = JSON.stringify(o.attrs);
+  const len = Buffer.byteLength(attrs);
+  const buf = Buffer.allocUnsafe(head + len + 1);
+  buf.set(bytes.subarray(0, head));
+  buf.write(attrs, head);
+  buf[head + len] = 0x7d;
+  return buf;
+}

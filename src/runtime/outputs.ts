@@ -1,13 +1,13 @@
-import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import type { Pipeline } from "../config/types.js";
 import { TransientError, errorMessage } from "../core/errors.js";
-import type { Envelope } from "../core/event.js";
+import { spliceAttrs, type Envelope } from "../core/event.js";
 import { LABEL_OUTPUTS, type Emit } from "../core/operator.js";
 import type { CommitGroup, StateStore } from "../core/state.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { startStageSpan } from "../telemetry/tracing.js";
 import type { MsgResult } from "./chain.js";
-import { PublishGroup, publisherFor } from "./jspub.js";
+import { PublishGroup, publisherFor, type HeaderPairs } from "./jspub.js";
 import { OP_REVISION_HEADER, decideLabel, labelContentHash, publishedKey, type PublishedLabel } from "./label-registry.js";
 import { dlqSubject, nextSubject, outputSubject, type StageGroup } from "../config/topology.js";
 
@@ -103,7 +103,7 @@ export class Outputs {
     // leave in a few socket writes.
     const limit = p.runtime.max_in_flight;
     const pending = new PublishGroup();
-    const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: MsgHdrs) => pub.send(pending, subject, data, { msgID, headers: hdrs });
+    const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: HeaderPairs) => pub.send(pending, subject, data, { msgID, headers: hdrs });
     // Awaited only when full: an await per input would yield to nats.js's flush each time.
     const drain = () => pending.wait();
     const { plan, commits } = await this.planLabels(results, sink, registry);
@@ -113,7 +113,7 @@ export class Outputs {
     const emitOut = (e: Emit, traceparent?: string, redriven?: string, source?: SourceMsg, envelope?: Envelope) => {
       let value = e.value;
       let id = e.id;
-      let hdrs: MsgHdrs | undefined;
+      let hdrs: HeaderPairs | undefined;
       const decided = plan.size ? plan.get(e) : undefined;
       if (decided === null) return;
       if (decided) {
@@ -122,17 +122,18 @@ export class Outputs {
           value = { ...label, revision: decided.rev };
           id = `label:${label.label_id}:${decided.rev}`;
         }
-        (hdrs ??= natsHeaders()).set(OP_REVISION_HEADER, String(decided.k));
+        (hdrs ??= []).push([OP_REVISION_HEADER, String(decided.k)]);
       }
       const subject = e.to === "next" ? nextSubject(p, this.groups, g, (e.value as Envelope).partition) : outputSubject(p, e.to);
-      if (traceparent) (hdrs ??= natsHeaders()).set("traceparent", traceparent);
-      if (redriven && e.to === "next") (hdrs ??= natsHeaders()).set(DLQ_HEADERS.redriven, redriven);
+      if (traceparent) (hdrs ??= []).push(["traceparent", traceparent]);
+      if (redriven && e.to === "next") (hdrs ??= []).push([DLQ_HEADERS.redriven, redriven]);
       if (observer && ((e.to === "next" && last) || LABEL_OUTPUTS.has(e.to))) {
         const ts = e.to === "next" ? (e.value as Envelope).event.ts : Date.parse((e.value as { event_time?: string }).event_time ?? "");
         if (Number.isFinite(ts)) observer.endToEnd(g.name, now - ts, e.to === "next" ? "next" : "label");
       }
-      // An envelope no stage changed leaves as the bytes it came in as: no stringify.
-      const data = source && envelope !== undefined && value === envelope ? source.data : Buffer.from(JSON.stringify(value));
+      // An envelope no stage changed leaves as the bytes it came in as, one that stages only
+      // annotated as those bytes with the annotations spliced in: the event is not encoded again.
+      const data = source && envelope !== undefined ? (value === envelope ? source.data : (spliceAttrs(source.data, envelope, value) ?? Buffer.from(JSON.stringify(value)))) : Buffer.from(JSON.stringify(value));
       send(subject, data, id, hdrs);
     };
     for (let i = 0; i < results.length; i++) {
@@ -142,14 +143,15 @@ export class Outputs {
         // A fenced input was dead-lettered when it was first read (or since redriven): once is enough.
         if (r.replayed) continue;
         const m = msgs[i]!;
-        const h = natsHeaders();
-        h.set(DLQ_HEADERS.stage, r.error.stage);
-        h.set(DLQ_HEADERS.reason, r.error.err.code);
-        h.set(DLQ_HEADERS.message, r.error.err.message.replace(/[\r\n]+/g, " ").slice(0, 1000));
-        h.set(DLQ_HEADERS.sourceStream, g.inputStream);
-        h.set(DLQ_HEADERS.sourceSubject, m.subject);
-        h.set(DLQ_HEADERS.sourceSeq, String(m.seq));
-        if (r.redriven) h.set(DLQ_HEADERS.redriven, r.redriven);
+        const h: HeaderPairs = [
+          [DLQ_HEADERS.stage, r.error.stage],
+          [DLQ_HEADERS.reason, r.error.err.code],
+          [DLQ_HEADERS.message, r.error.err.message.replace(/[\r\n]+/g, " ").slice(0, 1000)],
+          [DLQ_HEADERS.sourceStream, g.inputStream],
+          [DLQ_HEADERS.sourceSubject, m.subject],
+          [DLQ_HEADERS.sourceSeq, String(m.seq)],
+        ];
+        if (r.redriven) h.push([DLQ_HEADERS.redriven, r.redriven]);
         send(dlqSubject(p, r.error.stage), m.data, `dlq:${g.inputStream}:${m.seq}`, h);
         if (pending.size >= limit) await drain();
         continue;
