@@ -15,6 +15,8 @@ import { DLQ_HEADERS, Outputs } from "./outputs.js";
 import { durableName, maxAckPending, type StageGroup } from "../config/topology.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
 
+/** With a commit interval: how long a partition's input must pause before its held batches are committed anyway. */
+const HELD_IDLE_MS = 500;
 /** How long one pull request waits for messages; also the longest a stop waits for it. */
 const FETCH_EXPIRES_MS = 2000;
 /**
@@ -65,6 +67,13 @@ export interface RunnerHost {
 function fenceOff(r: MsgResult): void {
   r.emits = r.emits.filter((x) => LABEL_OUTPUTS.has(x.emit.to));
   r.replayed = true;
+}
+
+/** Forgets what a published result no longer needs (see handleKeyed). */
+function published(r: MsgResult): void {
+  r.emits = [];
+  r.commits = [];
+  r.envelope = undefined;
 }
 
 /**
@@ -299,11 +308,12 @@ export class ConsumerRunner {
   private async run(): Promise<void> {
     for (;;) {
       if (this.held && this.buffer.length === 0) {
-        // Held batches are committed when the interval since the first of them is up, input or
-        // not (as Kafka Streams' commit.interval.ms). Committing as soon as the partition ran dry
-        // committed far more often: in one worker the keyed partitions run dry each time they
-        // catch up with the stage before them, which on a busy worker is every few batches.
-        const left = this.held.since + this.commitInterval - Date.now();
+        // Held batches are committed when the interval since the first of them is up, or when
+        // the partition's input has paused for HELD_IDLE_MS (traffic stopped: acks and features
+        // need not lag it by the interval). Not as soon as it runs dry: in one worker the keyed
+        // partitions run dry each time they catch up with the stage before them, which on a busy
+        // worker is every few batches, and committed far more often than the interval.
+        const left = Math.min(this.held.since + this.commitInterval, this.lastInputAt + HELD_IDLE_MS) - Date.now();
         if (left > 0) await this.waitForInput(left);
         if (this.buffer.length === 0) await this.withRetry([], () => this.flush());
       }
@@ -519,6 +529,11 @@ export class ConsumerRunner {
     this.applyFence(msgs, results, sink);
 
     const labels = await this.w.outputs.publish(this.g, msgs, results, sink, this.registry);
+    // Held until the commit is each input's outcome, not its outputs (published now) nor its
+    // effects (the chain keeps those): outputs kept for a whole commit interval survive the
+    // young generation's collections, which then copy them.
+    for (const r of results) published(r);
+    published(sink);
     // The partition's progress: the watermark and the high-water mark move together.
     this.progress = { hwm: Math.max(this.progress.hwm, msgs[msgs.length - 1]!.seq), maxTs: after.maxTs, wm: after.wm };
     this.w.observer?.batch(this.g.name, performance.now() - t0, batch.length);
