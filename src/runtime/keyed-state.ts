@@ -443,9 +443,16 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
       if (g.ops.length || g.guard) out.push(g);
       continue;
     }
-    const tag = hashTagOf(g.ops[0]!.key);
+    const first = g.ops[0]!.key;
+    const tag = hashTagOf(first);
+    // A key that starts like the first up to the end of its tag has that tag (no slice per op).
+    const close = tag === first ? -1 : first.indexOf("}", first.indexOf("{") + 1);
+    const head = close > 0 ? first.slice(0, close + 1) : undefined;
     let same = true;
-    for (let i = 1; i < g.ops.length && same; i++) same = hashTagOf(g.ops[i]!.key) === tag;
+    for (let i = 1; i < g.ops.length && same; i++) {
+      const k = g.ops[i]!.key;
+      same = (head !== undefined && k.startsWith(head)) || hashTagOf(k) === tag;
+    }
     const into = same ? byTag.get(tag) : undefined;
     if (!into) {
       const group: CommitGroup = { ops: g.ops };
