@@ -172,7 +172,7 @@ export class KeyedChain {
    * result they belong to: they land in that order, so a field two inputs set ends as the later
    * one left it, whichever message or sink each belongs to and wherever batches begin.
    */
-  private readonly effects: { r: MsgResult; groups: CommitGroup[] }[] = [];
+  private readonly effects: { r: MsgResult; state: StageState<unknown>; user: string; groups: CommitGroup[] }[] = [];
 
   constructor(
     private readonly stages: KeyedStage[],
@@ -323,7 +323,7 @@ export class KeyedChain {
       o = { emits: [], error: err instanceof TacitError ? err : new TacitError("processing_failed", errorMessage(err), { cause: err }) };
     }
     if (it.msg >= 0 && !it.held && !o.error?.retryable) stage.state.markApplied(user, input.seq);
-    if (o.commits?.length) this.effects.push({ r, groups: o.commits });
+    if (o.commits?.length) this.effects.push({ r, state: stage.state, user, groups: o.commits });
     record(stage.counters, stage.name, o, r, (e) => this.onward(k, it, e, results, sink));
   }
 
@@ -342,6 +342,7 @@ export class KeyedChain {
    * before the next starts (on a single Redis, one MULTI/EXEC in this order does that).
    */
   takeCommits(_results: MsgResult[], _sink: MsgResult, eventTimeMs: number): CommitGroup[][] {
+    this.keepEffects();
     const before: CommitGroup[] = [];
     const users: CommitGroup[] = [];
     const after: CommitGroup[] = [];
@@ -351,10 +352,17 @@ export class KeyedChain {
       users.push(...c.users);
       after.push(...c.timersAfter);
     }
-    // The batch's results and sink (`_results`, `_sink`): their effects, logged as they were made.
-    for (const { r, groups } of this.effects) if (!r.retry && !r.error) users.push(...groups);
-    this.effects.length = 0;
     return [before, mergeByTag(users), after];
+  }
+
+  /**
+   * Hands the effects made since the last call to their users' state, to land at the next commit,
+   * except those of inputs that errored or are retried. Call it once a batch's outcomes are
+   * final (after its retries were decided): until then a later stage can still fail an input.
+   */
+  keepEffects(): void {
+    for (const x of this.effects) if (!x.r.retry && !x.r.error) x.state.addEffects(x.user, x.groups);
+    this.effects.length = 0;
   }
 
   /** Forgets the in-memory state (a failed batch, a lost lease): it is read again from Redis. */
@@ -379,7 +387,7 @@ export class KeyedChain {
       const firing: TimerFiring = { at_ms: t.at, watermark_ms: wm, stream_time_ms: this.raisedBy };
       const out = stage.proc.onTimer(stage.state.scope(t.user, this.partition), firing);
       const from: Item = { msg: -1, input: { seq: 0, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: this.raisedBy ?? 0, watermark_ms: wm, partition: this.partition } };
-      if (out.commits?.length) this.effects.push({ r: sink, groups: out.commits });
+      if (out.commits?.length) this.effects.push({ r: sink, state: stage.state, user: t.user, groups: out.commits });
       // Published after every message's outputs: later inputs' outputs follow it there (see inOrder).
       if (this.ordered && out.emits.length) this.toSink = true;
       record(stage.counters, stage.name, { emits: out.emits, commits: out.commits }, sink, (e) => this.onward(k, from, e, results, sink));

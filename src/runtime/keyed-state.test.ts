@@ -193,6 +193,23 @@ test("mergeByTag folds whole-number increments of a field into its first; fracti
   assert.deepEqual(groups, before);
 });
 
+test("a user's effects fold into its state's commit group as they are kept; effects in another tag land apart, in order", async () => {
+  const store = new MemoryStateStore();
+  const state = new StageState<Count>(store, "t", "count", 0, { encode: (x) => JSON.stringify(x), decode: (r) => JSON.parse(r) as Count, ttlMs: () => 1000 }, silent);
+  await state.load(["a", "b"]);
+  const f = "tacit:{t:u:a}:features:user";
+  state.scope("a", 0).put({ n: 1, last: 1 });
+  state.addEffects("a", [{ ops: [{ op: "hset", key: f, fields: { x: 1, y: 1 } }, { op: "hincrbyfloat", key: f, field: "n", by: 1 }] }, { ops: [{ op: "set", key: "tacit:{t}:index:r1", value: "a" }] }]);
+  state.addEffects("a", [{ ops: [{ op: "hset", key: f, fields: { y: 2 } }, { op: "hincrbyfloat", key: f, field: "n", by: 1 }] }, { ops: [{ op: "set", key: "tacit:{t}:index:r2", value: "a" }] }]);
+  const { users } = state.takeChanges(0);
+  assert.deepEqual(users.map((g) => g.ops.map((o) => (o.op === "set" ? `set ${o.key}` : o.op === "hset" ? `hset ${JSON.stringify(o.fields)}` : o.op === "hincrbyfloat" ? `incr ${o.field} ${o.by}` : o.op))), [
+    ["set tacit:{t:u:a}:count:state", 'hset {"x":1,"y":2}', "incr n 2"],
+    ["set tacit:{t}:index:r1"],
+    ["set tacit:{t}:index:r2"],
+  ]);
+  assert.deepEqual(state.takeChanges(0).users, [], "taken once");
+});
+
 test("admitInOrder skips what was applied and redelivered copies behind newer inputs", () => {
   const r = admitInOrder([{ seq: 3 }, { seq: 5 }, { seq: 4 }, { seq: 6 }, { seq: 5 }], 3);
   assert.deepEqual(r.run.map((m) => m.seq), [5, 6]);

@@ -35,6 +35,27 @@ interface Entry<S> {
   scope?: KeyScope<S>;
   /** Inputs held for event-time order, sorted by heldOrder (head stage of an ordered group). */
   held?: HeldInput[];
+  /** The user's effects since the last commit, folded (see addEffects). */
+  effects?: UserEffects;
+  /** The state key up to the end of its hash tag: the user's keys start with it. */
+  tagHead?: string;
+}
+
+/**
+ * One user's effects (online features) since the last commit, folded as they come by the rules
+ * of {@link mergeByTag}: a hash's writes into its first, a field's whole-number increments into
+ * its first. Kept with the user's cache entry, so an input's effects fold into a few small maps of
+ * its own user instead of waiting, input by input, for the commit to merge them all (a commit
+ * interval's worth of them held, then folded through maps of every key the commit touches).
+ */
+class UserEffects {
+  readonly ops: StateOp[] = [];
+  private readonly group: CommitGroup = { ops: this.ops };
+  private readonly folds = new Map<string, Fold>();
+
+  add(ops: StateOp[]): void {
+    for (const op of ops) if (!fold(this.folds, op)) noteFold(this.folds, this.group, op, this.ops.length) && this.ops.push(op);
+  }
 }
 
 /** An input held until the watermark passes its event time (see KeyedChain). */
@@ -190,6 +211,8 @@ export class StageState<S> {
   /** Insertion order is recency order: a touch moves an entry to the end. */
   private readonly entries = new Map<string, Entry<S>>();
   private readonly dirty = new Set<string>();
+  /** Effects in another hash tag than their user's (index pointers), in the order they came. */
+  private readonly otherEffects: CommitGroup[] = [];
   private readonly timers = new Wakeups();
   /** Release times of held inputs: the earliest held event time of each user holding any. */
   private readonly holds = new Wakeups();
@@ -331,6 +354,21 @@ export class StageState<S> {
     return (e.scope ??= new UserScope(this, e, user, partition));
   }
 
+  /**
+   * Keeps the effects (commit groups) an input or timer of `user` made, to land with the user's
+   * state at the next commit: folded into the user's own when all their keys are in the user's
+   * hash tag, else kept apart, in order.
+   */
+  addEffects(user: string, groups: CommitGroup[]): void {
+    const e = this.entry(user);
+    const head = (e.tagHead ??= e.key.slice(0, e.key.indexOf("}") + 1));
+    for (const g of groups) {
+      if (g.guard || head === "" || !g.ops.every((op) => op.key.startsWith(head))) this.otherEffects.push(g);
+      else (e.effects ??= new UserEffects()).add(g.ops);
+    }
+    this.dirty.add(user);
+  }
+
   /** Marks a user's state as changed (written with the next commit). */
   touch(user: string): void {
     this.dirty.add(user);
@@ -365,9 +403,14 @@ export class StageState<S> {
       let payload = e.state === undefined ? "" : this.codec.encode(e.state);
       if (e.held?.length) payload = `${HELD_MARK}${JSON.stringify(e.held)}\n${payload}`;
       const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
-      users.push({ ops: [{ op: "set", key: e.key, value: encodeValue(e.applied, payload), ttl_ms: ttl }] });
+      const ops: StateOp[] = [{ op: "set", key: e.key, value: encodeValue(e.applied, payload), ttl_ms: ttl }];
+      if (e.effects) ops.push(...e.effects.ops);
+      e.effects = undefined;
+      users.push({ ops });
     }
     this.dirty.clear();
+    users.push(...this.otherEffects);
+    this.otherEffects.length = 0;
     const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
     return { timersBefore: group(before), users, timersAfter: group(after) };
   }
@@ -386,6 +429,7 @@ export class StageState<S> {
   drop(): void {
     this.entries.clear();
     this.dirty.clear();
+    this.otherEffects.length = 0;
     this.timers.clear();
     this.holds.clear();
     this.loadedTimers = false;

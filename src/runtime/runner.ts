@@ -526,6 +526,7 @@ export class ConsumerRunner {
     // Retryable per-message errors: in a keyed partition, order matters, so retry the batch.
     const retry = this.giveUpExhausted(msgs, results);
     if (retry) throw retry;
+    chain.keepEffects();
     this.applyFence(msgs, results, sink);
 
     const labels = await this.w.outputs.publish(this.g, msgs, results, sink, this.registry);
