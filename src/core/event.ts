@@ -100,8 +100,9 @@ export function spliceAttrs(bytes: Uint8Array, input: Envelope, out: unknown): B
   if (n !== ENVELOPE_KEYS.length) return undefined;
   for (const _ in input.attrs) return undefined;
   const tail = NO_ATTRS_TAIL.length;
-  const head = bytes.length - tail + 9;
   if (bytes.length < tail || Buffer.compare(NO_ATTRS_TAIL, bytes.subarray(bytes.length - tail)) !== 0) return undefined;
+  // Kept: everything up to `"attrs":`; replaced: the empty `{}` and the closing brace.
+  const head = bytes.length - "{}}".length;
   const attrs = JSON.stringify(o.attrs);
   const len = Buffer.byteLength(attrs);
   const buf = Buffer.allocUnsafe(head + len + 1);

@@ -151,20 +151,28 @@ test("mergeByTag puts a user's state and effects in one group; other tags stay a
   ]);
 });
 
-test("mergeByTag folds a key's repeated hash writes into its first (later fields win) and leaves the given groups unchanged", () => {
+/** A stage state with users `a` and `b` loaded, for the effects tests. */
+async function effectsState(): Promise<StageState<Count>> {
+  const state = new StageState<Count>(new MemoryStateStore(), "t", "s", 0, { encode: (x) => JSON.stringify(x), decode: (r) => JSON.parse(r) as Count, ttlMs: () => 1000 }, silent);
+  await state.load(["a", "b"]);
+  return state;
+}
+
+test("a user's effects fold a key's repeated hash writes into its first (later fields win) and leave the given groups unchanged", async () => {
+  const state = await effectsState();
   const key = "tacit:{t:u:a}:features:user";
   const groups: CommitGroup[] = [
-    { ops: [{ op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" }, { op: "hset", key, fields: { a: 1, b: 1 }, ttl_ms: 10 }] },
+    { ops: [{ op: "hset", key, fields: { a: 1, b: 1 }, ttl_ms: 10 }] },
     { ops: [{ op: "hincrbyfloat", key, field: "n", by: 1 }] },
     { ops: [{ op: "hset", key, fields: { b: 2, c: 2 } }] },
     { ops: [{ op: "hset", key, fields: { c: 3 }, ttl_ms: 20 }] },
   ];
   const before = structuredClone(groups);
-  const merged = mergeByTag(groups);
-  assert.deepEqual(merged, [
+  state.addEffects("a", groups);
+  assert.deepEqual(state.takeChanges(0).users, [
     {
       ops: [
-        { op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" },
+        { op: "set", key: "tacit:{t:u:a}:s:state", value: "0:", ttl_ms: 1000 },
         { op: "hset", key, fields: { a: 1, b: 2, c: 3 }, ttl_ms: 20 },
         { op: "hincrbyfloat", key, field: "n", by: 1 },
       ],
@@ -173,22 +181,21 @@ test("mergeByTag folds a key's repeated hash writes into its first (later fields
   assert.deepEqual(groups, before);
 });
 
-test("mergeByTag folds whole-number increments of a field into its first; fractions, and what came before a set or del, stay apart", () => {
+test("a user's effects fold whole-number increments of a field into its first; fractions, and what came before a set or del, stay apart", async () => {
+  const state = await effectsState();
   const key = "tacit:{t:u:a}:features:user";
   const inc = (field: string, by: number, ttl_ms?: number): CommitGroup => ({ ops: [{ op: "hincrbyfloat", key, field, by, ...(ttl_ms ? { ttl_ms } : {}) }] });
   const groups: CommitGroup[] = [inc("n", 1, 10), inc("m", 0.5), inc("n", 2), inc("m", 0.25), inc("n", -1, 20), { ops: [{ op: "del", key }] }, inc("n", 4)];
   const before = structuredClone(groups);
-  const merged = mergeByTag(groups);
-  assert.deepEqual(merged, [
-    {
-      ops: [
-        { op: "hincrbyfloat", key, field: "n", by: 2, ttl_ms: 20 },
-        { op: "hincrbyfloat", key, field: "m", by: 0.5 },
-        { op: "hincrbyfloat", key, field: "m", by: 0.25 },
-        { op: "del", key },
-        { op: "hincrbyfloat", key, field: "n", by: 4 },
-      ],
-    },
+  state.addEffects("a", groups);
+  assert.deepEqual(state.takeChanges(0).users.map((g) => g.ops.slice(1)), [
+    [
+      { op: "hincrbyfloat", key, field: "n", by: 2, ttl_ms: 20 },
+      { op: "hincrbyfloat", key, field: "m", by: 0.5 },
+      { op: "hincrbyfloat", key, field: "m", by: 0.25 },
+      { op: "del", key },
+      { op: "hincrbyfloat", key, field: "n", by: 4 },
+    ],
   ]);
   assert.deepEqual(groups, before);
 });

@@ -42,19 +42,49 @@ interface Entry<S> {
 }
 
 /**
- * One user's effects (online features) since the last commit, folded as they come by the rules
- * of {@link mergeByTag}: a hash's writes into its first, a field's whole-number increments into
- * its first. Kept with the user's cache entry, so an input's effects fold into a few small maps of
- * its own user instead of waiting, input by input, for the commit to merge them all (a commit
- * interval's worth of them held, then folded through maps of every key the commit touches).
+ * One user's effects (online features) since the last commit, folded as they come: a hash's
+ * writes fold into its first write (later fields win), a field's whole-number increments into its
+ * first increment. Whole numbers add up exactly in any order, so the sums do not depend on where
+ * commits begin; fractional increments stay apart, in order (Redis would round their sum
+ * differently). Folding relies on a field being either written or incremented, never both
+ * (label-derive's features); a set or del of a key ends the folding of what came before it.
+ * Kept with the user's cache entry, so a commit interval holds one user's folded effects, not
+ * every input's.
  */
 class UserEffects {
   readonly ops: StateOp[] = [];
-  private readonly group: CommitGroup = { ops: this.ops };
-  private readonly folds = new Map<string, Fold>();
+  /** Per key: where its hash write and its fields' whole-number increments sit in `ops`. */
+  private readonly at = new Map<string, { hset?: number; incr?: Map<string, number> }>();
 
+  /** Adds an input's ops. The caller's ops are never changed: a foldable op is kept as a copy. */
   add(ops: StateOp[]): void {
-    for (const op of ops) if (!fold(this.folds, op)) noteFold(this.folds, this.group, op, this.ops.length) && this.ops.push(op);
+    for (const op of ops) {
+      if (op.op === "set" || op.op === "del") {
+        this.at.delete(op.key);
+        this.ops.push(op);
+      } else if (op.op === "hset") {
+        const k = this.slot(op.key);
+        const into = k.hset === undefined ? undefined : (this.ops[k.hset] as Extract<StateOp, { op: "hset" }>);
+        if (into) {
+          Object.assign(into.fields, op.fields);
+          if (op.ttl_ms !== undefined) into.ttl_ms = op.ttl_ms;
+        } else k.hset = this.ops.push({ ...op, fields: { ...op.fields } }) - 1;
+      } else if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
+        const incr = (this.slot(op.key).incr ??= new Map());
+        const i = incr.get(op.field);
+        const into = i === undefined ? undefined : (this.ops[i] as Extract<StateOp, { op: "hincrbyfloat" }>);
+        if (into) {
+          into.by += op.by;
+          if (op.ttl_ms !== undefined) into.ttl_ms = op.ttl_ms;
+        } else incr.set(op.field, this.ops.push({ ...op }) - 1);
+      } else this.ops.push(op);
+    }
+  }
+
+  private slot(key: string): { hset?: number; incr?: Map<string, number> } {
+    let k = this.at.get(key);
+    if (!k) this.at.set(key, (k = {}));
+    return k;
   }
 }
 
@@ -468,19 +498,11 @@ class UserScope<S> implements KeyScope<S> {
 /**
  * Merges commit groups that share a hash tag into one group each, in first-seen order: a user's
  * state and the features it writes land together (one atomic step per user, on Cluster too).
- * Within a merged group, repeated writes of one hash fold into its first write (later fields
- * win), and repeated whole-number increments of one hash field fold into its first increment:
- * a user's features changed by each input since the last commit are written once. Whole numbers
- * add up exactly in any order, so the sums do not depend on where commits begin; fractional
- * increments stay apart, in stream order (Redis would round their sum differently). Folding
- * relies on a field being either written or incremented, never both (label-derive's features);
- * a set or del of a key ends the folding of what came before it.
+ * (A user's effects arrive folded: see UserEffects.)
  */
 export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
   /** The merged group of each tag; `shared` while its ops array is still the caller's (copied on the first merge). */
   const byTag = new Map<string, { group: CommitGroup; shared: boolean }>();
-  /** Per key: where its first hset and its fields' first whole-number increments sit in the merged group. */
-  const folds = new Map<string, Fold>();
   const out: CommitGroup[] = [];
   for (const g of groups) {
     if (g.guard || g.ops.length === 0) {
@@ -500,10 +522,7 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
     const into = same ? byTag.get(tag) : undefined;
     if (!into) {
       const group: CommitGroup = { ops: g.ops };
-      if (same) {
-        byTag.set(tag, { group, shared: true });
-        g.ops.forEach((op, i) => noteFold(folds, group, op, i));
-      }
+      if (same) byTag.set(tag, { group, shared: true });
       out.push(group);
       continue;
     }
@@ -511,62 +530,9 @@ export function mergeByTag(groups: CommitGroup[]): CommitGroup[] {
       into.group.ops = into.group.ops.slice();
       into.shared = false;
     }
-    for (const op of g.ops) if (!fold(folds, op)) noteFold(folds, into.group, op, into.group.ops.length) && into.group.ops.push(op);
+    into.group.ops.push(...g.ops);
   }
   return out;
-}
-
-/** Where a key's foldable ops sit; `own`: the op there is a copy of the caller's, free to change. */
-interface Fold {
-  hset?: { group: CommitGroup; i: number; own: boolean };
-  incr?: Map<string, { group: CommitGroup; i: number; own: boolean }>;
-}
-
-/** Records an op that did not fold (it is at `ops[i]` of `group`); returns true for the caller's `&&`. */
-function noteFold(folds: Map<string, Fold>, group: CommitGroup, op: StateOp, i: number): true {
-  if (op.op === "set" || op.op === "del") folds.delete(op.key);
-  else if (op.op === "hset") {
-    const f = folds.get(op.key) ?? {};
-    f.hset ??= { group, i, own: false };
-    folds.set(op.key, f);
-  } else if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
-    const f = folds.get(op.key) ?? {};
-    const incr = (f.incr ??= new Map());
-    if (!incr.has(op.field)) incr.set(op.field, { group, i, own: false });
-    folds.set(op.key, f);
-  }
-  return true;
-}
-
-/** Folds an op into an earlier one of its key (see mergeByTag); false when it must be appended. The caller's ops are never changed. */
-function fold(folds: Map<string, Fold>, op: StateOp): boolean {
-  if (op.op === "hset") {
-    const at = folds.get(op.key)?.hset;
-    if (!at) return false;
-    let first = at.group.ops[at.i] as Extract<StateOp, { op: "hset" }>;
-    if (!at.own) {
-      first = { ...first, fields: { ...first.fields } };
-      at.group.ops[at.i] = first;
-      at.own = true;
-    }
-    Object.assign(first.fields, op.fields);
-    if (op.ttl_ms !== undefined) first.ttl_ms = op.ttl_ms;
-    return true;
-  }
-  if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
-    const at = folds.get(op.key)?.incr?.get(op.field);
-    if (!at) return false;
-    let first = at.group.ops[at.i] as Extract<StateOp, { op: "hincrbyfloat" }>;
-    if (!at.own) {
-      first = { ...first };
-      at.group.ops[at.i] = first;
-      at.own = true;
-    }
-    first.by += op.by;
-    if (op.ttl_ms !== undefined) first.ttl_ms = op.ttl_ms;
-    return true;
-  }
-  return false;
 }
 
 function cmp(a: [number, string], b: [number, string]): number {
