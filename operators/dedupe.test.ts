@@ -4,7 +4,7 @@ import { Ajv } from "ajv";
 import { ManualClock } from "../src/core/clock.js";
 import { BadInputError, TransientError } from "../src/core/errors.js";
 import type { Envelope } from "../src/core/event.js";
-import type { KeyScope, KeyedInput, OperatorContext, Outcome } from "../src/core/operator.js";
+import { NO_FEATURES, type KeyScope, type KeyedInput, type OperatorContext, type Outcome } from "../src/core/operator.js";
 import { userKey } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { OperatorHarness } from "../test/support/operator-harness.js";
@@ -50,7 +50,7 @@ async function direct(config: DedupeConfig = {}): Promise<(e: Envelope | undefin
   };
   const proc = await dedupe.create(config, ctx);
   let state: DedupeState | undefined;
-  const key: KeyScope<DedupeState> = { user: "U1", partition: 0, get: () => state, put: (s) => (state = s), clear: () => (state = undefined), setTimer() {} };
+  const key: KeyScope<DedupeState> = { user: "U1", partition: 0, get: () => state, put: (s) => (state = s), clear: () => (state = undefined), setTimer() {}, features: NO_FEATURES };
   return (e, seq) => proc.processElement({ seq, subject: "feedback.x.dedupe.0", data: new Uint8Array(), envelope: e, deliveries: 1, stream_time_ms: T0 } as KeyedInput, key);
 }
 

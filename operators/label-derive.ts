@@ -8,6 +8,7 @@ import { isBotMarker, type Envelope, type EventType, type TacitEvent } from "../
 import { toLabelV1, type Label, type LabelExperiment, type LabelSignal, type SignalEventType } from "../src/core/label.js";
 import type {
   Emit,
+  FeatureWriter,
   KeyScope,
   KeyedInput,
   KeyedProcessor,
@@ -22,7 +23,7 @@ import type {
   TimerFiring,
   TimerOutcome,
 } from "../src/core/operator.js";
-import type { CommitGroup, StateOp } from "../src/core/state.js";
+import type { CommitGroup } from "../src/core/state.js";
 import { editDistance } from "../src/core/text.js";
 import { baselineView, emptySums, observe, type BaselineSums, type BaselineView } from "../src/labels/baselines.js";
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
@@ -573,63 +574,13 @@ export function labelId(pipeline: string, kind: string, targets: readonly string
   return `lbl-${h}`;
 }
 
-/**
- * The feature changes of one input (or one timer) of a user, turned into commit groups when it is
- * done. One instance serves every call: the calls are synchronous and `take` empties it.
- */
-class FeatureDelta {
-  private readonly inc = new Map<string, Map<string, number>>();
-  private readonly set = new Map<string, Record<string, string | number>>();
-  private readonly ttl = new Map<string, number>();
-  /** New index pointers: key → ttl. */
-  readonly index = new Map<string, number>();
-
-  add(key: string, ttl: number, field: string, by: number): void {
-    if (by === 0) return;
-    let m = this.inc.get(key);
-    if (!m) this.inc.set(key, (m = new Map()));
-    m.set(field, (m.get(field) ?? 0) + by);
-    this.ttl.set(key, ttl);
-  }
-
-  put(key: string, ttl: number, fields: Record<string, string | number>): void {
-    const prev = this.set.get(key);
-    this.set.set(key, prev ? Object.assign(prev, fields) : { ...fields });
-    this.ttl.set(key, ttl);
-  }
-
-  /**
-   * The changes as commit groups, then forgets them: the user's features in one group (they carry
-   * the user's hash tag, so the runtime lands them with the user's state in one atomic step), then
-   * one group per index pointer (another tag each; idempotent).
-   */
-  take(user: string): CommitGroup[] | undefined {
-    if (this.set.size === 0 && this.inc.size === 0 && this.index.size === 0) return undefined;
-    const groups: CommitGroup[] = [];
-    const ops: StateOp[] = [];
-    for (const [key, fields] of this.set) ops.push({ op: "hset", key, fields, ttl_ms: this.ttl.get(key)! });
-    for (const [key, m] of this.inc) {
-      const ttl = this.ttl.get(key)!;
-      for (const [field, by] of m) {
-        const r = round(by);
-        if (r !== 0) ops.push({ op: "hincrbyfloat", key, field, by: r, ttl_ms: ttl });
-      }
-    }
-    if (ops.length) groups.push({ ops });
-    for (const [key, ttl] of this.index) groups.push({ ops: [{ op: "set", key, value: user, ttl_ms: ttl }] });
-    this.set.clear();
-    this.inc.clear();
-    this.ttl.clear();
-    this.index.clear();
-    return groups;
-  }
-}
-
-/** A user's work in one call: its state and the feature changes made on the way. */
+/** A user's work in one call: its state, its features, and the index pointers it creates. */
 interface Slot {
   user: string;
   state: UserState;
-  features: FeatureDelta;
+  features: FeatureWriter;
+  /** New pointers from a response or session id to the user: key, TTL, key, TTL, … */
+  pointers: (string | number)[];
 }
 
 /** The deciding signal of a label: which event, when, and the stream time of the input. */
@@ -648,7 +599,6 @@ class LabelDeriver implements KeyedProcessor<UserState> {
   readonly eventTimeOrder = true;
   /** A user exactly at the population priors: what the *_nobase features assume of everyone. */
   private readonly population: BaselineView;
-  private readonly features = new FeatureDelta();
 
   constructor(
     private readonly c: CompiledLabelDerive,
@@ -687,7 +637,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!e || typeof e.user !== "string" || !Number.isFinite(e.ts) || typeof e.event_id !== "string" || typeof e.event_type !== "string") {
       return { emits: [], error: new BadInputError("bad_envelope", `label-derive needs an envelope with event.user, event.ts, event_id and event_type (seq ${input.seq})`) };
     }
-    const slot: Slot = { user: key.user, state: key.get() ?? emptyState(), features: this.features };
+    const slot: Slot = { user: key.user, state: key.get() ?? emptyState(), features: key.features, pointers: [] };
     const emits: Emit[] = [];
     if (isBotMarker(env)) {
       // bot-score's flag: acted on here, not passed on (`next` carries the cleaned events).
@@ -709,18 +659,24 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       key.setTimer(undefined);
       return { emits: [] };
     }
-    const slot: Slot = { user: key.user, state, features: this.features };
+    const slot: Slot = { user: key.user, state, features: key.features, pointers: [] };
     const emits: Emit[] = [];
     this.closeDue(slot, firing.watermark_ms, firing.stream_time_ms, emits);
     return this.done(slot, key, emits);
   }
 
-  /** Records the user's state and next timer; the outcome carries the feature changes. */
+  /**
+   * Records the user's state and next timer; the outcome carries the new index pointers (each in
+   * a commit group of its own: another hash tag each, idempotent).
+   */
   private done(slot: Slot, key: KeyScope<UserState>, emits: Emit[]): Outcome {
     key.put(slot.state);
     key.setTimer(this.nextDue(slot.state));
-    const commits = slot.features.take(slot.user);
-    return commits ? { emits, commits } : { emits };
+    const p = slot.pointers;
+    if (p.length === 0) return { emits };
+    const commits: CommitGroup[] = [];
+    for (let i = 0; i < p.length; i += 2) commits.push({ ops: [{ op: "set", key: p[i] as string, value: slot.user, ttl_ms: p[i + 1] as number }] });
+    return { emits, commits };
   }
 
   /**
@@ -745,7 +701,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!r) {
       r = { id, t: ts, labels: new Map() };
       s.resp.set(id, r);
-      slot.features.index.set(indexKey(this.ctx.prefix, "response", id), this.c.ttl.responseMs);
+      slot.pointers.push(indexKey(this.ctx.prefix, "response", id), this.c.ttl.responseMs);
     }
     r.t = Math.max(r.t, ts);
     if (ev?.query_id !== undefined && r.q === undefined) r.q = ev.query_id;
@@ -761,7 +717,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!x) {
       x = { id, start: ts, end: ts, n: 0, counts: {}, pos: 0, neg: 0, st: input.stream_time_ms, amb: false, sig: [], closed: false, labels: new Map() };
       slot.state.sess.set(id, x);
-      slot.features.index.set(indexKey(this.ctx.prefix, "session", id), this.c.ttl.sessionMs);
+      slot.pointers.push(indexKey(this.ctx.prefix, "session", id), this.c.ttl.sessionMs);
     }
     if (x.closed) {
       // A late event (within sessionize's allowed lateness) reopens a decided session: its labels get a new revision.
@@ -798,11 +754,11 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     // Features every event updates.
     const uk = userFeaturesKey(this.ctx.prefix, slot.user);
     const sk = sessionFeaturesKey(this.ctx.prefix, slot.user, sess.id);
-    f.add(uk, ttl.userMs, countField(ev.event_type), 1);
-    f.add(uk, ttl.userMs, "events", 1);
-    f.add(sk, ttl.sessionMs, countField(ev.event_type), 1);
-    f.add(sk, ttl.sessionMs, "events", 1);
-    f.put(sk, ttl.sessionMs, { start: sess.start, end: sess.end, duration_ms: sess.end - sess.start });
+    f.add(uk, countField(ev.event_type), 1, ttl.userMs);
+    f.add(uk, "events", 1, ttl.userMs);
+    f.add(sk, countField(ev.event_type), 1, ttl.sessionMs);
+    f.add(sk, "events", 1, ttl.sessionMs);
+    f.set(sk, { start: sess.start, end: sess.end, duration_ms: sess.end - sess.start }, ttl.sessionMs);
     const userSet: Record<string, string | number> = { bot_band: band, last_event_time: s.at };
     if (s.bot) userSet.bot_score = s.bot.score;
     else if (typeof bot?.score === "number") userSet.bot_score = bot.score;
@@ -826,8 +782,8 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         const up = p.rating === "up" || (typeof p.rating === "number" && p.rating >= 4);
         const down = p.rating === "down" || (typeof p.rating === "number" && p.rating <= 2);
         if (up || down) {
-          f.add(rk, ttl.responseMs, up ? "explicit_up" : "explicit_down", 1);
-          f.add(uk, ttl.userMs, up ? "explicit_up" : "explicit_down", 1);
+          f.add(rk, up ? "explicit_up" : "explicit_down", 1, ttl.responseMs);
+          f.add(uk, up ? "explicit_up" : "explicit_down", 1, ttl.userMs);
           if (r.labels.size) this.countAgreement(r, up);
         }
       }
@@ -843,7 +799,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         if (r.pos === undefined) this.linkRegeneration(s, r, ev.ts);
       }
       if (r.pos !== undefined) rs.position = r.pos;
-      f.put(rk, ttl.responseMs, rs);
+      f.set(rk, rs, ttl.responseMs);
     }
 
     let signal: string | undefined;
@@ -951,7 +907,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     userSet.baseline_edit = round(after.factors.edit);
     userSet.baseline_regenerate = round(after.factors.regenerate);
     userSet.baseline_copy = round(after.factors.copy);
-    f.put(uk, ttl.userMs, userSet);
+    f.set(uk, userSet, ttl.userMs);
     // On probation the session's weights are written when its labels are released; a bot's never.
     if (!this.holding(s) && !s.bot) this.putSessionWeights(slot, sess);
     this.prune(s);
@@ -959,7 +915,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
 
   /** Counts a signal about a response in its features (and remembers it, for a flag to take back). */
   private countSignal(slot: Slot, r: Resp): void {
-    slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), this.c.ttl.responseMs, "signal_count", 1);
+    slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), "signal_count", 1, this.c.ttl.responseMs);
     r.sc = (r.sc ?? 0) + 1;
   }
 
@@ -987,7 +943,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     s.held = [];
     for (const x of s.sess.values()) x.amb = true;
     this.retractAll(slot, st, emits);
-    slot.features.put(userFeaturesKey(this.ctx.prefix, slot.user), this.c.ttl.userMs, { bot_band: "bot", bot_score: s.bot.score });
+    slot.features.set(userFeaturesKey(this.ctx.prefix, slot.user), { bot_band: "bot", bot_score: s.bot.score }, this.c.ttl.userMs);
   }
 
   /**
@@ -1010,10 +966,10 @@ class LabelDeriver implements KeyedProcessor<UserState> {
       const key = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
       if (r.tot) {
         r.tot = [0, 0, 0, 0];
-        slot.features.put(key, ttl.responseMs, { pos_weight: 0, neg_weight: 0, pos_weight_nobase: 0, neg_weight_nobase: 0 });
+        slot.features.set(key, { pos_weight: 0, neg_weight: 0, pos_weight_nobase: 0, neg_weight_nobase: 0 }, ttl.responseMs);
       }
-      // An increment, not a write: the runtime folds a batch's writes of a hash into its first one, before later increments.
-      if (r.sc) slot.features.add(key, ttl.responseMs, "signal_count", -r.sc);
+      // An increment, not a write: signal_count is only ever added to.
+      if (r.sc) slot.features.add(key, "signal_count", -r.sc, ttl.responseMs);
       delete r.sc;
     }
     // Forgotten sessions (s.old) are dropped once retracted: nothing of them is left to take back.
@@ -1022,7 +978,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         const out = this.retract(slot, rec, st, emits, { kind: "session", rule }, "cx" in x ? contextFields(x.cx) : {});
         if (out && x.labels instanceof Map) x.labels.set(rule, out);
       }
-      if ("pos" in x ? x.pos !== 0 || x.neg !== 0 : x.w) slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), ttl.sessionMs, { pos_weight: 0, neg_weight: 0 });
+      if ("pos" in x ? x.pos !== 0 || x.neg !== 0 : x.w) slot.features.set(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), { pos_weight: 0, neg_weight: 0 }, ttl.sessionMs);
       if ("pos" in x) x.pos = x.neg = 0;
     }
     s.old = [];
@@ -1100,7 +1056,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
   }
 
   private putSessionWeights(slot: Slot, x: Sess): void {
-    slot.features.put(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), this.c.ttl.sessionMs, { pos_weight: round(x.pos), neg_weight: round(x.neg) });
+    slot.features.set(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), { pos_weight: round(x.pos), neg_weight: round(x.neg) }, this.c.ttl.sessionMs);
   }
 
   /** A single response shown after a regenerate of another for the same query replaced it. */
@@ -1240,12 +1196,11 @@ class LabelDeriver implements KeyedProcessor<UserState> {
   private writeWeight(slot: Slot, r: Resp, which: 0 | 1 | 2 | 3, by: number): void {
     const tot = (r.tot ??= [0, 0, 0, 0]);
     tot[which] = round(tot[which] + by);
-    slot.features.put(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), this.c.ttl.responseMs, {
-      pos_weight: tot[0],
-      neg_weight: tot[1],
-      pos_weight_nobase: tot[2],
-      neg_weight_nobase: tot[3],
-    });
+    slot.features.set(
+      responseFeaturesKey(this.ctx.prefix, slot.user, r.id),
+      { pos_weight: tot[0], neg_weight: tot[1], pos_weight_nobase: tot[2], neg_weight_nobase: tot[3] },
+      this.c.ttl.responseMs,
+    );
   }
 
   private addSignal(rec: LabelRec, sig: [string, SignalEventType, number]): boolean {

@@ -189,7 +189,25 @@ export interface KeyScope<S> {
   clear(): void;
   /** The user's event-time timer: `onTimer` runs once the watermark reaches `atMs`. Undefined cancels it. */
   setTimer(atMs: number | undefined): void;
+  /** The user's online features, written with the user's state (see FeatureWriter). */
+  readonly features: FeatureWriter;
 }
+
+/**
+ * Writes a user's online features: Redis hashes whose keys carry the user's hash tag (`userKey`).
+ * The runtime folds a user's writes in memory and lands them at the next commit, in the same
+ * atomic step as the user's state; the writes of an input that fails (or whose batch is retried)
+ * are dropped with its other effects. A field is either added to or set, never both.
+ */
+export interface FeatureWriter {
+  /** Adds `by` to a field (HINCRBYFLOAT); the hash lives `ttlMs` after the write. */
+  add(key: string, field: string, by: number, ttlMs: number): void;
+  /** Sets fields (HSET; a later write of a field wins); the hash lives `ttlMs` after the write. */
+  set(key: string, fields: Record<string, string | number>, ttlMs: number): void;
+}
+
+/** A writer that drops every write: for scopes outside the runtime (tests that run an operator alone). */
+export const NO_FEATURES: FeatureWriter = { add() {}, set() {} };
 
 /** A timer that fired. */
 export interface TimerFiring {

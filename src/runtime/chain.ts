@@ -170,9 +170,10 @@ export class KeyedChain {
   /**
    * Effects outside the operators' state (features), in the order they were made, with the
    * result they belong to: they land in that order, so a field two inputs set ends as the later
-   * one left it, whichever message or sink each belongs to and wherever batches begin.
+   * one left it, whichever message or sink each belongs to and wherever batches begin. Per input
+   * or timer of a stage: its commit groups, and its span of feature writes (StageState.keepWrites).
    */
-  private readonly effects: { r: MsgResult; state: StageState<unknown>; user: string; groups: CommitGroup[] }[] = [];
+  private readonly effects: { r: MsgResult; state: StageState<unknown>; user: string; groups: CommitGroup[] | undefined; from: number; to: number }[] = [];
 
   constructor(
     private readonly stages: KeyedStage[],
@@ -316,6 +317,7 @@ export class KeyedChain {
     }
     if (input.envelope.event.ts > stage.clock.now()) stage.clock.set(input.envelope.event.ts);
     let o: Outcome;
+    const from = stage.state.writeMark;
     try {
       o = stage.proc.processElement(input, stage.state.scope(user, this.partition));
     } catch (err) {
@@ -323,7 +325,8 @@ export class KeyedChain {
       o = { emits: [], error: err instanceof TacitError ? err : new TacitError("processing_failed", errorMessage(err), { cause: err }) };
     }
     if (it.msg >= 0 && !it.held && !o.error?.retryable) stage.state.markApplied(user, input.seq);
-    if (o.commits?.length) this.effects.push({ r, state: stage.state, user, groups: o.commits });
+    const to = stage.state.writeMark;
+    if (o.commits?.length || to > from) this.effects.push({ r, state: stage.state, user, groups: o.commits, from, to });
     record(stage.counters, stage.name, o, r, (e) => this.onward(k, it, e, results, sink));
   }
 
@@ -361,8 +364,13 @@ export class KeyedChain {
    * final (after its retries were decided): until then a later stage can still fail an input.
    */
   keepEffects(): void {
-    for (const x of this.effects) if (!x.r.retry && !x.r.error) x.state.addEffects(x.user, x.groups);
+    for (const x of this.effects) {
+      if (x.r.retry || x.r.error) continue;
+      if (x.groups?.length) x.state.addEffects(x.user, x.groups);
+      if (x.to > x.from) x.state.keepWrites(x.from, x.to);
+    }
     this.effects.length = 0;
+    for (const s of this.stages) s.state.clearWrites();
   }
 
   /** Forgets the in-memory state (a failed batch, a lost lease): it is read again from Redis. */
@@ -385,9 +393,11 @@ export class KeyedChain {
     if (!stage.proc.onTimer) return;
     for (let t = stage.state.popDue(wm); t; t = stage.state.popDue(wm)) {
       const firing: TimerFiring = { at_ms: t.at, watermark_ms: wm, stream_time_ms: this.raisedBy };
+      const mark = stage.state.writeMark;
       const out = stage.proc.onTimer(stage.state.scope(t.user, this.partition), firing);
+      const end = stage.state.writeMark;
       const from: Item = { msg: -1, input: { seq: 0, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: this.raisedBy ?? 0, watermark_ms: wm, partition: this.partition } };
-      if (out.commits?.length) this.effects.push({ r: sink, state: stage.state, user: t.user, groups: out.commits });
+      if (out.commits?.length || end > mark) this.effects.push({ r: sink, state: stage.state, user: t.user, groups: out.commits, from: mark, to: end });
       // Published after every message's outputs: later inputs' outputs follow it there (see inOrder).
       if (this.ordered && out.emits.length) this.toSink = true;
       record(stage.counters, stage.name, { emits: out.emits, commits: out.commits }, sink, (e) => this.onward(k, from, e, results, sink));

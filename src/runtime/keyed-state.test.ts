@@ -7,6 +7,7 @@ import { MemoryStateStore } from "../state/memory.js";
 import { KeyedChain, emptyResult, type Item, type MsgResult } from "./chain.js";
 import { CacheBudget, StageState, mergeByTag } from "./keyed-state.js";
 import type { CommitGroup } from "../core/state.js";
+import { BadInputError } from "../core/errors.js";
 import { assignWatermarks, admitInOrder } from "./watermarks.js";
 
 const silent = { debug() {}, info() {}, warn() {}, error() {} };
@@ -254,4 +255,49 @@ test("event-time order: inputs are held in the user's state until the watermark 
   const late = await runBatch(two.chain, inputs([["a", 3]], 5), { hwm: 4, maxTs: 40, wm: 30 }, 10);
   assert.deepEqual(second, ["b@12", "a@20", "a@3"]);
   assert.equal(late.results[0]!.emits.length, 1);
+});
+
+test("features written through the scope fold per user and land with the user's state; a failed input's writes are dropped", async () => {
+  const store = new MemoryStateStore();
+  const proc: KeyedProcessor<Count> = {
+    codec: { encode: (s) => JSON.stringify(s), decode: (r) => JSON.parse(r) as Count, ttlMs: () => 60_000 },
+    processElement(input: KeyedInput, key: KeyScope<Count>) {
+      const s = key.get() ?? { n: 0, last: 0 };
+      const f = `tacit:{t:u:${key.user}}:features:user`;
+      key.features.add(f, "events", 1, 1000);
+      key.features.set(f, { last: input.envelope.event.ts }, 1000);
+      // A key outside the user's hash tag is written apart, not with the user's state.
+      if (input.seq === 1) key.features.set(`tacit:{t:ix:${input.seq}}:user`, { user: key.user }, 500);
+      // Fails after writing: its writes must not land.
+      if (input.envelope.event.ts === 99) return { emits: [], error: new BadInputError("bad_input", "no") };
+      s.n++;
+      key.put(s);
+      return { emits: [] };
+    },
+  };
+  const state = new StageState(store, "t", "count", 0, proc.codec, silent);
+  const chain = new KeyedChain([{ name: "count", proc: proc as KeyedProcessor<unknown>, state: state as StageState<unknown>, counters: noMetrics, clock: new ManualClock(0) }], 0);
+  const { results, sink } = await runBatch(chain, inputs([["a", 1], ["a", 99], ["a", 3], ["b", 4]]));
+  assert.equal(results[1]!.error?.err.code, "bad_input");
+  const groups = chain.takeCommits(results, sink, 0).flat();
+  const fa = "tacit:{t:u:a}:features:user";
+  const fb = "tacit:{t:u:b}:features:user";
+  assert.deepEqual(
+    groups.map((g) => g.ops),
+    [
+      [
+        { op: "set", key: state.stateKey("a"), value: `3:${JSON.stringify({ n: 2, last: 0 })}`, ttl_ms: 60_000 },
+        { op: "hincrbyfloat", key: fa, field: "events", by: 2, ttl_ms: 1000 },
+        { op: "hset", key: fa, fields: { last: 3 }, ttl_ms: 1000 },
+      ],
+      [
+        { op: "set", key: state.stateKey("b"), value: `4:${JSON.stringify({ n: 1, last: 0 })}`, ttl_ms: 60_000 },
+        { op: "hincrbyfloat", key: fb, field: "events", by: 1, ttl_ms: 1000 },
+        { op: "hset", key: fb, fields: { last: 4 }, ttl_ms: 1000 },
+      ],
+      [{ op: "hset", key: "tacit:{t:ix:1}:user", fields: { user: "a" }, ttl_ms: 500 }],
+    ],
+  );
+  await store.commit(groups);
+  assert.deepEqual(await store.hgetall(fa), { events: "2", last: "3" });
 });

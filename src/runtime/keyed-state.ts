@@ -1,6 +1,6 @@
 import { TransientError, errorMessage } from "../core/errors.js";
 import type { Envelope } from "../core/event.js";
-import type { KeyScope, StateCodec } from "../core/operator.js";
+import type { FeatureWriter, KeyScope, StateCodec } from "../core/operator.js";
 import type { Logger } from "../core/operator.js";
 import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type StateStore } from "../core/state.js";
 
@@ -62,23 +62,36 @@ class UserEffects {
       if (op.op === "set" || op.op === "del") {
         this.at.delete(op.key);
         this.ops.push(op);
-      } else if (op.op === "hset") {
-        const k = this.slot(op.key);
-        const into = k.hset === undefined ? undefined : (this.ops[k.hset] as Extract<StateOp, { op: "hset" }>);
-        if (into) {
-          Object.assign(into.fields, op.fields);
-          if (op.ttl_ms !== undefined) into.ttl_ms = op.ttl_ms;
-        } else k.hset = this.ops.push({ ...op, fields: { ...op.fields } }) - 1;
-      } else if (op.op === "hincrbyfloat" && Number.isInteger(op.by)) {
-        const incr = (this.slot(op.key).incr ??= new Map());
-        const i = incr.get(op.field);
-        const into = i === undefined ? undefined : (this.ops[i] as Extract<StateOp, { op: "hincrbyfloat" }>);
-        if (into) {
-          into.by += op.by;
-          if (op.ttl_ms !== undefined) into.ttl_ms = op.ttl_ms;
-        } else incr.set(op.field, this.ops.push({ ...op }) - 1);
-      } else this.ops.push(op);
+      } else if (op.op === "hset") this.hset(op.key, op.fields, op.ttl_ms);
+      else if (op.op === "hincrbyfloat") this.incr(op.key, op.field, op.by, op.ttl_ms);
+      else this.ops.push(op);
     }
+  }
+
+  /** A hash write: folded into the key's first one (its fields copied then, later fields win). */
+  hset(key: string, fields: Record<string, string | number>, ttl: number | undefined): void {
+    const k = this.slot(key);
+    const into = k.hset === undefined ? undefined : (this.ops[k.hset] as Extract<StateOp, { op: "hset" }>);
+    if (into) {
+      Object.assign(into.fields, fields);
+      if (ttl !== undefined) into.ttl_ms = ttl;
+    } else k.hset = this.ops.push(ttl === undefined ? { op: "hset", key, fields: { ...fields } } : { op: "hset", key, fields: { ...fields }, ttl_ms: ttl }) - 1;
+  }
+
+  /** A field's increment: whole numbers fold into the field's first whole-number increment. */
+  incr(key: string, field: string, by: number, ttl: number | undefined): void {
+    if (Number.isInteger(by)) {
+      const incr = (this.slot(key).incr ??= new Map());
+      const i = incr.get(field);
+      if (i !== undefined) {
+        const into = this.ops[i] as Extract<StateOp, { op: "hincrbyfloat" }>;
+        into.by += by;
+        if (ttl !== undefined) into.ttl_ms = ttl;
+        return;
+      }
+      incr.set(field, this.ops.length);
+    }
+    this.ops.push(ttl === undefined ? { op: "hincrbyfloat", key, field, by } : { op: "hincrbyfloat", key, field, by, ttl_ms: ttl });
   }
 
   private slot(key: string): { hset?: number; incr?: Map<string, number> } {
@@ -243,6 +256,12 @@ export class StageState<S> {
   private readonly dirty = new Set<string>();
   /** Effects in another hash tag than their user's (index pointers), in the order they came. */
   private readonly otherEffects: CommitGroup[] = [];
+  /**
+   * Feature writes since the last `keepWrites`, flat, five slots each: the writer (its user's),
+   * key, field (an increment) or fields (a write), increment, TTL. An input's span of them is
+   * kept or dropped once its outcome is final (see KeyedChain.keepEffects).
+   */
+  private readonly writes: unknown[] = [];
   private readonly timers = new Wakeups();
   /** Release times of held inputs: the earliest held event time of each user holding any. */
   private readonly holds = new Wakeups();
@@ -399,6 +418,42 @@ export class StageState<S> {
     this.dirty.add(user);
   }
 
+  /** Where the next feature write goes: an input's writes are the span between two marks. */
+  get writeMark(): number {
+    return this.writes.length;
+  }
+
+  /** @internal (UserFeatures) */
+  write(w: UserFeatures<S>, key: string, field: string | Record<string, string | number>, by: number, ttl: number): void {
+    this.writes.push(w, key, field, by, ttl);
+  }
+
+  /**
+   * Hands the feature writes in [from, to) to their users' effects, to land at the next commit
+   * with each user's state (a key outside the user's hash tag lands in a group of its own).
+   */
+  keepWrites(from: number, to: number): void {
+    const w = this.writes;
+    for (let i = from; i < to; i += 5) {
+      const { e, user } = w[i] as UserFeatures<S>;
+      const key = w[i + 1] as string;
+      const field = w[i + 2] as string | Record<string, string | number>;
+      const by = w[i + 3] as number;
+      const ttl = w[i + 4] as number;
+      const head = (e.tagHead ??= e.key.slice(0, e.key.indexOf("}") + 1));
+      const fx = head !== "" && key.startsWith(head) ? (e.effects ??= new UserEffects()) : new UserEffects();
+      if (typeof field === "string") fx.incr(key, field, by, ttl);
+      else fx.hset(key, field, ttl);
+      if (fx !== e.effects) this.otherEffects.push({ ops: fx.ops });
+      this.dirty.add(user);
+    }
+  }
+
+  /** Forgets the feature writes (their spans were kept or dropped). */
+  clearWrites(): void {
+    this.writes.length = 0;
+  }
+
   /** Marks a user's state as changed (written with the next commit). */
   touch(user: string): void {
     this.dirty.add(user);
@@ -460,6 +515,7 @@ export class StageState<S> {
     this.entries.clear();
     this.dirty.clear();
     this.otherEffects.length = 0;
+    this.writes.length = 0;
     this.timers.clear();
     this.holds.clear();
     this.loadedTimers = false;
@@ -492,6 +548,25 @@ class UserScope<S> implements KeyScope<S> {
   }
   setTimer(at: number | undefined): void {
     this.owner.setTimer(this.user, at);
+  }
+  get features(): FeatureWriter {
+    return (this.fw ??= new UserFeatures(this.owner, this.e, this.user));
+  }
+  private fw?: UserFeatures<S>;
+}
+
+/** One user's feature writer: records the writes in its stage's journal (see StageState.writes). */
+class UserFeatures<S> implements FeatureWriter {
+  constructor(
+    private readonly owner: StageState<S>,
+    readonly e: Entry<S>,
+    readonly user: string,
+  ) {}
+  add(key: string, field: string, by: number, ttlMs: number): void {
+    if (by !== 0) this.owner.write(this, key, field, by, ttlMs);
+  }
+  set(key: string, fields: Record<string, string | number>, ttlMs: number): void {
+    this.owner.write(this, key, fields, Number.NaN, ttlMs);
   }
 }
 

@@ -3,6 +3,7 @@ import { ManualClock } from "../../src/core/clock.js";
 import type { Envelope } from "../../src/core/event.js";
 import {
   isKeyedProcessor,
+  NO_FEATURES,
   type Emit,
   type KeyedInput,
   type KeyedProcessor,
@@ -128,7 +129,7 @@ export function runAlone<S>(proc: KeyedProcessor<S>): (inputs: StageInput[]) => 
   return (inputs) =>
     inputs.map((input) => {
       const user = input.envelope?.event.user ?? "";
-      const key: KeyScope<S> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {} };
+      const key: KeyScope<S> = { user, partition: 0, get: () => states.get(user), put: (s) => void states.set(user, s), clear: () => void states.delete(user), setTimer() {}, features: NO_FEATURES };
       return proc.processElement(input as KeyedInput, key);
     });
 }
