@@ -27,7 +27,7 @@ import type { CommitGroup } from "../src/core/state.js";
 import { editDistance } from "../src/core/text.js";
 import { baselineView, emptySums, observe, type BaselineSums, type BaselineView } from "../src/labels/baselines.js";
 import { combineWeight, fire, inversePropensity, propensity, type Firing } from "../src/labels/engine.js";
-import { countField, indexKey, responseFeaturesKey, sessionFeaturesKey, userFeaturesKey } from "../src/labels/features.js";
+import { USER_FEATURES, countField, indexKey, responseFeatures, sessionFeatures } from "../src/labels/features.js";
 import { loadRulesFile, loadRulesFileOnce, type CompiledRules, type FieldValue, type Fields } from "../src/labels/rules.js";
 
 /*
@@ -752,8 +752,8 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (cx) sess.cx = earlier(sess.cx, cx);
 
     // Features every event updates.
-    const uk = userFeaturesKey(this.ctx.prefix, slot.user);
-    const sk = sessionFeaturesKey(this.ctx.prefix, slot.user, sess.id);
+    const uk = USER_FEATURES;
+    const sk = sessionFeatures(sess.id);
     f.add(uk, countField(ev.event_type), 1, ttl.userMs);
     f.add(uk, "events", 1, ttl.userMs);
     f.add(sk, countField(ev.event_type), 1, ttl.sessionMs);
@@ -772,7 +772,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
 
     if (r) {
       if (cx) r.cx = earlier(r.cx, cx);
-      const rk = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
+      const rk = responseFeatures(r.id);
       const rs: Record<string, string | number> = { last_event_time: r.t };
       if (r.q !== undefined) rs.query_id = r.q;
       if (r.s !== undefined) rs.session_id = r.s;
@@ -915,7 +915,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
 
   /** Counts a signal about a response in its features (and remembers it, for a flag to take back). */
   private countSignal(slot: Slot, r: Resp): void {
-    slot.features.add(responseFeaturesKey(this.ctx.prefix, slot.user, r.id), "signal_count", 1, this.c.ttl.responseMs);
+    slot.features.add(responseFeatures(r.id), "signal_count", 1, this.c.ttl.responseMs);
     r.sc = (r.sc ?? 0) + 1;
   }
 
@@ -943,7 +943,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     s.held = [];
     for (const x of s.sess.values()) x.amb = true;
     this.retractAll(slot, st, emits);
-    slot.features.set(userFeaturesKey(this.ctx.prefix, slot.user), { bot_band: "bot", bot_score: s.bot.score }, this.c.ttl.userMs);
+    slot.features.set(USER_FEATURES, { bot_band: "bot", bot_score: s.bot.score }, this.c.ttl.userMs);
   }
 
   /**
@@ -963,7 +963,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         if (out) r.labels.set(key, out);
       }
       if (r.nb) for (const x of r.nb) x[1] = 0;
-      const key = responseFeaturesKey(this.ctx.prefix, slot.user, r.id);
+      const key = responseFeatures(r.id);
       if (r.tot) {
         r.tot = [0, 0, 0, 0];
         slot.features.set(key, { pos_weight: 0, neg_weight: 0, pos_weight_nobase: 0, neg_weight_nobase: 0 }, ttl.responseMs);
@@ -978,7 +978,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         const out = this.retract(slot, rec, st, emits, { kind: "session", rule }, "cx" in x ? contextFields(x.cx) : {});
         if (out && x.labels instanceof Map) x.labels.set(rule, out);
       }
-      if ("pos" in x ? x.pos !== 0 || x.neg !== 0 : x.w) slot.features.set(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), { pos_weight: 0, neg_weight: 0 }, ttl.sessionMs);
+      if ("pos" in x ? x.pos !== 0 || x.neg !== 0 : x.w) slot.features.set(sessionFeatures(x.id), { pos_weight: 0, neg_weight: 0 }, ttl.sessionMs);
       if ("pos" in x) x.pos = x.neg = 0;
     }
     s.old = [];
@@ -1056,7 +1056,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
   }
 
   private putSessionWeights(slot: Slot, x: Sess): void {
-    slot.features.set(sessionFeaturesKey(this.ctx.prefix, slot.user, x.id), { pos_weight: round(x.pos), neg_weight: round(x.neg) }, this.c.ttl.sessionMs);
+    slot.features.set(sessionFeatures(x.id), { pos_weight: round(x.pos), neg_weight: round(x.neg) }, this.c.ttl.sessionMs);
   }
 
   /** A single response shown after a regenerate of another for the same query replaced it. */
@@ -1197,7 +1197,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const tot = (r.tot ??= [0, 0, 0, 0]);
     tot[which] = round(tot[which] + by);
     slot.features.set(
-      responseFeaturesKey(this.ctx.prefix, slot.user, r.id),
+      responseFeatures(r.id),
       { pos_weight: tot[0], neg_weight: tot[1], pos_weight_nobase: tot[2], neg_weight_nobase: tot[3] },
       this.c.ttl.responseMs,
     );

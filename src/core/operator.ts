@@ -194,16 +194,17 @@ export interface KeyScope<S> {
 }
 
 /**
- * Writes a user's online features: Redis hashes whose keys carry the user's hash tag (`userKey`).
- * The runtime folds a user's writes in memory and lands them at the next commit, in the same
- * atomic step as the user's state; the writes of an input that fails (or whose batch is retried)
- * are dropped with its other effects. A field is either added to or set, never both.
+ * Writes a user's online features: Redis hashes among the user's own keys, named relative to
+ * them (`hash` "features:user" is `tacit:{<prefix>:u:<user>}:features:user`), so they share the
+ * user's hash tag. The runtime folds a user's writes in memory and lands them at the next commit,
+ * in the same atomic step as the user's state; the writes of an input that fails (or whose batch
+ * is retried) are dropped with its other effects. A field is either added to or set, never both.
  */
 export interface FeatureWriter {
   /** Adds `by` to a field (HINCRBYFLOAT); the hash lives `ttlMs` after the write. */
-  add(key: string, field: string, by: number, ttlMs: number): void;
+  add(hash: string, field: string, by: number, ttlMs: number): void;
   /** Sets fields (HSET; a later write of a field wins); the hash lives `ttlMs` after the write. */
-  set(key: string, fields: Record<string, string | number>, ttlMs: number): void;
+  set(hash: string, fields: Record<string, string | number>, ttlMs: number): void;
 }
 
 /** A writer that drops every write: for scopes outside the runtime (tests that run an operator alone). */

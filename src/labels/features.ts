@@ -13,19 +13,32 @@ import { userKey, type StateStore } from "../core/state.js";
 export type FeatureEntity = "user" | "response" | "session";
 export const FEATURE_ENTITIES: readonly FeatureEntity[] = ["user", "response", "session"];
 
+/** The name of a user's features hash among the user's keys (what label-derive writes through `key.features`). */
+export const USER_FEATURES = "features:user";
+
+/** The name of a response's features hash among its user's keys. */
+export function responseFeatures(responseId: string): string {
+  return `features:response:${responseId}`;
+}
+
+/** The name of a session's features hash among its user's keys. */
+export function sessionFeatures(sessionId: string): string {
+  return `features:session:${sessionId}`;
+}
+
 /** The features hash of a user: `tacit:{<prefix>:u:<user>}:features:user`. */
 export function userFeaturesKey(prefix: string, user: string): string {
-  return userKey(prefix, user, "features", "user");
+  return `${userKey(prefix, user)}:${USER_FEATURES}`;
 }
 
 /** The features hash of a response: `tacit:{<prefix>:u:<user>}:features:response:<response_id>`. */
 export function responseFeaturesKey(prefix: string, user: string, responseId: string): string {
-  return userKey(prefix, user, "features", "response", responseId);
+  return `${userKey(prefix, user)}:${responseFeatures(responseId)}`;
 }
 
 /** The features hash of a session: `tacit:{<prefix>:u:<user>}:features:session:<session_id>`. */
 export function sessionFeaturesKey(prefix: string, user: string, sessionId: string): string {
-  return userKey(prefix, user, "features", "session", sessionId);
+  return `${userKey(prefix, user)}:${sessionFeatures(sessionId)}`;
 }
 
 /**

@@ -257,22 +257,21 @@ test("event-time order: inputs are held in the user's state until the watermark 
   assert.equal(late.results[0]!.emits.length, 1);
 });
 
-test("features written through the scope fold per user and land with the user's state; a failed input's writes are dropped", async () => {
+test("features written through the scope (named among the user's keys) fold per user and land with the user's state; a failed input's writes are dropped", async () => {
   const store = new MemoryStateStore();
   const proc: KeyedProcessor<Count> = {
     codec: { encode: (s) => JSON.stringify(s), decode: (r) => JSON.parse(r) as Count, ttlMs: () => 60_000 },
     processElement(input: KeyedInput, key: KeyScope<Count>) {
       const s = key.get() ?? { n: 0, last: 0 };
-      const f = `tacit:{t:u:${key.user}}:features:user`;
-      key.features.add(f, "events", 1, 1000);
-      key.features.set(f, { last: input.envelope.event.ts }, 1000);
-      // A key outside the user's hash tag is written apart, not with the user's state.
-      if (input.seq === 1) key.features.set(`tacit:{t:ix:${input.seq}}:user`, { user: key.user }, 500);
+      key.features.add("features:user", "events", 1, 1000);
+      key.features.set("features:user", { last: input.envelope.event.ts }, 1000);
+      // An effect under another hash tag is a commit group of its own.
+      const commits = input.seq === 1 ? [{ ops: [{ op: "set" as const, key: "tacit:{t:ix:1}:user", value: key.user }] }] : undefined;
       // Fails after writing: its writes must not land.
       if (input.envelope.event.ts === 99) return { emits: [], error: new BadInputError("bad_input", "no") };
       s.n++;
       key.put(s);
-      return { emits: [] };
+      return commits ? { emits: [], commits } : { emits: [] };
     },
   };
   const state = new StageState(store, "t", "count", 0, proc.codec, silent);
@@ -295,7 +294,7 @@ test("features written through the scope fold per user and land with the user's 
         { op: "hincrbyfloat", key: fb, field: "events", by: 1, ttl_ms: 1000 },
         { op: "hset", key: fb, fields: { last: 4 }, ttl_ms: 1000 },
       ],
-      [{ op: "hset", key: "tacit:{t:ix:1}:user", fields: { user: "a" }, ttl_ms: 500 }],
+      [{ op: "set", key: "tacit:{t:ix:1}:user", value: "a" }],
     ],
   );
   await store.commit(groups);

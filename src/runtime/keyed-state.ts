@@ -53,8 +53,9 @@ interface Entry<S> {
  */
 class UserEffects {
   readonly ops: StateOp[] = [];
-  /** Per key: where its hash write and its fields' whole-number increments sit in `ops`. */
-  private readonly at = new Map<string, { hset?: number; incr?: Map<string, number> }>();
+  /** Per key of the ops handed over whole (`add`), and per hash name of the feature writes (`write`): where its writes fold. */
+  private readonly at = new Map<string, Fold>();
+  private readonly named = new Map<string, Fold>();
 
   /** Adds an input's ops. The caller's ops are never changed: a foldable op is kept as a copy. */
   add(ops: StateOp[]): void {
@@ -62,26 +63,33 @@ class UserEffects {
       if (op.op === "set" || op.op === "del") {
         this.at.delete(op.key);
         this.ops.push(op);
-      } else if (op.op === "hset") this.hset(op.key, op.fields, op.ttl_ms);
-      else if (op.op === "hincrbyfloat") this.incr(op.key, op.field, op.by, op.ttl_ms);
+      } else if (op.op === "hset") this.hset(this.fold(op.key), op.fields, op.ttl_ms);
+      else if (op.op === "hincrbyfloat") this.incr(this.fold(op.key), op.field, op.by, op.ttl_ms);
       else this.ops.push(op);
     }
   }
 
+  /** A feature write (see FeatureWriter) to the hash `name` of the user whose keys start with `head`. */
+  write(head: string, name: string, field: string | Record<string, string | number>, by: number, ttl: number): void {
+    let f = this.named.get(name);
+    if (!f) this.named.set(name, (f = { key: `${head}:${name}` }));
+    if (typeof field === "string") this.incr(f, field, by, ttl);
+    else this.hset(f, field, ttl);
+  }
+
   /** A hash write: folded into the key's first one (its fields copied then, later fields win). */
-  hset(key: string, fields: Record<string, string | number>, ttl: number | undefined): void {
-    const k = this.slot(key);
-    const into = k.hset === undefined ? undefined : (this.ops[k.hset] as Extract<StateOp, { op: "hset" }>);
+  private hset(f: Fold, fields: Record<string, string | number>, ttl: number | undefined): void {
+    const into = f.hset === undefined ? undefined : (this.ops[f.hset] as Extract<StateOp, { op: "hset" }>);
     if (into) {
       Object.assign(into.fields, fields);
       if (ttl !== undefined) into.ttl_ms = ttl;
-    } else k.hset = this.ops.push(ttl === undefined ? { op: "hset", key, fields: { ...fields } } : { op: "hset", key, fields: { ...fields }, ttl_ms: ttl }) - 1;
+    } else f.hset = this.ops.push(ttl === undefined ? { op: "hset", key: f.key, fields: { ...fields } } : { op: "hset", key: f.key, fields: { ...fields }, ttl_ms: ttl }) - 1;
   }
 
   /** A field's increment: whole numbers fold into the field's first whole-number increment. */
-  incr(key: string, field: string, by: number, ttl: number | undefined): void {
+  private incr(f: Fold, field: string, by: number, ttl: number | undefined): void {
     if (Number.isInteger(by)) {
-      const incr = (this.slot(key).incr ??= new Map());
+      const incr = (f.incr ??= new Map());
       const i = incr.get(field);
       if (i !== undefined) {
         const into = this.ops[i] as Extract<StateOp, { op: "hincrbyfloat" }>;
@@ -91,14 +99,21 @@ class UserEffects {
       }
       incr.set(field, this.ops.length);
     }
-    this.ops.push(ttl === undefined ? { op: "hincrbyfloat", key, field, by } : { op: "hincrbyfloat", key, field, by, ttl_ms: ttl });
+    this.ops.push(ttl === undefined ? { op: "hincrbyfloat", key: f.key, field, by } : { op: "hincrbyfloat", key: f.key, field, by, ttl_ms: ttl });
   }
 
-  private slot(key: string): { hset?: number; incr?: Map<string, number> } {
-    let k = this.at.get(key);
-    if (!k) this.at.set(key, (k = {}));
-    return k;
+  private fold(key: string): Fold {
+    let f = this.at.get(key);
+    if (!f) this.at.set(key, (f = { key }));
+    return f;
   }
+}
+
+/** Where one hash's writes fold: the index of its hash write and of each field's whole-number increment in `ops`. */
+interface Fold {
+  key: string;
+  hset?: number;
+  incr?: Map<string, number>;
 }
 
 /** An input held until the watermark passes its event time (see KeyedChain). */
@@ -258,7 +273,7 @@ export class StageState<S> {
   private readonly otherEffects: CommitGroup[] = [];
   /**
    * Feature writes since the last `keepWrites`, flat, five slots each: the writer (its user's),
-   * key, field (an increment) or fields (a write), increment, TTL. An input's span of them is
+   * hash name, field (an increment) or fields (a write), increment, TTL. An input's span of them is
    * kept or dropped once its outcome is final (see KeyedChain.keepEffects).
    */
   private readonly writes: unknown[] = [];
@@ -424,27 +439,17 @@ export class StageState<S> {
   }
 
   /** @internal (UserFeatures) */
-  write(w: UserFeatures<S>, key: string, field: string | Record<string, string | number>, by: number, ttl: number): void {
-    this.writes.push(w, key, field, by, ttl);
+  write(w: UserFeatures<S>, hash: string, field: string | Record<string, string | number>, by: number, ttl: number): void {
+    this.writes.push(w, hash, field, by, ttl);
   }
 
-  /**
-   * Hands the feature writes in [from, to) to their users' effects, to land at the next commit
-   * with each user's state (a key outside the user's hash tag lands in a group of its own).
-   */
+  /** Hands the feature writes in [from, to) to their users' effects, to land at the next commit with each user's state. */
   keepWrites(from: number, to: number): void {
     const w = this.writes;
     for (let i = from; i < to; i += 5) {
       const { e, user } = w[i] as UserFeatures<S>;
-      const key = w[i + 1] as string;
-      const field = w[i + 2] as string | Record<string, string | number>;
-      const by = w[i + 3] as number;
-      const ttl = w[i + 4] as number;
       const head = (e.tagHead ??= e.key.slice(0, e.key.indexOf("}") + 1));
-      const fx = head !== "" && key.startsWith(head) ? (e.effects ??= new UserEffects()) : new UserEffects();
-      if (typeof field === "string") fx.incr(key, field, by, ttl);
-      else fx.hset(key, field, ttl);
-      if (fx !== e.effects) this.otherEffects.push({ ops: fx.ops });
+      (e.effects ??= new UserEffects()).write(head, w[i + 1] as string, w[i + 2] as string | Record<string, string | number>, w[i + 3] as number, w[i + 4] as number);
       this.dirty.add(user);
     }
   }
@@ -562,11 +567,11 @@ class UserFeatures<S> implements FeatureWriter {
     readonly e: Entry<S>,
     readonly user: string,
   ) {}
-  add(key: string, field: string, by: number, ttlMs: number): void {
-    if (by !== 0) this.owner.write(this, key, field, by, ttlMs);
+  add(hash: string, field: string, by: number, ttlMs: number): void {
+    if (by !== 0) this.owner.write(this, hash, field, by, ttlMs);
   }
-  set(key: string, fields: Record<string, string | number>, ttlMs: number): void {
-    this.owner.write(this, key, fields, Number.NaN, ttlMs);
+  set(hash: string, fields: Record<string, string | number>, ttlMs: number): void {
+    this.owner.write(this, hash, fields, Number.NaN, ttlMs);
   }
 }
 
