@@ -15,7 +15,8 @@ import type { Pipeline } from "../src/config/types.js";
 import { findOperator } from "../operators/index.js";
 import { applyDeploy, planDeploy } from "../src/runtime/deploy.js";
 import { connectNats, type NatsHandles } from "../src/runtime/nats.js";
-import { publishLines } from "../src/runtime/publisher.js";
+import { publishLines, subjectForLine } from "../src/runtime/publisher.js";
+import { headers as natsHeaders } from "@nats-io/transport-node";
 import { pipelineStreams, stageGroups, streamName } from "../src/config/topology.js";
 import { Worker } from "../src/runtime/worker.js";
 import { benchEvents } from "../src/bench/bench.js";
@@ -127,7 +128,7 @@ test("deploy creates streams and consumers once, then is idempotent and shows up
   });
 });
 
-test("events flow through enrich and dedupe exactly once; every bad input is dead-lettered with its bytes and reason", async () => {
+test("events flow through enrich and dedupe exactly once; every bad input is dead-lettered with its bytes and reason; a traceparent travels with its event", async () => {
   await withEnv(async (servers, nats) => {
     const p = load(servers, "flow");
     await deploy(p, nats);
@@ -136,6 +137,14 @@ test("events flow through enrich and dedupe exactly once; every bad input is dea
     const dups = good.filter((_, i) => i % 7 === 0); // re-sent by the producer: same event_id, new message
     const bad = badLines(now);
     await publishLines(p, nats.js, [...good, ...dups, ...bad.map((b) => b.line)], { idPrefix: "t" });
+    // Three more events, each with a W3C traceparent: both hops read it from the input's headers.
+    const trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const traced = [...benchEvents(3, 3, now - 1_800_000)].map((l, i) => JSON.stringify({ ...JSON.parse(l), event_id: `traced-${i}` }));
+    for (const line of traced) {
+      const h = natsHeaders();
+      h.set("traceparent", `00-${trace}-00f067aa0ba902b7-01`);
+      await nats.js.publish(subjectForLine(p, line), line, { headers: h, msgID: `traced:${line.length}:${traced.indexOf(line)}` });
+    }
 
     const redis = new Redis(servers.redisUrl);
     const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, "flow"), redis, nats });
@@ -147,7 +156,7 @@ test("events flow through enrich and dedupe exactly once; every bad input is dea
       redis.disconnect();
     }
     const ids = await outputIds(p, nats);
-    assert.equal(ids.size, good.length);
+    assert.equal(ids.size, good.length + traced.length);
     assert.ok([...ids.values()].every((n) => n === 1), "no event_id is output twice");
     assert.equal(worker.stageCounters.get("dedupe")!.get("dropped"), dups.length);
 
@@ -160,8 +169,12 @@ test("events flow through enrich and dedupe exactly once; every bad input is dea
       assert.equal(d.subject, `${p.subject_prefix}.dlq.enrich`);
       assert.ok(d.headers["Tacit-Message"]!.length > 0);
     }
+    const events = await readStream(nats, streamName(p, "events"));
+    const withTrace = events.filter((m) => m.headers.traceparent !== undefined);
+    assert.deepEqual(withTrace.map((m) => (JSON.parse(m.data) as { event: { event_id: string } }).event.event_id).sort(), ["traced-0", "traced-1", "traced-2"]);
+    assert.ok(withTrace.every((m) => m.headers.traceparent!.startsWith(`00-${trace}-`)), "the trace id is kept across both hops");
     // Nothing of the raw user id or PII leaves enrich.
-    const sample = (await readStream(nats, streamName(p, "events"))).slice(0, 50);
+    const sample = events.slice(0, 50);
     assert.ok(sample.every((m) => !m.data.includes("user-")), "raw user_id never appears downstream");
   });
 });

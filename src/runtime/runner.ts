@@ -43,6 +43,28 @@ const FETCH_HEARTBEAT_MS = 500;
 const FETCH_CHECK_MS = 20;
 const decoder = new TextDecoder();
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
+const TRACEPARENT = Buffer.from("traceparent");
+const REDRIVEN = Buffer.from(DLQ_HEADERS.redriven);
+
+/**
+ * The input's headers when it may carry one the runner reads (traceparent, Tacit-Redriven), else
+ * undefined. nats.js parses a message's whole header block into a Map on first access, and the Map
+ * then lives as long as the message, which a keyed partition holds until its commit; most inputs
+ * carry only Nats-Msg-Id. So the raw block is searched for the two names first and parsed only
+ * when one is in it. Where the raw block is not where nats.js 3 keeps it, the headers are parsed.
+ */
+function inputHeaders(m: JsMsg): JsMsg["headers"] {
+  const msg = (m as unknown as { msg?: { _msg?: { hdr?: unknown }; _rdata?: unknown } }).msg;
+  const hdr = msg?._msg?.hdr;
+  const raw = msg?._rdata;
+  if (typeof hdr === "number" && Buffer.isBuffer(raw)) {
+    if (hdr <= 0) return undefined;
+    const block = raw.subarray(0, hdr);
+    if (block.indexOf(TRACEPARENT) < 0 && block.indexOf(REDRIVEN) < 0) return undefined;
+  }
+  return m.headers;
+}
+
 const INGEST_OK = { outcome: "ok" };
 const INGEST_DROPPED = { outcome: "dropped" };
 const INGEST_DLQ = { outcome: "dead_lettered" };
@@ -441,10 +463,11 @@ export class ConsumerRunner {
         partition: this.partition,
       };
       const r = results[i]!;
-      if (m.headers) {
-        const tp = m.headers.get("traceparent");
+      const h = inputHeaders(m);
+      if (h) {
+        const tp = h.get("traceparent");
         if (tp) r.traceparent = tp;
-        const rd = m.headers.get(DLQ_HEADERS.redriven);
+        const rd = h.get(DLQ_HEADERS.redriven);
         if (rd) r.redriven = rd;
       }
       if (first) return input;
