@@ -180,3 +180,38 @@ test("a worker that lost a partition's lease never writes its cached state over 
     await servers.stop();
   }
 });
+
+test("a full state cache commits before the commit interval is up: with many users the cache stays near its bound", { timeout: 120_000 }, async () => {
+  const servers = await startServers();
+  let nats: NatsHandles | undefined;
+  const redis = new Redis(servers.redisUrl);
+  try {
+    nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
+    // Every event a new user; a commit interval far longer than the run; room for 400 entries (user × stage).
+    const p = load(servers, "full", ["runtime.commit_interval=10m", "runtime.state_cache.max_entries=400"]);
+    await deploy(p, nats);
+    const n = 3000;
+    await publishLines(p, nats.js, benchEvents(n, n, Date.now() - 3_600_000), { idPrefix: "full" });
+    const w = worker(servers, p, nats, redis, "w-full");
+    let peak = 0;
+    const sampler = setInterval(() => (peak = Math.max(peak, w.budget.size())), 5);
+    await w.start();
+    try {
+      await eventually("the pipeline to drain", () => drained(p, nats!, n), 90_000, 200);
+    } finally {
+      clearInterval(sampler);
+      await w.stop();
+    }
+    // Without the early commit every entry stays until the interval: 3,000 users × 5 stages.
+    // With it, the cache exceeds its bound by at most the users of the batches in flight
+    // (4 partitions × 100 inputs × 5 stages).
+    assert.ok(peak > 0, "the cache was used");
+    assert.ok(peak <= 400 + 4 * 100 * 5, `cache peak ${peak} entries for a bound of 400`);
+    // The drain needed commits: every input's state landed in Redis.
+    assert.equal((await redis.keys(`tacit:{full:u:*}:dedupe:state`)).length, n);
+  } finally {
+    redis.disconnect();
+    await nats?.nc.close().catch(() => undefined);
+    await servers.stop();
+  }
+});

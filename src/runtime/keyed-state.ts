@@ -150,6 +150,10 @@ export class CacheBudget {
   share(): number {
     return Math.max(1, Math.floor(this.maxEntries / Math.max(1, this.members.size)));
   }
+  /** More entries held than the bound: only a commit lets the changed ones go. */
+  full(): boolean {
+    return this.size() > this.maxEntries;
+  }
   /** Entries held now, over every member. */
   size(): number {
     let n = 0;

@@ -573,8 +573,10 @@ export class ConsumerRunner {
     held.sinks.push(sink);
     held.labels.push(...labels);
     const rt = this.w.pipeline.runtime;
-    // Nor near the consumer's max_ack_pending (held messages are not acked).
-    if (Date.now() - held.since < this.commitInterval && held.msgs.length + 2 * rt.batch_size <= maxAckPending(rt)) return;
+    // Nor near the consumer's max_ack_pending (held messages are not acked), nor past the worker's
+    // state cache bound: changed entries are evicted only once written, so a full cache commits
+    // (as Kafka Streams' record cache flushes when full) and the trim after it evicts.
+    if (Date.now() - held.since < this.commitInterval && held.msgs.length + 2 * rt.batch_size <= maxAckPending(rt) && !this.w.budget.full()) return;
     await this.flush();
   }
 
