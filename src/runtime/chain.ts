@@ -379,6 +379,11 @@ export class KeyedChain {
     for (const s of this.stages) s.state.drop();
   }
 
+  /** A stage holds more than its share of the worker's state cache: commit, so the trim after it can evict. */
+  get overBudget(): boolean {
+    return this.stages.some((s) => s.state.overShare);
+  }
+
   /** After a commit: keeps the caches within their budget. */
   trim(): void {
     for (const s of this.stages) s.state.trim();

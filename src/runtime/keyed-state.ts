@@ -150,10 +150,6 @@ export class CacheBudget {
   share(): number {
     return Math.max(1, Math.floor(this.maxEntries / Math.max(1, this.members.size)));
   }
-  /** More entries held than the bound: only a commit lets the changed ones go. */
-  full(): boolean {
-    return this.size() > this.maxEntries;
-  }
   /** Entries held now, over every member. */
   size(): number {
     let n = 0;
@@ -507,6 +503,12 @@ export class StageState<S> {
     this.otherEffects.length = 0;
     const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
     return { timersBefore: group(before), users, timersAfter: group(after) };
+  }
+
+  /** More entries than this stage's share of the budget: changed ones can go only after a commit. */
+  get overShare(): boolean {
+    const keep = this.budget?.share();
+    return keep !== undefined && this.entries.size > keep;
   }
 
   /** After a commit: evicts clean entries beyond this stage's share of the budget, least recently used first. */

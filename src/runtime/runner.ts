@@ -42,7 +42,6 @@ const FETCH_HEARTBEAT_MS = 500;
  */
 const FETCH_CHECK_MS = 20;
 const decoder = new TextDecoder();
-/** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const TRACEPARENT = Buffer.from("traceparent");
 const REDRIVEN = Buffer.from(DLQ_HEADERS.redriven);
 
@@ -65,6 +64,7 @@ function inputHeaders(m: JsMsg): JsMsg["headers"] {
   return m.headers;
 }
 
+/** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
 const INGEST_DROPPED = { outcome: "dropped" };
 const INGEST_DLQ = { outcome: "dead_lettered" };
@@ -573,10 +573,12 @@ export class ConsumerRunner {
     held.sinks.push(sink);
     held.labels.push(...labels);
     const rt = this.w.pipeline.runtime;
-    // Nor near the consumer's max_ack_pending (held messages are not acked), nor past the worker's
-    // state cache bound: changed entries are evicted only once written, so a full cache commits
-    // (as Kafka Streams' record cache flushes when full) and the trim after it evicts.
-    if (Date.now() - held.since < this.commitInterval && held.msgs.length + 2 * rt.batch_size <= maxAckPending(rt) && !this.w.budget.full()) return;
+    // Nor near the consumer's max_ack_pending (held messages are not acked), nor past the
+    // partition's share of the worker's state cache: changed entries can be evicted only once
+    // written, so a full cache commits (as Kafka Streams' record cache flushes when full) and the
+    // trim after it evicts. Its own share, not the worker's total: an idle partition over its
+    // share must not make the busy ones commit every batch.
+    if (Date.now() - held.since < this.commitInterval && held.msgs.length + 2 * rt.batch_size <= maxAckPending(rt) && !chain.overBudget) return;
     await this.flush();
   }
 
