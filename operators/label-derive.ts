@@ -579,8 +579,8 @@ interface Slot {
   user: string;
   state: UserState;
   features: FeatureWriter;
-  /** New pointers from a response or session id to the user: key, TTL, key, TTL, … */
-  pointers: (string | number)[];
+  /** New pointers from a response or session id to the user: a commit group each (another hash tag each, idempotent). */
+  pointers: CommitGroup[];
 }
 
 /** The deciding signal of a label: which event, when, and the stream time of the input. */
@@ -665,18 +665,16 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     return this.done(slot, key, emits);
   }
 
-  /**
-   * Records the user's state and next timer; the outcome carries the new index pointers (each in
-   * a commit group of its own: another hash tag each, idempotent).
-   */
+  /** Records the user's state and next timer; the outcome carries the new index pointers. */
   private done(slot: Slot, key: KeyScope<UserState>, emits: Emit[]): Outcome {
     key.put(slot.state);
     key.setTimer(this.nextDue(slot.state));
-    const p = slot.pointers;
-    if (p.length === 0) return { emits };
-    const commits: CommitGroup[] = [];
-    for (let i = 0; i < p.length; i += 2) commits.push({ ops: [{ op: "set", key: p[i] as string, value: slot.user, ttl_ms: p[i + 1] as number }] });
-    return { emits, commits };
+    return slot.pointers.length ? { emits, commits: slot.pointers } : { emits };
+  }
+
+  /** Points a response's or session's id at the user. */
+  private point(slot: Slot, entity: "response" | "session", id: string, ttlMs: number): void {
+    slot.pointers.push({ ops: [{ op: "set", key: indexKey(this.ctx.prefix, entity, id), value: slot.user, ttl_ms: ttlMs }] });
   }
 
   /**
@@ -701,7 +699,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!r) {
       r = { id, t: ts, labels: new Map() };
       s.resp.set(id, r);
-      slot.pointers.push(indexKey(this.ctx.prefix, "response", id), this.c.ttl.responseMs);
+      this.point(slot, "response", id, this.c.ttl.responseMs);
     }
     r.t = Math.max(r.t, ts);
     if (ev?.query_id !== undefined && r.q === undefined) r.q = ev.query_id;
@@ -717,7 +715,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!x) {
       x = { id, start: ts, end: ts, n: 0, counts: {}, pos: 0, neg: 0, st: input.stream_time_ms, amb: false, sig: [], closed: false, labels: new Map() };
       slot.state.sess.set(id, x);
-      slot.pointers.push(indexKey(this.ctx.prefix, "session", id), this.c.ttl.sessionMs);
+      this.point(slot, "session", id, this.c.ttl.sessionMs);
     }
     if (x.closed) {
       // A late event (within sessionize's allowed lateness) reopens a decided session: its labels get a new revision.

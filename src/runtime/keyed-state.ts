@@ -37,7 +37,7 @@ interface Entry<S> {
   held?: HeldInput[];
   /** The user's effects since the last commit, folded (see addEffects). */
   effects?: UserEffects;
-  /** The state key up to the end of its hash tag: the user's keys start with it. */
+  /** What every key of the user starts with, `tacit:{<prefix>:u:<user>}` (built on first use, see userHead). */
   tagHead?: string;
 }
 
@@ -425,9 +425,9 @@ export class StageState<S> {
    */
   addEffects(user: string, groups: CommitGroup[]): void {
     const e = this.entry(user);
-    const head = (e.tagHead ??= e.key.slice(0, e.key.indexOf("}") + 1));
+    const head = this.userHead(e, user);
     for (const g of groups) {
-      if (g.guard || head === "" || !g.ops.every((op) => op.key.startsWith(head))) this.otherEffects.push(g);
+      if (g.guard || !g.ops.every((op) => op.key.startsWith(head))) this.otherEffects.push(g);
       else (e.effects ??= new UserEffects()).add(g.ops);
     }
     this.dirty.add(user);
@@ -448,10 +448,13 @@ export class StageState<S> {
     const w = this.writes;
     for (let i = from; i < to; i += 5) {
       const { e, user } = w[i] as UserFeatures<S>;
-      const head = (e.tagHead ??= e.key.slice(0, e.key.indexOf("}") + 1));
-      (e.effects ??= new UserEffects()).write(head, w[i + 1] as string, w[i + 2] as string | Record<string, string | number>, w[i + 3] as number, w[i + 4] as number);
+      (e.effects ??= new UserEffects()).write(this.userHead(e, user), w[i + 1] as string, w[i + 2] as string | Record<string, string | number>, w[i + 3] as number, w[i + 4] as number);
       this.dirty.add(user);
     }
+  }
+
+  private userHead(e: Entry<S>, user: string): string {
+    return (e.tagHead ??= userKey(this.prefix, user));
   }
 
   /** Forgets the feature writes (their spans were kept or dropped). */
