@@ -106,7 +106,7 @@ test(TITLE, { timeout: (OVERLOAD_S * 4 + SOAK_S + 240) * 1000 }, async (t) => {
     if (--slot.left === 0) Object.assign(slot, { user: newUser++, left: EVENTS_PER_USER });
     return user;
   };
-  const events = benchEvents(Number.POSITIVE_INFINITY, ACTIVE, 0, () => Date.now() - 1_000, nextUser);
+  const events = benchEvents(Number.POSITIVE_INFINITY, ACTIVE, 0, { stamp: () => Date.now() - 1_000, pickUser: nextUser });
   const batch = (n: number) => Array.from({ length: n }, () => events.next().value as string);
   /** Publishes `rate` events/s (Infinity: as fast as the producer can) for `seconds`, calling `every` between windows. */
   const publishAt = async (rate: number, seconds: number, phase: string, every: () => Promise<void>) => {

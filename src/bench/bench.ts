@@ -42,6 +42,13 @@ export interface BenchOptions {
   profile?: boolean;
   /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
   profileOut?: string;
+  /**
+   * Events pushed through the relay and through the pipeline (a worker of its own) before each is
+   * timed, on users of their own: the timed phase then measures a warm process (JIT-compiled
+   * code), as a long-running worker is, not V8 compiling the code. 0 times a cold start.
+   * @default 0
+   */
+  warmupEvents?: number;
   /** The servers' process ids, when the bench started them itself: their CPU per event is reported too. */
   servers?: { nats: number; redis: number };
 }
@@ -116,6 +123,8 @@ export interface PipelineResult extends RateResult {
 export interface BenchResult {
   events: number;
   users: number;
+  /** Events through the relay and the pipeline before each was timed (0: a cold start). */
+  warmup_events: number;
   /** Worker processes in the pipeline phase. */
   workers: number;
   relay: RateResult & { latency: LatencyResult };
@@ -127,12 +136,22 @@ export interface BenchResult {
 
 const TYPES = ["query", "response_shown", "click", "dwell", "copy_paste", "accept", "edit", "regenerate"] as const;
 
+/** How `benchEvents` stamps and spreads its events. */
+export interface BenchEventsOptions {
+  /** Event time of each event, instead of t0 + one second per event of its user. */
+  stamp?: () => number;
+  /** Picks each event's user (load tests: users at random, so no user's events come like a metronome). */
+  pickUser?: () => number;
+  /** Prefixes user, session, query and event ids: events of their own, apart from another run's. */
+  prefix?: string;
+}
+
 /**
  * Deterministic synthetic events for throughput runs: sessions of query → shown → interaction,
  * spread over `users` users, one second of event time apart per user. Not realistic traffic
  * (that is `tacit simulate`), just valid events with per-user order.
  */
-export function* benchEvents(n: number, users: number, t0: number, stamp?: () => number, pickUser?: () => number): Generator<string> {
+export function* benchEvents(n: number, users: number, t0: number, { stamp, pickUser, prefix = "" }: BenchEventsOptions = {}): Generator<string> {
   // With `pickUser` (load tests: users at random, so no user's events come like a metronome), each
   // user's own count of events drives its session; in turn, that count is i / users.
   const seen = pickUser ? new Map<number, number>() : undefined;
@@ -142,7 +161,7 @@ export function* benchEvents(n: number, users: number, t0: number, stamp?: () =>
     seen?.set(u, k + 1);
     const type = TYPES[k % TYPES.length]!;
     const ts = stamp ? stamp() : t0 + k * 1000;
-    const q = `q${u}-${Math.floor(k / TYPES.length)}`;
+    const q = `${prefix}q${u}-${Math.floor(k / TYPES.length)}`;
     const payload: Record<string, unknown> =
       type === "query" ? { text: `how to tune nats consumers ${k % 7}` }
       : type === "response_shown" ? { position: 1, text_length: 400 }
@@ -153,9 +172,9 @@ export function* benchEvents(n: number, users: number, t0: number, stamp?: () =>
       : type === "edit" ? { edit_distance: 12, original_length: 400 }
       : {};
     const ev: Record<string, unknown> = {
-      event_id: `b${i}`,
-      session_id: `s${u}`,
-      user_id: `user-${u}`,
+      event_id: `${prefix}b${i}`,
+      session_id: `${prefix}s${u}`,
+      user_id: `${prefix}user-${u}`,
       timestamp: new Date(ts).toISOString(),
       query_id: q,
       event_type: type,
@@ -262,19 +281,17 @@ async function latencyProbe(nats: NatsHandles, stream: string, tsOf: (data: Uint
 
 /** Publishes events at a steady rate with event time = publish time. */
 async function pacedPublish(pipeline: Pipeline, nats: NatsHandles, n: number, rate: number, users: number, subject?: string): Promise<void> {
-  const lines = [...benchEvents(n, users, 0, () => Date.now())];
+  // Users of their own: the throughput phase's users, an event a second each, may have been
+  // flagged as bots by then (regular timing), and a bot's events never reach the output.
+  const lines = [...benchEvents(n, users, 0, { prefix: "lat-" })];
   const perTick = Math.max(1, Math.round(rate / 100));
   let i = 0;
   while (i < lines.length) {
     const t = Date.now();
     const chunk = lines.slice(i, i + perTick).map((l) => {
-      // Re-stamp at send time so latency starts when the event is published.
+      // Stamped at send time so latency starts when the event is published.
       const ev = JSON.parse(l) as Record<string, unknown>;
       ev.timestamp = new Date().toISOString();
-      ev.event_id = `lat-${ev.event_id as string}`;
-      // Users of their own: the throughput phase's users, an event a second each, may have been
-      // flagged as bots by then (regular timing), and a bot's events never reach the output.
-      ev.user_id = `lat-${ev.user_id as string}`;
       return JSON.stringify(ev);
     });
     if (subject) await Promise.all(chunk.map((l, j) => nats.js.publish(subject, encoder.encode(l), { msgID: `lat:${i + j}` })));
@@ -596,6 +613,9 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     // inflate the worker's RSS with the bench's own input.
     const t0 = Date.now() - Math.ceil(opts.events / opts.users) * 1000 - 60_000;
     const lines = () => benchEvents(opts.events, opts.users, t0);
+    // Warm-up events: users, sessions and ids of their own, event time before the timed events'.
+    const warm = opts.warmupEvents ?? 0;
+    const warmLines = () => benchEvents(warm, opts.users, t0 - Math.ceil(warm / opts.users) * 1000 - 60_000, { prefix: "warm-" });
     const batch = pipeline.runtime.batch_size;
 
     // --- relay -----------------------------------------------------------------------------
@@ -603,22 +623,35 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const rout = `${pipeline.name}_relay_out`;
     await ensureStream(nats, rin, [`${pipeline.subject_prefix}.relay.in`]);
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
-    await publishRaw(nats, `${pipeline.subject_prefix}.relay.in`, lines());
+    const relayIn = `${pipeline.subject_prefix}.relay.in`;
+    const relayOut = `${pipeline.subject_prefix}.relay.out`;
+    if (warm > 0) {
+      await publishRaw(nats, relayIn, warmLines(), "warm");
+      const warmSig = { stop: false };
+      const warmDone = relay(nats, rin, relayOut, batch, warmSig);
+      await waitUntil("the relay's warm-up to drain", async () => {
+        const n = await streamMessages(nats, rout);
+        return { done: n >= warm, progress: n };
+      });
+      warmSig.stop = true;
+      await warmDone;
+    }
+    await publishRaw(nats, relayIn, lines(), "raw");
     const sig = { stop: false };
     const ticks = clockTicks();
     const servers = serverCpu(opts.servers, ticks);
     const cpu0 = process.cpuUsage();
     const start = performance.now();
-    const relayDone = relay(nats, rin, `${pipeline.subject_prefix}.relay.out`, batch, sig);
+    const relayDone = relay(nats, rin, relayOut, batch, sig);
     await waitUntil("the relay to drain", async () => {
       const n = await streamMessages(nats, rout);
-      return { done: n >= opts.events, progress: n };
+      return { done: n >= warm + opts.events, progress: n };
     });
     const relaySecs = (performance.now() - start) / 1000;
     const relayCpu = cpuMicros(cpu0);
     const relayServers = servers.perEvent(opts.events);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
-    await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users, `${pipeline.subject_prefix}.relay.in`);
+    await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users, relayIn);
     const relayLatencies = await relayLat;
     sig.stop = true;
     await relayDone;
@@ -626,10 +659,38 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     // --- pipeline --------------------------------------------------------------------------
     const plan = await planDeploy(pipeline, nats.jsm, operators);
     await applyDeploy(pipeline, nats.jsm, operators, plan);
-    await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
     const groups = stageGroups(pipeline, operators);
     const durables = groups.flatMap((g) => (g.keyed ? [...Array(pipeline.partitions).keys()].map((n) => [g.inputStream, durableName(g, n)]) : [[g.inputStream, durableName(g)]]));
-    worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    const first = groups[0]!;
+    /** Whether the first `n` events went through every stage: the first durable acked them and no keyed one has any left. */
+    const drained = async (n: number) => {
+      const c0 = await nats.jsm.consumers.info(first.inputStream, durableName(first));
+      let progress = c0.ack_floor.stream_seq;
+      let done = c0.ack_floor.stream_seq >= n;
+      for (const [s, d] of durables) {
+        const ci = await nats.jsm.consumers.info(s!, d!);
+        progress += ci.ack_floor.stream_seq;
+        if (ci.num_pending > 0 || ci.num_ack_pending > 0) done = false;
+      }
+      return { done, progress };
+    };
+    const newWorker = () => new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    if (warm > 0) {
+      // A worker of its own, stopped (committed, leases given up) before the timed one starts:
+      // what stays warm is the process (compiled code), not the partitions' state.
+      await publishLines(pipeline, nats.js, warmLines(), { idPrefix: "bench-warm" });
+      const w = newWorker();
+      try {
+        await w.start();
+        await waitUntil("the pipeline's warm-up to drain", () => drained(warm), 100);
+      } finally {
+        await w.stop();
+      }
+    }
+    const outputs0 = await streamMessages(nats, streamName(pipeline, "events"));
+    const dlq0 = await streamMessages(nats, streamName(pipeline, "dlq"));
+    await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
+    worker = newWorker();
     const budget = worker.budget;
     const labels = stageLabels(pipeline.stages);
     const profiler = opts.profile === false ? undefined : new SelfProfiler();
@@ -652,20 +713,9 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     try {
       sample();
       await worker.start();
-      const first = groups[0]!;
       await waitUntil(
         "the pipeline to drain",
-        async () => {
-          const c0 = await nats.jsm.consumers.info(first.inputStream, durableName(first));
-          let progress = c0.ack_floor.stream_seq;
-          let done = c0.ack_floor.stream_seq >= opts.events;
-          for (const [s, d] of durables) {
-            const ci = await nats.jsm.consumers.info(s!, d!);
-            progress += ci.ack_floor.stream_seq;
-            if (ci.num_pending > 0 || ci.num_ack_pending > 0) done = false;
-          }
-          return { done, progress };
-        },
+        () => drained(warm + opts.events),
         100,
         () => {
           const dead = children.find((c) => !alive(c));
@@ -684,8 +734,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
     const rssEnd = process.memoryUsage.rss();
     const cacheEnd = budget.size();
-    const outputs = await streamMessages(nats, streamName(pipeline, "events"));
-    const dlq = await streamMessages(nats, streamName(pipeline, "dlq"));
+    const outputs = (await streamMessages(nats, streamName(pipeline, "events"))) - outputs0;
+    const dlq = (await streamMessages(nats, streamName(pipeline, "dlq"))) - dlq0;
     let dropped = 0;
     for (const c of worker.stageCounters.values()) dropped += c.get("dropped");
     const pipeLat = latencyProbe(nats, streamName(pipeline, "events"), tsOfEnvelope, opts.latencyEvents, 60_000);
@@ -702,6 +752,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     return {
       events: opts.events,
       users: opts.users,
+      warmup_events: warm,
       workers,
       relay: {
         events: opts.events,
@@ -750,11 +801,11 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
   }
 }
 
-async function publishRaw(nats: NatsHandles, subject: string, lines: Iterable<string>): Promise<void> {
+async function publishRaw(nats: NatsHandles, subject: string, lines: Iterable<string>, idPrefix: string): Promise<void> {
   let inflight: Promise<unknown>[] = [];
   let i = 0;
   for (const line of lines) {
-    inflight.push(nats.js.publish(subject, encoder.encode(line), { msgID: `raw:${i++}` }));
+    inflight.push(nats.js.publish(subject, encoder.encode(line), { msgID: `${idPrefix}:${i++}` }));
     if (inflight.length >= 4096) {
       await Promise.all(inflight);
       inflight = [];

@@ -18,7 +18,7 @@ function fmt(r: BenchResult): string {
   const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
   const p = r.pipeline;
   const lines = [
-    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
+    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}, ${r.warmup_events ? `after ${r.warmup_events} warm-up events each` : "cold (no warm-up)"}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
     `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
     `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,
@@ -55,6 +55,7 @@ function positiveInt(name: string, v: number): number {
 interface BenchCliOptions {
   events: number;
   users: number;
+  warmupEvents: number;
   latencyEvents: number;
   latencyRate: number;
   workers: number;
@@ -77,6 +78,13 @@ export function registerBench(program: Command): void {
     )
     .option("--events <n>", "events to push through each", (v) => Number(v), 50_000)
     .option("--users <n>", "distinct users the events are spread over (each user's events cycle query → shown → … in order; with more users than events every event is a query)", (v) => Number(v), 2_000)
+    .option(
+      "--warmup-events <n>",
+      "events through the relay and through the pipeline (a worker of its own, on users of their own) before each is timed: " +
+        "the timed phase then measures a warm process, as a long-running worker is, not V8 compiling the code; 0 times a cold start",
+      (v) => Number(v),
+      10_000,
+    )
     .option("--latency-events <n>", "events for the steady-rate latency phase", (v) => Number(v), 2_000)
     .option("--latency-rate <n>", "events/s in the latency phase", (v) => Number(v), 1_000)
     .option(
@@ -99,6 +107,7 @@ export function registerBench(program: Command): void {
     .action(
       action(async (file: string | undefined, opts: BenchCliOptions) => {
         for (const k of ["events", "users", "latencyEvents", "latencyRate", "workers"] as const) positiveInt(k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`), opts[k]);
+        if (!Number.isInteger(opts.warmupEvents) || opts.warmupEvents < 0) throw new ConfigError(`--warmup-events must be 0 or a positive integer, got ${opts.warmupEvents}`);
         if (opts.cacheEntries !== undefined) positiveInt("cache-entries", opts.cacheEntries);
         if (opts.stages !== undefined) {
           positiveInt("stages", opts.stages);
@@ -134,7 +143,7 @@ export function registerBench(program: Command): void {
           const p = opts.stages === undefined ? whole : { ...whole, stages: whole.stages.slice(0, opts.stages) };
           if (!opts.json) {
             process.stderr.write(
-              `bench: ${opts.events} events over ${opts.users} users through a relay, then through ${p.stages.map((s) => s.name).join(" → ")} ` +
+              `bench: ${opts.events} events (after ${opts.warmupEvents} to warm up) over ${opts.users} users through a relay, then through ${p.stages.map((s) => s.name).join(" → ")} ` +
                 `with ${opts.workers} worker${opts.workers > 1 ? "s" : ""} (state_cache.max_entries ${p.runtime.state_cache.max_entries}) …\n`,
             );
           }
@@ -143,6 +152,7 @@ export function registerBench(program: Command): void {
           const res = await runBench(p, findOperator, {
             events: opts.events,
             users: opts.users,
+            warmupEvents: opts.warmupEvents,
             latencyEvents: opts.latencyEvents,
             latencyRate: opts.latencyRate,
             log,
