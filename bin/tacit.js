@@ -1,4 +1,5 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=64
+// The flag is a worker's young generation (WORKER_NODE_FLAGS in src/config/paths.ts says why).
 // Entry point: the compiled CLI lives in dist/ (built by `npm run build` or scripts/bootstrap.mjs).
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";

@@ -13,6 +13,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { tacitArgv } from "../dist/src/config/paths.js";
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const { values: args } = parseArgs({ options: { seed: { type: "string", default: "7301" }, users: { type: "string", default: "400" }, json: { type: "boolean", default: false } } });
@@ -39,7 +40,7 @@ try {
   tacit("simulate", "--seed", args.seed, "--users", args.users, "--duration", "2h", "--start", new Date(now - 4 * HOUR).toISOString(), "--out", main.out, "--truth", main.truth);
   tacit("simulate", "--seed", `${args.seed}-continued`, "--users", String(Math.ceil(Number(args.users) / 4)), "--duration", "80m", "--start", new Date(now - 100 * 60_000).toISOString(), "--out", cont.out, "--truth", cont.truth);
   say(`simulated seed ${args.seed} (${args.users} users) and its continuation in ${dir}`);
-  worker = spawn(process.execPath, [join(root, "bin", "tacit.js"), "run", pipeline, "--metrics-port", "0"], { env, cwd: root, stdio: ["ignore", "ignore", "inherit"] });
+  worker = spawn(process.execPath, tacitArgv(["run", pipeline, "--metrics-port", "0"]), { env, cwd: root, stdio: ["ignore", "ignore", "inherit"] });
   tacit("publish", pipeline, "--input", main.out);
   tacit("publish", pipeline, "--input", cont.out);
   say("published both; waiting for the pipeline to drain");

@@ -7,13 +7,14 @@ import assert from "node:assert/strict";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { WORKER_NODE_FLAGS } from "../src/config/paths.js";
 import { spawnTacit } from "./support/tacit-process.js";
 
 /** Ten events per user, as in the default bench: below bot-score's regularity.min_events, so none is flagged and held back. */
 const EVENTS = 2000;
 
 /** Runs `tacit bench` on its own servers (no URLs given) and returns its JSON. */
-async function bench(t: { after(fn: () => void): void }, args: string[]): Promise<BenchJson> {
+async function bench(t: { after(fn: () => void): void }, args: string[], nodeFlags?: string[]): Promise<BenchJson> {
   const p = spawnTacit(
     ["bench", "--events", String(EVENTS), "--users", "200", "--latency-events", "40", "--json", "--no-profile", ...args],
     {
@@ -22,6 +23,7 @@ async function bench(t: { after(fn: () => void): void }, args: string[]): Promis
       TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")),
       TACIT_LOG_LEVEL: "warn",
     },
+    nodeFlags,
   );
   t.after(() => {
     if (p.running()) p.child.kill("SIGKILL");
@@ -32,6 +34,7 @@ async function bench(t: { after(fn: () => void): void }, args: string[]): Promis
 
 interface BenchJson {
   warmup_events: number;
+  machine: { node_flags: string[] };
   relay: { events: number; servers_cpu_us_per_event?: { nats: number; redis: number } };
   pipeline: { stages: string[]; outputs: number; dlq: number; latency: { events: number }; servers_cpu_us_per_event?: { nats: number; redis: number } };
   ratio: number;
@@ -54,9 +57,10 @@ test("tacit bench on its own servers: every event through both phases after the 
   assert.ok(pipe.redis > 0, JSON.stringify(pipe));
 });
 
-test("tacit bench --stages 2, cold: the pipeline's first two stages only, the second publishing the outputs", { timeout: 180_000 }, async (t) => {
-  const r = await bench(t, ["--stages", "2", "--warmup-events", "0"]);
+test("tacit bench --stages 2, cold, started by plain `node`: the first two stages only, in a process relaunched with the worker's flags", { timeout: 180_000 }, async (t) => {
+  const r = await bench(t, ["--stages", "2", "--warmup-events", "0"], []);
   assert.equal(r.warmup_events, 0);
+  assert.deepEqual(r.machine.node_flags, [...WORKER_NODE_FLAGS]);
   assert.deepEqual(r.pipeline.stages, ["enrich", "dedupe"]);
   assert.equal(r.pipeline.outputs, EVENTS);
   assert.equal(r.pipeline.dlq, 0);

@@ -21,7 +21,7 @@ import { pipelineStreams, stageGroups, streamName } from "../src/config/topology
 import { Worker } from "../src/runtime/worker.js";
 import { benchEvents } from "../src/bench/bench.js";
 import { partitionKey, pipelineKey } from "../src/core/state.js";
-import { projectRoot } from "../src/config/paths.js";
+import { projectRoot, tacitArgv } from "../src/config/paths.js";
 
 const ROOT = projectRoot();
 const PIPELINE = join(ROOT, "test", "fixtures", "e2e", "clean.yaml");
@@ -67,7 +67,7 @@ async function outputIds(p: Pipeline, nats: NatsHandles): Promise<Map<string, nu
 }
 
 function tacitRun(servers: TestServers, name: string): ChildProcess {
-  const child = spawn(process.execPath, [join(ROOT, "bin", "tacit.js"), "run", PIPELINE, "--metrics-port", "0"], {
+  const child = spawn(process.execPath, tacitArgv(["run", PIPELINE, "--metrics-port", "0"]), {
     env: { ...process.env, ...env(servers, name), TACIT_HOME: mkdtempSync(join(tmpdir(), "tacit-home-")), TACIT_LOG_LEVEL: "warn" },
     stdio: ["ignore", "ignore", "pipe"],
   });

@@ -2,8 +2,7 @@ import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } fr
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { Session } from "node:inspector/promises";
-import { join } from "node:path";
-import { projectRoot } from "../config/paths.js";
+import { tacitArgv } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
 import type { Logger, OperatorSpec } from "../core/operator.js";
 import { percentile } from "../telemetry/metrics.js";
@@ -131,7 +130,8 @@ export interface BenchResult {
   pipeline: PipelineResult;
   /** pipeline events/s ÷ relay events/s, measured in the same run. */
   ratio: number;
-  machine: { cpus: number; node: string };
+  /** `node_flags`: what this process (the in-process worker) was started with, NODE_OPTIONS included. */
+  machine: { cpus: number; node: string; node_flags: string[] };
 }
 
 const TYPES = ["query", "response_shown", "click", "dwell", "copy_paste", "accept", "edit", "regenerate"] as const;
@@ -532,7 +532,7 @@ interface ChildWorker {
 
 /** Starts `node bin/tacit.js run <file> --metrics-port 0 --set …` with the bench's servers and key, logging off. */
 function spawnChildWorker(file: string, set: string[], env: Readonly<Record<string, string | undefined>>): ChildWorker {
-  const child = spawn(process.execPath, [join(projectRoot(), "bin", "tacit.js"), "run", file, "--metrics-port", "0", ...set.flatMap((s) => ["--set", s])], {
+  const child = spawn(process.execPath, tacitArgv(["run", file, "--metrics-port", "0", ...set.flatMap((s) => ["--set", s])]), {
     env: { ...env, TACIT_LOG_LEVEL: "silent" },
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -790,7 +790,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         })),
       },
       ratio: pipeRate / relayRate,
-      machine: { cpus: cpus().length, node: process.version },
+      machine: { cpus: cpus().length, node: process.version, node_flags: [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/).filter(Boolean)] },
     };
   } finally {
     await stopChildWorkers(children).catch(() => undefined);

@@ -18,7 +18,7 @@ function fmt(r: BenchResult): string {
   const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
   const p = r.pipeline;
   const lines = [
-    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}, ${r.warmup_events ? `after ${r.warmup_events} warm-up events each` : "cold (no warm-up)"}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
+    `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}${r.machine.node_flags.length ? ` ${r.machine.node_flags.join(" ")}` : ""}, ${r.warmup_events ? `after ${r.warmup_events} warm-up events each` : "cold (no warm-up)"}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
     `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
     `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,

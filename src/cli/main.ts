@@ -15,6 +15,8 @@ import { registerReplay } from "./replay.js";
 import { registerEvaluate } from "./evaluate.js";
 import { registerSimulate } from "./simulate.js";
 import { registerExport } from "./export.js";
+import { relaunchWith } from "./relaunch.js";
+import { WORKER_NODE_FLAGS, hasWorkerNodeFlags } from "../config/paths.js";
 
 const pkg = createRequire(import.meta.url)("../../../package.json") as { version: string };
 
@@ -51,6 +53,9 @@ process.stdout.on("error", (err: NodeJS.ErrnoException) => {
   if (err.code === "EPIPE") process.exit(0);
   throw err;
 });
+
+// `tacit bench` times a worker in this process: it runs it as a deployed worker runs.
+if (process.argv[2] === "bench" && !hasWorkerNodeFlags()) process.exit(await relaunchWith(WORKER_NODE_FLAGS));
 
 try {
   await buildProgram().parseAsync(process.argv);

@@ -1,6 +1,5 @@
 import { spawn, type ChildProcess } from "node:child_process";
-import { join } from "node:path";
-import { projectRoot } from "../../src/config/paths.js";
+import { tacitArgv } from "../../src/config/paths.js";
 
 /** A `tacit` CLI subprocess, with the tail of its stderr kept for assertion messages. */
 export interface TacitProcess {
@@ -16,11 +15,11 @@ export interface TacitProcess {
 }
 
 /**
- * Starts `node bin/tacit.js <args…>` with `env` added to this process's environment. The caller
+ * Starts `node <nodeFlags> bin/tacit.js <args…>` (by default the worker's flags, as the shebang gives) with `env` added to this process's environment. The caller
  * owns the process: kill it in a `t.after` so none outlives the test.
  */
-export function spawnTacit(args: string[], env: Record<string, string>): TacitProcess {
-  const child = spawn(process.execPath, [join(projectRoot(), "bin", "tacit.js"), ...args], {
+export function spawnTacit(args: string[], env: Record<string, string>, nodeFlags?: readonly string[]): TacitProcess {
+  const child = spawn(process.execPath, tacitArgv(args, nodeFlags), {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
