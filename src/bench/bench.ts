@@ -44,7 +44,8 @@ export interface BenchOptions {
   /**
    * Events pushed through the relay and through the pipeline (a worker of its own) before each is
    * timed, on users of their own: the timed phase then measures a warm process (JIT-compiled
-   * code), as a long-running worker is, not V8 compiling the code. 0 times a cold start.
+   * code), as a long-running worker is, not V8 compiling the code. 0 times a cold start. Child
+   * workers (`workers` > 1) start cold either way.
    * @default 0
    */
   warmupEvents?: number;

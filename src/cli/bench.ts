@@ -81,7 +81,8 @@ export function registerBench(program: Command): void {
     .option(
       "--warmup-events <n>",
       "events through the relay and through the pipeline (a worker of its own, on users of their own) before each is timed: " +
-        "the timed phase then measures a warm process, as a long-running worker is, not V8 compiling the code; 0 times a cold start",
+        "the timed phase then measures a warm process, as a long-running worker is, not V8 compiling the code; 0 times a cold start " +
+        "(--workers' child processes always start cold)",
       (v) => Number(v),
       10_000,
     )
