@@ -614,9 +614,12 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     // inflate the worker's RSS with the bench's own input.
     const t0 = Date.now() - Math.ceil(opts.events / opts.users) * 1000 - 60_000;
     const lines = () => benchEvents(opts.events, opts.users, t0);
-    // Warm-up events: users, sessions and ids of their own, event time before the timed events'.
+    // Warm-up events: users, sessions and ids of their own, event time before the timed events',
+    // as many events per user as the timed ones get, so the warm-up takes every code path they
+    // take (the later event types of a session, a user's second query).
     const warm = opts.warmupEvents ?? 0;
-    const warmLines = () => benchEvents(warm, opts.users, t0 - Math.ceil(warm / opts.users) * 1000 - 60_000, { prefix: "warm-" });
+    const warmUsers = Math.max(1, Math.round((warm * opts.users) / opts.events));
+    const warmLines = () => benchEvents(warm, warmUsers, t0 - Math.ceil(warm / warmUsers) * 1000 - 60_000, { prefix: "warm-" });
     const batch = pipeline.runtime.batch_size;
 
     // --- relay -----------------------------------------------------------------------------
