@@ -18,7 +18,7 @@ export function projectRoot(): string {
  * 2 × 16 MB. A worker allocates about 50 kB per event that dies within a batch or two (decoded
  * envelopes, outputs, protocol buffers); with the default, a scavenge every few hundred events
  * copies whatever a batch still holds, and much of it is promoted and marked again later. At 64
- * the bench's worker used about 15 % less CPU per event, for about 100 MB more RSS (README,
+ * the bench's worker used 8–15 % less CPU per event, for 70–130 MB more RSS (README,
  * Performance). V8 reads the size only at start-up, so it is a flag, not a setting: `bin/tacit.js`
  * carries it in its shebang, the Dockerfile in its entrypoint, `tacit bench` relaunches itself
  * with it, and `tacit run` says so when it is missing.
