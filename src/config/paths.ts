@@ -25,10 +25,10 @@ export function projectRoot(): string {
  */
 export const WORKER_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=64"];
 
-/** Whether this process was started with a young-generation size of its own (command line or NODE_OPTIONS). */
+/** Whether this process was started with each of those flags set, to any value (command line or NODE_OPTIONS). */
 export function hasWorkerNodeFlags(): boolean {
   const given = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/)];
-  return given.some((a) => a.startsWith("--max-semi-space-size"));
+  return WORKER_NODE_FLAGS.every((f) => given.some((a) => a.split("=")[0] === f.split("=")[0]));
 }
 
 /** Arguments for `node` that start `bin/tacit.js <args…>` with `flags` (by default as a worker process runs). */
