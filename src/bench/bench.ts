@@ -2,7 +2,7 @@ import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } fr
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { Session } from "node:inspector/promises";
-import { tacitArgv } from "../config/paths.js";
+import { nodeFlagsGiven, tacitArgv } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
 import type { Logger, OperatorSpec } from "../core/operator.js";
 import { percentile } from "../telemetry/metrics.js";
@@ -283,18 +283,15 @@ async function latencyProbe(nats: NatsHandles, stream: string, tsOf: (data: Uint
 /** Publishes events at a steady rate with event time = publish time. */
 async function pacedPublish(pipeline: Pipeline, nats: NatsHandles, n: number, rate: number, users: number, subject?: string): Promise<void> {
   // Users of their own: the throughput phase's users, an event a second each, may have been
-  // flagged as bots by then (regular timing), and a bot's events never reach the output.
-  const lines = [...benchEvents(n, users, 0, { prefix: "lat-" })];
+  // flagged as bots by then (regular timing), and a bot's events never reach the output. Each
+  // event is made (and stamped) just before its tick is sent, so latency starts when it is published.
+  const events = benchEvents(n, users, 0, { prefix: "lat-", stamp: () => Date.now() });
   const perTick = Math.max(1, Math.round(rate / 100));
   let i = 0;
-  while (i < lines.length) {
+  while (i < n) {
     const t = Date.now();
-    const chunk = lines.slice(i, i + perTick).map((l) => {
-      // Stamped at send time so latency starts when the event is published.
-      const ev = JSON.parse(l) as Record<string, unknown>;
-      ev.timestamp = new Date().toISOString();
-      return JSON.stringify(ev);
-    });
+    const chunk: string[] = [];
+    while (chunk.length < Math.min(perTick, n - i)) chunk.push(events.next().value as string);
     if (subject) await Promise.all(chunk.map((l, j) => nats.js.publish(subject, encoder.encode(l), { msgID: `lat:${i + j}` })));
     else await publishLines(pipeline, nats.js, chunk, { idPrefix: `lat-${i}` });
     i += chunk.length;
@@ -794,7 +791,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         })),
       },
       ratio: pipeRate / relayRate,
-      machine: { cpus: cpus().length, node: process.version, node_flags: [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/).filter(Boolean)] },
+      machine: { cpus: cpus().length, node: process.version, node_flags: nodeFlagsGiven() },
     };
   } finally {
     await stopChildWorkers(children).catch(() => undefined);

@@ -25,9 +25,14 @@ export function projectRoot(): string {
  */
 export const WORKER_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=64"];
 
-/** Whether this process was started with each of those flags set, to any value (command line or NODE_OPTIONS). */
+/** The node flags this process was started with: its command line's, then NODE_OPTIONS'. */
+export function nodeFlagsGiven(): string[] {
+  return [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/).filter(Boolean)];
+}
+
+/** Whether this process was started with each of the worker's flags set, to any value. */
 export function hasWorkerNodeFlags(): boolean {
-  const given = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/)];
+  const given = nodeFlagsGiven();
   return WORKER_NODE_FLAGS.every((f) => given.some((a) => a.split("=")[0] === f.split("=")[0]));
 }
 
