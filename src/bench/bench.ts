@@ -42,10 +42,13 @@ export interface BenchOptions {
   /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
   profileOut?: string;
   /**
-   * Events pushed through the relay and through the pipeline (a worker of its own) before each is
-   * timed, on users of their own: the timed phase then measures a warm process (JIT-compiled
-   * code), as a long-running worker is, not V8 compiling the code. 0 times a cold start. Child
-   * workers (`workers` > 1) start cold either way.
+   * Events pushed through the relay and through the pipeline before the timed window, on users of
+   * their own, by the same relay and the same workers, which go on to the timed events without a
+   * stop. The relay's window starts once the warm-up's events are out; the pipeline's timed events
+   * are loaded once the warm-up's are out and committed, while the worker runs, and its window
+   * starts when they are in. The window then measures a running process, as a long-running worker
+   * is (code compiled, a commit done, operators, consumers and leases set up), not V8 compiling the
+   * code or the workers starting. 0 times a cold start, start-up included.
    * @default 0
    */
   warmupEvents?: number;
@@ -54,6 +57,7 @@ export interface BenchOptions {
 }
 
 export interface RateResult {
+  /** The events timed: the run's, or with a warm-up those out after the window began (fewer: the relay's begins at the first check past its warm-up, the pipeline's once the timed events are loaded, some already through). */
   events: number;
   seconds: number;
   events_per_s: number;
@@ -80,9 +84,9 @@ export interface LatencyResult {
 /** A child worker of the pipeline phase (`--workers` > 1). */
 export interface ChildWorkerResult {
   pid: number;
-  /** From spawn to its "running" line, seconds: start-up time that is inside the timed phase. */
+  /** From spawn to its "running" line, seconds: start-up time, inside the timed phase when it is cold. */
   ready_s: number | null;
-  /** Its CPU (user + system, from /proc) from spawn to drained, start-up included, per event of the run. */
+  /** Its CPU (user + system, from /proc) over the timed window (cold: from spawn, start-up included), per event timed. */
   cpu_us_per_event: number;
   rss_peak_mb: number;
 }
@@ -214,6 +218,30 @@ async function waitUntil(what: string, check: () => Promise<{ done: boolean; pro
     }
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/** How often a warm relay run looks whether its warm-up is out (ms): the timed window starts within this of it. */
+const WINDOW_POLL_MS = 10;
+
+/**
+ * Waits until the relay's first `warm` events are out (`outputs` counts its output stream's
+ * messages) and returns the count then, where its timed window starts: the events after it are
+ * the ones timed, a few short of the run's when the check lands past a batch's end. At once with
+ * no warm-up. Fails when all `total` events were out by then: nothing left to time.
+ */
+async function afterWarmup(warm: number, total: number, outputs: () => Promise<number>): Promise<number> {
+  if (warm === 0) return 0;
+  let from = 0;
+  await waitUntil(
+    "the relay's warm-up",
+    async () => {
+      from = await outputs();
+      return { done: from >= warm, progress: from };
+    },
+    WINDOW_POLL_MS,
+  );
+  if (from >= total) throw new Error(`bench: all ${total} events were through the relay before its warm-up was seen to end; time more --events`);
+  return from;
 }
 
 async function ensureStream(nats: NatsHandles, name: string, subjects: string[]): Promise<void> {
@@ -626,31 +654,27 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
     const relayIn = `${pipeline.subject_prefix}.relay.in`;
     const relayOut = `${pipeline.subject_prefix}.relay.out`;
-    if (warm > 0) {
-      await publishRaw(nats, relayIn, warmLines(), "warm");
-      const warmSig = { stop: false };
-      const warmDone = relay(nats, rin, relayOut, batch, warmSig);
-      await waitUntil("the relay's warm-up to drain", async () => {
-        const n = await streamMessages(nats, rout);
-        return { done: n >= warm, progress: n };
-      });
-      warmSig.stop = true;
-      await warmDone;
-    }
+    // One relay runs through the warm-up events and then the timed ones without stopping; the
+    // window starts once the warm-up's events are out (see `afterWarmup`).
+    if (warm > 0) await publishRaw(nats, relayIn, warmLines(), "warm");
     await publishRaw(nats, relayIn, lines(), "raw");
     const sig = { stop: false };
     const ticks = clockTicks();
+    // Cold (no warm-up): timed from the relay's start.
+    const warming = warm > 0 ? relay(nats, rin, relayOut, batch, sig) : undefined;
+    const relayFrom = await afterWarmup(warm, warm + opts.events, () => streamMessages(nats, rout));
+    const relayEvents = warm + opts.events - relayFrom;
     const servers = serverCpu(opts.servers, ticks);
     const cpu0 = process.cpuUsage();
     const start = performance.now();
-    const relayDone = relay(nats, rin, relayOut, batch, sig);
+    const relayDone = warming ?? relay(nats, rin, relayOut, batch, sig);
     await waitUntil("the relay to drain", async () => {
       const n = await streamMessages(nats, rout);
       return { done: n >= warm + opts.events, progress: n };
     });
     const relaySecs = (performance.now() - start) / 1000;
     const relayCpu = cpuMicros(cpu0);
-    const relayServers = servers.perEvent(opts.events);
+    const relayServers = servers.perEvent(relayEvents);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users, relayIn);
     const relayLatencies = await relayLat;
@@ -675,23 +699,20 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       }
       return { done, progress };
     };
-    const newWorker = () => new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
-    if (warm > 0) {
-      // A worker of its own, stopped (committed, leases given up) before the timed one starts:
-      // what stays warm is the process (compiled code), not the partitions' state.
-      await publishLines(pipeline, nats.js, warmLines(), { idPrefix: "bench-warm" });
-      const w = newWorker();
-      try {
-        await w.start();
-        await waitUntil("the pipeline's warm-up to drain", () => drained(warm), 100);
-      } finally {
-        await w.stop();
-      }
-    }
-    const outputs0 = await streamMessages(nats, streamName(pipeline, "events"));
-    const dlq0 = await streamMessages(nats, streamName(pipeline, "dlq"));
-    await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
-    worker = newWorker();
+    const events = streamName(pipeline, "events");
+    const dlqStream = streamName(pipeline, "dlq");
+    const outputs0 = await streamMessages(nats, events);
+    const dlq0 = await streamMessages(nats, dlqStream);
+    // One worker runs through the warm-up events and on to the timed ones without a stop, as a
+    // long-running worker does: its operators, caches and compiled code stay as they are, and its
+    // start (leases, consumers, the first touch of each operator) is outside the timed window. The
+    // timed events are loaded once the warm-up's are out and committed (so a commit, which a
+    // warm-up shorter than the commit interval would not reach otherwise, has run too), while
+    // the worker runs; the window starts when they are all in the stream.
+    if (warm > 0) await publishLines(pipeline, nats.js, warmLines(), { idPrefix: "bench-warm" });
+    else await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
+    worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    const inProcess = worker;
     const budget = worker.budget;
     const labels = stageLabels(pipeline.stages);
     const profiler = opts.profile === false ? undefined : new SelfProfiler();
@@ -702,52 +723,70 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       cachePeak = Math.max(cachePeak, budget.size());
       for (const c of children) c.rssPeak = Math.max(c.rssPeak, procRss(c.pid) ?? 0);
     };
-    await profiler?.start();
-    const pipeServers = serverCpu(opts.servers, ticks);
-    const pcpu0 = process.cpuUsage();
-    const pstart = performance.now();
-    // Children first: their start-up takes longest. Their CPU is counted from spawn (start-up
-    // included, /proc has nothing earlier), this process's from here.
+    const droppedSoFar = () => {
+      let n = 0;
+      for (const c of inProcess.stageCounters.values()) n += c.get("dropped");
+      return n;
+    };
+    /** Where the timed window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
+    const begin = async () => {
+      await profiler?.start();
+      return {
+        servers: serverCpu(opts.servers, ticks),
+        cpu: process.cpuUsage(),
+        at: performance.now(),
+        children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
+        dropped: droppedSoFar(),
+        dlq: warm > 0 ? await streamMessages(nats, dlqStream) : dlq0,
+      };
+    };
+    const childDied = () => {
+      const dead = children.find((c) => !alive(c));
+      return dead ? `child worker ${dead.pid} exited (${dead.child.exitCode ?? dead.child.signalCode}): ${dead.stderrTail()}` : undefined;
+    };
+    // Cold (no warm-up): timed from before the workers start, their start-up included (the
+    // children's CPU from spawn: /proc has nothing earlier).
+    let mark = warm > 0 ? undefined : await begin();
+    let pipeFrom = 0;
     undoKill = killChildrenOnExit(children);
     for (let i = 1; i < workers; i++) children.push(spawnChildWorker(opts.childPipeline!.file, opts.childPipeline!.set, opts.env));
     const sampler = setInterval(sample, SAMPLE_EVERY_MS);
     try {
       sample();
       await worker.start();
-      await waitUntil(
-        "the pipeline to drain",
-        () => drained(warm + opts.events),
-        100,
-        () => {
-          const dead = children.find((c) => !alive(c));
-          return dead ? `child worker ${dead.pid} exited (${dead.child.exitCode ?? dead.child.signalCode}): ${dead.stderrTail()}` : undefined;
-        },
-      );
+      if (!mark) {
+        await waitUntil("the pipeline's warm-up to drain", () => drained(warm), 100, childDied);
+        await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
+        pipeFrom = (await streamMessages(nats, events)) - outputs0;
+        if (pipeFrom >= warm + opts.events) throw new Error(`bench: all ${warm + opts.events} events were out before the last was loaded; time more --events`);
+        mark = await begin();
+      }
+      await waitUntil("the pipeline to drain", () => drained(warm + opts.events), 100, childDied);
       sample();
     } finally {
       clearInterval(sampler);
     }
-    const pipeSecs = (performance.now() - pstart) / 1000;
-    const ownCpu = cpuMicros(pcpu0);
-    const pipeServersCpu = pipeServers.perEvent(opts.events);
-    const childCpu = children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN);
+    const pipeEvents = warm + opts.events - pipeFrom;
+    const pipeSecs = (performance.now() - mark.at) / 1000;
+    const ownCpu = cpuMicros(mark.cpu);
+    const pipeServersCpu = mark.servers.perEvent(pipeEvents);
+    const childCpu = children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (mark!.children[i] ?? 0));
     const profile = await profiler?.stop();
     if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
     const rssEnd = process.memoryUsage.rss();
     const cacheEnd = budget.size();
-    const outputs = (await streamMessages(nats, streamName(pipeline, "events"))) - outputs0;
-    const dlq = (await streamMessages(nats, streamName(pipeline, "dlq"))) - dlq0;
-    let dropped = 0;
-    for (const c of worker.stageCounters.values()) dropped += c.get("dropped");
-    const pipeLat = latencyProbe(nats, streamName(pipeline, "events"), tsOfEnvelope, opts.latencyEvents, 60_000);
+    const outputs = (await streamMessages(nats, events)) - outputs0 - pipeFrom;
+    const dlq = (await streamMessages(nats, dlqStream)) - mark.dlq;
+    const dropped = droppedSoFar() - mark.dropped;
+    const pipeLat = latencyProbe(nats, events, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users);
     const pipeLatencies = await pipeLat;
     await stopChildWorkers(children);
     await worker.stop();
     worker = undefined;
 
-    const relayRate = opts.events / relaySecs;
-    const pipeRate = opts.events / pipeSecs;
+    const relayRate = relayEvents / relaySecs;
+    const pipeRate = pipeEvents / pipeSecs;
     const attribution = profile ? attributeCpuProfile(profile, labels) : undefined;
     const { cpus } = await import("node:os");
     return {
@@ -756,18 +795,18 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       warmup_events: warm,
       workers,
       relay: {
-        events: opts.events,
+        events: relayEvents,
         seconds: relaySecs,
-        cpu_us_per_event: relayCpu / opts.events,
+        cpu_us_per_event: relayCpu / relayEvents,
         ...(relayServers ? { servers_cpu_us_per_event: relayServers } : {}),
         events_per_s: relayRate,
         latency: { events: relayLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(relayLatencies, 50), p99_ms: percentile(relayLatencies, 99) },
       },
       pipeline: {
-        events: opts.events,
+        events: pipeEvents,
         seconds: pipeSecs,
-        cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / opts.events,
-        in_process_cpu_us_per_event: ownCpu / opts.events,
+        cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / pipeEvents,
+        in_process_cpu_us_per_event: ownCpu / pipeEvents,
         ...(pipeServersCpu ? { servers_cpu_us_per_event: pipeServersCpu } : {}),
         events_per_s: pipeRate,
         stages: pipeline.stages.map((s) => s.name),
@@ -776,7 +815,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         dropped,
         latency: { events: pipeLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(pipeLatencies, 50), p99_ms: percentile(pipeLatencies, 99) },
         ...(attribution
-          ? { cpu_share: cpuShares(attribution, labels), profiled_us_per_event: attribution.total_us / opts.events, profile_interval_us: PROFILE_INTERVAL_US }
+          ? { cpu_share: cpuShares(attribution, labels), profiled_us_per_event: attribution.total_us / pipeEvents, profile_interval_us: PROFILE_INTERVAL_US }
           : {}),
         rss_peak_mb: rssPeak / MB,
         rss_end_mb: rssEnd / MB,
@@ -786,7 +825,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         children: children.map((c, i) => ({
           pid: c.pid,
           ready_s: c.readyAt === undefined ? null : (c.readyAt - c.spawnedAt) / 1000,
-          cpu_us_per_event: childCpu[i]! / opts.events,
+          cpu_us_per_event: childCpu[i]! / pipeEvents,
           rss_peak_mb: c.rssPeak / MB,
         })),
       },

@@ -80,9 +80,10 @@ export function registerBench(program: Command): void {
     .option("--users <n>", "distinct users the events are spread over (each user's events cycle query → shown → … in order; with more users than events every event is a query)", (v) => Number(v), 2_000)
     .option(
       "--warmup-events <n>",
-      "events through the relay and through the pipeline (a worker of its own, on users of their own) before each is timed: " +
-        "the timed phase then measures a warm process, as a long-running worker is, not V8 compiling the code; 0 times a cold start " +
-        "(--workers' child processes always start cold)",
+      "events through the relay and through the pipeline (on users of their own) before each is timed, by the same relay and " +
+        "workers, which go on to the timed events without a stop (the pipeline's are loaded once the warm-up is out and committed): " +
+        "the timed window measures a running worker, as a long-running one is, not V8 compiling the code or the worker starting; " +
+        "0 times a cold start",
       (v) => Number(v),
       10_000,
     )
@@ -91,7 +92,7 @@ export function registerBench(program: Command): void {
     .option(
       "--workers <n>",
       "worker processes in the pipeline phase: this process's worker plus n−1 `tacit run` children on the same servers, all started " +
-        "once the events are loaded and timed to drained (the children's start-up is inside the time and their CPU); CPU/event sums them all",
+        "once the events are loaded and timed to drained (cold, the children's start-up is inside the time and their CPU); CPU/event sums them all",
       (v) => Number(v),
       1,
     )
