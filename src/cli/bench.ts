@@ -85,7 +85,7 @@ export function registerBench(program: Command): void {
         "the timed window measures a running worker, as a long-running one is, not V8 compiling the code or the worker starting; " +
         "0 times a cold start",
       (v) => Number(v),
-      10_000,
+      40_000,
     )
     .option("--latency-events <n>", "events for the steady-rate latency phase", (v) => Number(v), 2_000)
     .option("--latency-rate <n>", "events/s in the latency phase", (v) => Number(v), 1_000)
