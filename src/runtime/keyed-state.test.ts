@@ -125,6 +125,22 @@ test("a dropped (uncommitted) state is read again from the store; the cache stay
   assert.equal(state.scope("a", 0).get()!.n, 1);
 });
 
+test("eviction keeps an entry used since the last sweep over an older one not used (CLOCK, the LRU approximation)", async () => {
+  const budget = new CacheBudget(3);
+  const { store, chain, state } = setup(new MemoryStateStore(), budget);
+  const held = () => [...(state as unknown as { entries: Map<string, unknown> }).entries.keys()].sort();
+  const first = await runBatch(chain, inputs([["a", 0], ["b", 0], ["c", 0], ["d", 0]]));
+  await store.commit(chain.takeCommits(first.results, first.sink, 0).flat());
+  chain.trim();
+  // All four were used in the batch: the sweep's first pass unmarks them, its second takes the oldest.
+  assert.deepEqual(held(), ["b", "c", "d"]);
+  // b is used again, e arrives: c, older than d and not used since the sweep, goes; b, older still, stays.
+  const second = await runBatch(chain, inputs([["b", 0], ["e", 0]], 5), { hwm: 4, maxTs: 0, wm: 0 });
+  await store.commit(chain.takeCommits(second.results, second.sink, 0).flat());
+  chain.trim();
+  assert.deepEqual(held(), ["b", "d", "e"]);
+});
+
 test("due users are found without scanning every timer; replaced timers do not pile up in the heap", async () => {
   const { state } = setup();
   await state.loadTimers();

@@ -22,7 +22,7 @@ import { hashTagOf, partitionKey, userKey, type CommitGroup, type StateOp, type 
  *   write as the guard that says it was applied; each such user has a release time in the timers'
  *   sorted set (member `\u0000h:<user>`, score: the earliest held event time).
  * - Only what changed since the last commit is written, in the batch's atomic commit.
- * - The cache is bounded: clean entries are evicted (least recently used first) after a commit;
+ * - The cache is bounded: clean entries are evicted (least recently used first, as CLOCK approximates it) after a commit;
  *   Redis stays the source of truth.
  */
 
@@ -39,6 +39,8 @@ interface Entry<S> {
   effects?: UserEffects;
   /** What every key of the user starts with, `tacit:{<prefix>:u:<user>}` (built on first use, see userHead). */
   tagHead?: string;
+  /** Used since the eviction sweep last passed it (CLOCK's reference bit, see `trim`). */
+  used: boolean;
 }
 
 /**
@@ -338,7 +340,8 @@ export class StageState<S> {
     }
     missing.forEach((user, i) => {
       const raw = values[i];
-      const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]! };
+      // Every field from the start: one object shape for all entries, whatever is added later.
+      const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]!, scope: undefined, held: undefined, effects: undefined, tagHead: undefined, used: true };
       if (raw != null) {
         const { applied, payload, held } = decodeStoredValue(raw);
         entry.applied = applied;
@@ -412,9 +415,7 @@ export class StageState<S> {
   /** The scope an operator sees for one user. */
   scope(user: string, partition: number): KeyScope<S> {
     const e = this.entry(user);
-    // Recency: a touched entry goes to the end of the eviction order.
-    this.entries.delete(user);
-    this.entries.set(user, e);
+    e.used = true;
     return (e.scope ??= new UserScope(this, e, user, partition));
   }
 
@@ -514,13 +515,24 @@ export class StageState<S> {
     return keep !== undefined && this.entries.size > keep;
   }
 
-  /** After a commit: evicts clean entries beyond this stage's share of the budget, least recently used first. */
+  /**
+   * After a commit: evicts clean entries beyond this stage's share of the budget, the least
+   * recently used first as CLOCK approximates it: the sweep goes in insertion order; an entry
+   * used since the sweep last passed it loses its mark and goes to the end (a second chance), one
+   * not used goes. A use then costs a flag, not a move of the entry in the map on every input.
+   */
   trim(): void {
     const keep = this.budget?.share();
     if (keep === undefined || this.entries.size <= keep) return;
-    for (const user of this.entries.keys()) {
+    // Entries moved to the end come round again in this same sweep, unmarked; at most two passes.
+    for (const [user, e] of this.entries) {
       if (this.entries.size <= keep) break;
-      if (!this.dirty.has(user)) this.entries.delete(user);
+      if (this.dirty.has(user)) continue;
+      this.entries.delete(user);
+      if (e.used) {
+        e.used = false;
+        this.entries.set(user, e);
+      }
     }
   }
 
