@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { attributeCpuProfile, benchEvents, cpuShares, stageLabels, type CpuProfile } from "./bench.js";
+import { attributeCpuProfile, benchEvents, cpuShares, profileWindow, stageLabels, type CpuProfile } from "./bench.js";
 
 const ROOT = "file:///app/dist";
 const frame = (functionName: string, url = "") => ({ functionName, url });
@@ -118,4 +118,15 @@ test("attributeCpuProfile: Node internals and native code take their nearest cat
   };
   // The encode under src/core stops at project code outside a category: other.
   assert.deepEqual(attributeCpuProfile(p, labels).us, { "redis client": 20, other: 20 });
+});
+
+test("profileWindow keeps the samples taken within the window, timed from its start", () => {
+  const p: CpuProfile = { nodes: [], startTime: 1000, endTime: 1600, samples: [1, 2, 3, 4, 5], timeDeltas: [100, 100, 100, 100, 100] };
+  // Samples at 1100, 1200, 1300, 1400, 1500.
+  const w = profileWindow(p, 1150, 1420);
+  assert.deepEqual(w.samples, [2, 3, 4]);
+  assert.deepEqual(w.timeDeltas, [50, 100, 100]);
+  assert.equal(w.startTime, 1150);
+  assert.equal(w.endTime, 1420);
+  assert.deepEqual(profileWindow(p, 0, 10_000).samples, [1, 2, 3, 4, 5]);
 });

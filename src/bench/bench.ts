@@ -35,7 +35,8 @@ export interface BenchOptions {
   childPipeline?: { file: string; set: string[] };
   /**
    * Sample this process during the pipeline phase with V8's profiler for the per-stage CPU
-   * shares. The sampling costs a few per cent of CPU, included in the phase's figures.
+   * shares. The sampling costs a few per cent of CPU, included in the phase's figures. Warm, the
+   * profiler starts with the warm-up and only the timed window's samples are kept.
    * @default true
    */
   profile?: boolean;
@@ -475,19 +476,55 @@ export function cpuShares(a: CpuAttribution, labels: ReadonlyMap<string, string>
  */
 const PROFILE_INTERVAL_US = 1000;
 
-/** Samples this thread with V8's profiler from start() to stop(). */
+/** Now on V8's profile clock: the monotonic clock `process.hrtime` reads, µs. */
+function profileClockUs(): number {
+  return Number(process.hrtime.bigint() / 1000n);
+}
+
+/**
+ * The samples of a profile taken from `fromUs` to `toUs` (profile clock), as a profile of its own
+ * that starts and ends there.
+ */
+export function profileWindow(profile: CpuProfile, fromUs: number, toUs: number): CpuProfile {
+  const samples: number[] = [];
+  const timeDeltas: number[] = [];
+  const all = profile.samples ?? [];
+  const deltas = profile.timeDeltas ?? [];
+  let t = profile.startTime;
+  let last = fromUs;
+  for (let i = 0; i < all.length; i++) {
+    t += deltas[i] ?? 0;
+    if (t < fromUs || t > toUs) continue;
+    samples.push(all[i]!);
+    timeDeltas.push(t - last);
+    last = t;
+  }
+  return { ...profile, startTime: fromUs, endTime: Math.min(toUs, profile.endTime), samples, timeDeltas };
+}
+
+/**
+ * Samples this thread with V8's profiler from start() to stop(), and returns the part from mark()
+ * on (all of it without a mark). Starting the profiler is not free (V8 logs every function's code
+ * for it, and code compiled from then on): a warm run starts it with the warm-up and marks where
+ * the timed window begins, so that start is not in the window.
+ */
 class SelfProfiler {
   private readonly session = new Session();
+  private from: number | undefined;
   async start(): Promise<void> {
     this.session.connect();
     await this.session.post("Profiler.enable");
     await this.session.post("Profiler.setSamplingInterval", { interval: PROFILE_INTERVAL_US });
     await this.session.post("Profiler.start");
   }
+  mark(): void {
+    this.from = profileClockUs();
+  }
   async stop(): Promise<CpuProfile> {
     try {
+      const to = profileClockUs();
       const { profile } = await this.session.post("Profiler.stop");
-      return profile;
+      return this.from === undefined ? profile : profileWindow(profile, this.from, to);
     } finally {
       await this.session.post("Profiler.disable").catch(() => undefined);
       this.session.disconnect();
@@ -730,7 +767,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     };
     /** Where the timed window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
     const begin = async () => {
-      await profiler?.start();
+      if (warm > 0) profiler?.mark();
+      else await profiler?.start();
       return {
         servers: serverCpu(opts.servers, ticks),
         cpu: process.cpuUsage(),
@@ -746,6 +784,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     };
     // Cold (no warm-up): timed from before the workers start, their start-up included (the
     // children's CPU from spawn: /proc has nothing earlier).
+    // Warm: the profiler starts with the warm-up, and only the window's samples are kept.
+    if (warm > 0) await profiler?.start();
     let mark = warm > 0 ? undefined : await begin();
     let pipeFrom = 0;
     undoKill = killChildrenOnExit(children);

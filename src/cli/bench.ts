@@ -103,7 +103,7 @@ export function registerBench(program: Command): void {
     )
     .option("--cache-entries <n>", "shorthand for --set runtime.state_cache.max_entries=<n> (the in-memory keyed-state bound per worker)", (v) => Number(v))
     .option("--no-profile", "skip the CPU profiler (and the per-stage shares); the profiler costs a few per cent of CPU")
-    .option("--profile-out <file>", "also write the pipeline phase's raw CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
+    .option("--profile-out <file>", "also write the timed pipeline window's CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
     .option("--set <path=value>", "override a pipeline value (repeatable)", collect, [])
     .option("--json", "print machine-readable JSON")
     .action(
