@@ -504,7 +504,7 @@ export function profileWindow(profile: CpuProfile, fromUs: number, toUs: number)
 
 /**
  * Samples this thread with V8's profiler from start() to stop(), and returns the part from mark()
- * on (all of it without a mark). Starting the profiler is not free (V8 logs every function's code
+ * on. Starting the profiler is not free (V8 logs every function's code
  * for it, and code compiled from then on): a warm run starts it with the warm-up and marks where
  * the timed window begins, so that start is not in the window.
  */
@@ -524,7 +524,7 @@ class SelfProfiler {
     try {
       const to = profileClockUs();
       const { profile } = await this.session.post("Profiler.stop");
-      return this.from === undefined ? profile : profileWindow(profile, this.from, to);
+      return profileWindow(profile, this.from ?? profile.startTime, to);
     } finally {
       await this.session.post("Profiler.disable").catch(() => undefined);
       this.session.disconnect();
@@ -739,7 +739,6 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const events = streamName(pipeline, "events");
     const dlqStream = streamName(pipeline, "dlq");
     const outputs0 = await streamMessages(nats, events);
-    const dlq0 = await streamMessages(nats, dlqStream);
     // One worker runs through the warm-up events and on to the timed ones without a stop, as a
     // long-running worker does: its operators, caches and compiled code stay as they are, and its
     // start (leases, consumers, the first touch of each operator) is outside the timed window. The
@@ -767,15 +766,14 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     };
     /** Where the timed window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
     const begin = async () => {
-      if (warm > 0) profiler?.mark();
-      else await profiler?.start();
+      profiler?.mark();
       return {
         servers: serverCpu(opts.servers, ticks),
         cpu: process.cpuUsage(),
         at: performance.now(),
         children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
         dropped: droppedSoFar(),
-        dlq: warm > 0 ? await streamMessages(nats, dlqStream) : dlq0,
+        dlq: await streamMessages(nats, dlqStream),
       };
     };
     const childDied = () => {
@@ -784,8 +782,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     };
     // Cold (no warm-up): timed from before the workers start, their start-up included (the
     // children's CPU from spawn: /proc has nothing earlier).
-    // Warm: the profiler starts with the warm-up, and only the window's samples are kept.
-    if (warm > 0) await profiler?.start();
+    // The profiler starts here, with the warm-up when there is one; only the window's samples are kept.
+    await profiler?.start();
     let mark = warm > 0 ? undefined : await begin();
     let pipeFrom = 0;
     undoKill = killChildrenOnExit(children);
