@@ -9,14 +9,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { WORKER_NODE_FLAGS } from "../src/config/paths.js";
 import { spawnTacit } from "./support/tacit-process.js";
+import type { BenchResult } from "../src/bench/bench.js";
 
 /** Ten events per user, as in the default bench: below bot-score's regularity.min_events, so none is flagged and held back. */
 const EVENTS = 2000;
 
 /** Runs `tacit bench` on its own servers (no URLs given) and returns its JSON. */
-async function bench(t: { after(fn: () => void): void }, args: string[], nodeFlags?: string[]): Promise<BenchJson> {
+async function bench(t: { after(fn: () => void): void }, args: string[], nodeFlags?: string[]): Promise<BenchResult> {
   const p = spawnTacit(
-    ["bench", "--events", String(EVENTS), "--users", "200", "--latency-events", "40", "--json", "--no-profile", ...args],
+    ["bench", "--events", String(EVENTS), "--users", "200", "--latency-events", "40", "--json", ...args],
     {
       NATS_URL: "",
       REDIS_URL: "",
@@ -29,18 +30,10 @@ async function bench(t: { after(fn: () => void): void }, args: string[], nodeFla
     if (p.running()) p.child.kill("SIGKILL");
   });
   assert.equal(await p.exited(), 0, p.stderr());
-  return JSON.parse(p.stdout()) as BenchJson;
+  return JSON.parse(p.stdout()) as BenchResult;
 }
 
-interface BenchJson {
-  warmup_events: number;
-  machine: { node_flags: string[] };
-  relay: { events: number; servers_cpu_us_per_event?: { nats: number; redis: number } };
-  pipeline: { events: number; stages: string[]; outputs: number; dlq: number; latency: { events: number }; servers_cpu_us_per_event?: { nats: number; redis: number } };
-  ratio: number;
-}
-
-test("tacit bench on its own servers: the timed window after the warm-up, its events and outputs only, the servers' CPU per event reported", { timeout: 180_000 }, async (t) => {
+test("tacit bench on its own servers: the timed window after the warm-up, its events and outputs only, timed to the last output and to drained, the servers' CPU per event reported, then a profiled window", { timeout: 180_000 }, async (t) => {
   const r = await bench(t, ["--warmup-events", "700"]);
   assert.equal(r.warmup_events, 700);
   assert.deepEqual(r.pipeline.stages, ["enrich", "dedupe", "bot-score", "sessionize", "reformulation", "label-derive"]);
@@ -59,10 +52,24 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   assert.ok(relay && pipe, "servers_cpu_us_per_event missing");
   assert.ok(relay.nats > 0 && pipe.nats > 0, JSON.stringify({ relay, pipe }));
   assert.ok(pipe.redis > 0, JSON.stringify(pipe));
+  // The rate runs to the last output, the CPU on to the last input settled (the pipeline's last
+  // commit comes once its input pauses).
+  for (const w of [r.relay, r.pipeline]) {
+    assert.ok(w.seconds > 0 && w.seconds <= w.drained_seconds, JSON.stringify(w));
+    assert.equal(w.events_per_s, w.events / w.seconds);
+  }
+  // The per-stage shares come from a window of their own after the timed one: as many events
+  // again (a batch or two fewer timed, as above), with the profiler on.
+  const prof = r.pipeline.profiled;
+  assert.ok(prof && prof.events > EVENTS - 2 * 500 && prof.events <= EVENTS && prof.cpu_us_per_event > 0, JSON.stringify(prof));
+  const share = r.pipeline.cpu_share ?? {};
+  for (const stage of r.pipeline.stages) assert.ok((share[stage] ?? 0) > 0, `no share for ${stage}: ${JSON.stringify(share)}`);
+  const sum = Object.values(share).reduce((a, b) => a + b, 0);
+  assert.ok(Math.abs(sum - 1) < 1e-9, String(sum));
 });
 
 test("tacit bench --stages 2, cold, started by plain `node`: the first two stages only, in a process relaunched with the worker's flags", { timeout: 180_000 }, async (t) => {
-  const r = await bench(t, ["--stages", "2", "--warmup-events", "0"], []);
+  const r = await bench(t, ["--stages", "2", "--warmup-events", "0", "--no-profile"], []);
   assert.equal(r.warmup_events, 0);
   assert.deepEqual(r.machine.node_flags, [...WORKER_NODE_FLAGS]);
   assert.deepEqual(r.pipeline.stages, ["enrich", "dedupe"]);
@@ -71,4 +78,5 @@ test("tacit bench --stages 2, cold, started by plain `node`: the first two stage
   assert.equal(r.pipeline.events, EVENTS);
   assert.equal(r.pipeline.outputs, EVENTS);
   assert.equal(r.pipeline.dlq, 0);
+  assert.equal(r.pipeline.profiled, undefined);
 });

@@ -34,9 +34,8 @@ export interface BenchOptions {
   /** How a child worker loads the pipeline: the file and the `--set` overrides this run used. Required when workers > 1. */
   childPipeline?: { file: string; set: string[] };
   /**
-   * Sample this process during the pipeline phase with V8's profiler for the per-stage CPU
-   * shares. The sampling costs a few per cent of CPU, included in the phase's figures. Warm, the
-   * profiler starts with the warm-up and only the timed window's samples are kept.
+   * Run a profiled window after the timed one, sampled by V8's profiler, for the per-stage CPU
+   * shares. The profiler slows the worker (by about a quarter), so it is never on in the timed window.
    * @default true
    */
   profile?: boolean;
@@ -60,12 +59,23 @@ export interface BenchOptions {
 export interface RateResult {
   /** The events timed: the run's, or with a warm-up those out after the window began (fewer: the relay's begins at the first check past its warm-up, the pipeline's once the timed events are loaded, some already through). */
   events: number;
+  /**
+   * From the window's start until the last event's output is out (seen within 10 ms): event in
+   * to output out, the same for the relay and the pipeline. `events_per_s` is events ÷ this.
+   */
   seconds: number;
+  /**
+   * From the window's start until every input is settled: the relay's acked; the pipeline's
+   * committed (state, features, progress) and acked. The pipeline's holds its last commit, which
+   * comes once the input has paused (`runtime.commit_interval`): a stream that does not stop
+   * commits while it goes on. The CPU figures run to here.
+   */
+  drained_seconds: number;
   events_per_s: number;
   /**
-   * CPU time (user + system) per event over the timed phase: this process's, plus the child
-   * workers' in the pipeline phase. What the work costs the workers, which a busy machine changes
-   * far less than it changes the rate. The servers' CPU is not included.
+   * CPU time (user + system) per event over the timed phase, to drained: this process's, plus the
+   * child workers' in the pipeline phase. What the work costs the workers, which a busy machine
+   * changes far less than it changes the rate. The servers' CPU is not included.
    */
   cpu_us_per_event: number;
   /**
@@ -103,7 +113,8 @@ export interface PipelineResult extends RateResult {
   /**
    * Share of this process's sampled non-idle CPU time by where it was spent: stage names (a stage's
    * operator file and what it calls), `runtime`, `state`, `nats client`, `redis client`, `gc`,
-   * `other`. Fractions summing to 1. Absent with `--no-profile`.
+   * `other`. Fractions summing to 1. From the profiled window (`profiled`), not the timed one.
+   * Absent with `--no-profile`.
    */
   cpu_share?: Record<string, number>;
   /**
@@ -114,6 +125,14 @@ export interface PipelineResult extends RateResult {
   profiled_us_per_event?: number;
   /** Sampling interval of the profiler, µs. */
   profile_interval_us?: number;
+  /**
+   * The profiled window: as many events again (users of their own, event time after the timed
+   * events'), through the same worker, right after the timed window, with V8's profiler on. Apart
+   * from the timed window because the profiler slows the worker it samples (by about a quarter,
+   * measured): its figures are the shares' basis, not the worker's cost. `cpu_us_per_event` is
+   * this process's CPU per event with the profiler on. Absent with `--no-profile`.
+   */
+  profiled?: { events: number; seconds: number; cpu_us_per_event: number };
   /** This process's resident set size, sampled every 100 ms through the pipeline phase (it also holds the bench's own client). */
   rss_peak_mb: number;
   rss_end_mb: number;
@@ -504,9 +523,8 @@ export function profileWindow(profile: CpuProfile, fromUs: number, toUs: number)
 
 /**
  * Samples this thread with V8's profiler from start() to stop(), and returns the part from mark()
- * on. Starting the profiler is not free (V8 logs every function's code
- * for it, and code compiled from then on): a warm run starts it with the warm-up and marks where
- * the timed window begins, so that start is not in the window.
+ * on. Starting the profiler is not free (V8 logs every function's code for it): it starts before
+ * the profiled window's events are loaded, which marks where the window begins.
  */
 class SelfProfiler {
   private readonly session = new Session();
@@ -657,10 +675,10 @@ function killChildrenOnExit(ws: ChildWorker[]): () => void {
 /**
  * Runs the benchmark: N pre-loaded events through the do-nothing relay, then through the deployed
  * pipeline (this process's worker, plus `workers − 1` child `tacit run` processes started at the
- * same moment), each timed from start to fully drained; then a latency phase at a steady rate for
- * both. Both run against the same servers in the same run. Through the pipeline phase this
- * process is sampled by V8's profiler (CPU by stage), and RSS and the keyed-state cache by a
- * timer.
+ * same moment), each timed from its start to its last output (rate) and on to fully drained (CPU);
+ * then, for the pipeline, a profiled window (V8's profiler: CPU by stage); then a latency phase
+ * at a steady rate for both. Both run against the same servers in the same run. Through the
+ * timed pipeline window RSS and the keyed-state cache are sampled by a timer.
  */
 export async function runBench(pipeline: Pipeline, operators: (n: string) => OperatorSpec<any> | undefined, opts: BenchOptions): Promise<BenchResult> {
   const workers = opts.workers ?? 1;
@@ -705,11 +723,18 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const cpu0 = process.cpuUsage();
     const start = performance.now();
     const relayDone = warming ?? relay(nats, rin, relayOut, batch, sig);
-    await waitUntil("the relay to drain", async () => {
+    // Timed to its last output, then on to its last ack for the CPU: as the pipeline is.
+    const relayTotal = warm + opts.events;
+    await waitUntil("the relay's outputs", async () => {
       const n = await streamMessages(nats, rout);
-      return { done: n >= warm + opts.events, progress: n };
-    });
+      return { done: n >= relayTotal, progress: n };
+    }, WINDOW_POLL_MS);
     const relaySecs = (performance.now() - start) / 1000;
+    await waitUntil("the relay's acks", async () => {
+      const n = (await nats.jsm.consumers.info(rin, "relay")).ack_floor.stream_seq;
+      return { done: n >= relayTotal, progress: n };
+    }, WINDOW_POLL_MS);
+    const relayDrainedSecs = (performance.now() - start) / 1000;
     const relayCpu = cpuMicros(cpu0);
     const relayServers = servers.perEvent(relayEvents);
     const relayLat = latencyProbe(nats, rout, tsOfEnvelope, opts.latencyEvents, 60_000);
@@ -764,58 +789,99 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       for (const c of inProcess.stageCounters.values()) n += c.get("dropped");
       return n;
     };
-    /** Where the timed window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
-    const begin = async () => {
-      profiler?.mark();
-      return {
-        servers: serverCpu(opts.servers, ticks),
-        cpu: process.cpuUsage(),
-        at: performance.now(),
-        children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
-        dropped: droppedSoFar(),
-        dlq: await streamMessages(nats, dlqStream),
-      };
+    /** Where a window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
+    const begin = async () => ({
+      servers: serverCpu(opts.servers, ticks),
+      cpu: process.cpuUsage(),
+      at: performance.now(),
+      children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
+      dropped: droppedSoFar(),
+      dlq: await streamMessages(nats, dlqStream),
+    });
+    /**
+     * Waits for the phase's first `total` events to drain, and returns when their last output was
+     * out (seen within WINDOW_POLL_MS; when fewer outputs come out, dropped or dead-lettered, when
+     * drained) and when they drained.
+     */
+    const finish = async (total: number) => {
+      let outAt: number | undefined;
+      let watch = true;
+      const watching = (async () => {
+        while (watch && outAt === undefined) {
+          if ((await streamMessages(nats, events)) - outputs0 >= total) outAt = performance.now();
+          else await new Promise((r) => setTimeout(r, WINDOW_POLL_MS));
+        }
+      })();
+      try {
+        await waitUntil("the pipeline to drain", () => drained(total), 100, childDied);
+      } finally {
+        watch = false;
+        await watching;
+      }
+      const end = performance.now();
+      return { outAt: outAt ?? end, end };
     };
     const childDied = () => {
       const dead = children.find((c) => !alive(c));
       return dead ? `child worker ${dead.pid} exited (${dead.child.exitCode ?? dead.child.signalCode}): ${dead.stderrTail()}` : undefined;
     };
+    /** Loads `lines` while the worker runs; the window starts once they are all in the stream. Returns the outputs out by then, and the window's start. */
+    const load = async (lines: Iterable<string>, idPrefix: string, total: number) => {
+      await publishLines(pipeline, nats.js, lines, { idPrefix });
+      const from = (await streamMessages(nats, events)) - outputs0;
+      if (from >= total) throw new Error(`bench: all ${total} events were out before the last was loaded; time more --events`);
+      return { from, mark: await begin() };
+    };
     // Cold (no warm-up): timed from before the workers start, their start-up included (the
     // children's CPU from spawn: /proc has nothing earlier).
-    // The profiler starts here, with the warm-up when there is one; only the window's samples are kept.
-    await profiler?.start();
     let mark = warm > 0 ? undefined : await begin();
     let pipeFrom = 0;
     undoKill = killChildrenOnExit(children);
     for (let i = 1; i < workers; i++) children.push(spawnChildWorker(opts.childPipeline!.file, opts.childPipeline!.set, opts.env));
     const sampler = setInterval(sample, SAMPLE_EVERY_MS);
+    const timedTotal = warm + opts.events;
+    let ends: { outAt: number; end: number };
     try {
       sample();
       await worker.start();
       if (!mark) {
         await waitUntil("the pipeline's warm-up to drain", () => drained(warm), 100, childDied);
-        await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
-        pipeFrom = (await streamMessages(nats, events)) - outputs0;
-        if (pipeFrom >= warm + opts.events) throw new Error(`bench: all ${warm + opts.events} events were out before the last was loaded; time more --events`);
-        mark = await begin();
+        ({ from: pipeFrom, mark } = await load(lines(), "bench", timedTotal));
       }
-      await waitUntil("the pipeline to drain", () => drained(warm + opts.events), 100, childDied);
+      ends = await finish(timedTotal);
       sample();
     } finally {
       clearInterval(sampler);
     }
-    const pipeEvents = warm + opts.events - pipeFrom;
-    const pipeSecs = (performance.now() - mark.at) / 1000;
+    const pipeEvents = timedTotal - pipeFrom;
+    const pipeSecs = (ends.outAt - mark.at) / 1000;
+    const pipeDrainedSecs = (ends.end - mark.at) / 1000;
     const ownCpu = cpuMicros(mark.cpu);
     const pipeServersCpu = mark.servers.perEvent(pipeEvents);
     const childCpu = children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (mark!.children[i] ?? 0));
-    const profile = await profiler?.stop();
-    if (profile && opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
     const rssEnd = process.memoryUsage.rss();
     const cacheEnd = budget.size();
     const outputs = (await streamMessages(nats, events)) - outputs0 - pipeFrom;
     const dlq = (await streamMessages(nats, dlqStream)) - mark.dlq;
     const dropped = droppedSoFar() - mark.dropped;
+
+    // The profiled window: as many events again, users of their own, event time after the timed
+    // ones', through the same worker with V8's profiler on (it slows what it samples, so it stays
+    // out of the timed window). The profiler starts (logging every function's code for it, a cost
+    // of its own) before they are loaded; only the window's samples are kept.
+    let profiled: { events: number; seconds: number; cpu: number; profile: CpuProfile } | undefined;
+    if (profiler) {
+      await profiler.start();
+      const total = timedTotal + opts.events;
+      const t1 = t0 + Math.ceil(opts.events / opts.users) * 1000;
+      const { from, mark: pm } = await load(benchEvents(opts.events, opts.users, t1, { prefix: "prof-" }), "bench-prof", total);
+      profiler.mark();
+      const pe = await finish(total);
+      const cpu = cpuMicros(pm.cpu);
+      const profile = await profiler.stop();
+      profiled = { events: total - from, seconds: (pe.outAt - pm.at) / 1000, cpu, profile };
+      if (opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
+    }
     const pipeLat = latencyProbe(nats, events, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users);
     const pipeLatencies = await pipeLat;
@@ -825,7 +891,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
 
     const relayRate = relayEvents / relaySecs;
     const pipeRate = pipeEvents / pipeSecs;
-    const attribution = profile ? attributeCpuProfile(profile, labels) : undefined;
+    const attribution = profiled ? attributeCpuProfile(profiled.profile, labels) : undefined;
     const { cpus } = await import("node:os");
     return {
       events: opts.events,
@@ -835,6 +901,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       relay: {
         events: relayEvents,
         seconds: relaySecs,
+        drained_seconds: relayDrainedSecs,
         cpu_us_per_event: relayCpu / relayEvents,
         ...(relayServers ? { servers_cpu_us_per_event: relayServers } : {}),
         events_per_s: relayRate,
@@ -843,6 +910,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       pipeline: {
         events: pipeEvents,
         seconds: pipeSecs,
+        drained_seconds: pipeDrainedSecs,
         cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / pipeEvents,
         in_process_cpu_us_per_event: ownCpu / pipeEvents,
         ...(pipeServersCpu ? { servers_cpu_us_per_event: pipeServersCpu } : {}),
@@ -852,8 +920,13 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         dlq,
         dropped,
         latency: { events: pipeLatencies.length, rate_per_s: opts.latencyRate, p50_ms: percentile(pipeLatencies, 50), p99_ms: percentile(pipeLatencies, 99) },
-        ...(attribution
-          ? { cpu_share: cpuShares(attribution, labels), profiled_us_per_event: attribution.total_us / pipeEvents, profile_interval_us: PROFILE_INTERVAL_US }
+        ...(attribution && profiled
+          ? {
+              cpu_share: cpuShares(attribution, labels),
+              profiled_us_per_event: attribution.total_us / profiled.events,
+              profile_interval_us: PROFILE_INTERVAL_US,
+              profiled: { events: profiled.events, seconds: profiled.seconds, cpu_us_per_event: profiled.cpu / profiled.events },
+            }
           : {}),
         rss_peak_mb: rssPeak / MB,
         rss_end_mb: rssEnd / MB,

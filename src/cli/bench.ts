@@ -19,8 +19,8 @@ function fmt(r: BenchResult): string {
   const p = r.pipeline;
   const lines = [
     `events: ${r.events} over ${r.users} users on ${r.machine.cpus} cores, node ${r.machine.node}${r.machine.node_flags.length ? ` ${r.machine.node_flags.join(" ")}` : ""}, ${r.warmup_events ? `after ${r.warmup_events} warm-up events each` : "cold (no warm-up)"}; pipeline phase: ${r.workers === 1 ? "1 worker (in-process)" : `${r.workers} workers (in-process + ${r.workers - 1} child process${r.workers > 2 ? "es" : ""})`}`,
-    `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s, ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
-    `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s, ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
+    `relay     ${n(r.relay.events_per_s).padStart(9)} events/s  (${r.relay.seconds.toFixed(2)} s to the last output, ${r.relay.drained_seconds.toFixed(2)} s to drained; ${n(r.relay.cpu_us_per_event)} µs CPU/event)   latency p50 ${ms(r.relay.latency.p50_ms)}  p99 ${ms(r.relay.latency.p99_ms)} at ${r.relay.latency.rate_per_s}/s`,
+    `pipeline  ${n(p.events_per_s).padStart(9)} events/s  (${p.seconds.toFixed(2)} s to the last output, ${p.drained_seconds.toFixed(2)} s to drained; ${n(p.cpu_us_per_event)} µs CPU/event${r.workers > 1 ? ` over ${r.workers} workers` : ""})   latency p50 ${ms(p.latency.p50_ms)}  p99 ${ms(p.latency.p99_ms)} at ${p.latency.rate_per_s}/s`,
     `ratio     ${r.ratio.toFixed(3)}  (pipeline ÷ relay, same run)   stages: ${p.stages.join(" → ")}`,
     ...(r.relay.servers_cpu_us_per_event && p.servers_cpu_us_per_event
       ? [`servers   CPU/event relay: nats-server ${n(r.relay.servers_cpu_us_per_event.nats)} µs; pipeline: nats-server ${n(p.servers_cpu_us_per_event.nats)} µs, redis-server ${n(p.servers_cpu_us_per_event.redis)} µs`]
@@ -30,8 +30,9 @@ function fmt(r: BenchResult): string {
   if (p.cpu_share) {
     const who = r.workers > 1 ? "in-process worker" : "worker";
     lines.push(
-      `cpu share of the ${who}: V8 samples every ${p.profile_interval_us} µs, ${n(p.profiled_us_per_event ?? Number.NaN)} µs/event of non-idle sampled time ` +
-        `(wall clock on the stack; the process used ${n(p.in_process_cpu_us_per_event)} µs/event of CPU)`,
+      `cpu share of the ${who}, profiled window of ${p.profiled?.events ?? "-"} events after the timed one: V8 samples every ${p.profile_interval_us} µs, ` +
+        `${n(p.profiled_us_per_event ?? Number.NaN)} µs/event of non-idle sampled time (wall clock on the stack; the process used ` +
+        `${n(p.profiled?.cpu_us_per_event ?? Number.NaN)} µs/event of CPU with the profiler on, ${n(p.in_process_cpu_us_per_event)} in the timed window)`,
     );
     const entries = Object.entries(p.cpu_share);
     const width = Math.max(...entries.map(([k]) => k.length));
@@ -72,9 +73,11 @@ export function registerBench(program: Command): void {
     .command("bench [pipeline]")
     .description(
       "throughput and latency of the pipeline beside a do-nothing JetStream relay, in the same run, on its own nats-server and " +
-        "redis-server (unless NATS_URL and REDIS_URL are set). The pipeline phase also reports each stage's share of the worker's CPU " +
-        "(V8 sampling profiler; a stage's share includes the libraries and state access its operator calls), the worker's RSS peak " +
-        "and end, and the keyed-state entries held in memory against runtime.state_cache.max_entries",
+        "redis-server (unless NATS_URL and REDIS_URL are set). Each is timed from its start to its last output, and its CPU to " +
+        "its last input settled. The pipeline phase also reports the worker's RSS peak and end, the keyed-state entries held in " +
+        "memory against runtime.state_cache.max_entries, and, from a profiled window of as many events again after the timed " +
+        "one (V8 sampling profiler, which slows the worker, so never in the timed window), each stage's share of the worker's " +
+        "CPU (a stage's share includes the libraries and state access its operator calls)",
     )
     .option("--events <n>", "events to push through each", (v) => Number(v), 50_000)
     .option("--users <n>", "distinct users the events are spread over (each user's events cycle query → shown → … in order; with more users than events every event is a query)", (v) => Number(v), 2_000)
@@ -102,8 +105,8 @@ export function registerBench(program: Command): void {
       (v) => Number(v),
     )
     .option("--cache-entries <n>", "shorthand for --set runtime.state_cache.max_entries=<n> (the in-memory keyed-state bound per worker)", (v) => Number(v))
-    .option("--no-profile", "skip the CPU profiler (and the per-stage shares); the profiler costs a few per cent of CPU")
-    .option("--profile-out <file>", "also write the timed pipeline window's CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
+    .option("--no-profile", "skip the profiled window (and the per-stage shares)")
+    .option("--profile-out <file>", "also write the profiled window's CPU profile there (.cpuprofile: Chrome DevTools, speedscope)")
     .option("--set <path=value>", "override a pipeline value (repeatable)", collect, [])
     .option("--json", "print machine-readable JSON")
     .action(
