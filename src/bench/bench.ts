@@ -240,8 +240,12 @@ async function waitUntil(what: string, check: () => Promise<{ done: boolean; pro
   }
 }
 
-/** How often a warm relay run looks whether its warm-up is out (ms): the timed window starts within this of it. */
+/** How often a warm relay run looks whether its warm-up is out, and a window whether its last output is (ms): within this of it. */
 const WINDOW_POLL_MS = 10;
+/** How often a window whose outputs are out checks whether its inputs are settled (ms). */
+const DRAIN_POLL_MS = 20;
+/** Outputs that stopped coming for this long (ms; events dropped or dead-lettered) end a window at drained instead. */
+const OUTPUTS_STALL_MS = 2000;
 
 /**
  * Waits until the relay's first `warm` events are out (`outputs` counts its output stream's
@@ -801,23 +805,27 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     /**
      * Waits for the phase's first `total` events to drain, and returns when their last output was
      * out (seen within WINDOW_POLL_MS; when fewer outputs come out, dropped or dead-lettered, when
-     * drained) and when they drained.
+     * drained) and when they drained. Until the outputs are out, one stream info per check; each
+     * durable's (a consumer info each) only after that, or once the outputs stop coming: the
+     * bench's own checks run in the worker's process and on its server, so they are kept few.
      */
     const finish = async (total: number) => {
       let outAt: number | undefined;
-      let watch = true;
-      const watching = (async () => {
-        while (watch && outAt === undefined) {
-          if ((await streamMessages(nats, events)) - outputs0 >= total) outAt = performance.now();
-          else await new Promise((r) => setTimeout(r, WINDOW_POLL_MS));
-        }
-      })();
-      try {
-        await waitUntil("the pipeline to drain", () => drained(total), 100, childDied);
-      } finally {
-        watch = false;
-        await watching;
+      const out = async () => {
+        const n = (await streamMessages(nats, events)) - outputs0;
+        if (outAt === undefined && n >= total) outAt = performance.now();
+        return n;
+      };
+      let last = -1;
+      let since = performance.now();
+      for (let n = await out(); outAt === undefined; n = await out()) {
+        const why = childDied();
+        if (why) throw new Error(`bench: ${why}`);
+        if (n !== last) [last, since] = [n, performance.now()];
+        else if (performance.now() - since > OUTPUTS_STALL_MS) break;
+        await new Promise((r) => setTimeout(r, WINDOW_POLL_MS));
       }
+      await waitUntil("the pipeline to drain", async () => (await out(), drained(total)), DRAIN_POLL_MS, childDied);
       const end = performance.now();
       return { outAt: outAt ?? end, end };
     };
