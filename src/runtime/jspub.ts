@@ -18,7 +18,6 @@ export interface PublishOptions {
   headers?: HeaderPairs;
 }
 
-const encoder = new TextEncoder();
 
 /**
  * A publish's header block as nats.js's MsgHdrs encodes one (`NATS/1.0`, then a `Name: value`
@@ -32,7 +31,8 @@ export function headerBlock(msgID: string | undefined, pairs: HeaderPairs | unde
   let s = "NATS/1.0";
   if (msgID !== undefined) s += `\r\nNats-Msg-Id: ${headerValue(msgID)}`;
   if (pairs) for (const [k, v] of pairs) s += `\r\n${k}: ${headerValue(v)}`;
-  const bytes = encoder.encode(`${s}\r\n\r\n`);
+  // A slice of Node's Buffer pool: TextEncoder.encode makes an ArrayBuffer per call (see nats-encoding.ts).
+  const bytes = Buffer.from(`${s}\r\n\r\n`, "utf8");
   return { encode: () => bytes } as unknown as MsgHdrs;
 }
 

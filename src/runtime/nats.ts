@@ -4,6 +4,7 @@ import { connect, credsAuthenticator, nkeyAuthenticator, type NatsConnection } f
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { TransientError } from "../core/errors.js";
+import { pooledNatsEncoding } from "./nats-encoding.js";
 
 /** How long the first connection (TLS handshake included) may take before the start fails. */
 const CONNECT_TIMEOUT_MS = 5_000;
@@ -16,6 +17,7 @@ export interface NatsHandles {
 
 /** Connects with the pipeline's settings (user/password, token, creds file, TLS). */
 export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHandles> {
+  pooledNatsEncoding();
   const n = p.nats;
   const tls = n.tls
     ? { caFile: n.tls.ca_file, certFile: n.tls.cert_file, keyFile: n.tls.key_file }
