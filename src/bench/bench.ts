@@ -35,7 +35,8 @@ export interface BenchOptions {
   childPipeline?: { file: string; set: string[] };
   /**
    * Run a profiled window after the timed one, sampled by V8's profiler, for the per-stage CPU
-   * shares. The profiler slows the worker (by about a quarter), so it is never on in the timed window.
+   * shares. The profiler slows the worker it samples (by about a quarter in three alternating pairs
+   * of runs), so it is never on in the timed window.
    * @default true
    */
   profile?: boolean;
@@ -128,8 +129,8 @@ export interface PipelineResult extends RateResult {
   /**
    * The profiled window: as many events again (users of their own, event time after the timed
    * events'), through the same worker, right after the timed window, with V8's profiler on. Apart
-   * from the timed window because the profiler slows the worker it samples (by about a quarter,
-   * measured): its figures are the shares' basis, not the worker's cost. `cpu_us_per_event` is
+   * from the timed window because the profiler slows the worker it samples (see `profile`): its
+   * figures are the shares' basis, not the worker's cost. `cpu_us_per_event` is
    * this process's CPU per event with the profiler on. Absent with `--no-profile`.
    */
   profiled?: { events: number; seconds: number; cpu_us_per_event: number };

@@ -18,7 +18,6 @@ export interface PublishOptions {
   headers?: HeaderPairs;
 }
 
-
 /**
  * A publish's header block as nats.js's MsgHdrs encodes one (`NATS/1.0`, then a `Name: value`
  * line per header, then a blank line), built as one string: nats.js asks a publish's headers only
