@@ -220,20 +220,23 @@ function cpuMicros(since: NodeJS.CpuUsage): number {
 const STALL_MS = 120_000;
 
 /**
- * Polls `check` until it reports done. Fails when its progress figure has not changed for
- * STALL_MS, or when `failed` names a reason (a child worker that died).
+ * Polls `check` until it reports done (true). Fails when its progress figure has not changed for
+ * STALL_MS, or when `failed` names a reason (a child worker that died); with `quietMs`, returns
+ * false instead once it has not changed for that long.
  */
-async function waitUntil(what: string, check: () => Promise<{ done: boolean; progress: number }>, everyMs = 50, failed?: () => string | undefined): Promise<void> {
+async function waitUntil(what: string, check: () => Promise<{ done: boolean; progress: number }>, everyMs = 50, failed?: () => string | undefined, quietMs?: number): Promise<boolean> {
   let last = -1;
   let since = Date.now();
   for (;;) {
     const { done, progress } = await check();
-    if (done) return;
+    if (done) return true;
     const why = failed?.();
     if (why) throw new Error(`bench: ${why}`);
     if (progress !== last) {
       last = progress;
       since = Date.now();
+    } else if (quietMs !== undefined && Date.now() - since > quietMs) {
+      return false;
     } else if (Date.now() - since > STALL_MS) {
       throw new Error(`bench timed out waiting for ${what}: no progress for ${STALL_MS / 1000} s`);
     }
@@ -817,15 +820,10 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         if (outAt === undefined && n >= total) outAt = performance.now();
         return n;
       };
-      let last = -1;
-      let since = performance.now();
-      for (let n = await out(); outAt === undefined; n = await out()) {
-        const why = childDied();
-        if (why) throw new Error(`bench: ${why}`);
-        if (n !== last) [last, since] = [n, performance.now()];
-        else if (performance.now() - since > OUTPUTS_STALL_MS) break;
-        await new Promise((r) => setTimeout(r, WINDOW_POLL_MS));
-      }
+      await waitUntil("the pipeline's outputs", async () => {
+        const n = await out();
+        return { done: outAt !== undefined, progress: n };
+      }, WINDOW_POLL_MS, childDied, OUTPUTS_STALL_MS);
       await waitUntil("the pipeline to drain", async () => (await out(), drained(total)), DRAIN_POLL_MS, childDied);
       const end = performance.now();
       return { outAt: outAt ?? end, end };

@@ -19,15 +19,23 @@ class PooledEncoder {
   }
 }
 
+/** Whether the client's encoder was pointed at a PooledEncoder (once per process). */
+let applied: boolean | undefined;
+
 /**
  * nats.js (3.x) encodes every protocol line it sends with a TextEncoder: a PUB or HPUB line per
  * publish, a PUB per acknowledgement, three or four lines per event through the default pipeline.
  * It reads that encoder as its `encoders` module's `TE` at every call, so pointing `TE` at a
  * PooledEncoder changes how each line is encoded, not its bytes. nats.deno#532 tried the same in
  * the client itself; it was not merged. Returns whether the client's module was found as this
- * expects (its `TE` a TextEncoder, or already ours); when not, it is left as it is.
+ * expects (its `TE` a TextEncoder); when not, it is left as it is. Once per process: every
+ * connection calls it.
  */
 export function pooledNatsEncoding(): boolean {
+  return (applied ??= pointEncoder());
+}
+
+function pointEncoder(): boolean {
   const transport = createRequire(import.meta.url).resolve("@nats-io/transport-node");
   const fromTransport = createRequire(transport);
   let encoders: { TE?: unknown };
@@ -36,7 +44,6 @@ export function pooledNatsEncoding(): boolean {
   } catch {
     return false;
   }
-  if (encoders.TE instanceof PooledEncoder) return true;
   if (!(encoders.TE instanceof TextEncoder)) return false;
   encoders.TE = new PooledEncoder();
   return true;
