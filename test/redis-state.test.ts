@@ -233,6 +233,23 @@ test("RedisStateStore sets the TTLs it is given (PTTL)", async () => {
   near(await pttl("fence"), 80_000);
 });
 
+test("reads of more keys than one call carries come back whole and in key order (MGET and the HGETALL script, chunked)", async () => {
+  const k = (i: number) => userKey("t5", `u${i}`, "h");
+  const n = 2_345;
+  const ops = [];
+  for (let i = 0; i < n; i += 3) ops.push({ op: "hset" as const, key: k(i), fields: { i, odd: i % 2 } }, { op: "set" as const, key: `${k(i)}:s`, value: String(i) });
+  await store.commit([{ ops }]);
+  const keys = Array.from({ length: n }, (_, i) => k(i));
+  const hashes = await store.hgetallMany(keys);
+  const strings = await store.get(keys.map((key) => `${key}:s`));
+  assert.equal(hashes.length, n);
+  assert.equal(strings.length, n);
+  for (let i = 0; i < n; i++) {
+    assert.deepEqual(hashes[i], i % 3 === 0 ? { i: String(i), odd: String(i % 2) } : {}, `hash ${i}`);
+    assert.equal(strings[i], i % 3 === 0 ? String(i) : null, `string ${i}`);
+  }
+});
+
 test("one call's ops on one key: every hash field lands, the last TTL given wins, a DEL drops the TTLs before it", async () => {
   const k = (n: string) => userKey("t4", "fay", n);
   await store.commit([

