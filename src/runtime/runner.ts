@@ -11,6 +11,7 @@ import { KeyedChain, emptyResult, runUnkeyed, type Item, type KeyedStage, type M
 import { CacheBudget, StageState } from "./keyed-state.js";
 import { fenceField, fencesKey, parseFence, type Fence, type PublishedLabel } from "./label-registry.js";
 import type { NatsHandles } from "./nats.js";
+import { DeliveryInfoParser } from "./delivery-info.js";
 import { DLQ_HEADERS, Outputs } from "./outputs.js";
 import { durableName, maxAckPending, type StageGroup } from "../config/topology.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
@@ -217,6 +218,7 @@ export class ConsumerRunner {
     // M1: every delivery is counted here and once more when it is settled (see `settle`).
     const ingest = this.w.counters(this.g.stages[0]!.name);
     let consumer: Consumer | undefined;
+    const deliveries = new DeliveryInfoParser();
     let failures = 0;
     let missed = 0;
     while (!this.stopping) {
@@ -234,6 +236,7 @@ export class ConsumerRunner {
         try {
           for await (const m of iter) {
             ingest.count("ingest_delivered");
+            deliveries.apply(m);
             this.buffer.push(m);
             this.wake?.();
           }
