@@ -239,6 +239,12 @@ test("reads of more keys than one call carries come back whole and in key order 
   const ops = [];
   for (let i = 0; i < n; i += 3) ops.push({ op: "hset" as const, key: k(i), fields: { i, odd: i % 2 } }, { op: "set" as const, key: `${k(i)}:s`, value: String(i) });
   await store.commit([{ ops }]);
+  // A field named like an Object prototype property comes back as an own field, as ioredis's HGETALL gives it.
+  const odd = userKey("t5", "odd", "h");
+  await store.commit([{ ops: [{ op: "hset", key: odd, fields: { ["__proto__"]: "p", constructor: "c" } }] }]);
+  const [oddBack] = await store.hgetallMany([odd]);
+  assert.deepEqual(Object.entries(oddBack!).sort(), [["__proto__", "p"], ["constructor", "c"]]);
+  assert.deepEqual(oddBack, await store.hgetall(odd));
   const keys = Array.from({ length: n }, (_, i) => k(i));
   const hashes = await store.hgetallMany(keys);
   const strings = await store.get(keys.map((key) => `${key}:s`));

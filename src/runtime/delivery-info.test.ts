@@ -43,8 +43,20 @@ test("DeliveryInfoParser: a reply of another head or shape is left to nats.js", 
   const odd = jsMsg("$JS.ACK.s1.c2.x.11.11.1796377400391000000.0");
   parser.apply(odd);
   assert.equal((odd as unknown as { di?: unknown }).di, undefined);
+  // Not a JetStream reply at all: apply leaves it, and reading it fails as nats.js fails.
+  const none = jsMsg("_INBOX.abc.1");
+  parser.apply(none);
+  assert.throws(() => none.info, /not a jetstream message/);
   const short = jsMsg("$JS.ACK.s1.c2.1.12");
   parser.apply(short);
   assert.equal((short as unknown as { di?: unknown }).di, undefined);
   assert.throws(() => short.info, /not a jetstream message/);
+});
+
+test("DeliveryInfoParser: a first message nats.js cannot parse does not stop the ones after it", () => {
+  const parser = new DeliveryInfoParser();
+  assert.doesNotThrow(() => parser.apply(jsMsg("_INBOX.abc.1")));
+  const m = jsMsg("$JS.ACK.s1.c1.1.10.10.1796377400391000000.0");
+  parser.apply(m);
+  assert.deepEqual({ ...m.info }, natsInfo("$JS.ACK.s1.c1.1.10.10.1796377400391000000.0"));
 });

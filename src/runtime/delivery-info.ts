@@ -56,9 +56,17 @@ export class DeliveryInfoParser {
     };
   }
 
-  /** Parses `m` the nats.js way and keeps its head for the messages after it. */
+  /**
+   * Parses `m` the nats.js way and keeps its head for the messages after it. A reply nats.js
+   * cannot parse either is left as it is: whoever reads its `seq` gets nats.js's error, as before.
+   */
   private learn(m: JsMsg, reply: string): void {
-    const info = m.info;
+    let info: DeliveryInfo;
+    try {
+      info = m.info;
+    } catch {
+      return;
+    }
     const tokens = reply.split(".");
     // The old form has 9 tokens ($JS ACK stream consumer + 5 numbers), the new one 11 or 12 (with domain and account, then a random token).
     const headTokens = tokens.length === 9 ? 4 : 6;

@@ -79,13 +79,20 @@ for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
 return out
 `;
 
-/** Most keys one MGET or HGETALL script call reads: its reply stays a few hundred KB at most. */
+/** Most keys one MGET or HGETALL script call reads: bounds one reply, and how long Redis spends on one call. */
 const MAX_KEYS_PER_CALL = 1000;
 
-/** A hash's HGETALL reply as RESP2 gives it (field, value, …) turned into a record. */
+/**
+ * A hash's HGETALL reply as RESP2 gives it (field, value, …) turned into a record, as ioredis's
+ * own HGETALL does: a field such as `__proto__` becomes an own property (ioredis#1267).
+ */
 function pairsToRecord(flat: string[]): Record<string, string> {
   const out: Record<string, string> = {};
-  for (let i = 0; i + 1 < flat.length; i += 2) out[flat[i]!] = flat[i + 1]!;
+  for (let i = 0; i + 1 < flat.length; i += 2) {
+    const field = flat[i]!;
+    if (field in out) Object.defineProperty(out, field, { value: flat[i + 1]!, configurable: true, enumerable: true, writable: true });
+    else out[field] = flat[i + 1]!;
+  }
   return out;
 }
 
