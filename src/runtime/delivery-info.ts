@@ -16,6 +16,8 @@ import type { DeliveryInfo, JsMsg } from "@nats-io/jetstream";
 export class DeliveryInfoParser {
   private head = "";
   private base: Pick<DeliveryInfo, "domain" | "account_hash" | "stream" | "consumer"> | undefined;
+  /** The numbers of the message being parsed (doubles, as parseInt gives them). */
+  private readonly numbers = new Float64Array(5);
 
   /** Gives `m` its delivery info, unless it has one. */
   apply(m: JsMsg): void {
@@ -27,21 +29,19 @@ export class DeliveryInfoParser {
       this.learn(m, reply);
       return;
     }
+    // The five numbers, read in place (no closure or array per message).
+    const n = this.numbers;
     let at = this.head.length;
-    const next = (): number => {
+    for (let j = 0; j < 5; j++) {
       let end = reply.indexOf(".", at);
       if (end < 0) end = reply.length;
       const v = end > at ? parseInt(reply.slice(at, end), 10) : NaN;
+      // A reply of another shape: nats.js parses it (and throws on what is not a JetStream reply).
+      if (Number.isNaN(v)) return;
+      n[j] = v;
       at = end + 1;
-      return v;
-    };
-    const deliveryCount = next();
-    const streamSequence = next();
-    const deliverySequence = next();
-    const timestampNanos = next();
-    const pending = next();
-    // A reply of another shape: nats.js parses it (and throws on what is not a JetStream reply).
-    if (Number.isNaN(deliveryCount + streamSequence + deliverySequence + timestampNanos + pending)) return;
+    }
+    const deliveryCount = n[0]!;
     target.di = {
       domain: base.domain,
       account_hash: base.account_hash,
@@ -49,10 +49,10 @@ export class DeliveryInfoParser {
       consumer: base.consumer,
       deliveryCount,
       redelivered: deliveryCount > 1,
-      streamSequence,
-      deliverySequence,
-      timestampNanos,
-      pending,
+      streamSequence: n[1]!,
+      deliverySequence: n[2]!,
+      timestampNanos: n[3]!,
+      pending: n[4]!,
     };
   }
 
