@@ -53,7 +53,13 @@ async function connectWithRetry(p: Pipeline): Promise<NatsHandles> {
   for (let i = 0; ; i++) {
     try {
       const h = await connectNats(p, "failover-test");
-      await h.jsm.getAccountInfo();
+      try {
+        await h.jsm.getAccountInfo();
+      } catch (err) {
+        // Not left open: it would reconnect forever once the cluster is stopped, and keep this file's process alive.
+        await h.nc.close();
+        throw err;
+      }
       return h;
     } catch (err) {
       if (i > 50) throw err;

@@ -43,6 +43,14 @@ export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHand
     throw new TransientError("nats_unavailable", `cannot connect to NATS at ${n.url}: ${err instanceof Error ? err.message : String(err)}${hint}`, err);
   }
   const js = jetstream(nc, { timeout: 10_000 });
-  const jsm = await jetstreamManager(nc, { timeout: 10_000 });
+  let jsm: JetStreamManager;
+  try {
+    // Asks the server for JetStream: a server without it (or one still electing its meta leader) fails here.
+    jsm = await jetstreamManager(nc, { timeout: 10_000 });
+  } catch (err) {
+    // The connection reconnects forever (maxReconnectAttempts -1): closed here, or it would keep its process alive.
+    await nc.close().catch(() => undefined);
+    throw err;
+  }
   return { nc, js, jsm };
 }
