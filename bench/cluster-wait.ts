@@ -3,15 +3,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import type { Cluster } from "ioredis";
-import { userKey, partitionKey } from "../src/core/state.js";
+import { commitPhases, userKey, partitionKey } from "../src/core/state.js";
 import { openRedis, RedisStateStore } from "../src/state/redis.js";
 import { startRedisCluster } from "../test/support/servers.js";
 
 /**
  * What `redis.replica_wait` costs a keyed commit on Redis Cluster: a local cluster of 3 masters
  * with a replica each (as the failover test starts it), then commits shaped like a keyed batch's
- * (20 users' states, then the partition's progress with `replicated`), timed without and with the
- * WAIT, alternating, `--runs` times each.
+ * (two phases through `commitPhases`, as the runner commits them: 20 users' states, then the
+ * partition's progress), timed without and with the WAITs, alternating, `--runs` times each.
  *
  *   node dist/bench/cluster-wait.js [--commits 2000] [--users 20] [--runs 3]
  */
@@ -31,8 +31,8 @@ async function main(): Promise<void> {
         const store = new RedisStateStore(client, waitMs);
         const t0 = performance.now();
         for (let i = 0; i < commits; i++) {
-          await store.commit(Array.from({ length: users }, (_, j) => ({ ops: [{ op: "set" as const, key: userKey("bench", `u${(i * users + j) % 1000}`, "s", "state"), value: String(i) }] })));
-          await store.commit([{ ops: [{ op: "hset", key: partitionKey("bench", "s", i % 4, "wm"), fields: { applied_seq: i } }] }], { replicated: true });
+          const states = Array.from({ length: users }, (_, j) => ({ ops: [{ op: "set" as const, key: userKey("bench", `u${(i * users + j) % 1000}`, "s", "state"), value: String(i) }] }));
+          await commitPhases(store, [states, [{ ops: [{ op: "hset", key: partitionKey("bench", "s", i % 4, "wm"), fields: { applied_seq: i } }] }]], { replicated: true });
         }
         per[name]!.push((performance.now() - t0) / commits);
       }

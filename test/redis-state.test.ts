@@ -9,7 +9,7 @@ import { Cluster, Redis } from "ioredis";
 import { ensureBinaries } from "../src/services/binaries.js";
 import { freePorts, redisAnswers } from "../src/services/processes.js";
 import { TransientError } from "../src/core/errors.js";
-import { LeaseLostError, partitionKey, userKey, type StateStore } from "../src/core/state.js";
+import { LeaseLostError, commitPhases, partitionKey, userKey, type StateStore } from "../src/core/state.js";
 import { MemoryStateStore } from "../src/state/memory.js";
 import { RedisStateStore } from "../src/state/redis.js";
 import { startServers, type TestServers } from "./harness.js";
@@ -447,6 +447,33 @@ test("on Redis Cluster with replicas, a replicated commit waits for a replica: i
   await commit("5");
   assert.ok(Date.now() - t1 < 400, `a master without a replica is not waited for (${Date.now() - t1} ms)`);
   assert.equal(await cluster.get(key), "5");
+});
+
+test("on Redis Cluster with replicas, commit phases land one after another: a phase no replica acknowledged rejects before the next one (the progress) is written", { timeout: 60_000 }, async (t) => {
+  const c = await startRedisCluster(mkdtempSync(join(tmpdir(), "tacit-rphases-")));
+  t.after(() => c.stop());
+  const cluster = new Cluster(c.nodes.map((n) => ({ host: "127.0.0.1", port: n.port })), { redisOptions: { maxRetriesPerRequest: 2 } });
+  t.after(() => cluster.disconnect());
+  await cluster.get("warm-up"); // loads the slot map
+  const store = new RedisStateStore(cluster, 500);
+  const masterOf = (key: string) => Number(cluster.slots[slotOf(key)]![0]!.split(":")[1]);
+  const stateKey = userKey("w", "u", "state");
+  // A partition's progress on another master than the user's state.
+  let n = 0;
+  while (masterOf(partitionKey("w", "s", n, "wm")) === masterOf(stateKey)) n++;
+  const progressKey = partitionKey("w", "s", n, "wm");
+  const phases = (seq: number) => [[{ ops: [{ op: "set" as const, key: stateKey, value: String(seq) }] }], [{ ops: [{ op: "hset" as const, key: progressKey, fields: { applied_seq: seq } }] }]];
+  await commitPhases(store, phases(1), { replicated: true });
+  const replica = c.nodes.find((r) => r.port === c.replicaOf(masterOf(stateKey)))!;
+  replica.proc.child.kill("SIGSTOP");
+  t.after(() => replica.proc.child.kill("SIGCONT"));
+  await assert.rejects(commitPhases(store, phases(2), { replicated: true }), (e: unknown) => e instanceof TransientError && /no replica acknowledged/.test(e.message));
+  // The state is on its master only; a failover now would lose it, so the progress must not say it was applied.
+  assert.equal(await cluster.get(stateKey), "2");
+  assert.deepEqual(await cluster.hgetall(progressKey), { applied_seq: "1" }, "the progress was written before the state it follows reached a replica");
+  replica.proc.child.kill("SIGCONT");
+  await commitPhases(store, phases(3), { replicated: true });
+  assert.deepEqual(await cluster.hgetall(progressKey), { applied_seq: "3" });
 });
 
 /** Redis Cluster's slot of a key (CRC16/XMODEM of its hash tag, mod 16384). */

@@ -69,6 +69,22 @@ export interface StateStore {
   wipe(pattern: string): Promise<number>;
 }
 
+/**
+ * Applies commit phases, each landing before the next starts: where `store.inOrder`, all of them
+ * in one atomic step (fenced by `lease`); elsewhere (Redis Cluster) phase by phase, and with
+ * `replicated` each phase is on a replica before the next is written, the last one too. So a
+ * failover that promotes a lagging replica never keeps a later phase (the partition's progress,
+ * which says its inputs were applied) without the earlier ones (the state and timers it vouches
+ * for): a phase whose wait fails rejects before the next is written, and its inputs run again.
+ */
+export async function commitPhases(store: StateStore, phases: CommitGroup[][], opts: { lease?: CommitLease; replicated?: boolean } = {}): Promise<void> {
+  if (store.inOrder) {
+    await store.commit(phases.flat(), opts.lease ? { lease: opts.lease } : {});
+    return;
+  }
+  for (const phase of phases) if (phase.length) await store.commit(phase, { replicated: opts.replicated === true });
+}
+
 /** The hash tag of one user in one pipeline: every key of that user contains it. */
 export function userTag(prefix: string, user: string): string {
   return `{${prefix}:u:${user}}`;

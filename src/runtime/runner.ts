@@ -4,7 +4,7 @@ import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
 import { BadInputError, TacitError, TransientError, errorMessage } from "../core/errors.js";
 import { LABEL_OUTPUTS, isKeyedProcessor, type Logger, type Processor, type StageInput } from "../core/operator.js";
-import { LeaseLostError, partitionKey, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
+import { LeaseLostError, commitPhases, partitionKey, type CommitGroup, type CommitLease, type StateStore } from "../core/state.js";
 import type { StageCounters } from "../telemetry/metrics.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { KeyedChain, emptyResult, runUnkeyed, type Item, type KeyedStage, type MsgResult, type UnkeyedStage } from "./chain.js";
@@ -647,10 +647,10 @@ export class ConsumerRunner {
     const [before, users, after] = chain.takeCommits(results, sink, next.maxTs ?? 0);
     const phases = [before!, [...users!, ...labels], after!, [progress]];
     try {
-      if (state.inOrder) await state.commit(phases.flat(), lease ? { lease } : {});
-      // The progress goes last, and waits for every phase to reach a replica (`redis.replica_wait`):
-      // the batch's messages are acked after it, so an acked input's state survives a failover.
-      else for (const [i, phase] of phases.entries()) if (phase.length) await state.commit(phase, { replicated: i === phases.length - 1 });
+      // The progress goes last. On Cluster each phase waits for a replica (`redis.replica_wait`)
+      // before the next is written: the progress never survives a failover without the state it
+      // vouches for, and the batch's messages are acked after it, so an acked input's state does.
+      await commitPhases(state, phases, { lease, replicated: true });
     } catch (err) {
       if (err instanceof LeaseLostError) {
         this.leaseLost();
