@@ -526,7 +526,8 @@ export class ConsumerRunner {
     const groups: CommitGroup[] = [];
     for (const r of results) if (!r.retry && !r.error) groups.push(...r.commits);
     groups.push(...labels);
-    if (groups.length) await this.w.state.commit(groups);
+    // On Cluster, on a replica before the batch is acked (`redis.replica_wait`), as a keyed commit.
+    if (groups.length) await this.w.state.commit(groups, { replicated: true });
     this.settle(msgs, results);
     this.w.observer?.batch(this.g.name, performance.now() - t0, msgs.length);
   }
