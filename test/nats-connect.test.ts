@@ -4,6 +4,7 @@ import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { findBinary } from "../src/services/binaries.js";
 import { freePort, readFirstLine } from "../src/services/processes.js";
+import { startProcess, waitReady } from "./support/servers.js";
 
 const natsModule = fileURLToPath(new URL("../src/runtime/nats.js", import.meta.url));
 
@@ -11,17 +12,10 @@ test("connectNats against a server without JetStream fails, and leaves no connec
   const bin = findBinary("nats-server");
   assert.ok(bin, "nats-server must be installed (npm test installs it as root on Debian)");
   const port = await freePort();
-  // No -js: the connection succeeds, JetStream's check after it fails.
-  const server = spawn(bin, ["-a", "127.0.0.1", "-p", String(port)], { stdio: "ignore" });
-  t.after(() => server.kill("SIGKILL"));
-  for (let i = 0; ; i++) {
-    try {
-      if ((await readFirstLine("127.0.0.1", port, undefined, 500)).startsWith("INFO ")) break;
-    } catch (err) {
-      if (i > 50) throw err;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  // No -js: the connection succeeds, JetStream's check after it fails (so natsAnswers, which asks for JetStream, cannot tell it is up).
+  const server = startProcess(bin, ["-a", "127.0.0.1", "-p", String(port)]);
+  t.after(() => server.stop({ hard: true }));
+  await waitReady("nats-server", server, async () => (await readFirstLine("127.0.0.1", port, undefined, 500)).startsWith("INFO "));
   // A process of its own that only connects: it must end by itself once the call has failed
   // (the connection reconnects forever, so one left open would keep it alive).
   const script = `import { connectNats } from ${JSON.stringify(natsModule)};

@@ -14,6 +14,7 @@ import { MemoryStateStore } from "../src/state/memory.js";
 import { RedisStateStore } from "../src/state/redis.js";
 import { startServers, type TestServers } from "./harness.js";
 import { startRedisCluster } from "./support/servers.js";
+import { eventually } from "./support/streams.js";
 
 let servers: TestServers;
 let redis: Redis;
@@ -482,15 +483,7 @@ test("on Redis Cluster with replicas, commit phases land one after another: a ph
  * on a loaded machine (seen in CI). What the tests assert is about the commits in between.
  */
 async function untilReplicated(commit: () => Promise<unknown>): Promise<void> {
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    try {
-      await commit();
-      return;
-    } catch (err) {
-      if (!(err instanceof TransientError) || Date.now() > deadline) throw err;
-    }
-  }
+  await eventually("a replica to acknowledge a commit", () => commit().then(() => true, (err: unknown) => (err instanceof TransientError ? false : Promise.reject(err))), 20_000);
 }
 
 /** Redis Cluster's slot of a key (CRC16/XMODEM of its hash tag, mod 16384). */
