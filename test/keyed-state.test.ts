@@ -7,7 +7,8 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Redis } from "ioredis";
 import { startServers, type TestServers } from "./harness.js";
-import { eventually, readLabelStream, readStream, consumersDrained } from "./support/streams.js";
+import { eventually } from "./support/streams.js";
+import { drained, snapshot } from "./support/pipeline-result.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
 import type { Pipeline } from "../src/config/types.js";
 import { findOperator } from "../operators/index.js";
@@ -43,39 +44,6 @@ async function deploy(p: Pipeline, nats: NatsHandles): Promise<void> {
 
 function worker(servers: TestServers, p: Pipeline, nats: NatsHandles, redis: Redis, id: string, groups?: string[]): Worker {
   return new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers), redis, nats, workerId: id, ...(groups ? { groups } : {}) });
-}
-
-/** Every input was read by enrich (passed on or dead-lettered) and every durable is drained. */
-async function drained(p: Pipeline, nats: NatsHandles, n: number): Promise<boolean> {
-  const streams = stageGroups(p, findOperator).map((g) => g.inputStream);
-  const first = await nats.jsm.consumers.info(streams[0]!, "enrich");
-  return first.ack_floor.stream_seq >= n && (await consumersDrained(nats, streams));
-}
-
-/** What a pipeline ended with: cleaned events (by event id), final labels (without emitted_at), and the online features. */
-async function snapshot(p: Pipeline, nats: NatsHandles, redis: Redis): Promise<{ events: Record<string, unknown>; labels: string[]; state: Record<string, string> }> {
-  const events: Record<string, unknown> = {};
-  for (const m of await readStream(nats, streamName(p, "events"))) {
-    const env = JSON.parse(m.data) as { event: { event_id: string }; src: unknown; partition: unknown };
-    events[env.event.event_id] = { ...env, src: undefined };
-  }
-  const latest: Record<string, { revision: number }> = {};
-  for (const m of await readLabelStream(nats, streamName(p, "labels"))) {
-    const l = JSON.parse(m.data) as { label_id: string; revision: number };
-    if (!latest[l.label_id] || latest[l.label_id]!.revision < l.revision) latest[l.label_id] = l;
-  }
-  // Label ids hash the pipeline's name, which differs between the two runs; the rest must not.
-  const labels = Object.values(latest).map((l) => JSON.stringify({ ...l, label_id: undefined, pipeline: undefined, emitted_at: undefined })).sort();
-  const state: Record<string, string> = {};
-  const keys = await redis.keys(`tacit:{${p.subject_prefix}:u:*`);
-  for (const k of keys) {
-    const type = await redis.type(k);
-    const name = k.replace(`{${p.subject_prefix}:`, "{P:");
-    // Online features (hashes). The keyed state strings hold label ids and stream times, which
-    // differ between two pipelines by name; what they decide shows in the outputs and features.
-    if (type === "hash") state[name] = JSON.stringify(Object.entries(await redis.hgetall(k)).sort());
-  }
-  return { events, labels, state };
 }
 
 for (const interval of ["0ms", "400ms"]) {

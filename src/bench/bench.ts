@@ -11,6 +11,7 @@ import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { PublishGroup, publisherFor } from "../runtime/jspub.js";
 import { publishLines } from "../runtime/publisher.js";
 import { durableName, stageGroups, streamName } from "../config/topology.js";
+import { createWorker, type ThreadSpec, type ThreadedWorker } from "../runtime/threads.js";
 import { Worker } from "../runtime/worker.js";
 import { openPipelineRedis } from "../state/redis.js";
 
@@ -33,6 +34,8 @@ export interface BenchOptions {
   workers?: number;
   /** How a child worker loads the pipeline: the file and the `--set` overrides this run used. Required when workers > 1. */
   childPipeline?: { file: string; set: string[] };
+  /** How this process's worker starts its second thread (`runtime.threads`); without it, one thread. */
+  thread?: ThreadSpec;
   /**
    * Run a profiled window after the timed one, sampled by V8's profiler, for the per-stage CPU
    * shares. The profiler slows the worker it samples (by about a quarter in three alternating pairs
@@ -40,7 +43,7 @@ export interface BenchOptions {
    * @default true
    */
   profile?: boolean;
-  /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open). */
+  /** Also write the raw profile here (a `.cpuprofile` that Chrome DevTools and speedscope open); a second thread's beside it, `<name>.thread1.cpuprofile`. */
   profileOut?: string;
   /**
    * Events pushed through the relay and through the pipeline before the timed window, on users of
@@ -121,7 +124,9 @@ export interface PipelineResult extends RateResult {
   /**
    * That sampled non-idle time per event, µs. Samples are spaced in wall-clock time, so a thread
    * the OS has descheduled still accrues it: on a busy machine this exceeds the process's CPU. The
-   * profiler sees the main thread only (JavaScript, GC, native code it calls).
+   * profiler sees the worker's threads (JavaScript, GC, native code they call; with
+   * `runtime.threads` 2 both, each sampled by a profiler of its own and added up), not the helper
+   * threads of V8 and libuv.
    */
   profiled_us_per_event?: number;
   /** Sampling interval of the profiler, µs. */
@@ -537,25 +542,41 @@ export function profileWindow(profile: CpuProfile, fromUs: number, toUs: number)
 class SelfProfiler {
   private readonly session = new Session();
   private from: number | undefined;
+  /** `thread`: a worker whose second thread is sampled too, by a profiler of its own. */
+  constructor(private readonly thread?: ThreadedWorker) {}
   async start(): Promise<void> {
     this.session.connect();
     await this.session.post("Profiler.enable");
     await this.session.post("Profiler.setSamplingInterval", { interval: PROFILE_INTERVAL_US });
     await this.session.post("Profiler.start");
+    await this.thread?.startProfile(PROFILE_INTERVAL_US);
   }
   mark(): void {
     this.from = profileClockUs();
   }
-  async stop(): Promise<CpuProfile> {
+  /** This thread's profile, and the worker's second thread's, each cut to the window (threads share the monotonic clock). */
+  async stop(): Promise<CpuProfile[]> {
     try {
       const to = profileClockUs();
       const { profile } = await this.session.post("Profiler.stop");
-      return profileWindow(profile, this.from ?? profile.startTime, to);
+      const other = this.thread ? ((await this.thread.stopProfile()) as CpuProfile) : undefined;
+      return [profile, ...(other ? [other] : [])].map((p) => profileWindow(p, this.from ?? p.startTime, to));
     } finally {
       await this.session.post("Profiler.disable").catch(() => undefined);
       this.session.disconnect();
     }
   }
+}
+
+/** Attributions of several threads' profiles added up. */
+function addAttributions(all: CpuAttribution[]): CpuAttribution {
+  const us: Record<string, number> = {};
+  let total = 0;
+  for (const a of all) {
+    total += a.total_us;
+    for (const [k, v] of Object.entries(a.us)) us[k] = (us[k] ?? 0) + v;
+  }
+  return { total_us: total, us };
 }
 
 // --- memory and child workers ------------------------------------------------------------------
@@ -695,7 +716,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
   const redis = openPipelineRedis(pipeline);
   const children: ChildWorker[] = [];
   let undoKill = () => {};
-  let worker: Worker | undefined;
+  let worker: Worker | ThreadedWorker | undefined;
   try {
     // Event time ends about now, so enrich's max_past_age accepts every event. The events are
     // generated as they are published (twice, identically), never held: a big run must not
@@ -780,11 +801,12 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     // the worker runs; the window starts when they are all in the stream.
     if (warm > 0) await publishLines(pipeline, nats.js, warmLines(), { idPrefix: "bench-warm" });
     else await publishLines(pipeline, nats.js, lines(), { idPrefix: "bench" });
-    worker = new Worker({ pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats });
+    const wopts = { pipeline, operators, log: opts.log, env: opts.env, devMode: true, redis, nats };
+    worker = opts.thread ? createWorker(wopts, opts.thread) : new Worker(wopts);
     const inProcess = worker;
     const budget = worker.budget;
     const labels = stageLabels(pipeline.stages);
-    const profiler = opts.profile === false ? undefined : new SelfProfiler();
+    const profiler = opts.profile === false ? undefined : new SelfProfiler(worker instanceof Worker ? undefined : worker);
     let rssPeak = 0;
     let cachePeak = 0;
     const sample = () => {
@@ -792,7 +814,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       cachePeak = Math.max(cachePeak, budget.size());
       for (const c of children) c.rssPeak = Math.max(c.rssPeak, procRss(c.pid) ?? 0);
     };
-    const droppedSoFar = () => {
+    const droppedSoFar = async () => {
+      if (!(inProcess instanceof Worker)) await inProcess.refresh();
       let n = 0;
       for (const c of inProcess.stageCounters.values()) n += c.get("dropped");
       return n;
@@ -803,7 +826,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       cpu: process.cpuUsage(),
       at: performance.now(),
       children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
-      dropped: droppedSoFar(),
+      dropped: await droppedSoFar(),
       dlq: await streamMessages(nats, dlqStream),
     });
     /**
@@ -832,12 +855,21 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       const dead = children.find((c) => !alive(c));
       return dead ? `child worker ${dead.pid} exited (${dead.child.exitCode ?? dead.child.signalCode}): ${dead.stderrTail()}` : undefined;
     };
-    /** Loads `lines` while the worker runs; the window starts once they are all in the stream. Returns the outputs out by then, and the window's start. */
+    /**
+     * Loads `lines` while the worker runs, its first group held meanwhile (as a replay's pause
+     * holds it): with `runtime.threads` 2 that group runs on a thread of its own and would
+     * otherwise work through the events while they are loaded, before the window. The window
+     * starts once they are all in the stream, and the group is then released. (Child workers
+     * are not held.) Returns the outputs out by then, and the window's start.
+     */
     const load = async (lines: Iterable<string>, idPrefix: string, total: number) => {
+      await inProcess.hold(first.name);
       await publishLines(pipeline, nats.js, lines, { idPrefix });
       const from = (await streamMessages(nats, events)) - outputs0;
       if (from >= total) throw new Error(`bench: all ${total} events were out before the last was loaded; time more --events`);
-      return { from, mark: await begin() };
+      const mark = await begin();
+      await inProcess.release(first.name);
+      return { from, mark };
     };
     // Cold (no warm-up): timed from before the workers start, their start-up included (the
     // children's CPU from spawn: /proc has nothing earlier).
@@ -870,13 +902,13 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const cacheEnd = budget.size();
     const outputs = (await streamMessages(nats, events)) - outputs0 - pipeFrom;
     const dlq = (await streamMessages(nats, dlqStream)) - mark.dlq;
-    const dropped = droppedSoFar() - mark.dropped;
+    const dropped = (await droppedSoFar()) - mark.dropped;
 
     // The profiled window: as many events again, users of their own, event time after the timed
     // ones', through the same worker with V8's profiler on (it slows what it samples, so it stays
     // out of the timed window). The profiler starts (logging every function's code for it, a cost
     // of its own) before they are loaded; only the window's samples are kept.
-    let profiled: { events: number; seconds: number; cpu: number; profile: CpuProfile } | undefined;
+    let profiled: { events: number; seconds: number; cpu: number; profiles: CpuProfile[] } | undefined;
     if (profiler) {
       await profiler.start();
       const total = timedTotal + opts.events;
@@ -885,9 +917,12 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       profiler.mark();
       const pe = await finish(total);
       const cpu = cpuMicros(pm.cpu);
-      const profile = await profiler.stop();
-      profiled = { events: total - from, seconds: (pe.outAt - pm.at) / 1000, cpu, profile };
-      if (opts.profileOut) writeFileSync(opts.profileOut, JSON.stringify(profile));
+      const profiles = await profiler.stop();
+      profiled = { events: total - from, seconds: (pe.outAt - pm.at) / 1000, cpu, profiles };
+      // The main thread's profile at the path given; the second thread's (if any) beside it.
+      profiles.forEach((p, i) => {
+        if (opts.profileOut) writeFileSync(i === 0 ? opts.profileOut : opts.profileOut.replace(/(\.cpuprofile)?$/, `.thread${i}.cpuprofile`), JSON.stringify(p));
+      });
     }
     const pipeLat = latencyProbe(nats, events, tsOfEnvelope, opts.latencyEvents, 60_000);
     await pacedPublish(pipeline, nats, opts.latencyEvents, opts.latencyRate, opts.users);
@@ -898,7 +933,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
 
     const relayRate = relayEvents / relaySecs;
     const pipeRate = pipeEvents / pipeSecs;
-    const attribution = profiled ? attributeCpuProfile(profiled.profile, labels) : undefined;
+    const attribution = profiled ? addAttributions(profiled.profiles.map((p) => attributeCpuProfile(p, labels))) : undefined;
     const { cpus } = await import("node:os");
     return {
       events: opts.events,

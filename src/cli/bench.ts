@@ -8,7 +8,7 @@ import { ConfigError } from "../core/errors.js";
 import { runBench, type BenchResult } from "../bench/bench.js";
 import { ensureBinaries } from "../services/binaries.js";
 import { freePort, startNats, startRedis, type ServiceHandle } from "../services/processes.js";
-import { action, cliLogger, collect, out } from "./common.js";
+import { action, cliLogger, collect, out, workerThread } from "./common.js";
 import { defaultPipelinePath } from "../config/paths.js";
 
 function fmt(r: BenchResult): string {
@@ -164,6 +164,7 @@ export function registerBench(program: Command): void {
             env: workerEnv,
             workers: opts.workers,
             childPipeline: { file: pipelineFile, set },
+            thread: workerThread(process.env.TACIT_LOG_LEVEL ?? "warn", log),
             profile: opts.profile,
             ...(opts.profileOut ? { profileOut: opts.profileOut } : {}),
             ...(nats && redis ? { servers: { nats: nats.pid, redis: redis.pid } } : {}),

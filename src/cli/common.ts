@@ -5,6 +5,7 @@ import { loadPipelineOrThrow } from "../config/load.js";
 import { ConfigError, TacitError, errorMessage } from "../core/errors.js";
 import type { Logger } from "../core/operator.js";
 import { findOperator } from "../../operators/index.js";
+import type { ThreadSpec } from "../runtime/threads.js";
 import { withEmbeddedEnv } from "../services/embedded.js";
 
 /** Options every pipeline command takes. */
@@ -36,6 +37,23 @@ export function effectiveEnv(): Record<string, string | undefined> {
 /** Loads, validates and compiles a pipeline for a command; problems become a ConfigError (exit 2). */
 export function loadForCli(file: string, opts: PipelineOptions): Pipeline {
   return loadPipelineOrThrow(file, { set: opts.set ?? [], env: effectiveEnv(), operators: findOperator });
+}
+
+/**
+ * How a worker starts its second thread (`runtime.threads`): from worker-thread.ts, logging at
+ * `logLevel`. A thread that dies while the worker runs takes the process with it (exit 1), as a
+ * crash would: the supervisor starts it again, and what was in flight is redelivered.
+ */
+export function workerThread(logLevel: string, log: Logger): ThreadSpec {
+  return {
+    entry: new URL("./worker-thread.js", import.meta.url),
+    logLevel,
+    onThreadExit: (err) => {
+      log.error({ err: errorMessage(err) }, "worker thread died");
+      process.stderr.write(`tacit: worker thread died: ${errorMessage(err)}\n`);
+      process.exit(1);
+    },
+  };
 }
 
 /** A pino logger on stderr (stdout is for data), quiet unless TACIT_LOG_LEVEL says otherwise. */

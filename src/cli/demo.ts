@@ -10,7 +10,8 @@ import { connectNats, type NatsHandles } from "../runtime/nats.js";
 import { publishLines } from "../runtime/publisher.js";
 import { formatStatus, pipelineStatus, type PipelineStatus } from "../runtime/status.js";
 import { streamName } from "../config/topology.js";
-import { Worker } from "../runtime/worker.js";
+import { createWorker, type ThreadedWorker } from "../runtime/threads.js";
+import type { Worker } from "../runtime/worker.js";
 import { servicesUp } from "../services/embedded.js";
 import { RedisStateStore, openPipelineRedis } from "../state/redis.js";
 import { resolvePseudonymKey, pseudonymize } from "../core/pseudonym.js";
@@ -22,7 +23,7 @@ import { evaluate, type Report } from "../eval/evaluate.js";
 import { formatReport } from "./evaluate.js";
 import { desiredStreams } from "../runtime/deploy.js";
 import { stageGroups } from "../config/topology.js";
-import { action, cliLogger, collect } from "./common.js";
+import { action, cliLogger, collect, workerThread } from "./common.js";
 import { defaultPipelinePath } from "../config/paths.js";
 
 const decoder = new TextDecoder();
@@ -126,7 +127,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   const nats = await connectNats(p, "tacit-demo");
   const redis = openPipelineRedis(p);
   const log = cliLogger();
-  let worker: Worker | undefined;
+  let worker: Worker | ThreadedWorker | undefined;
   try {
     // The demo owns this sandbox: a previous demo's data would mix into this one's evaluation.
     const plan = await planDeploy(p, nats.jsm, findOperator);
@@ -138,7 +139,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
 
     const { key, dev } = resolvePseudonymKey(env, "TACIT_PSEUDONYM_KEY", true);
     if (dev) say("   warning: TACIT_PSEUDONYM_KEY is not set; the demo pseudonymizes users with a fixed development key. Set it in production.");
-    worker = new Worker({ pipeline: p, operators: findOperator, log, env, devMode: true, redis, nats });
+    worker = createWorker({ pipeline: p, operators: findOperator, log, env, devMode: true, redis, nats }, workerThread(process.env.TACIT_LOG_LEVEL ?? "warn", log));
     await worker.start();
     say(`3. run: worker ${worker.id} on ${p.stages.map((s) => s.name).join(" → ")} (${p.partitions} partitions)`);
 

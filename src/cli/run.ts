@@ -7,12 +7,13 @@ import { parseDuration } from "../core/duration.js";
 import { ConfigError, TransientError, errorMessage } from "../core/errors.js";
 import type { Logger } from "../core/operator.js";
 import { connectNats, type NatsHandles } from "../runtime/nats.js";
-import { Worker, newWorkerId } from "../runtime/worker.js";
+import { createWorker, type ThreadedWorker } from "../runtime/threads.js";
+import { newWorkerId, type Worker } from "../runtime/worker.js";
 import { redactUrl } from "../services/embedded.js";
 import { openPipelineRedis } from "../state/redis.js";
 import { WorkerTelemetry } from "../telemetry/otel.js";
 import { WORKER_NODE_FLAGS, hasWorkerNodeFlags } from "../config/paths.js";
-import { action, cliLogger, effectiveEnv, loadForCli, pipelineCommand, type PipelineOptions } from "./common.js";
+import { action, cliLogger, effectiveEnv, loadForCli, pipelineCommand, workerThread, type PipelineOptions } from "./common.js";
 
 /** How long `tacit run` waits for Redis to answer at start before it gives up (exit 1). */
 const REDIS_START_TIMEOUT_MS = 5_000;
@@ -85,7 +86,7 @@ export function registerRun(program: Command): void {
       const sliIntervalMs = Math.max(100, parseDuration(opts.sliInterval, "--sli-interval"));
       const driftWindowMs = parseDuration(opts.driftWindow, "--drift-window");
       if (!Number.isInteger(opts.piiSample) || opts.piiSample < 0) throw new ConfigError(`--pii-sample must be a whole number ≥ 0, got ${opts.piiSample}`);
-      let worker: Worker | undefined = undefined;
+      let worker: Worker | ThreadedWorker | undefined = undefined;
       const workerId = newWorkerId();
       const telemetry = new WorkerTelemetry(() => worker?.stageCounters.values() ?? [], () => worker?.ready() ?? false, { workerId, piiSampleEvery: opts.piiSample });
       // SIGTERM/SIGINT are taken from the start: one that arrives while the worker is still
@@ -103,7 +104,8 @@ export function registerRun(program: Command): void {
       try {
         nats = await connectNats(p, `tacit-worker-${hostname()}-${process.pid}`);
         redis = await openRedisChecked(p, log);
-        worker = new Worker({ pipeline: p, operators: findOperator, groups: opts.stage, workerId, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis, requireDeployed: true });
+        const thread = workerThread(process.env.TACIT_LOG_LEVEL ?? "info", log);
+        worker = createWorker({ pipeline: p, operators: findOperator, groups: opts.stage, workerId, log, env: effectiveEnv(), devMode: false, observer: telemetry, nats, redis, requireDeployed: true }, thread);
         await worker.start();
       } catch (err) {
         await worker?.stop().catch(() => undefined);

@@ -184,6 +184,7 @@ export function compilePipeline(data: PipelineFile, sm: SourceMap, opts: Compile
       max_in_flight: rt.max_in_flight!,
       state_cache: { max_entries: rt.state_cache!.max_entries! },
       commit_interval_ms: ms(["runtime", "commit_interval"], rt.commit_interval!),
+      threads: rt.threads!,
     },
     event_time: {
       max_out_of_orderness_ms: ms(["event_time", "max_out_of_orderness"], et.max_out_of_orderness!),

@@ -50,6 +50,7 @@ export interface PipelineFile {
     max_in_flight?: number;
     state_cache?: { max_entries?: number };
     commit_interval?: string;
+    threads?: 1 | 2 | "auto";
   };
   event_time?: { max_out_of_orderness?: string; idle_timeout?: string };
   stages: StageFile[];
@@ -97,6 +98,7 @@ export interface Pipeline {
     max_in_flight: number;
     state_cache: { max_entries: number };
     commit_interval_ms: number;
+    threads: 1 | 2 | "auto";
   };
   event_time: { max_out_of_orderness_ms: number; idle_timeout_ms: number };
   stages: Stage[];

@@ -77,6 +77,8 @@ export class Worker implements RunnerHost {
   private control?: ControlLoop;
   private stopping = false;
   private started = false;
+  /** The connections and operators of `prepare` (made once). */
+  private preparing?: Promise<void>;
 
   constructor(private readonly opts: WorkerOptions) {
     const p = opts.pipeline;
@@ -98,6 +100,30 @@ export class Worker implements RunnerHost {
   }
 
   async start(): Promise<void> {
+    await this.prepare();
+    const p = this.opts.pipeline;
+    if (this.opts.requireDeployed) await assertDeployed(p, this.natsHandles!.jsm, this.groups);
+    // The control loop starts every group that is not paused, before it returns: a worker
+    // started during a replay does not touch the paused groups.
+    this.control = new ControlLoop(this.redis!, p.subject_prefix, this.id, this.groups.map((g) => g.name), {
+      pause: (name) => this.pauseGroup(name),
+      resume: (name) => this.resumeGroup(name),
+    }, this.opts.log);
+    await this.control.start();
+    this.started = true;
+  }
+
+  /**
+   * The first part of `start` (once): connects and creates each stage's operator, so a bad
+   * config or a missing secret fails here, before anything is consumed. A two-thread worker
+   * prepares both threads before it checks that the pipeline is deployed (see threads.ts).
+   */
+  async prepare(): Promise<void> {
+    this.preparing ??= this.connectAndCreate();
+    await this.preparing;
+  }
+
+  private async connectAndCreate(): Promise<void> {
     const p = this.opts.pipeline;
     this.natsHandles = this.opts.nats ?? (await connectNats(p, `tacit-worker-${this.id}`));
     this.ownsConnections.nats = !this.opts.nats;
@@ -110,15 +136,6 @@ export class Worker implements RunnerHost {
     this.store = new RedisStateStore(this.stateRedis ?? this.redis, waits ? p.redis.replica_wait_ms : 0);
     // Create each stage's operator now, so a bad config or a missing secret fails the start.
     for (const g of this.groups) for (const s of g.stages) await (g.keyed ? this.create(s.name, new ManualClock(0)) : this.unkeyed(s.name));
-    if (this.opts.requireDeployed) await assertDeployed(p, this.natsHandles.jsm, this.groups);
-    // The control loop starts every group that is not paused, before it returns: a worker
-    // started during a replay does not touch the paused groups.
-    this.control = new ControlLoop(this.redis, p.subject_prefix, this.id, this.groups.map((g) => g.name), {
-      pause: (name) => this.pauseGroup(name),
-      resume: (name) => this.resumeGroup(name),
-    }, this.opts.log);
-    await this.control.start();
-    this.started = true;
   }
 
   private group(name: string): StageGroup {
@@ -181,6 +198,16 @@ export class Worker implements RunnerHost {
     const mine = [...this.runners.keys()].filter((k) => k.startsWith(`${g.name}#`)).map((k) => Number(k.slice(g.name.length + 1)));
     await Promise.all(mine.map((n) => this.stopRunner(g, n, true)));
     await leases?.stop();
+  }
+
+  /** @internal (tacit bench) Stops consuming a group as a pause does, outside the control loop. */
+  hold(name: string): Promise<void> {
+    return this.pauseGroup(name);
+  }
+
+  /** @internal (tacit bench) Consumes a held group again. */
+  release(name: string): Promise<void> {
+    return this.resumeGroup(name);
   }
 
   /** Ready: started, not stopping, and NATS and Redis connected. */
