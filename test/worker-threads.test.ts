@@ -4,11 +4,11 @@
 // readiness are the worker's; holding a group reaches the thread; a thread that dies is reported;
 // a thread that cannot start fails the worker's start with its own error class (a ConfigError
 // still exits 2).
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Redis } from "ioredis";
-import { startServers, type TestServers } from "./harness.js";
+import { withServers, type TestServers } from "./harness.js";
 import { eventually } from "./support/streams.js";
 import { drained, snapshot } from "./support/pipeline-result.js";
 import { loadPipelineOrThrow } from "../src/config/load.js";
@@ -45,6 +45,20 @@ async function deploy(p: Pipeline, nats: NatsHandles): Promise<void> {
   await applyDeploy(p, nats.jsm, findOperator, await planDeploy(p, nats.jsm, findOperator));
 }
 
+/** Servers for one test (the harness's withServers), with a NATS and a Redis client on them, closed at its end. */
+function withClients(t: TestContext, fn: (servers: TestServers, nats: NatsHandles, redis: Redis) => Promise<void>): Promise<void> {
+  return withServers(t, async (servers) => {
+    const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
+    const redis = new Redis(servers.redisUrl);
+    try {
+      await fn(servers, nats, redis);
+    } finally {
+      redis.disconnect();
+      await nats.nc.close().catch(() => undefined);
+    }
+  });
+}
+
 /** The CLI's thread entry; a thread that dies is recorded, not the test process's exit. */
 function threadSpec(died: Error[]): ThreadSpec {
   return { ...workerThread("silent", silent), onThreadExit: (err) => void died.push(err) };
@@ -59,12 +73,9 @@ test("threads 2 runs only a worker with both kinds of group on two threads", () 
   assert.equal(runsOnTwoThreads({ pipeline: one, operators: findOperator }), false);
 });
 
-test("with threads 2, enrich on a thread of its own and the keyed chain on the main thread end exactly as one thread does; the thread's counters, durables and holds are the worker's", { timeout: 240_000 }, async () => {
-  const servers = await startServers();
-  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
-  const redis = new Redis(servers.redisUrl);
-  const died: Error[] = [];
-  try {
+test("with threads 2, enrich on a thread of its own and the keyed chain on the main thread end exactly as one thread does; the thread's counters, durables and holds are the worker's", { timeout: 240_000 }, (t) =>
+  withClients(t, async (servers, nats, redis) => {
+    const died: Error[] = [];
     const lines = simulate({ seed: 78, users: 60, durationMs: 2 * 3_600_000, startTime: Date.now() - 3 * 3_600_000 }).events;
     const ref = load(servers, "one", 1);
     await deploy(ref, nats);
@@ -107,19 +118,12 @@ test("with threads 2, enrich on a thread of its own and the keyed chain on the m
     assert.deepEqual(got.labels, want.labels, "labels as one thread made them");
     assert.ok(Object.keys(want.state).length > 0);
     assert.deepEqual(got.state, want.state, "online features as one thread left them");
-  } finally {
-    redis.disconnect();
-    await nats.nc.close().catch(() => undefined);
-    await servers.stop();
-  }
-});
+  }),
+);
 
-test("a thread that dies while the worker runs is reported (tacit run exits 1 on it) and the worker is no longer ready", { timeout: 60_000 }, async () => {
-  const servers = await startServers();
-  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
-  const redis = new Redis(servers.redisUrl);
-  const died: Error[] = [];
-  try {
+test("a thread that dies while the worker runs is reported (tacit run exits 1 on it) and the worker is no longer ready", { timeout: 60_000 }, (t) =>
+  withClients(t, async (servers, nats, redis) => {
+    const died: Error[] = [];
     const p = load(servers, "dies", 2);
     await deploy(p, nats);
     const w = createWorker({ pipeline: p, operators: findOperator, log: silent, env: env(servers), redis, nats }, threadSpec(died));
@@ -131,28 +135,17 @@ test("a thread that dies while the worker runs is reported (tacit run exits 1 on
     assert.match(died[0]!.message, /thread exited/);
     assert.equal(w.ready(), false, "not ready without its thread");
     await w.stop();
-  } finally {
-    redis.disconnect();
-    await nats.nc.close().catch(() => undefined);
-    await servers.stop();
-  }
-});
+  }),
+);
 
-test("a thread that cannot start fails the worker's start with its error: a missing pseudonymization key is still a ConfigError", { timeout: 60_000 }, async () => {
-  const servers = await startServers();
-  const nats = await connectNats({ nats: { url: servers.natsUrl } } as Pipeline, "test");
-  const redis = new Redis(servers.redisUrl);
-  const died: Error[] = [];
-  try {
+test("a thread that cannot start fails the worker's start with its error: a missing pseudonymization key is still a ConfigError", { timeout: 60_000 }, (t) =>
+  withClients(t, async (servers, nats, redis) => {
+    const died: Error[] = [];
     const p = load(servers, "nokey", 2);
     await deploy(p, nats);
     const w = createWorker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, ""), devMode: false, redis, nats }, threadSpec(died));
     await assert.rejects(w.start(), (err: unknown) => err instanceof ConfigError && /TACIT_PSEUDONYM_KEY/.test(err.message));
     await w.stop();
     assert.deepEqual(died, []);
-  } finally {
-    redis.disconnect();
-    await nats.nc.close().catch(() => undefined);
-    await servers.stop();
-  }
-});
+  }),
+);

@@ -85,8 +85,13 @@ const STOP_TIMEOUT_MS = 60_000;
 export function runsOnTwoThreads(opts: Pick<WorkerOptions, "pipeline" | "operators" | "groups">): boolean {
   const t = opts.pipeline.runtime.threads;
   if (t === 1 || (t === "auto" && availableParallelism() < 2)) return false;
-  const mine = stageGroups(opts.pipeline, opts.operators).filter((g) => !opts.groups || opts.groups.includes(g.name));
+  const mine = groupsOf(opts);
   return mine.some((g) => g.keyed) && mine.some((g) => !g.keyed);
+}
+
+/** The stage groups a worker with these options runs (`groups`, or all). */
+function groupsOf(opts: Pick<WorkerOptions, "pipeline" | "operators" | "groups">): StageGroup[] {
+  return stageGroups(opts.pipeline, opts.operators).filter((g) => !opts.groups || opts.groups.includes(g.name));
 }
 
 /** A worker on one thread, or on two (see `runsOnTwoThreads`). */
@@ -117,7 +122,7 @@ export class ThreadedWorker {
     private readonly spec: ThreadSpec,
   ) {
     this.id = opts.workerId ?? newWorkerId();
-    const mine = stageGroups(opts.pipeline, opts.operators).filter((g) => !opts.groups || opts.groups.includes(g.name));
+    const mine = groupsOf(opts);
     this.mine = mine;
     this.threadGroups = mine.filter((g) => !g.keyed).map((g) => g.name);
     // Deployment is checked here, for both threads' groups at once (see start).
@@ -286,14 +291,15 @@ export async function serveWorkerThread(build: (data: { logLevel: string }) => P
   if (!port) throw new Error("serveWorkerThread runs in a worker thread");
   const data = workerData as ThreadData;
   const calls: [keyof RuntimeObserver, unknown[]][] = [];
+  const forward = (method: keyof RuntimeObserver) => (...args: unknown[]) => void calls.push([method, args]);
   const observer: RuntimeObserver | undefined = data.observe
     ? {
-        batch: (...args) => void calls.push(["batch", args]),
-        endToEnd: (...args) => void calls.push(["endToEnd", args]),
-        watermarkLag: (...args) => void calls.push(["watermarkLag", args]),
-        partitionsOwned: (...args) => void calls.push(["partitionsOwned", args]),
-        committed: (...args) => void calls.push(["committed", args]),
-        label: (...args) => void calls.push(["label", args]),
+        batch: forward("batch"),
+        endToEnd: forward("endToEnd"),
+        watermarkLag: forward("watermarkLag"),
+        partitionsOwned: forward("partitionsOwned"),
+        committed: forward("committed"),
+        label: forward("label"),
         // Only what the observer reads of the inputs, and only when an envelope is there to read.
         inputs: (group, items) => {
           if (items.some((i) => i.input.envelope !== undefined)) calls.push(["inputs", [group, items.map((i) => ({ input: { seq: i.input.seq, envelope: i.input.envelope } }))]]);
