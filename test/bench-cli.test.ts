@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { WORKER_NODE_FLAGS } from "../src/config/paths.js";
 import { spawnTacit } from "./support/tacit-process.js";
-import type { BenchResult } from "../src/bench/bench.js";
+import { CPU_CATEGORIES, type BenchResult } from "../src/bench/bench.js";
 
 /** Ten events per user, as in the default bench: below bot-score's regularity.min_events, so none is flagged and held back. */
 const EVENTS = 2000;
@@ -38,7 +38,7 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   assert.equal(r.warmup_events, 700);
   assert.deepEqual(r.pipeline.stages, ["enrich", "dedupe", "bot-score", "sessionize", "reformulation", "label-derive"]);
   // The same relay and worker go on from the warm-up to the timed events; a window starts at the
-  // first check past the relay's 700 warm-up outputs, or once the pipeline's timed events are
+  // batch that completes the relay's 700 warm-up outputs, or once the pipeline's timed events are
   // loaded, so it times the run's last events, a batch or two fewer than 2,000 at most, and
   // reports those events' outputs only.
   for (const events of [r.relay.events, r.pipeline.events]) assert.ok(events > EVENTS - 2 * 500 && events <= EVENTS, JSON.stringify({ relay: r.relay.events, pipeline: r.pipeline.events }));
@@ -63,7 +63,10 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   const prof = r.pipeline.profiled;
   assert.ok(prof && prof.events > EVENTS - 2 * 500 && prof.events <= EVENTS && prof.cpu_us_per_event > 0, JSON.stringify(prof));
   const share = r.pipeline.cpu_share ?? {};
-  for (const stage of r.pipeline.stages) assert.ok((share[stage] ?? 0) > 0, `no share for ${stage}: ${JSON.stringify(share)}`);
+  // Shares are counts of 1 ms samples: this window of 2,000 events gives 130–300 of them on the
+  // 2-core machine, so a stage of 1–3 % can get none (and is left out); the two heaviest always get some.
+  for (const k of Object.keys(share)) assert.ok(r.pipeline.stages.includes(k) || (CPU_CATEGORIES as readonly string[]).includes(k), `unknown share ${k}`);
+  for (const stage of ["enrich", "label-derive"]) assert.ok((share[stage] ?? 0) > 0, `no share for ${stage}: ${JSON.stringify(share)}`);
   const sum = Object.values(share).reduce((a, b) => a + b, 0);
   assert.ok(Math.abs(sum - 1) < 1e-9, String(sum));
 });

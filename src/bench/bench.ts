@@ -61,7 +61,7 @@ export interface BenchOptions {
 }
 
 export interface RateResult {
-  /** The events timed: the run's, or with a warm-up those out after the window began (fewer: the relay's begins at the first check past its warm-up, the pipeline's once the timed events are loaded, some already through). */
+  /** The events timed: the run's, or with a warm-up those out after the window began (fewer: the relay's begins after the batch that completes its warm-up, the pipeline's once the timed events are loaded, some already through). */
   events: number;
   /**
    * From the window's start until the last event's output is out (seen within 10 ms): event in
@@ -249,33 +249,12 @@ async function waitUntil(what: string, check: () => Promise<{ done: boolean; pro
   }
 }
 
-/** How often a warm relay run looks whether its warm-up is out, and a window whether its last output is (ms): within this of it. */
+/** How often the pipeline's window looks whether its last output is out (ms): within this of it. The relay reports its own. */
 const WINDOW_POLL_MS = 10;
 /** How often a window whose outputs are out checks whether its inputs are settled (ms). */
 const DRAIN_POLL_MS = 20;
 /** Outputs that stopped coming for this long (ms; events dropped or dead-lettered) end a window at drained instead. */
 const OUTPUTS_STALL_MS = 2000;
-
-/**
- * Waits until the relay's first `warm` events are out (`outputs` counts its output stream's
- * messages) and returns the count then, where its timed window starts: the events after it are
- * the ones timed, a few short of the run's when the check lands past a batch's end. At once with
- * no warm-up. Fails when all `total` events were out by then: nothing left to time.
- */
-async function afterWarmup(warm: number, total: number, outputs: () => Promise<number>): Promise<number> {
-  if (warm === 0) return 0;
-  let from = 0;
-  await waitUntil(
-    "the relay's warm-up",
-    async () => {
-      from = await outputs();
-      return { done: from >= warm, progress: from };
-    },
-    WINDOW_POLL_MS,
-  );
-  if (from >= total) throw new Error(`bench: all ${total} events were through the relay before its warm-up was seen to end; time more --events`);
-  return from;
-}
 
 async function ensureStream(nats: NatsHandles, name: string, subjects: string[]): Promise<void> {
   await nats.jsm.streams.delete(name).catch(() => undefined);
@@ -285,13 +264,14 @@ async function ensureStream(nats: NatsHandles, name: string, subjects: string[])
 /**
  * The do-nothing relay: consume → publish → ack, written with the runtime's batching and publisher
  * (micro-batches from `consume`, all publishes of a batch in flight at once, then the acks). The
- * yardstick for the pipeline.
+ * yardstick for the pipeline. `onOutputs` hears its count of outputs stored after each batch.
  */
-async function relay(nats: NatsHandles, inStream: string, outSubject: string, batch: number, signal: { stop: boolean }): Promise<void> {
+async function relay(nats: NatsHandles, inStream: string, outSubject: string, batch: number, signal: { stop: boolean }, onOutputs?: (n: number) => void): Promise<void> {
   await nats.jsm.consumers.add(inStream, { durable_name: "relay", ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All, max_ack_pending: batch * 4, ack_wait: 30_000_000_000 });
   const c = await nats.js.consumers.get(inStream, "relay");
   let buffer: JsMsg[] = [];
   let wake: (() => void) | undefined;
+  let out = 0;
   const msgs = await c.consume({ max_messages: batch * 2, expires: 5000, callback: (m) => { buffer.push(m); wake?.(); } });
   while (!signal.stop) {
     if (buffer.length === 0) {
@@ -303,6 +283,8 @@ async function relay(nats: NatsHandles, inStream: string, outSubject: string, ba
     const group = new PublishGroup();
     for (const m of take) pub.send(group, outSubject, m.data, { msgID: `relay:${m.seq}` });
     await group.wait();
+    out += take.length;
+    onOutputs?.(out);
     for (const m of take) m.ack();
   }
   await msgs.close();
@@ -738,27 +720,30 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     await ensureStream(nats, rout, [`${pipeline.subject_prefix}.relay.out`]);
     const relayIn = `${pipeline.subject_prefix}.relay.in`;
     const relayOut = `${pipeline.subject_prefix}.relay.out`;
-    // One relay runs through the warm-up events and then the timed ones without stopping; the
-    // window starts once the warm-up's events are out (see `afterWarmup`).
+    // One relay runs through the warm-up events and then the timed ones without stopping. Its
+    // window starts after the batch whose outputs complete the warm-up (the events after it are
+    // the ones timed, up to a batch short of the run's) and ends with the batch that completes
+    // the run: the relay reports each batch's outputs as it has them, so neither end waits for a
+    // poll (at a relay of 100,000 events/s, a poll every 10 ms could miss a thousand or more).
     if (warm > 0) await publishRaw(nats, relayIn, warmLines(), "warm");
     await publishRaw(nats, relayIn, lines(), "raw");
     const sig = { stop: false };
     const ticks = clockTicks();
-    // Cold (no warm-up): timed from the relay's start.
-    const warming = warm > 0 ? relay(nats, rin, relayOut, batch, sig) : undefined;
-    const relayFrom = await afterWarmup(warm, warm + opts.events, () => streamMessages(nats, rout));
-    const relayEvents = warm + opts.events - relayFrom;
-    const servers = serverCpu(opts.servers, ticks);
-    const cpu0 = process.cpuUsage();
-    const start = performance.now();
-    const relayDone = warming ?? relay(nats, rin, relayOut, batch, sig);
-    // Timed to its last output, then on to its last ack for the CPU: as the pipeline is.
     const relayTotal = warm + opts.events;
-    await waitUntil("the relay's outputs", async () => {
-      const n = await streamMessages(nats, rout);
-      return { done: n >= relayTotal, progress: n };
-    }, WINDOW_POLL_MS);
-    const relaySecs = (performance.now() - start) / 1000;
+    const relayAt = (from: number) => ({ from, servers: serverCpu(opts.servers, ticks), cpu: process.cpuUsage(), at: performance.now() });
+    // Cold (no warm-up): timed from the relay's start.
+    let relayMark = warm > 0 ? undefined : relayAt(0);
+    let relayOutAt: number | undefined;
+    const relayDone = relay(nats, rin, relayOut, batch, sig, (n) => {
+      if (!relayMark && n >= warm) relayMark = relayAt(n);
+      if (relayOutAt === undefined && n >= relayTotal) relayOutAt = performance.now();
+    });
+    // Timed to its last output, then on to its last ack for the CPU: as the pipeline is.
+    await waitUntil("the relay's outputs", async () => ({ done: relayOutAt !== undefined, progress: await streamMessages(nats, rout) }), WINDOW_POLL_MS);
+    const { from: relayFrom, servers, cpu: cpu0, at: start } = relayMark!;
+    if (relayFrom >= relayTotal) throw new Error(`bench: all ${relayTotal} events were through the relay in the batch that ended its warm-up; time more --events`);
+    const relayEvents = relayTotal - relayFrom;
+    const relaySecs = (relayOutAt! - start) / 1000;
     await waitUntil("the relay's acks", async () => {
       const n = (await nats.jsm.consumers.info(rin, "relay")).ack_floor.stream_seq;
       return { done: n >= relayTotal, progress: n };
