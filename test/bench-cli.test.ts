@@ -58,6 +58,23 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
     assert.ok(w.seconds > 0 && w.seconds <= w.drained_seconds, JSON.stringify(w));
     assert.equal(w.events_per_s, w.events / w.seconds);
   }
+  // The worker's CPU by thread (from /proc, 10 ms ticks a thread): the main thread, enrich's own
+  // thread (runtime.threads auto on a machine of more than one core), V8's and libuv's helpers;
+  // together the process's CPU, give or take a tick a thread. And the cores each side used up to
+  // the last output, the machine's at most its cores.
+  const threads = r.pipeline.threads_cpu_us_per_event;
+  assert.ok(threads, "threads_cpu_us_per_event missing (Linux)");
+  assert.deepEqual(Object.keys(threads), r.machine.cpus > 1 ? ["main", "thread enrich", "helpers"] : ["main", "helpers"]);
+  assert.ok(Object.values(threads).every((v) => Number.isFinite(v) && v >= 0) && threads.main! > 0, JSON.stringify(threads));
+  const threadSum = Object.values(threads).reduce((a, b) => a + b, 0);
+  const tick = (16 * 10_000) / r.pipeline.events;
+  assert.ok(Math.abs(threadSum - r.pipeline.in_process_cpu_us_per_event) <= tick, JSON.stringify({ threads, in_process: r.pipeline.in_process_cpu_us_per_event }));
+  const cores = r.pipeline.cores_to_last_output;
+  assert.ok(cores && cores.workers > 0 && cores.nats! > 0 && cores.redis! >= 0, JSON.stringify(cores));
+  assert.ok(cores.machine! > 0 && cores.machine! <= r.machine.cpus + 0.5, JSON.stringify(cores));
+  // The main thread's time on a core and waiting for one: shares of the same window (the kernel's schedstat).
+  const main = cores.main_thread;
+  assert.ok(main && main.running > 0 && main.waiting_for_a_core >= 0 && main.running + main.waiting_for_a_core <= 1.05, JSON.stringify(main));
   // The per-stage shares come from a window of their own after the timed one: as many events
   // again (a batch or two fewer timed, as above), with the profiler on.
   const prof = r.pipeline.profiled;

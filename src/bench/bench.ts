@@ -1,6 +1,6 @@
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { Session } from "node:inspector/promises";
 import { nodeFlagsGiven, tacitArgv } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
@@ -114,6 +114,23 @@ export interface PipelineResult extends RateResult {
   dropped: number;
   /** CPU of this process's worker alone, per event (equals cpu_us_per_event with one worker). */
   in_process_cpu_us_per_event: number;
+  /**
+   * in_process_cpu_us_per_event by thread, from /proc (10 ms ticks): `main` (the keyed groups when
+   * `runtime.threads` is 2, else every group), `thread <groups>` (the worker's own thread: enrich in
+   * the default pipeline), and `helpers`, every other thread: V8's garbage collection and compiler
+   * threads and libuv's pool, which the profiler behind cpu_share does not see. Linux only.
+   */
+  threads_cpu_us_per_event?: Record<string, number>;
+  /**
+   * Cores used on average from the window's start to the last output (`seconds`, the rate's
+   * window; the CPU figures above run on to drained): the worker processes, the servers (when the
+   * bench started them) and the whole machine (every process, from /proc/stat's busy time, out of
+   * `machine.cpus`). How near the machine was to full while the rate was measured. `main_thread`:
+   * the shares of that window the worker's main thread (the keyed groups) spent on a core and
+   * runnable but waiting for one (the kernel's schedstat): on a full machine, waiting is time the
+   * thread that bounds the rate lost to the others. Linux only.
+   */
+  cores_to_last_output?: { workers: number; nats?: number; redis?: number; machine?: number; main_thread?: { running: number; waiting_for_a_core: number } };
   /**
    * Share of this process's sampled non-idle CPU time by where it was spent: stage names (a stage's
    * operator file and what it calls), `runtime`, `state`, `nats client`, `redis client`, `gc`,
@@ -579,8 +596,13 @@ function clockTicks(): number {
 
 /** A process's user + system CPU from /proc/<pid>/stat, µs; undefined once it is gone. */
 function procCpuMicros(pid: number, ticksPerS: number): number | undefined {
+  return statCpuMicros(`/proc/${pid}/stat`, ticksPerS);
+}
+
+/** The user + system CPU of a process's or thread's stat file (/proc/<pid>[/task/<tid>]/stat), µs; undefined once it is gone. */
+function statCpuMicros(file: string, ticksPerS: number): number | undefined {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const stat = readFileSync(file, "utf8");
     // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
     const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
     return ((Number(f[11]) + Number(f[12])) / ticksPerS) * 1e6;
@@ -589,15 +611,96 @@ function procCpuMicros(pid: number, ticksPerS: number): number | undefined {
   }
 }
 
-/** The servers' CPU from now on: `perEvent(n)` is what they used since, per event of n (undefined without servers). */
-function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPerS: number): { perEvent(n: number): { nats: number; redis: number } | undefined } {
+/** The servers' CPU from now on: `used()` is what they used since (µs), `perEvent(n)` that per event of n (undefined without servers). */
+function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPerS: number): { used(): { nats: number; redis: number } | undefined; perEvent(n: number): { nats: number; redis: number } | undefined } {
   const read = () => (servers ? { nats: procCpuMicros(servers.nats, ticksPerS) ?? Number.NaN, redis: procCpuMicros(servers.redis, ticksPerS) ?? Number.NaN } : undefined);
   const at = read();
+  const used = () => {
+    const now = read();
+    return at && now ? { nats: now.nats - at.nats, redis: now.redis - at.redis } : undefined;
+  };
   return {
+    used,
     perEvent(n) {
-      const now = read();
-      return at && now ? { nats: (now.nats - at.nats) / n, redis: (now.redis - at.redis) / n } : undefined;
+      const u = used();
+      return u ? { nats: u.nats / n, redis: u.redis / n } : undefined;
     },
+  };
+}
+
+/** Each thread's user + system CPU of a process (/proc/<pid>/task), µs by thread id; empty off Linux. */
+function threadsCpuMicros(pid: number, ticksPerS: number): Map<number, number> {
+  const out = new Map<number, number>();
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const tid of tids) {
+    const us = statCpuMicros(`/proc/${pid}/task/${tid}/stat`, ticksPerS);
+    if (us !== undefined) out.set(Number(tid), us);
+  }
+  return out;
+}
+
+/**
+ * The CPU this process used since `since` (a threadsCpuMicros of it), per event of `n`, by thread:
+ * `main`, the worker's own thread by the groups it runs (`thread <groups>`), and `helpers`, every
+ * other thread: V8's (garbage collection, compilers) and libuv's. A thread that ended in between
+ * is left out. Undefined off Linux.
+ */
+function threadsPerEvent(since: Map<number, number>, ticksPerS: number, named: { name: string; tid: number }[], n: number): Record<string, number> | undefined {
+  const now = threadsCpuMicros(process.pid, ticksPerS);
+  if (now.size === 0) return undefined;
+  const out: Record<string, number> = { main: 0 };
+  for (const t of named) out[`thread ${t.name}`] = 0;
+  out.helpers = 0;
+  for (const [tid, us] of now) {
+    const d = (us - (since.get(tid) ?? 0)) / n;
+    const t = named.find((x) => x.tid === tid);
+    const key = tid === process.pid ? "main" : t ? `thread ${t.name}` : "helpers";
+    out[key] = (out[key] ?? 0) + d;
+  }
+  return out;
+}
+
+/** A thread's time on a core and waiting on a run queue (runnable, no core free) from /proc/<pid>/task/<tid>/schedstat, ns; undefined without it. */
+function schedTimes(pid: number, tid: number): { running: number; waiting: number } | undefined {
+  try {
+    const [running, waiting] = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ").map(Number);
+    return Number.isFinite(running) && Number.isFinite(waiting) ? { running: running!, waiting: waiting! } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The machine's busy CPU time, all cores, from /proc/stat (everything but idle and iowait), µs; undefined off Linux. */
+function machineBusyMicros(ticksPerS: number): number | undefined {
+  try {
+    const line = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!;
+    // cpu user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    const f = line.trim().split(/\s+/).slice(1, 9).map(Number);
+    const busy = f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
+    return Number.isFinite(busy) ? (busy / ticksPerS) * 1e6 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A thread's schedstat times between two readings, ns. */
+function since(a: { running: number; waiting: number } | undefined, b: { running: number; waiting: number } | undefined): { running: number; waiting: number } | undefined {
+  return a && b ? { running: b.running - a.running, waiting: b.waiting - a.waiting } : undefined;
+}
+
+/** CPU used over a window (µs; the main thread's times in ns) as average cores, and shares of the window, over its `seconds`. */
+function coresOver(used: { workers: number; servers?: { nats: number; redis: number }; machine?: number; mainThread?: { running: number; waiting: number } }, seconds: number): NonNullable<PipelineResult["cores_to_last_output"]> {
+  const cores = (us: number) => us / 1e6 / seconds;
+  return {
+    workers: cores(used.workers),
+    ...(used.servers ? { nats: cores(used.servers.nats), redis: cores(used.servers.redis) } : {}),
+    ...(used.machine !== undefined ? { machine: cores(used.machine) } : {}),
+    ...(used.mainThread ? { main_thread: { running: used.mainThread.running / 1e9 / seconds, waiting_for_a_core: used.mainThread.waiting / 1e9 / seconds } } : {}),
   };
 }
 
@@ -809,6 +912,9 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const begin = async () => ({
       servers: serverCpu(opts.servers, ticks),
       cpu: process.cpuUsage(),
+      threads: threadsCpuMicros(process.pid, ticks),
+      machine: machineBusyMicros(ticks),
+      sched: schedTimes(process.pid, process.pid),
       at: performance.now(),
       children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
       dropped: await droppedSoFar(),
@@ -817,15 +923,18 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     /**
      * Waits for the phase's first `total` events to drain, and returns when their last output was
      * out (seen within WINDOW_POLL_MS; when fewer outputs come out, dropped or dead-lettered, when
-     * drained) and when they drained. Until the outputs are out, one stream info per check; each
+     * drained) and when they drained. `atOut` runs when the last output is seen. Until the outputs are out, one stream info per check; each
      * durable's (a consumer info each) only after that, or once the outputs stop coming: the
      * bench's own checks run in the worker's process and on its server, so they are kept few.
      */
-    const finish = async (total: number) => {
+    const finish = async (total: number, atOut?: () => void) => {
       let outAt: number | undefined;
       const out = async () => {
         const n = (await streamMessages(nats, events)) - outputs0;
-        if (outAt === undefined && n >= total) outAt = performance.now();
+        if (outAt === undefined && n >= total) {
+          outAt = performance.now();
+          atOut?.();
+        }
         return n;
       };
       await waitUntil("the pipeline's outputs", async () => {
@@ -865,6 +974,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const sampler = setInterval(sample, SAMPLE_EVERY_MS);
     const timedTotal = warm + opts.events;
     let ends: { outAt: number; end: number };
+    let toOut: Parameters<typeof coresOver>[0] | undefined;
     try {
       sample();
       await worker.start();
@@ -872,7 +982,16 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         await waitUntil("the pipeline's warm-up to drain", () => drained(warm), 100, childDied);
         ({ from: pipeFrom, mark } = await load(lines(), "bench", timedTotal));
       }
-      ends = await finish(timedTotal);
+      const m = mark;
+      // What the workers, the servers and the machine used up to the last output (the rate's window).
+      ends = await finish(timedTotal, () => {
+        toOut = {
+          workers: cpuMicros(m.cpu) + children.reduce((a, c, i) => a + (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (m.children[i] ?? 0), 0),
+          servers: m.servers.used(),
+          machine: m.machine === undefined ? undefined : (machineBusyMicros(ticks) ?? Number.NaN) - m.machine,
+          mainThread: since(m.sched, schedTimes(process.pid, process.pid)),
+        };
+      });
       sample();
     } finally {
       clearInterval(sampler);
@@ -881,6 +1000,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const pipeSecs = (ends.outAt - mark.at) / 1000;
     const pipeDrainedSecs = (ends.end - mark.at) / 1000;
     const ownCpu = cpuMicros(mark.cpu);
+    const threadsCpu = threadsPerEvent(mark.threads, ticks, "osThreads" in inProcess ? inProcess.osThreads() : [], pipeEvents);
     const pipeServersCpu = mark.servers.perEvent(pipeEvents);
     const childCpu = children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (mark!.children[i] ?? 0));
     const rssEnd = process.memoryUsage.rss();
@@ -940,6 +1060,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
         drained_seconds: pipeDrainedSecs,
         cpu_us_per_event: (ownCpu + childCpu.reduce((a, b) => a + b, 0)) / pipeEvents,
         in_process_cpu_us_per_event: ownCpu / pipeEvents,
+        ...(threadsCpu ? { threads_cpu_us_per_event: threadsCpu } : {}),
+        ...(toOut ? { cores_to_last_output: coresOver(toOut, pipeSecs) } : {}),
         ...(pipeServersCpu ? { servers_cpu_us_per_event: pipeServersCpu } : {}),
         events_per_s: pipeRate,
         stages: pipeline.stages.map((s) => s.name),

@@ -25,6 +25,19 @@ function fmt(r: BenchResult): string {
     ...(r.relay.servers_cpu_us_per_event && p.servers_cpu_us_per_event
       ? [`servers   CPU/event relay: nats-server ${n(r.relay.servers_cpu_us_per_event.nats)} µs; pipeline: nats-server ${n(p.servers_cpu_us_per_event.nats)} µs, redis-server ${n(p.servers_cpu_us_per_event.redis)} µs`]
       : []),
+    ...(p.threads_cpu_us_per_event
+      ? [`threads   CPU/event of the ${r.workers > 1 ? "in-process " : ""}worker's threads: ${Object.entries(p.threads_cpu_us_per_event).map(([k, v]) => `${k === "helpers" ? "helpers (V8's GC and compilers, libuv)" : k} ${n(v)} µs`).join(", ")}`]
+      : []),
+    ...(p.cores_to_last_output
+      ? [
+          `cores     used on average up to the last output: worker${r.workers > 1 ? "s" : ""} ${p.cores_to_last_output.workers.toFixed(2)}` +
+            (p.cores_to_last_output.nats !== undefined ? `, nats-server ${p.cores_to_last_output.nats.toFixed(2)}, redis-server ${(p.cores_to_last_output.redis ?? Number.NaN).toFixed(2)}` : "") +
+            (p.cores_to_last_output.machine !== undefined ? `; the whole machine ${p.cores_to_last_output.machine.toFixed(2)} of ${r.machine.cpus}` : "") +
+            (p.cores_to_last_output.main_thread
+              ? `; the main thread on a core ${pct(p.cores_to_last_output.main_thread.running)} of the time, waiting for one ${pct(p.cores_to_last_output.main_thread.waiting_for_a_core)}`
+              : ""),
+        ]
+      : []),
     `outputs ${p.outputs}, dropped ${p.dropped}, dead letters ${p.dlq}`,
   ];
   if (p.cpu_share) {

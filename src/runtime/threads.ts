@@ -1,3 +1,4 @@
+import { readlinkSync } from "node:fs";
 import { Session } from "node:inspector/promises";
 import { availableParallelism } from "node:os";
 import { Worker as Thread, parentPort, workerData } from "node:worker_threads";
@@ -44,7 +45,7 @@ export interface ThreadSpec {
 type Request = { type: "go" } | { type: "stop" } | { type: "hold"; group: string } | { type: "release"; group: string } | { type: "refresh" } | { type: "profile"; on: boolean; intervalUs?: number };
 
 type Report =
-  | { type: "prepared" }
+  | { type: "prepared"; tid?: number }
   | { type: "failed"; error: SerializedError }
   | { type: "state"; counters: Record<string, Record<string, number>>; ready: boolean; durables: { stream: string; durable: string }[] }
   | { type: "observe"; calls: [keyof RuntimeObserver, unknown[]][] }
@@ -113,6 +114,8 @@ export class ThreadedWorker {
   private threadGone = true;
   private threadReady = false;
   private threadDurables: { stream: string; durable: string }[] = [];
+  /** The thread's id in the operating system (Linux), as it reported it when prepared. */
+  private threadTid: number | undefined;
   private stopping = false;
   private nextId = 0;
   private readonly replies = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
@@ -166,6 +169,7 @@ export class ThreadedWorker {
       thread.once("exit", exitEarly);
       thread.on("message", (m: Report) => {
         if (m.type === "prepared") {
+          this.threadTid = m.tid;
           thread.off("error", early);
           thread.off("exit", exitEarly);
           resolve();
@@ -246,6 +250,15 @@ export class ThreadedWorker {
   async release(group: string): Promise<void> {
     if (this.threadGroups.includes(group)) await this.call({ type: "release", group });
     else await this.keyed.release(group);
+  }
+
+  /**
+   * @internal (tacit bench) The worker's own thread, by the groups it runs, with its id in the
+   * operating system (Linux only: empty elsewhere), so its CPU can be told from the main thread's
+   * and from V8's and libuv's helpers in /proc/<pid>/task.
+   */
+  osThreads(): { name: string; tid: number }[] {
+    return this.threadTid === undefined || this.threadGone ? [] : [{ name: this.threadGroups.join("+"), tid: this.threadTid }];
   }
 
   /** Brings the thread's counters up to date (they are posted every STATE_EVERY_MS otherwise). */
@@ -329,7 +342,7 @@ export async function serveWorkerThread(build: (data: { logLevel: string }) => P
     port.close();
     return;
   }
-  port.postMessage({ type: "prepared" } satisfies Report);
+  port.postMessage({ type: "prepared", tid: osThreadId() } satisfies Report);
   let timer: NodeJS.Timeout | undefined;
   let profiler: Session | undefined;
   port.on("message", async ({ id, req }: { id: number; req: Request }) => {
@@ -362,4 +375,14 @@ export async function serveWorkerThread(build: (data: { logLevel: string }) => P
       reply(undefined, err);
     }
   });
+}
+
+/** The calling thread's id in the operating system, from /proc/thread-self (Linux); undefined elsewhere. */
+function osThreadId(): number | undefined {
+  try {
+    const tid = Number(readlinkSync("/proc/thread-self").split("/").pop());
+    return Number.isInteger(tid) && tid > 0 ? tid : undefined;
+  } catch {
+    return undefined;
+  }
 }
