@@ -67,6 +67,7 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   assert.deepEqual(Object.keys(threads), r.machine.cpus > 1 ? ["main", "thread enrich", "helpers"] : ["main", "helpers"]);
   assert.ok(Object.values(threads).every((v) => Number.isFinite(v) && v >= 0) && threads.main! > 0, JSON.stringify(threads));
   const threadSum = Object.values(threads).reduce((a, b) => a + b, 0);
+  // A tick is 10 ms on Linux (CLK_TCK 100); a worker process has about a dozen threads.
   const tick = (16 * 10_000) / r.pipeline.events;
   assert.ok(Math.abs(threadSum - r.pipeline.in_process_cpu_us_per_event) <= tick, JSON.stringify({ threads, in_process: r.pipeline.in_process_cpu_us_per_event }));
   const cores = r.pipeline.cores_to_last_output;

@@ -923,9 +923,10 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     /**
      * Waits for the phase's first `total` events to drain, and returns when their last output was
      * out (seen within WINDOW_POLL_MS; when fewer outputs come out, dropped or dead-lettered, when
-     * drained) and when they drained. `atOut` runs when the last output is seen. Until the outputs are out, one stream info per check; each
-     * durable's (a consumer info each) only after that, or once the outputs stop coming: the
-     * bench's own checks run in the worker's process and on its server, so they are kept few.
+     * drained) and when they drained; `atOut` runs when the last output is seen. Until the
+     * outputs are out, one stream info per check; each durable's (a consumer info each) only after
+     * that, or once the outputs stop coming: the bench's own checks run in the worker's process
+     * and on its server, so they are kept few.
      */
     const finish = async (total: number, atOut?: () => void) => {
       let outAt: number | undefined;
