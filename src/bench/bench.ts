@@ -689,12 +689,20 @@ function machineBusyMicros(ticksPerS: number): number | undefined {
 }
 
 /** A thread's schedstat times between two readings, ns. */
-function since(a: { running: number; waiting: number } | undefined, b: { running: number; waiting: number } | undefined): { running: number; waiting: number } | undefined {
+function schedDelta(a: { running: number; waiting: number } | undefined, b: { running: number; waiting: number } | undefined): { running: number; waiting: number } | undefined {
   return a && b ? { running: b.running - a.running, waiting: b.waiting - a.waiting } : undefined;
 }
 
-/** CPU used over a window (µs; the main thread's times in ns) as average cores, and shares of the window, over its `seconds`. */
-function coresOver(used: { workers: number; servers?: { nats: number; redis: number }; machine?: number; mainThread?: { running: number; waiting: number } }, seconds: number): NonNullable<PipelineResult["cores_to_last_output"]> {
+/** What a window used: CPU in µs (workers, servers, the machine's busy time), the main thread's schedstat times in ns. */
+interface WindowUse {
+  workers: number;
+  servers?: { nats: number; redis: number };
+  machine?: number;
+  mainThread?: { running: number; waiting: number };
+}
+
+/** What a window used as average cores, and the main thread's shares of the window, over its `seconds`. */
+function coresOver(used: WindowUse, seconds: number): NonNullable<PipelineResult["cores_to_last_output"]> {
   const cores = (us: number) => us / 1e6 / seconds;
   return {
     workers: cores(used.workers),
@@ -909,6 +917,8 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       return n;
     };
     /** Where a window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
+    /** The child workers' CPU since a window's start (µs each; NaN for one that is gone). */
+    const childrenCpuSince = (at: number[]) => children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (at[i] ?? 0));
     const begin = async () => ({
       servers: serverCpu(opts.servers, ticks),
       cpu: process.cpuUsage(),
@@ -975,7 +985,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const sampler = setInterval(sample, SAMPLE_EVERY_MS);
     const timedTotal = warm + opts.events;
     let ends: { outAt: number; end: number };
-    let toOut: Parameters<typeof coresOver>[0] | undefined;
+    let toOut: WindowUse | undefined;
     try {
       sample();
       await worker.start();
@@ -987,10 +997,10 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       // What the workers, the servers and the machine used up to the last output (the rate's window).
       ends = await finish(timedTotal, () => {
         toOut = {
-          workers: cpuMicros(m.cpu) + children.reduce((a, c, i) => a + (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (m.children[i] ?? 0), 0),
+          workers: cpuMicros(m.cpu) + childrenCpuSince(m.children).reduce((a, b) => a + b, 0),
           servers: m.servers.used(),
           machine: m.machine === undefined ? undefined : (machineBusyMicros(ticks) ?? Number.NaN) - m.machine,
-          mainThread: since(m.sched, schedTimes(process.pid, process.pid)),
+          mainThread: schedDelta(m.sched, schedTimes(process.pid, process.pid)),
         };
       });
       sample();
@@ -1003,7 +1013,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
     const ownCpu = cpuMicros(mark.cpu);
     const threadsCpu = threadsPerEvent(mark.threads, ticks, "osThreads" in inProcess ? inProcess.osThreads() : [], pipeEvents);
     const pipeServersCpu = mark.servers.perEvent(pipeEvents);
-    const childCpu = children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (mark!.children[i] ?? 0));
+    const childCpu = childrenCpuSince(mark.children);
     const rssEnd = process.memoryUsage.rss();
     const cacheEnd = budget.size();
     const outputs = (await streamMessages(nats, events)) - outputs0 - pipeFrom;
