@@ -1,5 +1,5 @@
-#!/usr/bin/env -S node --max-semi-space-size=64
-// The flag is a worker's young generation (WORKER_NODE_FLAGS in src/config/paths.ts says why).
+#!/usr/bin/env -S node --max-semi-space-size=64 --initial-old-space-size=512
+// The flags size a worker's young generation and its old generation's floor (WORKER_NODE_FLAGS in src/config/paths.ts says why).
 // Entry point: the compiled CLI lives in dist/ (built by `npm run build` or scripts/bootstrap.mjs).
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";

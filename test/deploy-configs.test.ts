@@ -15,7 +15,7 @@ import { parse as parseYaml, parseAllDocuments } from "yaml";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Redis } from "ioredis";
-import { projectRoot } from "../src/config/paths.js";
+import { WORKER_NODE_FLAGS, projectRoot } from "../src/config/paths.js";
 import { findBinary } from "../src/services/binaries.js";
 import { freePort, freePorts, readFirstLine } from "../src/services/processes.js";
 import { loadPipeline, formatProblem } from "../src/config/load.js";
@@ -938,6 +938,15 @@ function dockerStages(text: string): DockerStage[] {
   return stages;
 }
 
+test("the worker's node flags: bin/tacit.js's shebang and `npm run demo` pass each of them, as the Dockerfile does", () => {
+  const shebang = read(join(ROOT, "bin", "tacit.js")).split("\n")[0]!;
+  const demo = (JSON.parse(read(join(ROOT, "package.json"))) as { scripts: Record<string, string> }).scripts.demo!;
+  for (const f of WORKER_NODE_FLAGS) {
+    assert.ok(shebang.split(/\s+/).includes(f), `the shebang passes ${f}: ${shebang}`);
+    assert.ok(demo.split(/\s+/).includes(f), `npm run demo passes ${f}: ${demo}`);
+  }
+});
+
 test("compose: the Dockerfile builds in a builder stage and ships only runtime files and production dependencies", () => {
   const stages = dockerStages(read(join(COMPOSE_DIR, "Dockerfile")));
   for (const s of stages) assert.match(s.from, /^node:20-slim$/);
@@ -959,7 +968,9 @@ test("compose: the Dockerfile builds in a builder stage and ships only runtime f
   const finalCopies = final.lines.filter((l) => l.startsWith("COPY")).join("\n");
   for (const want of ["node_modules", "dist/src", "dist/operators", "package.json", "bin", "config", "pipelines"]) assert.match(finalCopies, new RegExp(`(?:^|[\\s/])${want}(?:\\s|$)`, "m"), `final image gets ${want}`);
   assert.ok(final.lines.some((l) => /^USER\s+(?!root\b|0\b)\S+/.test(l)), "runs unprivileged");
-  assert.ok(final.lines.some((l) => l.startsWith("ENTRYPOINT") && l.includes("bin/tacit.js")));
+  const entry = final.lines.find((l) => l.startsWith("ENTRYPOINT") && l.includes("bin/tacit.js"));
+  assert.ok(entry, "the entrypoint runs bin/tacit.js");
+  for (const f of WORKER_NODE_FLAGS) assert.ok(entry.includes(`"${f}"`), `the entrypoint passes the worker's node flag ${f}: ${entry}`);
   const ignore = read(join(COMPOSE_DIR, "Dockerfile.dockerignore"));
   for (const p of ["node_modules", "dist", "deploy/compose/secrets"]) assert.ok(ignore.split("\n").some((l) => l.trim().endsWith(p)), `.dockerignore drops ${p}`);
 

@@ -135,7 +135,7 @@ export function registerRun(program: Command): void {
         }
       }
       log.info({ worker: worker.id, pipeline: p.name }, "worker started");
-      if (!hasWorkerNodeFlags()) log.warn({ flags: WORKER_NODE_FLAGS.join(" ") }, "node started without the worker's flags (bin/tacit.js's shebang and the Dockerfile give them): about 10 % more CPU per event; start node with them or set NODE_OPTIONS");
+      if (!hasWorkerNodeFlags()) log.warn({ flags: WORKER_NODE_FLAGS.join(" ") }, "node started without the worker's flags (bin/tacit.js's shebang and the Dockerfile give them): more CPU per event (README, Operating it); start node with them or set NODE_OPTIONS");
       process.stderr.write(`tacit: worker ${worker.id} running ${p.name}; Ctrl-C or SIGTERM to stop\n`);
       log.info({ signal: await stopRequested }, "draining");
       await started.stop().catch((err: unknown) => log.error({ err: String(err) }, "error while draining"));

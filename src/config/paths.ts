@@ -14,16 +14,39 @@ export function projectRoot(): string {
 }
 
 /**
- * Node flags a worker process runs with: a young generation of 2 × 64 MB instead of V8's
- * 2 × 16 MB. A worker allocates about 50 kB per event that dies within a batch or two (decoded
- * envelopes, outputs, protocol buffers); with the default, a scavenge every few hundred events
- * copies whatever a batch still holds, and much of it is promoted and marked again later. At 64
- * the bench's worker used 8–15 % less CPU per event, for 70–130 MB more RSS (README,
- * Performance). V8 reads the size only at start-up, so it is a flag, not a setting: `bin/tacit.js`
- * carries it in its shebang, the Dockerfile in its entrypoint, `tacit bench` relaunches itself
- * with it, and `tacit run` says so when it is missing.
+ * Node flags a worker process runs with. V8 reads both only at start-up, so they are flags, not
+ * settings: `bin/tacit.js` carries them in its shebang, the Dockerfile in its entrypoint, `npm run
+ * demo` in its script, `tacit bench` relaunches itself with them, and `tacit run` says so when one
+ * is missing.
+ *
+ * - `--max-semi-space-size=64`: a young generation of 2 × 64 MB instead of V8's 2 × 16 MB. A
+ *   worker allocates about 30–50 kB per event that dies within a batch or two (decoded envelopes,
+ *   outputs, protocol buffers); with the default, a scavenge every few hundred events copies
+ *   whatever a batch still holds, and much of it is promoted and marked again later. At 64 the
+ *   bench's worker used 8–15 % less CPU per event, for 70–130 MB more RSS (README, Performance).
+ * - `--initial-old-space-size=512`: no full collection while the old generation is under 512 MB
+ *   (V8 treats an embedder's initial size as a floor of its limit; the JVM's `-Xms`). The worker's
+ *   live heap is small (35–140 MB in the bench: the state cache, modules) but a commit interval's
+ *   inputs, outputs and state outlive two scavenges, so at full rate it promotes about 100 MB/s,
+ *   and V8, which sets the next limit at most about four times what the last full collection
+ *   kept, ran one every 1.5–4.5 s. With the floor a third as many; the bench's worker used 10–20 %
+ *   less CPU per event, for 40–80 MB more RSS peak. A full cache's heap is above the floor anyway,
+ *   so it does not raise the worker's peak at the cache bound (README, Performance). The worker's
+ *   own thread (`runtime.threads`) gets a lower one (see THREAD_MAX_OLD_GENERATION_MB).
  */
-export const WORKER_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=64"];
+export const WORKER_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=64", "--initial-old-space-size=512"];
+
+/**
+ * The old generation's cap, in MB, of a worker's own thread (`runtime.threads`). The floor above
+ * is a process-wide flag, and V8 lowers an isolate's floor to half its cap: the thread (enrich,
+ * stateless but for two small LRUs, about 20 MB live) promotes little, and under a 512 MB floor
+ * would let that much garbage pile up over hours before its first full collection. With the cap
+ * it collects from 128 MB on (at the default batch size and input bound). The cap leaves room for
+ * eight batches of the largest inputs the pipeline accepts.
+ */
+export function threadMaxOldGenerationMb(batchSize: number, maxEventBytes: number): number {
+  return Math.max(256, Math.ceil((8 * batchSize * maxEventBytes) / 2 ** 20));
+}
 
 /** The node flags this process was started with: its command line's, then NODE_OPTIONS'. */
 export function nodeFlagsGiven(): string[] {

@@ -2,6 +2,7 @@ import { readlinkSync } from "node:fs";
 import { Session } from "node:inspector/promises";
 import { availableParallelism } from "node:os";
 import { Worker as Thread, parentPort, workerData } from "node:worker_threads";
+import { threadMaxOldGenerationMb } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
 import { stageGroups, type StageGroup } from "../config/topology.js";
 import { BadInputError, ConfigError, TacitError, TransientError, errorMessage } from "../core/errors.js";
@@ -153,7 +154,8 @@ export class ThreadedWorker {
       logLevel: this.spec.logLevel,
       observe: this.opts.observer !== undefined,
     };
-    const thread = new Thread(this.spec.entry, { workerData: data });
+    const rt = this.opts.pipeline.runtime;
+    const thread = new Thread(this.spec.entry, { workerData: data, resourceLimits: { maxOldGenerationSizeMb: threadMaxOldGenerationMb(rt.batch_size, rt.max_event_bytes) } });
     this.thread = thread;
     this.threadGone = false;
     this.threadExited = new Promise<void>((resolve) =>
