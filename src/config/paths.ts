@@ -28,10 +28,10 @@ export function projectRoot(): string {
  *   (V8 treats an embedder's initial size as a floor of its limit; the JVM's `-Xms`). The worker's
  *   live heap is small (35–140 MB in the bench: the state cache, modules) but a commit interval's
  *   inputs, outputs and state outlive two scavenges, so at full rate it promotes about 100 MB/s,
- *   and V8, which sets the next limit at most about four times what the last full collection
+ *   and V8, which started the next full collection at three to five times what the last one
  *   kept, ran one every 1.5–4.5 s. With the floor, a third as many: the bench's worker used 15–25 %
  *   less CPU per event in the issue's 20,000-event window, 12 % over 100,000 events, 6 % over
- *   200,000, for 30–80 MB more RSS peak; at the cache bound (100,000 users), where the live heap
+ *   200,000, for 30–85 MB more RSS peak; at the cache bound (100,000 users), where the live heap
  *   is larger, the same CPU and 67 MB more (README, Performance). The worker's own thread
  *   (`runtime.threads`) gets a lower floor (see threadMaxOldGenerationMb).
  */
