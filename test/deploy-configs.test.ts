@@ -406,6 +406,14 @@ async function expectPermissions(nc: NatsConnection, role: string, allow: string
   assert.deepEqual(wrong, []);
 }
 
+/**
+ * A stream that another server of the cluster has just created can answer "no responders" for a
+ * moment, until its subjects' interest has reached the server the publisher is connected to
+ * (nats.js then reports JetStreamNotEnabled): the publishes a role must be able to make retry
+ * (nats.js's own backoff; it retries no responders and timeouts only) instead of failing on timing.
+ */
+const PUBLISH_RETRIES = 10;
+
 test("nats: on a live 3-node cluster each role can do its job and nothing else", async (t) => {
   const { dir, files } = makeSecrets();
   rmSync(dir, { recursive: true, force: true });
@@ -464,7 +472,7 @@ test("nats: on a live 3-node cluster each role can do its job and nothing else",
   // producer: raw events in, nothing else.
   const producer = await as("producer", natsEnv.NATS_PRODUCER_PASSWORD);
   await jetstreamManager(producer); // what `tacit publish` does on connect
-  const ack = await jetstream(producer).publish(inClick, payload, { msgID: "deploy-test-1" });
+  const ack = await jetstream(producer).publish(inClick, payload, { msgID: "deploy-test-1", retries: PUBLISH_RETRIES });
   assert.equal(ack.stream, first.inputStream);
   await expectPermissions(producer, "producer", [], [
     ...outputs,
@@ -483,7 +491,7 @@ test("nats: on a live 3-node cluster each role can do its job and nothing else",
   assert.equal(m0?.subject, inClick);
   assert.equal(await m0!.ackAck(), true);
   for (const s of outputs) {
-    const pa = await wjs.publish(s, payload, { msgID: `deploy-test:${s}` });
+    const pa = await wjs.publish(s, payload, { msgID: `deploy-test:${s}`, retries: PUBLISH_RETRIES });
     assert.ok(pa.seq > 0, `worker published ${s}`);
   }
   const durable = durableName(keyed, 0);
@@ -537,8 +545,8 @@ test("nats: on a live 3-node cluster each role can do its job and nothing else",
   assert.equal((await ojsm.consumers.info(keyed.inputStream, durable)).num_pending, 1, "the replayed durable sees the message again");
   const dead = await (await ojs.consumers.get(dlq)).next({ expires: 3_000 });
   assert.match(dead?.subject ?? "", new RegExp(`^${p.subject_prefix}\\.dlq\\.`));
-  assert.equal((await ojs.publish(inClick, payload, { msgID: "redrive-1" })).stream, first.inputStream);
-  assert.equal((await ojs.publish(stageSubject(p, keyed.name, 1), payload, { msgID: "redrive-2" })).stream, keyed.inputStream);
+  assert.equal((await ojs.publish(inClick, payload, { msgID: "redrive-1", retries: PUBLISH_RETRIES })).stream, first.inputStream);
+  assert.equal((await ojs.publish(stageSubject(p, keyed.name, 1), payload, { msgID: "redrive-2", retries: PUBLISH_RETRIES })).stream, keyed.inputStream);
   await expectPermissions(oncall, "oncall", [`$JS.API.STREAM.MSG.GET.${dlq}`, `$JS.API.CONSUMER.DELETE.${first.inputStream}.nosuch`], [
     ...outputs.filter((s) => !s.startsWith(`${p.subject_prefix}.x.`)),
     ...streams.flatMap((s) => [`$JS.API.STREAM.CREATE.${s}`, `$JS.API.STREAM.UPDATE.${s}`, `$JS.API.STREAM.DELETE.${s}`, `$JS.API.STREAM.PURGE.${s}`]),
