@@ -916,9 +916,12 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       for (const c of inProcess.stageCounters.values()) n += c.get("dropped");
       return n;
     };
-    /** Where a window starts: CPU (this process's, the children's, the servers'), time, and the counts it reports. */
     /** The child workers' CPU since a window's start (µs each; NaN for one that is gone). */
     const childrenCpuSince = (at: number[]) => children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (at[i] ?? 0));
+    /**
+     * Where a window starts: CPU (this process's, by thread, the children's, the servers', the
+     * machine's busy time), the main thread's schedstat times, the time, and the counts it reports.
+     */
     const begin = async () => ({
       servers: serverCpu(opts.servers, ticks),
       cpu: process.cpuUsage(),
