@@ -50,7 +50,10 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   const relay = r.relay.servers_cpu_us_per_event;
   const pipe = r.pipeline.servers_cpu_us_per_event;
   assert.ok(relay && pipe, "servers_cpu_us_per_event missing");
-  assert.ok(relay.nats > 0 && pipe.nats > 0, JSON.stringify({ relay, pipe }));
+  // The servers' CPU comes from /proc in 10 ms ticks: a relay window of a few ticks (2,000 events at
+  // 100,000 events/s is 20 ms) can read none, so it must be above zero only in a window of ten.
+  assert.ok(Number.isFinite(relay.nats) && relay.nats >= 0 && pipe.nats > 0, JSON.stringify({ relay, pipe }));
+  if (r.relay.seconds >= 0.1) assert.ok(relay.nats > 0, JSON.stringify({ relay, seconds: r.relay.seconds }));
   assert.ok(pipe.redis > 0, JSON.stringify(pipe));
   // The rate runs to the last output, the CPU on to the last input settled (the pipeline's last
   // commit comes once its input pauses).
