@@ -50,10 +50,9 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
   const relay = r.relay.servers_cpu_us_per_event;
   const pipe = r.pipeline.servers_cpu_us_per_event;
   assert.ok(relay && pipe, "servers_cpu_us_per_event missing");
-  // The servers' CPU comes from /proc in 10 ms ticks: a relay window of a few ticks (2,000 events at
-  // 100,000 events/s is 20 ms) can read none, so it must be above zero only in a window of ten.
-  assert.ok(Number.isFinite(relay.nats) && relay.nats >= 0 && pipe.nats > 0, JSON.stringify({ relay, pipe }));
-  if (r.relay.seconds >= 0.1) assert.ok(relay.nats > 0, JSON.stringify({ relay, seconds: r.relay.seconds }));
+  // Read from each server thread's schedstat (ns), not /proc's 10 ms ticks: a relay window of two
+  // ticks (2,000 events at 100,000 events/s) read none of nats-server's CPU once.
+  assert.ok(relay.nats > 0 && pipe.nats > 0, JSON.stringify({ relay, pipe, seconds: r.relay.seconds }));
   assert.ok(pipe.redis > 0, JSON.stringify(pipe));
   // The rate runs to the last output, the CPU on to the last input settled (the pipeline's last
   // commit comes once its input pauses).
@@ -61,24 +60,25 @@ test("tacit bench on its own servers: the timed window after the warm-up, its ev
     assert.ok(w.seconds > 0 && w.seconds <= w.drained_seconds, JSON.stringify(w));
     assert.equal(w.events_per_s, w.events / w.seconds);
   }
-  // The worker's CPU by thread (from /proc, 10 ms ticks a thread): the main thread, enrich's own
-  // thread (runtime.threads auto on a machine of more than one core), V8's and libuv's helpers;
-  // together the process's CPU, give or take a tick a thread. And the cores each side used up to
-  // the last output, the machine's at most its cores.
+  // The worker's CPU by thread (each thread's schedstat, ns): the main thread, enrich's own thread
+  // (runtime.threads auto on a machine of more than one core), V8's and libuv's helpers; together
+  // the process's CPU (a thread that ended in the window would be missing from the sum: none of
+  // these ends). And the cores each side used up to the last output, the machine's at most its cores.
   const threads = r.pipeline.threads_cpu_us_per_event;
   assert.ok(threads, "threads_cpu_us_per_event missing (Linux)");
   assert.deepEqual(Object.keys(threads), r.machine.cpus > 1 ? ["main", "thread enrich", "helpers"] : ["main", "helpers"]);
   assert.ok(Object.values(threads).every((v) => Number.isFinite(v) && v >= 0) && threads.main! > 0, JSON.stringify(threads));
   const threadSum = Object.values(threads).reduce((a, b) => a + b, 0);
-  // A tick is 10 ms on Linux (CLK_TCK 100); a worker process has about a dozen threads.
-  const tick = (16 * 10_000) / r.pipeline.events;
-  assert.ok(Math.abs(threadSum - r.pipeline.in_process_cpu_us_per_event) <= tick, JSON.stringify({ threads, in_process: r.pipeline.in_process_cpu_us_per_event }));
+  assert.ok(Math.abs(threadSum - r.pipeline.in_process_cpu_us_per_event) <= 0.02 * r.pipeline.in_process_cpu_us_per_event, JSON.stringify({ threads, in_process: r.pipeline.in_process_cpu_us_per_event }));
   const cores = r.pipeline.cores_to_last_output;
   assert.ok(cores && cores.workers > 0 && cores.nats! > 0 && cores.redis! >= 0, JSON.stringify(cores));
   assert.ok(cores.machine! > 0 && cores.machine! <= r.machine.cpus + 0.5, JSON.stringify(cores));
-  // The main thread's time on a core and waiting for one: shares of the same window (the kernel's schedstat).
+  // The main thread's time on a core and waiting for one: shares of the same window (the kernel's
+  // schedstat); and the share it was paused for garbage collection (a window of 2,000 events may
+  // hold no scavenge).
   const main = cores.main_thread;
   assert.ok(main && main.running > 0 && main.waiting_for_a_core >= 0 && main.running + main.waiting_for_a_core <= 1.05, JSON.stringify(main));
+  assert.ok(main.gc_pauses !== undefined && main.gc_pauses >= 0 && main.gc_pauses <= 1.05, JSON.stringify(main));
   // The per-stage shares come from a window of their own after the timed one: as many events
   // again (a batch or two fewer timed, as above), with the profiler on.
   const prof = r.pipeline.profiled;

@@ -2,6 +2,7 @@ import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type JsMsg } fr
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { Session } from "node:inspector/promises";
+import { PerformanceObserver, type PerformanceEntry } from "node:perf_hooks";
 import { nodeFlagsGiven, tacitArgv } from "../config/paths.js";
 import type { Pipeline } from "../config/types.js";
 import type { Logger, OperatorSpec } from "../core/operator.js";
@@ -83,7 +84,7 @@ export interface RateResult {
    */
   cpu_us_per_event: number;
   /**
-   * The servers' CPU (user + system, from /proc) per event over the same phase, when the bench
+   * The servers' CPU (their threads' time on a core, from /proc's schedstat, ns) per event over the same phase, when the bench
    * started them: on a small machine they share the cores with the worker, so they bound the rate too.
    */
   servers_cpu_us_per_event?: { nats: number; redis: number };
@@ -115,7 +116,7 @@ export interface PipelineResult extends RateResult {
   /** CPU of this process's worker alone, per event (equals cpu_us_per_event with one worker). */
   in_process_cpu_us_per_event: number;
   /**
-   * in_process_cpu_us_per_event by thread, from /proc (10 ms ticks): `main` (the keyed groups when
+   * in_process_cpu_us_per_event by thread, from each thread's schedstat (ns): `main` (the keyed groups when
    * `runtime.threads` is 2, else every group), `thread <groups>` (the worker's own thread: enrich in
    * the default pipeline), and `helpers`, every other thread: V8's garbage collection and compiler
    * threads and libuv's pool, which the profiler behind cpu_share does not see. Linux only.
@@ -128,9 +129,12 @@ export interface PipelineResult extends RateResult {
    * `machine.cpus`). How near the machine was to full while the rate was measured. `main_thread`:
    * the shares of that window the worker's main thread (the keyed groups) spent on a core and
    * runnable but waiting for one (the kernel's schedstat): on a full machine, waiting is time the
-   * thread that bounds the rate lost to the others. Linux only.
+   * thread that bounds the rate lost to the others; `gc_pauses`, the share of that window it was
+   * paused for V8's garbage collection (perf_hooks' `gc` entries, every kind: scavenges, full
+   * collections, incremental marking steps; wall time, so a pause's own waits for a core are in
+   * it too). Linux only.
    */
-  cores_to_last_output?: { workers: number; nats?: number; redis?: number; machine?: number; main_thread?: { running: number; waiting_for_a_core: number } };
+  cores_to_last_output?: { workers: number; nats?: number; redis?: number; machine?: number; main_thread?: { running: number; waiting_for_a_core: number; gc_pauses?: number } };
   /**
    * Share of this process's sampled non-idle CPU time by where it was spent: stage names (a stage's
    * operator file and what it calls), `runtime`, `state`, `nats client`, `redis client`, `gc`,
@@ -611,13 +615,53 @@ function statCpuMicros(file: string, ticksPerS: number): number | undefined {
   }
 }
 
+/** A thread's time on a core from /proc/<pid>/task/<tid>/schedstat, µs at ns resolution; undefined without it (or once the thread is gone). */
+function runtimeMicros(pid: number, tid: number | string): number | undefined {
+  try {
+    const ns = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ", 1)[0]);
+    return Number.isFinite(ns) ? ns / 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A process's CPU at one instant: each thread's (µs) and, as a fallback, the process's total in
+ * /proc's ticks. The ticks are 10 ms: a window of a few of them (a relay's 2,000 events at 100,000
+ * events/s is 20 ms) could read none of a server's CPU, where each thread's schedstat counts ns.
+ */
+interface CpuReading {
+  threads: Map<number, number>;
+  ticks: number | undefined;
+}
+
+/** The reading of a process started after the window's start: all it used is the window's. */
+const SPAWNED: CpuReading = { threads: new Map(), ticks: 0 };
+
+function readCpu(pid: number, ticksPerS: number): CpuReading {
+  return { threads: threadsCpuMicros(pid, ticksPerS), ticks: procCpuMicros(pid, ticksPerS) };
+}
+
+/**
+ * The CPU a process used between two readings, µs: the sum of its threads' while every thread of
+ * the first reading is still there; else (a thread that ended took its time with it) the ticks'.
+ * NaN once the process is gone.
+ */
+function cpuBetween(a: CpuReading, b: CpuReading): number {
+  if (b.ticks === undefined || a.ticks === undefined) return Number.NaN;
+  if (a.threads.size === 0 || ![...a.threads.keys()].every((tid) => b.threads.has(tid))) return b.ticks - a.ticks;
+  let us = 0;
+  for (const [tid, v] of b.threads) us += v - (a.threads.get(tid) ?? 0);
+  return us;
+}
+
 /** The servers' CPU from now on: `used()` is what they used since (µs), `perEvent(n)` that per event of n (undefined without servers). */
 function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPerS: number): { used(): { nats: number; redis: number } | undefined; perEvent(n: number): { nats: number; redis: number } | undefined } {
-  const read = () => (servers ? { nats: procCpuMicros(servers.nats, ticksPerS) ?? Number.NaN, redis: procCpuMicros(servers.redis, ticksPerS) ?? Number.NaN } : undefined);
+  const read = () => (servers ? { nats: readCpu(servers.nats, ticksPerS), redis: readCpu(servers.redis, ticksPerS) } : undefined);
   const at = read();
   const used = () => {
     const now = read();
-    return at && now ? { nats: now.nats - at.nats, redis: now.redis - at.redis } : undefined;
+    return at && now ? { nats: cpuBetween(at.nats, now.nats), redis: cpuBetween(at.redis, now.redis) } : undefined;
   };
   return {
     used,
@@ -628,7 +672,7 @@ function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPe
   };
 }
 
-/** Each thread's user + system CPU of a process (/proc/<pid>/task), µs by thread id; empty off Linux. */
+/** Each thread's CPU of a process (/proc/<pid>/task), µs by thread id: schedstat's (ns), else stat's (ticks); empty off Linux. */
 function threadsCpuMicros(pid: number, ticksPerS: number): Map<number, number> {
   const out = new Map<number, number>();
   let tids: string[];
@@ -638,7 +682,7 @@ function threadsCpuMicros(pid: number, ticksPerS: number): Map<number, number> {
     return out;
   }
   for (const tid of tids) {
-    const us = statCpuMicros(`/proc/${pid}/task/${tid}/stat`, ticksPerS);
+    const us = runtimeMicros(pid, tid) ?? statCpuMicros(`/proc/${pid}/task/${tid}/stat`, ticksPerS);
     if (us !== undefined) out.set(Number(tid), us);
   }
   return out;
@@ -693,12 +737,14 @@ function schedDelta(a: { running: number; waiting: number } | undefined, b: { ru
   return a && b ? { running: b.running - a.running, waiting: b.waiting - a.waiting } : undefined;
 }
 
-/** What a window used: CPU in µs (workers, servers, the machine's busy time), the main thread's schedstat times in ns. */
+/** What a window used: CPU in µs (workers, servers, the machine's busy time), the main thread's schedstat times in ns and its GC pauses in ms. */
 interface WindowUse {
   workers: number;
   servers?: { nats: number; redis: number };
   machine?: number;
   mainThread?: { running: number; waiting: number };
+  /** The main thread's garbage-collection pauses, ms. */
+  mainThreadGcMs?: number;
 }
 
 /** What a window used as average cores, and the main thread's shares of the window, over its `seconds`. */
@@ -708,8 +754,43 @@ function coresOver(used: WindowUse, seconds: number): NonNullable<PipelineResult
     workers: cores(used.workers),
     ...(used.servers ? { nats: cores(used.servers.nats), redis: cores(used.servers.redis) } : {}),
     ...(used.machine !== undefined ? { machine: cores(used.machine) } : {}),
-    ...(used.mainThread ? { main_thread: { running: used.mainThread.running / 1e9 / seconds, waiting_for_a_core: used.mainThread.waiting / 1e9 / seconds } } : {}),
+    ...(used.mainThread
+      ? {
+          main_thread: {
+            running: used.mainThread.running / 1e9 / seconds,
+            waiting_for_a_core: used.mainThread.waiting / 1e9 / seconds,
+            ...(used.mainThreadGcMs !== undefined ? { gc_pauses: used.mainThreadGcMs / 1e3 / seconds } : {}),
+          },
+        }
+      : {}),
   };
+}
+
+/**
+ * The garbage-collection pauses of the thread that makes it, as a running total (ms) from
+ * perf_hooks' `gc` entries: a window's pauses are the difference of two totals.
+ */
+class GcPauses {
+  private ms = 0;
+  private readonly observer = new PerformanceObserver((list) => this.add(list.getEntries()));
+
+  constructor() {
+    this.observer.observe({ entryTypes: ["gc"] });
+  }
+
+  private add(entries: PerformanceEntry[]): void {
+    for (const e of entries) this.ms += e.duration;
+  }
+
+  /** The total so far, with the entries not yet handed to the observer. */
+  total(): number {
+    this.add(this.observer.takeRecords());
+    return this.ms;
+  }
+
+  stop(): void {
+    this.observer.disconnect();
+  }
 }
 
 /** A process's resident set size from /proc/<pid>/status, bytes; undefined once it is gone. */
@@ -810,6 +891,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
   const children: ChildWorker[] = [];
   let undoKill = () => {};
   let worker: Worker | ThreadedWorker | undefined;
+  const gc = new GcPauses();
   try {
     // Event time ends about now, so enrich's max_past_age accepts every event. The events are
     // generated as they are published (twice, identically), never held: a big run must not
@@ -917,10 +999,11 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       return n;
     };
     /** The child workers' CPU since a window's start (µs each; NaN for one that is gone). */
-    const childrenCpuSince = (at: number[]) => children.map((c, i) => (procCpuMicros(c.pid, ticks) ?? Number.NaN) - (at[i] ?? 0));
+    const childrenCpuSince = (at: CpuReading[]) => children.map((c, i) => cpuBetween(at[i] ?? SPAWNED, readCpu(c.pid, ticks)));
     /**
      * Where a window starts: CPU (this process's, by thread, the children's, the servers', the
-     * machine's busy time), the main thread's schedstat times, the time, and the counts it reports.
+     * machine's busy time), the main thread's schedstat times and garbage-collection pauses, the
+     * time, and the counts it reports.
      */
     const begin = async () => ({
       servers: serverCpu(opts.servers, ticks),
@@ -928,8 +1011,9 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       threads: threadsCpuMicros(process.pid, ticks),
       machine: machineBusyMicros(ticks),
       sched: schedTimes(process.pid, process.pid),
+      gcMs: gc.total(),
       at: performance.now(),
-      children: children.map((c) => procCpuMicros(c.pid, ticks) ?? Number.NaN),
+      children: children.map((c) => readCpu(c.pid, ticks)),
       dropped: await droppedSoFar(),
       dlq: await streamMessages(nats, dlqStream),
     });
@@ -1004,6 +1088,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
           servers: m.servers.used(),
           machine: m.machine === undefined ? undefined : (machineBusyMicros(ticks) ?? Number.NaN) - m.machine,
           mainThread: schedDelta(m.sched, schedTimes(process.pid, process.pid)),
+          mainThreadGcMs: gc.total() - m.gcMs,
         };
       });
       sample();
@@ -1107,6 +1192,7 @@ export async function runBench(pipeline: Pipeline, operators: (n: string) => Ope
       machine: { cpus: cpus().length, node: process.version, node_flags: nodeFlagsGiven() },
     };
   } finally {
+    gc.stop();
     await stopChildWorkers(children).catch(() => undefined);
     undoKill();
     await worker?.stop().catch(() => undefined);

@@ -34,7 +34,8 @@ function fmt(r: BenchResult): string {
             (p.cores_to_last_output.nats !== undefined ? `, nats-server ${p.cores_to_last_output.nats.toFixed(2)}, redis-server ${(p.cores_to_last_output.redis ?? Number.NaN).toFixed(2)}` : "") +
             (p.cores_to_last_output.machine !== undefined ? `; the whole machine ${p.cores_to_last_output.machine.toFixed(2)} of ${r.machine.cpus}` : "") +
             (p.cores_to_last_output.main_thread
-              ? `; the ${r.workers > 1 ? "in-process worker's " : ""}main thread on a core ${pct(p.cores_to_last_output.main_thread.running)} of the time, waiting for one ${pct(p.cores_to_last_output.main_thread.waiting_for_a_core)}`
+              ? `; the ${r.workers > 1 ? "in-process worker's " : ""}main thread on a core ${pct(p.cores_to_last_output.main_thread.running)} of the time, waiting for one ${pct(p.cores_to_last_output.main_thread.waiting_for_a_core)}` +
+                (p.cores_to_last_output.main_thread.gc_pauses !== undefined ? `, paused for garbage collection ${pct(p.cores_to_last_output.main_thread.gc_pauses)}` : "")
               : ""),
         ]
       : []),
