@@ -1,9 +1,10 @@
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { connect } from "@nats-io/transport-node";
 import { AckPolicy, jetstream, jetstreamManager, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import { cpuMeter } from "../src/bench/bench.js";
 import { ensureBinaries } from "../src/services/binaries.js";
 import { freePort, startNats } from "../src/services/processes.js";
 
@@ -12,25 +13,12 @@ import { freePort, startNats } from "../src/services/processes.js";
  * storage, as the pipeline's streams): a stored publish without and with a `Nats-Msg-Id`, a
  * pulled message, an ack; then pulling eight partitions through eight filtered durables on one
  * stream (the pipeline's layout) against eight streams of one subject each. The server's CPU is
- * the sum of its threads' schedstat (ns), read before and after each step. `--runs` rounds.
+ * read before and after each step as the bench reads it (its threads' schedstat, ns). `--runs` rounds.
  *
  *   node dist/bench/nats-costs.js [--messages 40000] [--bytes 600] [--runs 3]
  */
 
 const PARTITIONS = 8;
-
-/** nats-server's CPU so far (its threads' time on a core), µs. */
-function serverMicros(pid: number): number {
-  let ns = 0;
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    try {
-      ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ", 1)[0]);
-    } catch {
-      // the thread ended between the listing and the read
-    }
-  }
-  return ns / 1000;
-}
 
 async function pullAll(consumers: Consumer[], each: number, keep?: JsMsg[]): Promise<void> {
   await Promise.all(
@@ -62,9 +50,9 @@ async function main(): Promise<void> {
     const payload = new Uint8Array(bytes).fill(65);
     const per = (us: number) => (us / n).toFixed(2);
     const step = async (what: () => Promise<void>) => {
-      const at = serverMicros(server.pid);
+      const used = cpuMeter(server.pid);
       await what();
-      return serverMicros(server.pid) - at;
+      return used();
     };
     const publishAll = async (subject: (i: number) => string, ids: string | undefined) => {
       let inFlight: Promise<unknown>[] = [];

@@ -615,16 +615,6 @@ function statCpuMicros(file: string, ticksPerS: number): number | undefined {
   }
 }
 
-/** A thread's time on a core from /proc/<pid>/task/<tid>/schedstat, µs at ns resolution; undefined without it (or once the thread is gone). */
-function runtimeMicros(pid: number, tid: number | string): number | undefined {
-  try {
-    const ns = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ", 1)[0]);
-    return Number.isFinite(ns) ? ns / 1000 : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 /**
  * A process's CPU at one instant: each thread's (µs) and, as a fallback, the process's total in
  * /proc's ticks. The ticks are 10 ms: a window of a few of them (a relay's 2,000 events at 100,000
@@ -655,14 +645,16 @@ function cpuBetween(a: CpuReading, b: CpuReading): number {
   return us;
 }
 
+/** A process's CPU from now on: the result gives what it used since, µs (see cpuBetween). */
+export function cpuMeter(pid: number, ticksPerS = clockTicks()): () => number {
+  const at = readCpu(pid, ticksPerS);
+  return () => cpuBetween(at, readCpu(pid, ticksPerS));
+}
+
 /** The servers' CPU from now on: `used()` is what they used since (µs), `perEvent(n)` that per event of n (undefined without servers). */
 function serverCpu(servers: { nats: number; redis: number } | undefined, ticksPerS: number): { used(): { nats: number; redis: number } | undefined; perEvent(n: number): { nats: number; redis: number } | undefined } {
-  const read = () => (servers ? { nats: readCpu(servers.nats, ticksPerS), redis: readCpu(servers.redis, ticksPerS) } : undefined);
-  const at = read();
-  const used = () => {
-    const now = read();
-    return at && now ? { nats: cpuBetween(at.nats, now.nats), redis: cpuBetween(at.redis, now.redis) } : undefined;
-  };
+  const meters = servers ? { nats: cpuMeter(servers.nats, ticksPerS), redis: cpuMeter(servers.redis, ticksPerS) } : undefined;
+  const used = () => (meters ? { nats: meters.nats(), redis: meters.redis() } : undefined);
   return {
     used,
     perEvent(n) {
@@ -682,7 +674,8 @@ function threadsCpuMicros(pid: number, ticksPerS: number): Map<number, number> {
     return out;
   }
   for (const tid of tids) {
-    const us = runtimeMicros(pid, tid) ?? statCpuMicros(`/proc/${pid}/task/${tid}/stat`, ticksPerS);
+    const running = schedTimes(pid, Number(tid))?.running;
+    const us = running !== undefined ? running / 1000 : statCpuMicros(`/proc/${pid}/task/${tid}/stat`, ticksPerS);
     if (us !== undefined) out.set(Number(tid), us);
   }
   return out;
