@@ -34,6 +34,8 @@ interface Run {
   repeats: number;
   stallMs: number;
   recoverMs: number;
+  /** Times a keyed partition restarted its durable after missing deliveries (the worker's warnings). */
+  resumes: number;
   killed?: string;
 }
 
@@ -135,9 +137,11 @@ async function run(t: TestContext, servers: TestServers, nats: NatsCluster, name
     }
     return c >= N;
   }, 180_000, 50).catch(async (err: Error) => {
-    // Seen once in six CI runs (a run after a kill never got all events out), and once in four
-    // runs beside a bench (19,980 of 20,000 out, every durable drained, after each partition's
-    // batch had waited 10 s for a PubAck and was retried): say where it stood, streams included.
+    // Seen once in six CI runs (a run after a kill never got all events out), once in four runs
+    // beside a bench (19,980 of 20,000 out, every durable drained, after each partition's batch
+    // had waited 10 s for a PubAck and was retried), and in the CI run of 87b6caa (19,975 out):
+    // deliveries lost in flight, skipped as copies once they came again (fixed by `gap` in
+    // runner.ts; test/redelivery.test.ts). Say where it stood, streams included.
     throw new Error(`${err.message}: ${last} of ${N} out${killed ? `, ${killed} killed` : ""}; streams: ${await streamStates(h)}; consumers: ${await consumerStates(h, p)}; worker stderr (last 4,000 characters): ${worker.stderr().slice(-4000)}`);
   });
   const recoverMs = Date.now() - (killedAt || start);
@@ -159,7 +163,8 @@ async function run(t: TestContext, servers: TestServers, nats: NatsCluster, name
   }
   worker.child.kill("SIGTERM");
   assert.equal(await worker.exited(), 0, worker.stderr());
-  return { out, repeats, stallMs, recoverMs, ...(killed ? { killed } : {}) };
+  const resumes = worker.stderr().split("deliveries missed").length - 1;
+  return { out, repeats, stallMs, recoverMs, resumes, ...(killed ? { killed } : {}) };
 }
 
 function assertGolden(r: Run, golden: Run, what: string): void {
@@ -187,8 +192,8 @@ test(`nats: ${N} events on a 3-node R3 cluster; the input stream's leader and a 
   assertGolden(streamLeader, golden, "input stream leader killed");
   const consumerLeader = await run(t, servers, await cluster(), "cl", async (p, h) => (await h.jsm.consumers.info(streamName(p, "x_dedupe"), "dedupe_p0")).cluster!.leader!);
   assertGolden(consumerLeader, golden, "dedupe_p0 consumer leader killed");
-  t.diagnostic(`no fault: longest gap ${golden.stallMs} ms, all out in ${(golden.recoverMs / 1000).toFixed(1)} s`);
+  t.diagnostic(`no fault: longest gap ${golden.stallMs} ms, all out in ${(golden.recoverMs / 1000).toFixed(1)} s, ${golden.resumes} partition restarts`);
   for (const [what, r] of [["input stream leader", streamLeader], ["dedupe_p0 consumer leader", consumerLeader]] as const) {
-    t.diagnostic(`${what} (${r.killed}) killed at ${N / 2} out: stall ${(r.stallMs / 1000).toFixed(1)} s, all out ${(r.recoverMs / 1000).toFixed(1)} s after the kill`);
+    t.diagnostic(`${what} (${r.killed}) killed at ${N / 2} out: stall ${(r.stallMs / 1000).toFixed(1)} s, all out ${(r.recoverMs / 1000).toFixed(1)} s after the kill; ${r.resumes} partition restarts for missed deliveries`);
   }
 });

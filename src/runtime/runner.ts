@@ -1,4 +1,4 @@
-import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type ConsumerConfig, type JsMsg } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
@@ -39,7 +39,8 @@ const FETCH_HEARTBEAT_MS = 500;
  * the consumer is still waiting. None: the request was dropped without a 408 (see above), and the
  * fetch is ended and sent again at once. Ended only then, since a request the server still holds
  * could deliver a message to a fetch that has stopped listening: a keyed partition would get it
- * again only after ack_wait, behind newer ones, and skip it as a redelivery.
+ * again only after ack_wait, behind newer ones (it would see the gap and restart its durable; see
+ * `gap`).
  */
 const FETCH_CHECK_MS = 20;
 const decoder = new TextDecoder();
@@ -64,6 +65,22 @@ function inputHeaders(m: JsMsg): JsMsg["headers"] {
   }
   return m.headers;
 }
+
+/**
+ * Whether a keyed partition missed deliveries of its durable: each delivery (a redelivery too)
+ * takes the consumer's next delivery sequence, so the sequences one puller sees run on by one.
+ * A jump means the server counted messages delivered that never arrived (lost with a connection,
+ * a dying consumer leader, a pull request the client had stopped listening to); a step back, a new
+ * consumer leader that restored an older state. Either way the server would send what was missed
+ * only after ack_wait, behind newer inputs, and once those are applied, `admitInOrder` would take
+ * it for a copy of an applied input and skip it. So the durable is restarted at its ack floor
+ * instead (every input after it comes again, in stream order; the applied ones are skipped).
+ */
+function gap(last: number | undefined, delivery: number): boolean {
+  return last !== undefined && delivery !== last + 1;
+}
+
+const MISSED_DELIVERIES = { reason: "missed_deliveries" };
 
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
@@ -142,6 +159,8 @@ export class ConsumerRunner {
   /** The outstanding pull request (a keyed runner handing its partition over stops it at once; see `fetchLoop`). */
   private pull?: { stop(): void };
   private quick = false;
+  /** The durable as it is to be recreated, between its delete and a recreate that succeeded (`resumeInOrder`). */
+  private recreate?: ConsumerConfig;
   /** Keyed: the chain with its in-memory state, valid while this runner holds the partition. */
   private chain?: KeyedChain;
   private unkeyedStages?: UnkeyedStage[];
@@ -221,8 +240,19 @@ export class ConsumerRunner {
     const deliveries = new DeliveryInfoParser();
     let failures = 0;
     let missed = 0;
+    // Keyed: the delivery sequence of the last message taken from the durable (see `gap`).
+    let lastDelivery: number | undefined;
+    let resume = false;
     while (!this.stopping) {
       try {
+        if (resume) {
+          // Deliveries were missed: restart the durable where nothing is missed (see `gap`).
+          await this.resumeInOrder(true);
+          this.w.counters(this.g.stages[0]!.name).count("partition_resumed", 1, MISSED_DELIVERIES);
+          resume = false;
+          lastDelivery = undefined;
+          consumer = undefined;
+        }
         consumer ??= await nats.js.consumers.get(this.g.inputStream, this.durable);
         // Back-pressure: do not pull more while plenty is buffered.
         if (this.buffer.length >= max) {
@@ -235,8 +265,18 @@ export class ConsumerRunner {
         const check = setTimeout(() => this.endIfDropped(iter), FETCH_EXPIRES_MS + FETCH_CHECK_MS);
         try {
           for await (const m of iter) {
-            ingest.count("ingest_delivered");
             deliveries.apply(m);
+            if (this.partition !== undefined) {
+              const d = m.info.deliverySequence;
+              if (gap(lastDelivery, d)) {
+                log.warn({ durable: this.durable, after: lastDelivery, delivery: d, seq: m.seq }, "deliveries missed: restarting the durable at its ack floor");
+                resume = true;
+                iter.stop();
+                break;
+              }
+              lastDelivery = d;
+            }
+            ingest.count("ingest_delivered");
             this.buffer.push(m);
             this.wake?.();
           }
@@ -281,18 +321,23 @@ export class ConsumerRunner {
    * ack_wait, behind newer ones; one that stopped its last pull request leaves it open until
    * it expires, and it may still take messages. So on takeover, restart the durable at its ack
    * floor (deleting it also cancels every open request). Servers without a consumer reset API
-   * (2.9) need delete + recreate.
+   * (2.9) need delete + recreate. `always`: also when nothing is pending (deliveries were missed).
+   * A recreate that failed after the delete (a leader election) is tried again from what the
+   * deleted durable was.
    */
-  private async resumeInOrder(): Promise<void> {
+  private async resumeInOrder(always = false): Promise<void> {
     const { jsm } = this.w.nats;
-    const info = await jsm.consumers.info(this.g.inputStream, this.durable);
-    if (info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
-    const start = info.ack_floor.stream_seq + 1;
-    this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
-    const cfg = { ...info.config };
-    await jsm.consumers.delete(this.g.inputStream, this.durable);
+    if (!this.recreate) {
+      const info = await jsm.consumers.info(this.g.inputStream, this.durable);
+      if (!always && info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
+      const start = info.ack_floor.stream_seq + 1;
+      this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
+      this.recreate = { ...info.config, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start };
+      await jsm.consumers.delete(this.g.inputStream, this.durable);
+    }
     try {
-      await jsm.consumers.add(this.g.inputStream, { ...cfg, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start });
+      await jsm.consumers.add(this.g.inputStream, this.recreate);
+      this.recreate = undefined;
     } catch (err) {
       if (!(err instanceof JetStreamApiError)) throw err;
       throw new TransientError("consumer_recreate_failed", `could not recreate ${this.durable}: ${err.message}`, err);

@@ -19,7 +19,9 @@ export interface PartitionProgress {
  * delivered but not acked). Redeliveries are out of stream order: an input whose ack_wait ran
  * out while it waited (a loaded machine) comes again behind newer inputs, in any batch, even in
  * its first copy's. Run again, it would meet a later watermark, so only inputs past every
- * earlier one run; the first copy's ack settles a copy (acks go by stream sequence).
+ * earlier one run; the first copy's ack settles a copy (acks go by stream sequence). That an
+ * input behind a newer one is a copy holds only while the partition has missed no delivery of
+ * its durable: the runner restarts the durable when it has (`gap` in runner.ts).
  */
 export function admitInOrder<T extends { seq: number }>(batch: T[], hwm: number): { run: T[]; done: T[]; redelivered: number } {
   let top = hwm;

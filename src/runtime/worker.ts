@@ -91,6 +91,7 @@ export class Worker implements RunnerHost {
       const c = this.counters(g.stages[0]!.name);
       c.count("ingest_delivered", 0);
       for (const outcome of ["ok", "dropped", "dead_lettered", "retried", "handed_back", "duplicate"]) c.count("ingest_settled", 0, { outcome });
+      if (g.keyed) c.count("partition_resumed", 0, { reason: "missed_deliveries" });
     }
     this.budget = new CacheBudget(p.runtime.state_cache.max_entries);
   }
