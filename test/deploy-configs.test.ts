@@ -56,6 +56,7 @@ const TACIT_METRICS = [
   "tacit_labels_total",
   "tacit_newest_event_by_cohort_timestamp_seconds",
   "tacit_newest_event_timestamp_seconds",
+  "tacit_partition_resumed_total",
   "tacit_partitions_owned",
   "tacit_pii_detector_checked_total",
   "tacit_pii_detector_hits_total",
@@ -614,6 +615,7 @@ test("metrics: a worker's /metrics exposes exactly the SLI metric families", asy
   c.count("side_output", 2, { to: "labels.response" });
   c.count("ingest_delivered", 3);
   c.count("ingest_settled", 3, { outcome: "ok" });
+  c.count("partition_resumed", 0, { reason: "missed_deliveries" });
   // Operator counters, exported as tacit_<name>_total.
   c.count("labels", 1, { kind: "response", rule: "click" });
   c.count("responses_shown", 2);

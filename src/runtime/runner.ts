@@ -80,7 +80,8 @@ function gap(last: number | undefined, delivery: number): boolean {
   return last !== undefined && delivery !== last + 1;
 }
 
-const MISSED_DELIVERIES = { reason: "missed_deliveries" };
+/** The reason of `tacit_partition_resumed_total` that `gap` counts. */
+export const MISSED_DELIVERIES = { reason: "missed_deliveries" };
 
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
