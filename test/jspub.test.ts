@@ -49,7 +49,12 @@ test("publisher: many publishes in flight, each PubAck matched to its own publis
 
 test("publisher: a subject no stream takes, a refused publish and no answer at all are errors, and nothing waits forever", async () => {
   const pub = publisherFor(nc);
-  await assert.rejects(pub.publish("nostream.x", enc("x")), (err: Error) => err instanceof TransientError && /no stream listens/.test(err.message));
+  // No stream: answered 503 and sent again until the deadline, then an error that says so.
+  const short = new JetStreamPublisher(nc, 600);
+  const t1 = Date.now();
+  await assert.rejects(short.publish("nostream.x", enc("x")), (err: Error) => err instanceof TransientError && /no stream listened on the subject \(503\) for 600 ms/.test(err.message));
+  assert.ok(Date.now() - t1 >= 350 && Date.now() - t1 < 2_000, `failed after ${Date.now() - t1} ms`);
+  assert.equal(short.inFlight, 0);
 
   // The stream refuses a publish whose expected stream does not match.
   await assert.rejects(pub.publish("pubt.0", enc("x"), { headers: [["Nats-Expected-Stream", "OTHER"]] }), (err: Error) => err instanceof TransientError && /refused the publish/.test(err.message));
@@ -84,9 +89,44 @@ test("publisher: a PublishGroup resolves once every publish has its PubAck and r
   assert.equal((await jsm.streams.info("PUBT")).state.messages, before + 500);
 
   const bad = new PublishGroup();
-  pub.send(bad, "pubt.g", enc("fine"), { msgID: "group-ok" });
-  pub.send(bad, "nostream.g", enc("lost"));
-  await assert.rejects(bad.wait(), (err: Error) => err instanceof TransientError && /no stream listens/.test(err.message));
+  const short = new JetStreamPublisher(nc, 500);
+  short.send(bad, "pubt.g", enc("fine"), { msgID: "group-ok" });
+  short.send(bad, "nostream.g", enc("lost"));
+  await assert.rejects(bad.wait(), (err: Error) => err instanceof TransientError && /no stream listened/.test(err.message));
   // Failed once, it stays failed for whoever waits next.
-  await assert.rejects(bad.wait(), /no stream listens/);
+  await assert.rejects(bad.wait(), /no stream listened/);
+});
+
+test("publisher: a publish answered 503 (no stream listens yet, as while a clustered stream elects its leader) is sent again and lands once the stream is there, within its deadline", async () => {
+  // A connection of its own, whose publishes are counted (a second subscriber on the inbox
+  // would take the server's 503s away from the publisher's).
+  const own = await connect({ servers: servers.natsUrl, noAsyncTraces: true });
+  const sends = new Map<string, number>();
+  const publish = own.publish.bind(own);
+  own.publish = (subject, payload, opts) => {
+    sends.set(subject, (sends.get(subject) ?? 0) + 1);
+    publish(subject, payload, opts);
+  };
+  const pub = new JetStreamPublisher(own, 10_000);
+  const group = new PublishGroup();
+  for (let i = 0; i < 20; i++) pub.send(group, `late.${i % 2}`, enc(`late${i}`), { msgID: `late-${i}` });
+  const single = pub.publish("late.x", enc("single"), { msgID: "late-single" });
+  await new Promise((r) => setTimeout(r, 800));
+  assert.equal(pub.inFlight, 21, "every publish is still waiting, none failed");
+  const before = [...sends.values()].reduce((a, b) => a + b, 0);
+  assert.ok(before >= 21 * 3, `each publish was sent again after its 503s (${before} sends of 21 publishes in 800 ms)`);
+  await jsm.streams.add({ name: "LATE", subjects: ["late.>"] });
+  const t0 = Date.now();
+  await group.wait();
+  const ack = await single;
+  assert.ok(Date.now() - t0 < 2_000, "landed within a few retry intervals of the stream's creation");
+  assert.equal(ack.stream, "LATE");
+  assert.equal(pub.inFlight, 0);
+  // Each landed once, in the order it was sent.
+  const info = await jsm.streams.info("LATE");
+  assert.equal(info.state.messages, 21);
+  const first = await jsm.streams.getMessage("LATE", { seq: 1 });
+  assert.equal(new TextDecoder().decode(first!.data), "late0");
+  pub.close();
+  await own.close();
 });

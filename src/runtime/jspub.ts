@@ -46,6 +46,12 @@ interface Waiter {
   /** … the group it counts in (`send`). */
   group?: PublishGroup;
   deadline: number;
+  /** What was sent, to send again after a 503 (see NO_RESPONDERS_RETRY_MS). */
+  subject?: string;
+  data?: Uint8Array;
+  hdrs?: MsgHdrs;
+  /** Answered 503 at least once: a timeout then says so. */
+  noResponders?: boolean;
 }
 
 /**
@@ -90,6 +96,15 @@ export class PublishGroup {
 
 const decoder = new TextDecoder();
 const DEFAULT_TIMEOUT_MS = 10_000;
+/**
+ * A publish answered 503 (no responders: no stream listens on the subject) is sent again after
+ * this long, until its deadline. A clustered stream has no responder while it elects a leader (a
+ * node lost: a few seconds); failing the publish at once failed the caller's batch, whose retries
+ * back off (`runtime.retry_backoff`: 1 s, 5 s, then 30 s by default), so a short election stalled
+ * a worker for up to half a minute. nats.go's PublishAsync retries a 503 the same way (every
+ * 250 ms by default). A subject no stream will ever take fails at the deadline, as before.
+ */
+const NO_RESPONDERS_RETRY_MS = 250;
 
 /**
  * Asynchronous JetStream publishing in the manner of nats.go's `PublishAsync`: every publish is a
@@ -101,7 +116,8 @@ const DEFAULT_TIMEOUT_MS = 10_000;
  * should issue a batch's publishes without awaiting in between and then await them together.
  *
  * Timeouts are swept by one timer. A publish lost to a reconnect times out like any other and the
- * caller retries its batch; the message id makes the retry harmless.
+ * caller retries its batch; the message id makes the retry harmless. One answered 503 is sent
+ * again until its deadline (NO_RESPONDERS_RETRY_MS).
  */
 export class JetStreamPublisher {
   private readonly inbox = createInbox();
@@ -109,6 +125,9 @@ export class JetStreamPublisher {
   private next = 0;
   private sub?: Subscription;
   private sweeper?: NodeJS.Timeout;
+  /** Publishes answered 503, sent again by one timer (`again`). */
+  private retrying: string[] = [];
+  private retryTimer?: NodeJS.Timeout;
 
   constructor(
     private readonly nc: NatsConnection,
@@ -140,11 +159,39 @@ export class JetStreamPublisher {
     const token = (this.next++).toString(36);
     const hdrs = headerBlock(opts.msgID, opts.headers);
     waiter.deadline = Date.now() + this.timeoutMs;
+    waiter.subject = subject;
+    waiter.data = data;
+    waiter.hdrs = hdrs;
     this.waiting.set(token, waiter);
+    this.send1(token, waiter);
+  }
+
+  private send1(token: string, w: Waiter): void {
     try {
-      this.nc.publish(subject, data, { reply: `${this.inbox}.${token}`, headers: hdrs });
+      this.nc.publish(w.subject!, w.data!, { reply: `${this.inbox}.${token}`, headers: w.hdrs });
     } catch (err) {
       this.settle(token, err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+
+  /** A publish answered 503: sent again shortly while its deadline allows (see NO_RESPONDERS_RETRY_MS). */
+  private later(token: string, w: Waiter): void {
+    w.noResponders = true;
+    if (Date.now() + NO_RESPONDERS_RETRY_MS >= w.deadline) {
+      this.settle(token, this.timedOut(w));
+      return;
+    }
+    this.retrying.push(token);
+    this.retryTimer ??= setTimeout(() => this.again(), NO_RESPONDERS_RETRY_MS);
+  }
+
+  private again(): void {
+    this.retryTimer = undefined;
+    const tokens = this.retrying;
+    this.retrying = [];
+    for (const token of tokens) {
+      const w = this.waiting.get(token);
+      if (w) this.send1(token, w);
     }
   }
 
@@ -157,6 +204,9 @@ export class JetStreamPublisher {
   close(): void {
     if (this.sweeper) clearInterval(this.sweeper);
     this.sweeper = undefined;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+    this.retrying = [];
     this.failAll(new TransientError("publish_failed", "publisher closed before the PubAck arrived"));
     this.sub?.unsubscribe();
     this.sub = undefined;
@@ -164,10 +214,11 @@ export class JetStreamPublisher {
 
   private answer(m: Msg): void {
     const token = m.subject.slice(this.inbox.length + 1);
-    if (!this.waiting.has(token)) return; // timed out already
+    const w = this.waiting.get(token);
+    if (!w) return; // timed out already
     if (m.headers?.hasError) {
-      const why = m.headers.code === 503 ? `no stream listens on this subject (${m.headers.code})` : `${m.headers.code} ${m.headers.description}`;
-      this.settle(token, new TransientError("publish_failed", why));
+      if (m.headers.code === 503) this.later(token, w);
+      else this.settle(token, new TransientError("publish_failed", `${m.headers.code} ${m.headers.description}`));
       return;
     }
     let ack: { stream?: string; seq?: number; duplicate?: boolean; error?: { code?: number; err_code?: number; description?: string } };
@@ -199,8 +250,12 @@ export class JetStreamPublisher {
   private sweep(): void {
     const now = Date.now();
     for (const [token, w] of this.waiting) {
-      if (w.deadline <= now) this.settle(token, new TransientError("publish_failed", `no PubAck within ${this.timeoutMs} ms`));
+      if (w.deadline <= now) this.settle(token, this.timedOut(w));
     }
+  }
+
+  private timedOut(w: Waiter): TransientError {
+    return new TransientError("publish_failed", w.noResponders ? `no stream listened on the subject (503) for ${this.timeoutMs} ms` : `no PubAck within ${this.timeoutMs} ms`);
   }
 
   private failAll(err: Error): void {
