@@ -1,4 +1,4 @@
-import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type ConsumerConfig, type JsMsg } from "@nats-io/jetstream";
+import { DeliverPolicy, JetStreamApiCodes, JetStreamApiError, JetStreamError, type Consumer, type ConsumerConfig, type JsMsg } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
@@ -323,8 +323,9 @@ export class ConsumerRunner {
    * it expires, and it may still take messages. So on takeover, restart the durable at its ack
    * floor (deleting it also cancels every open request). Servers without a consumer reset API
    * (2.9) need delete + recreate. `always`: also when nothing is pending (deliveries were missed).
-   * A recreate that failed after the delete (a leader election) is tried again from what the
-   * deleted durable was.
+   * A delete or recreate that failed (a leader election: the request may have timed out and still
+   * have been applied) is tried again from what the durable was when first read: deleted again
+   * unless it is already gone, then recreated.
    */
   private async resumeInOrder(always = false): Promise<void> {
     const { jsm } = this.w.nats;
@@ -334,9 +335,11 @@ export class ConsumerRunner {
       const start = info.ack_floor.stream_seq + 1;
       this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
       this.recreate = { ...info.config, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start };
-      await jsm.consumers.delete(this.g.inputStream, this.durable);
     }
     try {
+      await jsm.consumers.delete(this.g.inputStream, this.durable).catch((err: unknown) => {
+        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) throw err;
+      });
       await jsm.consumers.add(this.g.inputStream, this.recreate);
       this.recreate = undefined;
     } catch (err) {
