@@ -100,9 +100,9 @@ const DEFAULT_TIMEOUT_MS = 10_000;
  * A publish answered 503 (no responders: no stream listens on the subject) is sent again after
  * this long, until its deadline. A clustered stream has no responder while it elects a leader (a
  * node lost: a few seconds); failing the publish at once failed the caller's batch, whose retries
- * back off (`runtime.retry_backoff`: 1 s, 5 s, then 30 s by default), so a short election stalled
- * a worker for up to half a minute. nats.go's PublishAsync retries a 503 the same way (every
- * 250 ms by default). A subject no stream will ever take fails at the deadline, as before.
+ * back off (`runtime.retry_backoff`: 1 s, 5 s, then 30 s by default), so a short election could
+ * stall a worker for half a minute. nats.go's PublishAsync retries a 503 the same way (every
+ * 250 ms by default). A subject no stream will ever take fails at the deadline.
  */
 const NO_RESPONDERS_RETRY_MS = 250;
 
@@ -116,8 +116,8 @@ const NO_RESPONDERS_RETRY_MS = 250;
  * should issue a batch's publishes without awaiting in between and then await them together.
  *
  * Timeouts are swept by one timer. A publish lost to a reconnect times out like any other and the
- * caller retries its batch; the message id makes the retry harmless. One answered 503 is sent
- * again until its deadline (NO_RESPONDERS_RETRY_MS).
+ * caller retries its batch; the message id makes the retry harmless. A publish answered 503 is
+ * sent again until its deadline (NO_RESPONDERS_RETRY_MS).
  */
 export class JetStreamPublisher {
   private readonly inbox = createInbox();
