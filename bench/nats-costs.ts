@@ -5,6 +5,7 @@ import { pathToFileURL } from "node:url";
 import { connect } from "@nats-io/transport-node";
 import { AckPolicy, jetstream, jetstreamManager, type Consumer, type JsMsg } from "@nats-io/jetstream";
 import { cpuMeter } from "../src/bench/bench.js";
+import { PublishGroup, publisherFor } from "../src/runtime/jspub.js";
 import { ensureBinaries } from "../src/services/binaries.js";
 import { freePort, startNats } from "../src/services/processes.js";
 
@@ -54,16 +55,15 @@ async function main(): Promise<void> {
       await what();
       return used();
     };
+    // The runtime's publisher, at most 1,000 in flight.
+    const pub = publisherFor(nc);
     const publishAll = async (subject: (i: number) => string, ids: string | undefined) => {
-      let inFlight: Promise<unknown>[] = [];
+      const group = new PublishGroup();
       for (let i = 0; i < n; i++) {
-        inFlight.push(js.publish(subject(i), payload, ids ? { msgID: `${ids}-${i}` } : undefined));
-        if (inFlight.length >= 1000) {
-          await Promise.all(inFlight);
-          inFlight = [];
-        }
+        pub.send(group, subject(i), payload, ids ? { msgID: `${ids}-${i}` } : {});
+        if (group.size >= 1000) await group.wait();
       }
-      await Promise.all(inFlight);
+      await group.wait();
     };
     process.stdout.write(`nats-server CPU per message (µs), ${n} messages of ${bytes} bytes, ${runs} rounds:\n`);
     for (let r = 0; r < runs; r++) {

@@ -249,7 +249,7 @@ export class ConsumerRunner {
         if (resume) {
           // Deliveries were missed: restart the durable where nothing is missed (see `gap`).
           await this.resumeInOrder(true);
-          this.w.counters(this.g.stages[0]!.name).count("partition_resumed", 1, MISSED_DELIVERIES);
+          ingest.count("partition_resumed", 1, MISSED_DELIVERIES);
           resume = false;
           lastDelivery = undefined;
           consumer = undefined;
