@@ -45,9 +45,9 @@ async function setup(t: TestContext, name: string, set: string[], onInput: (give
   const p = loadPipelineOrThrow(PIPELINE, { env, set: [...set, "runtime.lease_ttl=10s", "event_time.max_out_of_orderness=5m"], operators: findOperator });
   const nats = await connectNats(p, `${name}-test`);
   const redis = new Redis(servers.redisUrl);
-  let worker: Worker | undefined;
+  const workers: Worker[] = [];
   t.after(async () => {
-    await worker?.stop().catch(() => undefined);
+    for (const w of workers) await w.stop().catch(() => undefined);
     redis.disconnect();
     await nats.nc.close().catch(() => undefined);
     await servers.stop();
@@ -89,7 +89,13 @@ async function setup(t: TestContext, name: string, set: string[], onInput: (give
       } satisfies KeyedProcessor<unknown>;
     },
   };
-  worker = new Worker({ pipeline: p, operators: (name) => (name === "dedupe" ? recording : findOperator(name)), groups: ["dedupe"], log: silent, env, redis, nats });
+  /** A worker of the dedupe group (a second one stands for the process that takes over after the first died). */
+  const newWorker = () => {
+    const w = new Worker({ pipeline: p, operators: (name) => (name === "dedupe" ? recording : findOperator(name)), groups: ["dedupe"], log: silent, env, redis, nats });
+    workers.push(w);
+    return w;
+  };
+  const worker = newWorker();
   /** Every input once, in stream order, with the watermark its stream prefix gives (the runtime's rule: the latest event time before it minus max_out_of_orderness). */
   const assertInOrder = () => {
     const bound = p.event_time.max_out_of_orderness_ms;
@@ -97,7 +103,7 @@ async function setup(t: TestContext, name: string, set: string[], onInput: (give
     assert.deepEqual(given.map(({ id, wm }) => ({ id, wm })), expected, `inputs as the operator got them: ${JSON.stringify(given.map((g) => [g.id, g.deliveries]))}`);
   };
   const drained = () => consumersDrained(nats, [group.inputStream]);
-  return { p, nats, group, worker, sent, given, publish, drained, assertInOrder };
+  return { p, nats, group, worker, newWorker, sent, given, publish, drained, assertInOrder };
 }
 
 test("redelivered inputs behind newer ones: each input of a partition runs once, in stream order, with the watermark of its place in the stream", { timeout: 120_000 }, async (t) => {
@@ -154,4 +160,28 @@ test("deliveries lost in flight (another pull request took them and never acked)
   assert.ok(stolen.length > 0 && Math.min(...stolen) < 30, `the other request took inputs before the last (${stolen.join(",")})`);
   s.assertInOrder();
   assert.ok(resumed >= 1, `the partition restarted its durable (${resumed})`);
+});
+
+test("a partition whose durable is gone (its owner died between the durable's delete and its recreate): the next owner recreates it after the committed progress, and every input runs once, in stream order", { timeout: 120_000 }, async (t) => {
+  const s = await setup(t, "nodurable", ["runtime.batch_size=5"], () => undefined);
+  await s.publish(1, 10);
+  await s.worker.start();
+  // Drained: every input acked, so committed (acks follow commits).
+  await eventually("the first ten inputs processed and acked", async () => s.given.length >= 10 && (await s.drained()), 60_000, 50);
+  await s.worker.stop();
+  // What an owner leaves that died between the two steps of resumeInOrder (takeover, missed deliveries).
+  const durable = durableName(s.group, 0);
+  await s.nats.jsm.consumers.delete(s.group.inputStream, durable);
+  await s.publish(11, 20);
+  const next = s.newWorker();
+  await next.start();
+  await eventually("partition 0 to be processed and acked", async () => s.given.length >= 20 && (await s.drained()), 60_000, 100);
+  const resumed = next.stageCounters.get("dedupe")!.counts.get("partition_resumed{reason=durable_missing}") ?? 0;
+  const info = await s.nats.jsm.consumers.info(s.group.inputStream, durable);
+  await next.stop();
+  s.assertInOrder();
+  assert.equal(resumed, 1, "the partition recreated its durable once");
+  // As deploy made it (the filter of partition 0), and it begins after the committed inputs (the first ten were not delivered again).
+  assert.equal(info.config.filter_subject, stageSubject(s.p, "dedupe", 0));
+  assert.equal(info.delivered.consumer_seq, 10);
 });

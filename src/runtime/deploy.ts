@@ -74,12 +74,14 @@ export function desiredStreams(p: Pipeline, groups: StageGroup[]): Partial<Strea
   }));
 }
 
-/** The durable pull consumers: one per unkeyed group, one per partition of a keyed group. */
-export function desiredConsumers(p: Pipeline, groups: StageGroup[]): DesiredConsumer[] {
-  const out: DesiredConsumer[] = [];
-  const base = (durable: string, filter: string | undefined, what: string): DesiredConsumer["config"] => ({
-    durable_name: durable,
-    description: `tacit ${p.name}: ${what}`,
+/**
+ * The durable pull consumer of a group's input (`partition`: of a keyed group's partition), as
+ * `tacit deploy` creates it. A keyed partition whose durable is gone recreates it from this too.
+ */
+export function consumerConfig(p: Pipeline, g: StageGroup, partition?: number): DesiredConsumer["config"] {
+  return {
+    durable_name: durableName(g, partition),
+    description: `tacit ${p.name}: input of ${g.name}${partition === undefined ? "" : `, partition ${partition}`}`,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     replay_policy: ReplayPolicy.Instant,
@@ -87,16 +89,16 @@ export function desiredConsumers(p: Pipeline, groups: StageGroup[]): DesiredCons
     // Retries are counted by the runtime, which dead-letters; the server must never give up silently.
     max_deliver: -1,
     max_ack_pending: maxAckPending(p.runtime),
-    ...(filter ? { filter_subject: filter } : {}),
-  });
+    ...(partition === undefined ? {} : { filter_subject: stageSubject(p, g.name, partition) }),
+  };
+}
+
+/** The durable pull consumers: one per unkeyed group, one per partition of a keyed group. */
+export function desiredConsumers(p: Pipeline, groups: StageGroup[]): DesiredConsumer[] {
+  const out: DesiredConsumer[] = [];
   for (const g of groups) {
-    if (!g.keyed) {
-      out.push({ stream: g.inputStream, config: base(durableName(g), undefined, `input of ${g.name}`) });
-      continue;
-    }
-    for (let n = 0; n < p.partitions; n++) {
-      out.push({ stream: g.inputStream, config: base(durableName(g, n), stageSubject(p, g.name, n), `input of ${g.name}, partition ${n}`) });
-    }
+    if (!g.keyed) out.push({ stream: g.inputStream, config: consumerConfig(p, g) });
+    else for (let n = 0; n < p.partitions; n++) out.push({ stream: g.inputStream, config: consumerConfig(p, g, n) });
   }
   return out;
 }

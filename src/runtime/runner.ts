@@ -14,6 +14,7 @@ import type { NatsHandles } from "./nats.js";
 import { DeliveryInfoParser } from "./delivery-info.js";
 import { DLQ_HEADERS, Outputs } from "./outputs.js";
 import { durableName, maxAckPending, type StageGroup } from "../config/topology.js";
+import { consumerConfig } from "./deploy.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
 
 /**
@@ -80,8 +81,13 @@ function gap(last: number | undefined, delivery: number): boolean {
   return last !== undefined && delivery !== last + 1;
 }
 
-/** The reason of `tacit_partition_resumed_total` that `gap` counts. */
+function isConsumerNotFound(err: unknown): boolean {
+  return err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound;
+}
+
+/** The reasons of `tacit_partition_resumed_total`: `gap` found missed deliveries; the durable was gone (see `resumeInOrder`). */
 export const MISSED_DELIVERIES = { reason: "missed_deliveries" };
+export const DURABLE_MISSING = { reason: "durable_missing" };
 
 /** Outcomes of a settled message (M1 ingestion success; `tacit_ingest_settled_total`). */
 const INGEST_OK = { outcome: "ok" };
@@ -161,7 +167,7 @@ export class ConsumerRunner {
   private pull?: { stop(): void };
   private quick = false;
   /** The durable as it is to be recreated, between its delete and a recreate that succeeded (`resumeInOrder`). */
-  private recreate?: ConsumerConfig;
+  private recreate?: Partial<ConsumerConfig>;
   /** Keyed: the chain with its in-memory state, valid while this runner holds the partition. */
   private chain?: KeyedChain;
   private unkeyedStages?: UnkeyedStage[];
@@ -325,20 +331,33 @@ export class ConsumerRunner {
    * (2.9) need delete + recreate. `always`: also when nothing is pending (deliveries were missed).
    * A delete or recreate that failed (a leader election: the request may have timed out and still
    * have been applied) is tried again from what the durable was when first read: deleted again
-   * unless it is already gone, then recreated.
+   * unless it is already gone, then recreated. A durable that is gone when first read (an owner
+   * died between its delete and its recreate) is recreated as `tacit deploy` makes it, starting
+   * after the partition's committed progress: its ack floor is gone with it, and nothing after
+   * that progress was committed (acks follow commits, so the floor was never past it).
    */
   private async resumeInOrder(always = false): Promise<void> {
     const { jsm } = this.w.nats;
     if (!this.recreate) {
-      const info = await jsm.consumers.info(this.g.inputStream, this.durable);
-      if (!always && info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
-      const start = info.ack_floor.stream_seq + 1;
-      this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
-      this.recreate = { ...info.config, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start };
+      const info = await jsm.consumers.info(this.g.inputStream, this.durable).catch((err: unknown) => {
+        if (isConsumerNotFound(err)) return undefined;
+        throw err;
+      });
+      if (info) {
+        if (!always && info.num_ack_pending === 0 && info.num_redelivered === 0 && info.num_waiting === 0) return;
+        const start = info.ack_floor.stream_seq + 1;
+        this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
+        this.recreate = { ...info.config, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start };
+      } else {
+        const applied = Number((await this.w.state.hgetall(this.wmKey)).applied_seq ?? 0) || 0;
+        this.w.log.warn({ durable: this.durable, start: applied + 1 }, "durable missing (its owner died while recreating it): recreating it after the partition's committed progress");
+        this.w.counters(this.g.stages[0]!.name).count("partition_resumed", 1, DURABLE_MISSING);
+        this.recreate = { ...consumerConfig(this.w.pipeline, this.g, this.partition), deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: applied + 1 };
+      }
     }
     try {
       await jsm.consumers.delete(this.g.inputStream, this.durable).catch((err: unknown) => {
-        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) throw err;
+        if (!isConsumerNotFound(err)) throw err;
       });
       await jsm.consumers.add(this.g.inputStream, this.recreate);
       this.recreate = undefined;

@@ -15,7 +15,7 @@ import { PartitionLeases } from "./leases.js";
 import { assertDeployed } from "./deploy.js";
 import { connectNats, type NatsHandles } from "./nats.js";
 import { Outputs } from "./outputs.js";
-import { ConsumerRunner, MISSED_DELIVERIES, type RunnerHost } from "./runner.js";
+import { ConsumerRunner, DURABLE_MISSING, MISSED_DELIVERIES, type RunnerHost } from "./runner.js";
 import { stageGroups, type StageGroup } from "../config/topology.js";
 
 /** A worker's id: `<host>-<pid>-<hex>`. */
@@ -91,7 +91,10 @@ export class Worker implements RunnerHost {
       const c = this.counters(g.stages[0]!.name);
       c.count("ingest_delivered", 0);
       for (const outcome of ["ok", "dropped", "dead_lettered", "retried", "handed_back", "duplicate"]) c.count("ingest_settled", 0, { outcome });
-      if (g.keyed) c.count("partition_resumed", 0, MISSED_DELIVERIES);
+      if (g.keyed) {
+        c.count("partition_resumed", 0, MISSED_DELIVERIES);
+        c.count("partition_resumed", 0, DURABLE_MISSING);
+      }
     }
     this.budget = new CacheBudget(p.runtime.state_cache.max_entries);
   }

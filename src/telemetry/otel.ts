@@ -44,7 +44,7 @@ const RUNTIME_COUNTERS: Record<string, { metric: string; help: string; attr?: [s
   side_output: { metric: "tacit_stage_side_output_total", help: "records sent to a side output", attr: ["to", "output"] },
   ingest_delivered: { metric: "tacit_ingest_delivered_total", help: "messages delivered to a stage group's durable (M1: each is settled as ok, dropped, dead_lettered, retried or handed_back)" },
   ingest_settled: { metric: "tacit_ingest_settled_total", help: "messages a stage group settled, by outcome (M1)", attr: ["outcome", "outcome"] },
-  partition_resumed: { metric: "tacit_partition_resumed_total", help: "times a keyed partition restarted its durable at its ack floor because deliveries were missed in flight (a reconnect, a consumer leader's death)", attr: ["reason", "reason"] },
+  partition_resumed: { metric: "tacit_partition_resumed_total", help: "times a keyed partition restarted its durable: at its ack floor because deliveries were missed in flight (missed_deliveries: a reconnect, a consumer leader's death), or after its committed progress because the durable was gone (durable_missing: its owner died while recreating it)", attr: ["reason", "reason"] },
 };
 
 /** Seconds buckets from a millisecond batch up to a day (event time to label spans sessions). */
