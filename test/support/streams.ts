@@ -9,6 +9,8 @@ export interface StoredMsg {
   /** The message's bytes as stored (`data` is their UTF-8 decoding). */
   raw: Uint8Array;
   headers: Record<string, string>;
+  /** When the stream stored it (ms since the epoch, the server's clock). */
+  time: number;
 }
 
 /** Every message currently in a stream (optionally one subject), read with an ephemeral consumer. */
@@ -27,7 +29,7 @@ export async function readStream(nats: NatsHandles, stream: string, filter?: str
       got++;
       const headers: Record<string, string> = {};
       if (m.headers) for (const [k, v] of m.headers) headers[k] = v.join(",");
-      out.push({ subject: m.subject, seq: m.seq, data: dec.decode(m.data), raw: m.data, headers });
+      out.push({ subject: m.subject, seq: m.seq, data: dec.decode(m.data), raw: m.data, headers, time: Number(m.info.timestampNanos) / 1e6 });
     }
     if (got === 0) break;
   }
