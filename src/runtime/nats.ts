@@ -9,10 +9,22 @@ import { pooledNatsEncoding } from "./nats-encoding.js";
 /** How long the first connection (TLS handshake included) may take before the start fails. */
 const CONNECT_TIMEOUT_MS = 5_000;
 
+/**
+ * The API timeout of the pull loops' JetStream context. A request lost with a NATS node (a
+ * consumer's info while its leader is elected again, the check nats.js makes after a reconnect
+ * before it pulls again) is never answered: with the 10 s of the other contexts a partition
+ * stalled 10 s after its server or its consumer's leader died (the failover test's worker logs:
+ * "heartbeats missed", then "timeout" 10.2 s later). Shorter, the pull loop asks again sooner; a
+ * slow answer taken for a lost one costs a retry of the request, nothing else.
+ */
+const PULL_API_TIMEOUT_MS = 2_000;
+
 export interface NatsHandles {
   nc: NatsConnection;
   js: JetStreamClient;
   jsm: JetStreamManager;
+  /** For the runners' pull loops: API requests time out after PULL_API_TIMEOUT_MS. */
+  pull: JetStreamClient;
 }
 
 /** Connects with the pipeline's settings (user/password, token, creds file, TLS). */
@@ -52,5 +64,5 @@ export async function connectNats(p: Pipeline, name = "tacit"): Promise<NatsHand
     await nc.close().catch(() => undefined);
     throw err;
   }
-  return { nc, js, jsm };
+  return { nc, js, jsm, pull: jetstream(nc, { timeout: PULL_API_TIMEOUT_MS }) };
 }

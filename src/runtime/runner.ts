@@ -260,7 +260,7 @@ export class ConsumerRunner {
           lastDelivery = undefined;
           consumer = undefined;
         }
-        consumer ??= await nats.js.consumers.get(this.g.inputStream, this.durable);
+        consumer ??= await nats.pull.consumers.get(this.g.inputStream, this.durable);
         // Back-pressure: do not pull more while plenty is buffered.
         if (this.buffer.length >= max) {
           await new Promise((r) => setTimeout(r, 5));
