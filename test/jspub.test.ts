@@ -97,9 +97,8 @@ test("publisher: a PublishGroup resolves once every publish has its PubAck and r
   await assert.rejects(bad.wait(), /no stream listened/);
 });
 
-test("publisher: a publish answered 503 (no stream listens yet, as while a clustered stream elects its leader) is sent again and lands once the stream is there, within its deadline", async () => {
-  // A connection of its own, whose publishes are counted (a second subscriber on the inbox
-  // would take the server's 503s away from the publisher's).
+/** A connection of its own whose publishes are counted, by subject. */
+async function countingConnection(): Promise<{ own: NatsConnection; sends: Map<string, number> }> {
   const own = await connect({ servers: servers.natsUrl, noAsyncTraces: true });
   const sends = new Map<string, number>();
   const publish = own.publish.bind(own);
@@ -107,6 +106,13 @@ test("publisher: a publish answered 503 (no stream listens yet, as while a clust
     sends.set(subject, (sends.get(subject) ?? 0) + 1);
     publish(subject, payload, opts);
   };
+  return { own, sends };
+}
+
+test("publisher: a publish answered 503 (no stream listens yet, as while a clustered stream elects its leader) is sent again and lands once the stream is there, within its deadline", async () => {
+  // A connection of its own, whose publishes are counted (a second subscriber on the inbox
+  // would take the server's 503s away from the publisher's).
+  const { own, sends } = await countingConnection();
   const pub = new JetStreamPublisher(own, 10_000);
   const group = new PublishGroup();
   for (let i = 0; i < 20; i++) pub.send(group, `late.${i % 2}`, enc(`late${i}`), { msgID: `late-${i}` });
@@ -128,5 +134,45 @@ test("publisher: a publish answered 503 (no stream listens yet, as while a clust
   const first = await jsm.streams.getMessage("LATE", { seq: 1 });
   assert.equal(new TextDecoder().decode(first!.data), "late0");
   pub.close();
+  await own.close();
+});
+
+test("publisher: a publish with a message id that goes unanswered (taken by a server that died, a stream leader that died before storing it) is sent again once overdue and lands once; one without an id is not sent again", async () => {
+  // A connection of its own, whose publishes are counted; a subscriber that never answers stands
+  // for the server or leader that took the first sends and was lost.
+  const { own, sends } = await countingConnection();
+  let swallowed = 0;
+  const lost = own.subscribe("swallow.>", {
+    callback: () => {
+      swallowed++;
+    },
+  });
+  await own.flush();
+  const pub = new JetStreamPublisher(own, 10_000, 400);
+  const group = new PublishGroup();
+  for (let i = 0; i < 10; i++) pub.send(group, "swallow.id", enc(`s${i}`), { msgID: `swallow-${i}` });
+  const noId = new JetStreamPublisher(own, 1_500, 400);
+  const plain = noId.publish("swallow.plain", enc("plain"));
+  await new Promise((r) => setTimeout(r, 150));
+  assert.equal(swallowed, 11, "the first sends were taken and not answered");
+  lost.unsubscribe();
+  await jsm.streams.add({ name: "SWAL", subjects: ["swallow.>"] });
+  const t0 = Date.now();
+  await group.wait();
+  assert.ok(Date.now() - t0 < 2_000, `landed within a few resend intervals (${Date.now() - t0} ms)`);
+  assert.equal(pub.inFlight, 0);
+  assert.ok(pub.resent >= 10, `each was sent again (${pub.resent})`);
+  assert.ok((sends.get("swallow.id") ?? 0) >= 20);
+  // Each landed once, in the order first sent.
+  const info = await jsm.streams.info("SWAL");
+  assert.equal(info.state.messages, 10);
+  for (const seq of [1, 10]) assert.equal(new TextDecoder().decode((await jsm.streams.getMessage("SWAL", { seq }))!.data), `s${seq - 1}`);
+  // Without an id a second send could be stored twice: it waits out its deadline, sent once.
+  await assert.rejects(plain, /no PubAck within 1500 ms/);
+  assert.equal(sends.get("swallow.plain"), 1);
+  assert.equal(noId.resent, 0);
+  assert.equal((await jsm.streams.info("SWAL")).state.messages, 10);
+  pub.close();
+  noId.close();
   await own.close();
 });
