@@ -144,10 +144,10 @@ const RESEND_AFTER_MS = 2_000;
  * made in the same tick go out in one socket write (nats.js flushes on a microtask), so callers
  * should issue a batch's publishes without awaiting in between and then await them together.
  *
- * Timeouts are swept by one timer. A publish lost to a reconnect times out like any other and the
- * caller retries its batch; the message id makes the retry harmless. A publish answered 503 is
- * sent again until its deadline (NO_RESPONDERS_RETRY_MS), and so is one with a message id that
- * goes unanswered (RESEND_AFTER_MS).
+ * Timeouts are swept by one timer, which also sends again a publish with a message id that goes
+ * unanswered (RESEND_AFTER_MS): one lost to a reconnect or with a stream's leader lands then. One
+ * without an id times out at its deadline and the caller retries its batch. A publish answered
+ * 503 is sent again until its deadline (NO_RESPONDERS_RETRY_MS).
  */
 export class JetStreamPublisher {
   private readonly inbox = createInbox();
