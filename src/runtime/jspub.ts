@@ -129,9 +129,9 @@ const NO_RESPONDERS_RETRY_MS = 250;
  * that. In the failover test the killed node took 104 outputs in one run and 200 of enrich's
  * publishes in another; sent again, they landed once the stream had its new leader. Chosen far
  * above an overloaded worker's PubAck times, so that a slow answer is not taken for a lost one:
- * at most 0.42 s in the bench's throughput phase and 0.55 s in the load test's 4× overload
- * (README, "Fault tests and their long forms"). A publish without an id is never sent again: it
- * could be stored twice.
+ * at most 0.42 s in a whole `tacit bench` run and 0.55 s in the load test's 4× overload (README,
+ * "Fault tests and their long forms"). A publish without an id is never sent again: it could be
+ * stored twice.
  */
 const RESEND_AFTER_MS = 2_000;
 
