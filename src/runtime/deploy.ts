@@ -2,6 +2,7 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
+  JetStreamApiCodes,
   JetStreamApiError,
   ReplayPolicy,
   RetentionPolicy,
@@ -103,8 +104,14 @@ export function desiredConsumers(p: Pipeline, groups: StageGroup[]): DesiredCons
   return out;
 }
 
-function isNotFound(err: unknown): boolean {
-  return err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10014);
+/** JetStream answered that the consumer does not exist. */
+export function isConsumerNotFound(err: unknown): boolean {
+  return err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound;
+}
+
+/** JetStream answered that the stream or the consumer does not exist. */
+export function isNotFound(err: unknown): boolean {
+  return isConsumerNotFound(err) || (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound);
 }
 
 const STREAM_FIELDS = ["subjects", "max_age", "duplicate_window", "num_replicas", "max_bytes", "description"] as const;

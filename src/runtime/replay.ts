@@ -1,5 +1,5 @@
 import { hostname } from "node:os";
-import { AckPolicy, DeliverPolicy, JetStreamApiError, type ConsumerConfig, type ConsumerInfo } from "@nats-io/jetstream";
+import { AckPolicy, DeliverPolicy, type ConsumerConfig, type ConsumerInfo } from "@nats-io/jetstream";
 import type { Redis, Cluster } from "ioredis";
 import type { Pipeline } from "../config/types.js";
 import { ConfigError, TacitError, errorMessage } from "../core/errors.js";
@@ -7,7 +7,7 @@ import type { OperatorSpec } from "../core/operator.js";
 import { unlinkMatching } from "../state/redis.js";
 import { partitionKey } from "../core/state.js";
 import { pauseGroups, resumeGroups, liveWorkers, type PauseResult } from "./control.js";
-import { desiredConsumers } from "./deploy.js";
+import { desiredConsumers, isNotFound } from "./deploy.js";
 import { OP_REVISION_HEADER, fenceField, fencesKey, labelContentHash, parseFence, publishedKey, seedLabel, type Fence, type PublishedLabel } from "./label-registry.js";
 import type { NatsHandles } from "./nats.js";
 import { durableName, pipelineStreams, stageGroups, streamName, type StageGroup } from "../config/topology.js";
@@ -132,10 +132,6 @@ export function selectGroups(p: Pipeline, operators: (n: string) => OperatorSpec
     throw new ConfigError(`stage ${stage} is fused into group ${host.name} (no stream between them): replay the group with --stage ${host.name}`);
   }
   throw new ConfigError(`unknown stage ${stage}: the stage groups of ${p.name} are ${groups.map((x) => x.name).join(", ")}`);
-}
-
-function isNotFound(err: unknown): boolean {
-  return err instanceof JetStreamApiError && (err.code === 10014 || err.code === 10059);
 }
 
 async function probe<T>(nats: NatsHandles, stream: string, cfg: Partial<ConsumerConfig>, use: (name: string, info: ConsumerInfo) => Promise<T>): Promise<T> {

@@ -1,4 +1,4 @@
-import { DeliverPolicy, JetStreamApiCodes, JetStreamApiError, JetStreamError, type Consumer, type ConsumerConfig, type JsMsg } from "@nats-io/jetstream";
+import { DeliverPolicy, JetStreamApiError, JetStreamError, type Consumer, type ConsumerConfig, type JsMsg } from "@nats-io/jetstream";
 import type { Pipeline } from "../config/types.js";
 import { ManualClock } from "../core/clock.js";
 import type { Envelope } from "../core/event.js";
@@ -14,7 +14,7 @@ import type { NatsHandles } from "./nats.js";
 import { DeliveryInfoParser } from "./delivery-info.js";
 import { DLQ_HEADERS, Outputs } from "./outputs.js";
 import { durableName, maxAckPending, type StageGroup } from "../config/topology.js";
-import { consumerConfig } from "./deploy.js";
+import { consumerConfig, isConsumerNotFound } from "./deploy.js";
 import { admitInOrder, assignWatermarks, type PartitionProgress } from "./watermarks.js";
 
 /**
@@ -79,10 +79,6 @@ function inputHeaders(m: JsMsg): JsMsg["headers"] {
  */
 function gap(last: number | undefined, delivery: number): boolean {
   return last !== undefined && delivery !== last + 1;
-}
-
-function isConsumerNotFound(err: unknown): boolean {
-  return err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound;
 }
 
 /** The reasons of `tacit_partition_resumed_total`: `gap` found missed deliveries; the durable was gone (see `resumeInOrder`). */
