@@ -61,6 +61,7 @@ const TACIT_METRICS = [
   "tacit_pii_detector_checked_total",
   "tacit_pii_detector_hits_total",
   "tacit_pii_redacted_total",
+  "tacit_publish_resent_total",
   "tacit_replay_last_run_timestamp_seconds",
   "tacit_replay_runs_total",
   "tacit_responses_shown_total",
@@ -616,6 +617,7 @@ test("metrics: a worker's /metrics exposes exactly the SLI metric families", asy
   c.count("ingest_delivered", 3);
   c.count("ingest_settled", 3, { outcome: "ok" });
   c.count("partition_resumed", 0, { reason: "missed_deliveries" });
+  c.count("publish_resent", 0, { reason: "unanswered" });
   // Operator counters, exported as tacit_<name>_total.
   c.count("labels", 1, { kind: "response", rule: "click" });
   c.count("responses_shown", 2);

@@ -121,6 +121,9 @@ test("publisher: a publish answered 503 (no stream listens yet, as while a clust
   assert.equal(pub.inFlight, 21, "every publish is still waiting, none failed");
   const before = [...sends.values()].reduce((a, b) => a + b, 0);
   assert.ok(before >= 21 * 3, `each publish was sent again after its 503s (${before} sends of 21 publishes in 800 ms)`);
+  // The group counts its own publishes' sends again (the worker exports them, tacit_publish_resent_total).
+  assert.ok(group.resentNoResponders >= 20 * 2, `the group counted its 503 retries (${group.resentNoResponders})`);
+  assert.equal(group.resentUnanswered, 0);
   await jsm.streams.add({ name: "LATE", subjects: ["late.>"] });
   const t0 = Date.now();
   await group.wait();
@@ -162,6 +165,8 @@ test("publisher: a publish with a message id that goes unanswered (taken by a se
   assert.ok(Date.now() - t0 < 2_000, `landed within a few resend intervals (${Date.now() - t0} ms)`);
   assert.equal(pub.inFlight, 0);
   assert.ok(pub.resent >= 10, `each was sent again (${pub.resent})`);
+  assert.equal(group.resentUnanswered, pub.resent, "every send again was of the group's publishes, and counted there");
+  assert.equal(group.resentNoResponders, 0);
   assert.ok((sends.get("swallow.id") ?? 0) >= 20);
   // Each landed once, in the order first sent.
   const info = await jsm.streams.info("SWAL");

@@ -334,3 +334,37 @@ test("Redis down: batches are retried, nothing is lost or dead-lettered, and wor
     }
   });
 });
+
+test("an output stream without a leader for a while (here: not there): the worker's publishes to it are sent again, counted as publish_resent, and land once when it is back", { timeout: 120_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    const p = load(servers, "resent");
+    await deploy(p, nats);
+    const events = streamName(p, "events");
+    // No stream listens on the events subjects: JetStream answers 503, as while a clustered
+    // stream elects its leader.
+    await nats.jsm.streams.delete(events);
+    const redis = new Redis(servers.redisUrl);
+    const worker = new Worker({ pipeline: p, operators: findOperator, log: silent, env: env(servers, "resent"), redis, nats });
+    await worker.start();
+    try {
+      const good = [...benchEvents(500, 20, Date.now() - 3_600_000)];
+      await publishLines(p, nats.js, good, { idPrefix: "rs" });
+      // An outage of 2 s, within the publishes' 10 s deadline: no batch fails.
+      await new Promise((r) => setTimeout(r, 2_000));
+      await deploy(p, nats);
+      await eventually("every event out", async () => (await nats.jsm.streams.info(events)).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 60_000, 200);
+      const ids = await outputIds(p, nats);
+      assert.equal(ids.size, good.length);
+      assert.ok([...ids.values()].every((n) => n === 1), "each output stored once");
+      assert.equal(worker.stageCounters.get("dedupe")!.counts.get("ingest_settled{outcome=retried}"), 0, "no batch failed");
+      // Counted when a batch's publishes end.
+      const resent = (reason: string) => worker.stageCounters.get("dedupe")!.counts.get(`publish_resent{reason=${reason}}`) ?? 0;
+      assert.ok(resent("no_responders") > 0, "the keyed group's outputs were sent again while no stream took them");
+      assert.equal(resent("unanswered"), 0, "every send was answered");
+      assert.equal(worker.stageCounters.get("enrich")!.counts.get("publish_resent{reason=no_responders}"), 0, "enrich's partition stream was there all along");
+    } finally {
+      await worker.stop();
+      redis.disconnect();
+    }
+  });
+});

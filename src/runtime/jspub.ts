@@ -79,6 +79,9 @@ export class PublishGroup {
   private open = 0;
   private error: Error | undefined;
   private waiter: { resolve(): void; reject(err: Error): void } | undefined;
+  /** Sends again of the group's publishes: unanswered for RESEND_AFTER_MS, or answered 503 (NO_RESPONDERS_RETRY_MS). */
+  resentUnanswered = 0;
+  resentNoResponders = 0;
 
   /** Publishes of the group still waiting for their PubAck. */
   get size(): number {
@@ -227,7 +230,9 @@ export class JetStreamPublisher {
     const now = Date.now();
     for (const token of tokens) {
       const w = this.waiting.get(token);
-      if (w) this.send1(token, w, now);
+      if (!w) continue;
+      if (w.group) w.group.resentNoResponders++;
+      this.send1(token, w, now);
     }
   }
 
@@ -295,6 +300,7 @@ export class JetStreamPublisher {
       if (w.deadline <= now) this.settle(token, this.timedOut(w));
       else if (w.resendAt <= now) {
         this.unanswered++;
+        if (w.group) w.group.resentUnanswered++;
         this.send1(token, w, now);
       }
     }

@@ -4,6 +4,7 @@ import { TransientError, errorMessage } from "../core/errors.js";
 import { spliceAttrs, type Envelope } from "../core/event.js";
 import { LABEL_OUTPUTS, type Emit } from "../core/operator.js";
 import type { CommitGroup, StateStore } from "../core/state.js";
+import type { StageCounters } from "../telemetry/metrics.js";
 import type { RuntimeObserver } from "../telemetry/otel.js";
 import { startStageSpan } from "../telemetry/tracing.js";
 import type { MsgResult } from "./chain.js";
@@ -43,6 +44,8 @@ export class Outputs {
     private readonly groups: StageGroup[],
     private readonly nc: NatsConnection,
     private readonly state: StateStore,
+    /** The worker's counters of a stage: a group's publishes sent again are counted under its first stage. */
+    private readonly counters: (stage: string) => StageCounters,
     private readonly observer?: RuntimeObserver,
   ) {}
 
@@ -97,16 +100,28 @@ export class Outputs {
    * caller clears it after each commit): it is read before Redis and updated.
    */
   async publish(g: StageGroup, msgs: SourceMsg[], results: MsgResult[], sink: MsgResult, registry: Map<string, PublishedLabel | undefined>): Promise<CommitGroup[]> {
+    const { plan, commits } = await this.planLabels(results, sink, registry);
+    const pending = new PublishGroup();
+    try {
+      await this.issue(g, msgs, results, sink, plan, pending);
+    } finally {
+      const c = this.counters(g.stages[0]!.name);
+      if (pending.resentUnanswered) c.count("publish_resent", pending.resentUnanswered, RESENT_UNANSWERED);
+      if (pending.resentNoResponders) c.count("publish_resent", pending.resentNoResponders, RESENT_NO_RESPONDERS);
+    }
+    return commits;
+  }
+
+  /** Sends every output of the batch into `pending` and waits for their PubAcks. */
+  private async issue(g: StageGroup, msgs: SourceMsg[], results: MsgResult[], sink: MsgResult, plan: Map<Emit, { rev: number; k: number } | null>, pending: PublishGroup): Promise<void> {
     const p = this.p;
     const pub = publisherFor(this.nc);
     // Issued without an await in between (until max_in_flight are out), so a batch's publishes
     // leave in a few socket writes.
     const limit = p.runtime.max_in_flight;
-    const pending = new PublishGroup();
     const send = (subject: string, data: Uint8Array, msgID: string, hdrs?: HeaderPairs) => pub.send(pending, subject, data, { msgID, headers: hdrs });
     // Awaited only when full: an await per input would yield to nats.js's flush each time.
     const drain = () => pending.wait();
-    const { plan, commits } = await this.planLabels(results, sink, registry);
     const last = g.index === this.groups.length - 1;
     const now = Date.now();
     const observer = this.observer;
@@ -170,6 +185,9 @@ export class Outputs {
     } catch (err) {
       throw new TransientError("publish_failed", `publishing outputs failed: ${errorMessage(err)}`, err);
     }
-    return commits;
   }
 }
+
+/** The reasons of `tacit_publish_resent_total`: unanswered for RESEND_AFTER_MS, or answered 503 (see jspub.ts). */
+export const RESENT_UNANSWERED = { reason: "unanswered" };
+export const RESENT_NO_RESPONDERS = { reason: "no_responders" };

@@ -14,7 +14,7 @@ import { CacheBudget } from "./keyed-state.js";
 import { PartitionLeases } from "./leases.js";
 import { assertDeployed } from "./deploy.js";
 import { connectNats, type NatsHandles } from "./nats.js";
-import { Outputs } from "./outputs.js";
+import { Outputs, RESENT_NO_RESPONDERS, RESENT_UNANSWERED } from "./outputs.js";
 import { ConsumerRunner, DURABLE_MISSING, MISSED_DELIVERIES, type RunnerHost } from "./runner.js";
 import { stageGroups, type StageGroup } from "../config/topology.js";
 
@@ -91,6 +91,8 @@ export class Worker implements RunnerHost {
       const c = this.counters(g.stages[0]!.name);
       c.count("ingest_delivered", 0);
       for (const outcome of ["ok", "dropped", "dead_lettered", "retried", "handed_back", "duplicate"]) c.count("ingest_settled", 0, { outcome });
+      c.count("publish_resent", 0, RESENT_UNANSWERED);
+      c.count("publish_resent", 0, RESENT_NO_RESPONDERS);
       if (g.keyed) {
         c.count("partition_resumed", 0, MISSED_DELIVERIES);
         c.count("partition_resumed", 0, DURABLE_MISSING);
@@ -279,7 +281,7 @@ export class Worker implements RunnerHost {
   }
 
   get outputs(): Outputs {
-    return (this.out ??= new Outputs(this.opts.pipeline, this.allGroups, this.nats.nc, this.state, this.opts.observer));
+    return (this.out ??= new Outputs(this.opts.pipeline, this.allGroups, this.nats.nc, this.state, (stage) => this.counters(stage), this.opts.observer));
   }
 
   /** The lease a keyed partition's commits are fenced by, where the store can check it atomically. */

@@ -44,6 +44,7 @@ const RUNTIME_COUNTERS: Record<string, { metric: string; help: string; attr?: [s
   side_output: { metric: "tacit_stage_side_output_total", help: "records sent to a side output", attr: ["to", "output"] },
   ingest_delivered: { metric: "tacit_ingest_delivered_total", help: "messages delivered to a stage group's durable (M1: each is settled as ok, dropped, dead_lettered, retried or handed_back)" },
   ingest_settled: { metric: "tacit_ingest_settled_total", help: "messages a stage group settled, by outcome (M1)", attr: ["outcome", "outcome"] },
+  publish_resent: { metric: "tacit_publish_resent_total", help: "publishes of a stage group's outputs sent again: unanswered for 2 s (unanswered: taken by a server that died, or by a stream leader that died before storing it; the stream stores it once, by its message id) or answered 503 (no_responders: no stream listened, as while a clustered stream elects its leader)", attr: ["reason", "reason"] },
   partition_resumed: { metric: "tacit_partition_resumed_total", help: "times a keyed partition restarted its durable: at its ack floor because deliveries were missed in flight (missed_deliveries: a reconnect, a consumer leader's death), or after its committed progress because the durable was gone (durable_missing: its owner died while recreating it)", attr: ["reason", "reason"] },
 };
 
