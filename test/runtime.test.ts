@@ -368,3 +368,55 @@ test("an output stream without a leader for a while (here: not there): the worke
     }
   });
 });
+
+/**
+ * SIGTERM to a `tacit run` while `outage` lasts: it must exit 0 well before its supervisor's
+ * grace period (60 s in deploy/), handing back what it cannot finish instead of retrying it; once
+ * `restore` ends the outage, a new worker outputs every event once.
+ */
+async function sigtermDuringOutage(servers: TestServers, nats: NatsHandles, name: string, outage: (p: Pipeline) => Promise<void>, restore: (p: Pipeline) => Promise<void>): Promise<void> {
+  const p = load(servers, name);
+  await deploy(p, nats);
+  const events = streamName(p, "events");
+  const good = [...benchEvents(2000, 50, Date.now() - 3_600_000)];
+  await publishLines(p, nats.js, good.slice(0, 1000), { idPrefix: `${name}1` });
+  const child = tacitRun(servers, name) as ChildProcess & { stderrText: () => string };
+  await eventually("processing to start", async () => (await nats.jsm.streams.info(events)).state.messages > 0, 60_000, 20);
+  await outage(p);
+  await publishLines(p, nats.js, good.slice(1000), { idPrefix: `${name}2` });
+  await new Promise((r) => setTimeout(r, 1_000));
+  const t0 = Date.now();
+  child.kill("SIGTERM");
+  const code = await Promise.race([exited(child), new Promise<string>((r) => setTimeout(() => r("still running"), 30_000))]);
+  if (code !== 0) child.kill("SIGKILL");
+  assert.equal(code, 0, child.stderrText());
+  assert.ok(Date.now() - t0 < 20_000, `stopped within 20 s (${Date.now() - t0} ms)`);
+  assert.match(child.stderrText(), /handed back, not retried/);
+  await restore(p);
+  const again = tacitRun(servers, name);
+  await eventually("the rest to be processed", async () => (await nats.jsm.streams.info(events)).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 120_000, 200);
+  again.kill("SIGTERM");
+  await exited(again);
+  const ids = await outputIds(p, nats);
+  assert.equal(ids.size, good.length);
+  assert.ok([...ids.values()].every((n) => n === 1), "each output stored once");
+}
+
+test("SIGTERM while an output stream takes nothing: the worker hands back what it cannot finish and exits 0 without waiting out the outage; every event is output once after it", { timeout: 180_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    // The keyed group's output stream stops taking its subjects (what it stored stays): its
+    // publishes are answered 503 until their 10 s deadline, then the batch fails, and it used to
+    // be retried with backoff for as long as that lasted.
+    const outage = async (p: Pipeline) => {
+      const cfg = (await nats.jsm.streams.info(streamName(p, "events"))).config;
+      await nats.jsm.streams.update(streamName(p, "events"), { ...cfg, subjects: [`${p.subject_prefix}.nowhere`] });
+    };
+    await sigtermDuringOutage(servers, nats, "termout", outage, (p) => deploy(p, nats));
+  });
+});
+
+test("SIGTERM while Redis is down: the worker hands back what it cannot commit and exits 0 without waiting out the outage or each lease request's retries; every event is output once after it", { timeout: 180_000 }, async () => {
+  await withEnv(async (servers, nats) => {
+    await sigtermDuringOutage(servers, nats, "termredis", () => servers.stopRedis(), () => servers.restartRedis());
+  });
+});

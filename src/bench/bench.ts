@@ -15,6 +15,7 @@ import { durableName, stageGroups, streamName } from "../config/topology.js";
 import { createWorker, type ThreadSpec, type ThreadedWorker } from "../runtime/threads.js";
 import { Worker } from "../runtime/worker.js";
 import { openPipelineRedis } from "../state/redis.js";
+import { within } from "../core/wait.js";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -335,11 +336,9 @@ async function latencyProbe(nats: NatsHandles, stream: string, tsOf: (data: Uint
       if (out.length >= expected || Date.now() > end) break;
     }
   })();
-  // The timer is cleared once the probe is done: left running, it kept the process alive for up
-  // to timeoutMs after the bench had printed its figures.
-  let timer: NodeJS.Timeout | undefined;
-  await Promise.race([done, new Promise((r) => (timer = setTimeout(r, timeoutMs)))]);
-  clearTimeout(timer);
+  // `within` clears its timer once the probe is done: left running, it kept the process alive
+  // for up to timeoutMs after the bench had printed its figures.
+  await within(done, timeoutMs);
   await msgs.close().catch(() => undefined);
   return out;
 }
@@ -837,9 +836,7 @@ function alive(w: ChildWorker): boolean {
 /** SIGTERM (the worker drains), then SIGKILL whatever is still there after `graceMs`. */
 async function stopChildWorkers(ws: ChildWorker[], graceMs = 15_000): Promise<void> {
   for (const w of ws) if (alive(w)) w.child.kill("SIGTERM");
-  let timer: NodeJS.Timeout | undefined;
-  await Promise.race([Promise.all(ws.map((w) => w.exited)), new Promise((r) => (timer = setTimeout(r, graceMs)))]);
-  clearTimeout(timer);
+  await within(Promise.all(ws.map((w) => w.exited)), graceMs);
   for (const w of ws) if (alive(w)) w.child.kill("SIGKILL");
 }
 

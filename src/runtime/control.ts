@@ -2,6 +2,7 @@ import type { Redis, Cluster } from "ioredis";
 import { TacitError, errorMessage } from "../core/errors.js";
 import type { Logger } from "../core/operator.js";
 import { pipelineKey } from "../core/state.js";
+import { within } from "../core/wait.js";
 
 /*
  * Per-group pause through Redis, which running workers obey: the operator's side (`tacit replay`)
@@ -150,18 +151,23 @@ export class ControlLoop {
     );
   }
 
-  /** Stops polling and leaves the worker sets (the worker is stopping). */
+  /**
+   * Stops polling and leaves the worker sets (the worker is stopping). The Redis requests are
+   * waited for WORKER_STALE_MS in all at most (with Redis down each would take the client's
+   * retries to fail): a heartbeat older than that counts for nothing anyway.
+   */
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
     if (this.beat) clearInterval(this.beat);
-    await this.running.catch(() => undefined);
+    const until = Date.now() + WORKER_STALE_MS;
+    await within(this.running.catch(() => undefined), WORKER_STALE_MS);
     const p = this.redis.pipeline();
     for (const g of this.groups) {
       p.zrem(controlWorkersKey(this.prefix, g), this.workerId);
       p.hdel(controlAcksKey(this.prefix, g), this.workerId);
     }
-    await p.exec().catch(() => undefined);
+    await within(p.exec().catch(() => undefined), until - Date.now());
   }
 }
 

@@ -47,6 +47,7 @@ class SlowRedis {
       else this.strings.delete(key);
       return 1;
     },
+    zrem: (key: string, member: string) => Number(this.zset(key).delete(member)),
   };
 
   zadd(key: string, score: number, member: string) {
@@ -75,15 +76,13 @@ class SlowRedis {
   zcard(key: string) {
     return this.trip(() => this.zset(key).size);
   }
-  zrem(key: string, member: string) {
-    return this.trip(() => Number(this.zset(key).delete(member)));
-  }
   pipeline() {
     const ops: (() => unknown)[] = [];
     const pipe = {
       zadd: (key: string, score: number, member: string) => (ops.push(() => this.now.zadd(key, score, member)), pipe),
       pexpire: (key: string, ms: number) => (ops.push(() => this.now.pexpire(key, ms)), pipe),
       eval: (script: string, keys: number, key: string, owner: string, ttl?: number) => (ops.push(() => this.now.eval(script, keys, key, owner, ttl)), pipe),
+      zrem: (key: string, member: string) => (ops.push(() => this.now.zrem(key, member)), pipe),
       exec: () => this.trip(() => ops.map((op) => [null, op()] as [null, unknown])),
     };
     return pipe;

@@ -1,6 +1,7 @@
 import type { Redis, Cluster } from "ioredis";
 import { pipelineKey } from "../core/state.js";
 import type { Logger } from "../core/operator.js";
+import { within } from "../core/wait.js";
 
 const RENEW_LUA = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end`;
 const RELEASE_LUA = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end`;
@@ -131,20 +132,29 @@ export class PartitionLeases {
     }
   }
 
-  /** Gives up every partition after settling it, and leaves the worker set. */
+  /**
+   * Gives up every partition after settling it, and leaves the worker set. Settling is waited
+   * for; the Redis requests around it (the round in flight, then the releases, the last renewal
+   * and leaving the set, in one round trip) a lease TTL each at most: with Redis down each
+   * would take the client's retries to fail, and a lease not given up runs out by itself
+   * within its TTL, as a dead worker's does.
+   */
   async stop(): Promise<void> {
-    // No more rebalancing; renewal goes on until every partition is settled and released.
+    // No more rebalancing; renewal goes on until every partition is settled.
     this.leaving = true;
     if (this.timer) clearInterval(this.timer);
-    await this.ticking.catch(() => undefined);
+    await within(this.ticking.catch(() => undefined), this.ttlMs);
+    const owned = this.owned();
     try {
-      for (const n of this.owned()) await this.release(n);
+      for (const n of owned) await this.cb.releasing(n);
     } finally {
       this.stopped = true;
       if (this.renewTimer) clearInterval(this.renewTimer);
-      await this.renewing.catch(() => undefined);
-      await this.redis.zrem(this.workersKey, this.workerId).catch(() => undefined);
+      for (const n of owned) this.held.delete(n);
+      const pipe = this.redis.pipeline();
+      for (const n of owned) pipe.eval(RELEASE_LUA, 1, this.key(n), this.workerId);
+      pipe.zrem(this.workersKey, this.workerId);
+      await within(Promise.all([this.renewing, pipe.exec()]).catch(() => undefined), this.ttlMs);
     }
   }
-
 }

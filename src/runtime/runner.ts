@@ -486,6 +486,17 @@ export class ConsumerRunner {
         // What the failed batch changed in memory was not committed: read it again from Redis.
         const held = this.rewind();
         if (this.abandon) return;
+        if (this.stopping) {
+          // A stop does not wait out an outage (its supervisor would kill the worker anyway):
+          // the failed batch and those held for the commit are handed back, to whoever reads
+          // the durable next, as after a crash; the rest of the buffer follows in `stop`.
+          const back = [...new Set([...held, ...msgs])];
+          for (const m of back) m.nak();
+          this.w.counters(this.g.stages[0]!.name).count("ingest_settled", back.length, INGEST_HANDED_BACK);
+          this.w.log.warn({ durable: this.durable, handed_back: back.length, err: errorMessage(err) }, "batch failed while stopping: handed back, not retried");
+          this.abandon = true;
+          return;
+        }
         const retryable = err instanceof TacitError ? err.retryable : true;
         const delay = backoff[Math.min(attempt, backoff.length - 1)] ?? 1000;
         this.w.log.warn({ durable: this.durable, attempt, delay, retryable, err: errorMessage(err) }, "batch failed; retrying");

@@ -5,6 +5,7 @@ import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { TacitError, errorMessage } from "../core/errors.js";
 import { SERVICE_BINARIES, findBinary, type ServiceName } from "./binaries.js";
+import { within } from "../core/wait.js";
 
 /** A running server started by {@link startNats} or {@link startRedis}. */
 export interface ServiceHandle {
@@ -254,12 +255,6 @@ async function waitUntil(cond: () => boolean, timeoutMs: number): Promise<boolea
     if (Date.now() >= deadline) return false;
     await sleep(POLL_INTERVAL_MS);
   }
-}
-
-/** Waits for `p` or `ms`, whichever comes first, without leaving a timer behind. */
-function within(p: Promise<void>, ms: number): Promise<void> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([p, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]).finally(() => clearTimeout(timer));
 }
 
 /** Last bytes a server wrote, for error messages. */
