@@ -1,6 +1,7 @@
 // Integration tests of the runtime against real nats-server and redis-server (started by the
 // harness on free ports): deploy, the DLQ path, exactly-once output under SIGKILL, graceful
-// shutdown, partition lease takeover, and Redis outages.
+// shutdown (also during an outage), partition lease takeover, Redis outages, and publishes sent
+// again while an output stream takes nothing.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -387,10 +388,12 @@ async function sigtermDuringOutage(servers: TestServers, nats: NatsHandles, name
   await new Promise((r) => setTimeout(r, 1_000));
   const t0 = Date.now();
   child.kill("SIGTERM");
-  const code = await Promise.race([exited(child), new Promise<string>((r) => setTimeout(() => r("still running"), 30_000))]);
+  // 8.7 s (NATS) and 17 s (Redis: each request takes the client's retries to fail) here; still
+  // running after 90 s before stops handed work back.
+  const code = await Promise.race([exited(child), new Promise<string>((r) => setTimeout(() => r("still running"), 50_000))]);
   if (code !== 0) child.kill("SIGKILL");
   assert.equal(code, 0, child.stderrText());
-  assert.ok(Date.now() - t0 < 20_000, `stopped within 20 s (${Date.now() - t0} ms)`);
+  assert.ok(Date.now() - t0 < 40_000, `stopped within 40 s (${Date.now() - t0} ms)`);
   assert.match(child.stderrText(), /handed back, not retried/);
   await restore(p);
   const again = tacitRun(servers, name);
