@@ -195,10 +195,10 @@ export class ConsumerRunner {
     const fences = await state.hgetall(fencesKey(this.w.pipeline.subject_prefix));
     this.fence = parseFence(fences[fenceField(this.g.inputStream, this.durable)]);
     if (this.partition !== undefined) {
-      await this.resumeInOrder();
       const h = await state.hgetall(this.wmKey);
       this.progress = { hwm: Number(h.applied_seq ?? 0) || 0, maxTs: h.max_ts ? Number(h.max_ts) : undefined, wm: h.wm ? Number(h.wm) : undefined };
       this.committed = { ...this.progress };
+      await this.resumeInOrder();
       const stages: KeyedStage[] = [];
       for (const s of this.g.stages) {
         const clock = new ManualClock(0);
@@ -345,7 +345,7 @@ export class ConsumerRunner {
         this.w.log.info({ durable: this.durable, start, ack_pending: info.num_ack_pending }, "resuming partition from its ack floor");
         this.recreate = { ...info.config, deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start };
       } else {
-        const applied = Number((await this.w.state.hgetall(this.wmKey)).applied_seq ?? 0) || 0;
+        const applied = this.committed.hwm;
         this.w.log.warn({ durable: this.durable, start: applied + 1 }, "durable missing (its owner died while recreating it): recreating it after the partition's committed progress");
         this.w.counters(this.g.stages[0]!.name).count("partition_resumed", 1, DURABLE_MISSING);
         this.recreate = { ...consumerConfig(this.w.pipeline, this.g, this.partition), deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: applied + 1 };
@@ -491,8 +491,7 @@ export class ConsumerRunner {
           // the failed batch and those held for the commit are handed back, to whoever reads
           // the durable next, as after a crash; the rest of the buffer follows in `stop`.
           const back = [...new Set([...held, ...msgs])];
-          for (const m of back) m.nak();
-          this.w.counters(this.g.stages[0]!.name).count("ingest_settled", back.length, INGEST_HANDED_BACK);
+          this.handBack(back);
           this.w.log.warn({ durable: this.durable, handed_back: back.length, err: errorMessage(err) }, "batch failed while stopping: handed back, not retried");
           this.abandon = true;
           return;
@@ -767,6 +766,12 @@ export class ConsumerRunner {
     if (retried) c.count("ingest_settled", retried, INGEST_RETRIED);
   }
 
+  /** Gives messages back to the durable unsettled (nak), for whoever reads it next. */
+  private handBack(msgs: JsMsg[]): void {
+    for (const m of msgs) m.nak();
+    if (msgs.length) this.w.counters(this.g.stages[0]!.name).count("ingest_settled", msgs.length, INGEST_HANDED_BACK);
+  }
+
   /** Stops fetching; with `settle`, finishes what was fetched first, else hands it back (nak). */
   async stop(settle: boolean, quick = false): Promise<void> {
     this.stopping = true;
@@ -779,9 +784,7 @@ export class ConsumerRunner {
     await this.fetching;
     this.wake?.();
     await this.loop;
-    const back = this.buffer.splice(0);
-    for (const m of back) m.nak();
-    if (back.length) this.w.counters(this.g.stages[0]!.name).count("ingest_settled", back.length, INGEST_HANDED_BACK);
+    this.handBack(this.buffer.splice(0));
     // The partition leaves this worker: its in-memory state is no longer valid.
     this.chain?.close();
   }
