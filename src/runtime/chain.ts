@@ -54,7 +54,11 @@ function withEnvelope(i: StageInput, envelope: Envelope): StageInput {
   return { seq: i.seq, subject: i.subject, data: i.data, envelope, deliveries: i.deliveries, stream_time_ms: i.stream_time_ms, watermark_ms: i.watermark_ms, partition: i.partition };
 }
 
-function record(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResult, onNext: (e: Emit) => boolean): void {
+/**
+ * Records an outcome's commits, error or drop in the message's result; false when it failed (its
+ * emits then go nowhere). The caller routes the emits (see `routeEmit`).
+ */
+function settle(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResult): boolean {
   if (o.commits) r.commits.push(...o.commits);
   if (o.error) {
     if (o.error.retryable) r.retry = { stage, err: o.error };
@@ -62,18 +66,19 @@ function record(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResu
       r.error = { stage, err: o.error };
       counters.count("dlq", 1, { reason: o.error.code });
     }
-    return;
+    return false;
   }
   if (o.dropped) {
     counters.count("dropped", 1, { reason: o.dropped });
     r.dropped ??= o.dropped;
   }
-  for (const e of o.emits) {
-    // Counted under the runtime's own names: an operator's counter of the same name (sessionize's `late`) stays apart.
-    if (e.to === "next") counters.count("out");
-    else counters.count("side_output", 1, { to: e.to });
-    if (!(e.to === "next" && onNext(e))) r.emits.push({ stage, emit: e });
-  }
+  return true;
+}
+
+/** Counts an emit under the runtime's own names (an operator's counter of the same name, sessionize's `late`, stays apart). */
+function countEmit(counters: OperatorMetrics, e: Emit): void {
+  if (e.to === "next") counters.count("out");
+  else counters.count("side_output", 1, { to: e.to });
 }
 
 /** One stage of an unkeyed group. */
@@ -98,11 +103,14 @@ export async function runUnkeyed(stages: UnkeyedStage[], items: Item[], results:
     const last = k === stages.length - 1;
     const next: Item[] = [];
     current.forEach((it, j) => {
-      record(counters, name, outcomes[j]!, results[it.msg]!, (e) => {
-        if (last) return false;
-        next.push({ msg: it.msg, input: { ...it.input, envelope: e.value as Envelope } });
-        return true;
-      });
+      const o = outcomes[j]!;
+      const r = results[it.msg]!;
+      if (!settle(counters, name, o, r)) return;
+      for (const e of o.emits) {
+        countEmit(counters, e);
+        if (e.to === "next" && !last) next.push({ msg: it.msg, input: { ...it.input, envelope: e.value as Envelope } });
+        else r.emits.push({ stage: name, emit: e });
+      }
     });
     current = next;
   }
@@ -306,11 +314,12 @@ export class KeyedChain {
     const user = input.envelope?.event?.user;
     if (typeof user !== "string" || !Number.isFinite(input.envelope.event.ts)) {
       // Keyed state needs a user and an event time: such an input never touches it.
-      record(stage.counters, stage.name, { emits: [], error: new BadInputError("bad_envelope", `${stage.name} needs an envelope with event.user and event.ts (seq ${input.seq})`) }, r, () => false);
+      settle(stage.counters, stage.name, { emits: [], error: new BadInputError("bad_envelope", `${stage.name} needs an envelope with event.user and event.ts (seq ${input.seq})`) }, r);
       return;
     }
+    const scope = stage.state.scope(user, this.partition);
     // The runtime's exactly-once guard: an input at or below the user's applied sequence ran before.
-    if (it.msg >= 0 && !it.held && input.seq <= stage.state.applied(user)) {
+    if (it.msg >= 0 && !it.held && input.seq <= scope.applied) {
       stage.counters.count("dropped", 1, { reason: "already_applied" });
       r.dropped ??= "already_applied";
       return;
@@ -319,22 +328,31 @@ export class KeyedChain {
     let o: Outcome;
     const from = stage.state.writeMark;
     try {
-      o = stage.proc.processElement(input, stage.state.scope(user, this.partition));
+      o = stage.proc.processElement(input, scope);
     } catch (err) {
       if (err instanceof TacitError && err.retryable) throw err;
       o = { emits: [], error: err instanceof TacitError ? err : new TacitError("processing_failed", errorMessage(err), { cause: err }) };
     }
-    if (it.msg >= 0 && !it.held && !o.error?.retryable) stage.state.markApplied(user, input.seq);
+    if (it.msg >= 0 && !it.held && !o.error?.retryable) scope.markApplied(input.seq);
     const to = stage.state.writeMark;
     if (o.commits?.length || to > from) this.effects.push({ r, state: stage.state, user, groups: o.commits, from, to });
-    record(stage.counters, stage.name, o, r, (e) => this.onward(k, it, e, results, sink));
+    if (settle(stage.counters, stage.name, o, r)) this.route(k, it, o.emits, r, results, sink);
   }
 
-  /** Passes a `next` emit to the following stage; false at the end of the chain (it is an output). */
-  private onward(k: number, from: Item, e: Emit, results: MsgResult[], sink: MsgResult): boolean {
-    if (k + 1 >= this.stages.length) return false;
-    this.feed(k + 1, { msg: from.msg, input: withEnvelope(from.input, e.value as Envelope), held: from.held, into: from.into }, results, sink);
-    return true;
+  /**
+   * Passes stage k's `next` emits to the following stage and keeps the others (and, at the end of
+   * the chain, every emit) as the result's outputs. An emit of the very envelope the stage was
+   * given goes on as the same input (no copy per stage it passes).
+   */
+  private route(k: number, from: Item, emits: Emit[], r: MsgResult, results: MsgResult[], sink: MsgResult): void {
+    const stage = this.stages[k]!;
+    const last = k + 1 >= this.stages.length;
+    for (const e of emits) {
+      countEmit(stage.counters, e);
+      if (e.to !== "next" || last) r.emits.push({ stage: stage.name, emit: e });
+      else if (e.value === from.input.envelope) this.feed(k + 1, from, results, sink);
+      else this.feed(k + 1, { msg: from.msg, input: withEnvelope(from.input, e.value as Envelope), held: from.held, into: from.into }, results, sink);
+    }
   }
 
   /**
@@ -401,11 +419,13 @@ export class KeyedChain {
       const mark = stage.state.writeMark;
       const out = stage.proc.onTimer(stage.state.scope(t.user, this.partition), firing);
       const end = stage.state.writeMark;
-      const from: Item = { msg: -1, input: { seq: 0, subject: "", data: new Uint8Array(), deliveries: 1, stream_time_ms: this.raisedBy ?? 0, watermark_ms: wm, partition: this.partition } };
       if (out.commits?.length || end > mark) this.effects.push({ r: sink, state: stage.state, user: t.user, groups: out.commits, from: mark, to: end });
       // Published after every message's outputs: later inputs' outputs follow it there (see inOrder).
       if (this.ordered && out.emits.length) this.toSink = true;
-      record(stage.counters, stage.name, { emits: out.emits, commits: out.commits }, sink, (e) => this.onward(k, from, e, results, sink));
+      if (out.commits) sink.commits.push(...out.commits);
+      if (out.emits.length === 0) continue;
+      const from: Item = { msg: -1, input: { seq: 0, subject: "", data: NO_BYTES, deliveries: 1, stream_time_ms: this.raisedBy ?? 0, watermark_ms: wm, partition: this.partition } };
+      this.route(k, from, out.emits, sink, results, sink);
     }
   }
 }

@@ -154,6 +154,33 @@ test("due users are found without scanning every timer; replaced timers do not p
   assert.deepEqual(popped, ["u2@5997", "u0@5998", "u1@5999"]);
 });
 
+test("a timer moved later is due only at its new time, one moved earlier at the earlier one; users fire in (time, user) order", async () => {
+  const { state } = setup();
+  await state.loadTimers();
+  await state.load(["a", "b", "c"]);
+  const set = (user: string, at: number) => state.scope(user, 0).setTimer(at);
+  set("a", 100);
+  set("b", 150);
+  set("c", 120);
+  set("a", 200);
+  set("c", 50);
+  set("b", 150);
+  assert.deepEqual(state.dueUsers(100), ["c"]);
+  assert.deepEqual(state.popDue(100), { user: "c", at: 50 });
+  // a's first time surfaces here and is not due: a comes back at 200.
+  assert.equal(state.popDue(100), undefined);
+  assert.deepEqual(state.dueUsers(149), []);
+  assert.deepEqual(new Set(state.dueUsers(200)), new Set(["a", "b"]));
+  set("b", 200);
+  const popped: string[] = [];
+  for (let t = state.popDue(300); t; t = state.popDue(300)) popped.push(`${t.user}@${t.at}`);
+  assert.deepEqual(popped, ["a@200", "b@200"]);
+  // What the commit writes: every user's time as it is now, none of the moves in between.
+  const { timersBefore, timersAfter } = state.takeChanges(0);
+  assert.deepEqual(timersBefore, []);
+  assert.deepEqual(timersAfter.flatMap((g) => g.ops), []);
+});
+
 test("mergeByTag puts a user's state and effects in one group; other tags stay apart", () => {
   const merged = mergeByTag([
     { ops: [{ op: "set", key: "tacit:{t:u:a}:s:state", value: "1:x" }] },

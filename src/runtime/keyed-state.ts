@@ -32,7 +32,7 @@ interface Entry<S> {
   /** The Redis key (built once per entry). */
   key: string;
   /** The scope operators see for this user (built on first use, then reused: no closures per input). */
-  scope?: KeyScope<S>;
+  scope?: UserScope<S>;
   /** Inputs held for event-time order, sorted by heldOrder (head stage of an ordered group). */
   held?: HeldInput[];
   /** The user's effects since the last commit, folded (see addEffects). */
@@ -41,6 +41,8 @@ interface Entry<S> {
   tagHead?: string;
   /** Used since the eviction sweep last passed it (CLOCK's reference bit, see `trim`). */
   used: boolean;
+  /** Changed since the last commit (listed in StageState's `dirty`). */
+  dirty: boolean;
 }
 
 /**
@@ -178,14 +180,22 @@ export function decodeStoredValue(raw: string): { applied: number; payload: stri
 /**
  * Event-time wake-ups of a stage's users (the operators' timers, or the release times of held
  * inputs): one per user, in memory as a min-heap, with what changed since the last commit.
+ *
+ * The heap is updated lazily (as a calendar queue defers): a wake-up moved later is not pushed
+ * again, since the user's earlier element surfaces first and is then pushed back at the user's
+ * time as it is by then. Operators move a user's timer later with most inputs (a session's end
+ * plus the gap), so most inputs cost a map write here instead of a heap push.
  */
 class Wakeups {
   readonly at = new Map<string, number>();
-  /** [at, user] min-heap; an element is live only while `at` maps its user to its time. */
+  /**
+   * [at, user] min-heap. Every user in `at` has an element at or before its time; an element is
+   * live while `at` maps its user to its time, one earlier than that is pushed back when it
+   * surfaces, any other is dropped then.
+   */
   private heap: [number, string][] = [];
-  private readonly changes = new Map<string, number | undefined>();
-  /** For each user in `changes`: its time as last committed (undefined: none). */
-  private readonly committed = new Map<string, number | undefined>();
+  /** What changed since the last commit, per user: its time as last committed and now (undefined: none). */
+  private readonly changes = new Map<string, { was: number | undefined; now: number | undefined }>();
 
   load(all: Iterable<[string, number]>): void {
     for (const [u, at] of all) this.at.set(u, at);
@@ -202,26 +212,34 @@ class Wakeups {
 
   /** Users due at `wm` or earlier: a walk of the heap's due part only. */
   due(wm: number): string[] {
-    const out: string[] = [];
+    const out = new Set<string>();
     const stack = this.heap.length && this.heap[0]![0] <= wm ? [0] : [];
     while (stack.length) {
       const i = stack.pop()!;
-      const [at, user] = this.heap[i]!;
-      if (this.at.get(user) === at) out.push(user);
+      const user = this.heap[i]![1];
+      const at = this.at.get(user);
+      if (at !== undefined && at <= wm) out.add(user);
       for (const c of [2 * i + 1, 2 * i + 2]) if (c < this.heap.length && this.heap[c]![0] <= wm) stack.push(c);
     }
-    return out;
+    return [...out];
   }
 
   /** The earliest live wake-up at or before `wm`, removed; undefined when none is due. */
   popDue(wm: number): { user: string; at: number } | undefined {
     while (this.heap.length > 0) {
-      const [at, user] = this.heap[0]!;
-      if (this.at.get(user) !== at) {
+      const top = this.heap[0]!;
+      if (top[0] > wm) return undefined;
+      const user = top[1];
+      const at = this.at.get(user);
+      if (at !== top[0]) {
         heapPop(this.heap);
+        // The user's time moved later since this element was pushed: it comes back at that time.
+        if (at !== undefined && at > top[0]) {
+          top[0] = at;
+          heapPush(this.heap, top);
+        }
         continue;
       }
-      if (at > wm) return undefined;
       heapPop(this.heap);
       this.change(user, undefined);
       return { user, at };
@@ -230,9 +248,11 @@ class Wakeups {
   }
 
   set(user: string, at: number | undefined): void {
-    if (this.at.get(user) === at) return;
+    const was = this.at.get(user);
+    if (was === at) return;
     this.change(user, at);
-    if (at !== undefined) {
+    // A later time needs no element of its own: the user's earlier one comes back with it.
+    if (at !== undefined && (was === undefined || at < was)) {
       heapPush(this.heap, [at, user]);
       // Replaced times stay in the heap until they surface: rebuild it before they pile up.
       if (this.heap.length > 2 * this.at.size + 1024) this.rebuild();
@@ -240,29 +260,27 @@ class Wakeups {
   }
 
   private change(user: string, at: number | undefined): void {
-    if (!this.changes.has(user)) this.committed.set(user, this.at.get(user));
+    const c = this.changes.get(user);
+    if (c) c.now = at;
+    else this.changes.set(user, { was: this.at.get(user), now: at });
     if (at === undefined) this.at.delete(user);
     else this.at.set(user, at);
-    this.changes.set(user, at);
   }
 
   /** The changes as sorted-set ops (members prefixed): new or earlier ones to `before`, later or removed ones to `after`. */
   take(key: string, prefix: string, before: StateOp[], after: StateOp[]): void {
-    for (const [user, at] of this.changes) {
-      const was = this.committed.get(user);
+    for (const [user, { was, now: at }] of this.changes) {
       if (at === was) continue;
       const member = prefix + user;
       if (at === undefined) after.push({ op: "zrem", key, member });
       else (was === undefined || at < was ? before : after).push({ op: "zadd", key, score: at, member });
     }
     this.changes.clear();
-    this.committed.clear();
   }
 
   clear(): void {
     this.at.clear();
     this.changes.clear();
-    this.committed.clear();
     this.heap = [];
   }
 }
@@ -270,7 +288,8 @@ class Wakeups {
 export class StageState<S> {
   /** Insertion order is recency order: a touch moves an entry to the end. */
   private readonly entries = new Map<string, Entry<S>>();
-  private readonly dirty = new Set<string>();
+  /** Users changed since the last commit, each once (its entry's `dirty` says it is listed). */
+  private readonly dirty: string[] = [];
   /** Effects in another hash tag than their user's (index pointers), in the order they came. */
   private readonly otherEffects: CommitGroup[] = [];
   /**
@@ -341,7 +360,7 @@ export class StageState<S> {
     missing.forEach((user, i) => {
       const raw = values[i];
       // Every field from the start: one object shape for all entries, whatever is added later.
-      const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]!, scope: undefined, held: undefined, effects: undefined, tagHead: undefined, used: true };
+      const entry: Entry<S> = { state: undefined, applied: 0, key: keys[i]!, scope: undefined, held: undefined, effects: undefined, tagHead: undefined, used: true, dirty: false };
       if (raw != null) {
         const { applied, payload, held } = decodeStoredValue(raw);
         entry.applied = applied;
@@ -381,7 +400,7 @@ export class StageState<S> {
     while (i > 0 && heldOrder(held[i - 1]!, input) > 0) i--;
     held.splice(i, 0, input);
     this.holds.set(user, held[0]!.env.event.ts);
-    this.dirty.add(user);
+    this.changed(e, user);
   }
 
   /** Every held input with an event time at or before `frontier`, taken out of the holds (in no particular order across users). */
@@ -395,7 +414,7 @@ export class StageState<S> {
       out.push(...held.splice(0, n));
       if (held.length) this.holds.set(h.user, held[0]!.env.event.ts);
       else delete e.held;
-      this.dirty.add(h.user);
+      this.changed(e, h.user);
     }
     return out;
   }
@@ -407,16 +426,27 @@ export class StageState<S> {
 
   /** Records that an input was applied to the user (its state is written with the next commit). */
   markApplied(user: string, seq: number): void {
-    const e = this.entry(user);
-    if (seq > e.applied) e.applied = seq;
-    this.dirty.add(user);
+    this.applyTo(this.entry(user), user, seq);
   }
 
-  /** The scope an operator sees for one user. */
-  scope(user: string, partition: number): KeyScope<S> {
+  /** @internal (markApplied, UserScope) */
+  applyTo(e: Entry<S>, user: string, seq: number): void {
+    if (seq > e.applied) e.applied = seq;
+    this.changed(e, user);
+  }
+
+  /** The scope an operator sees for one user (the runtime's own view of it: see UserScope). */
+  scope(user: string, partition: number): UserScope<S> {
     const e = this.entry(user);
     e.used = true;
     return (e.scope ??= new UserScope(this, e, user, partition));
+  }
+
+  /** @internal (UserScope, the writes): the user's entry is to be written with the next commit. */
+  changed(e: Entry<S>, user: string): void {
+    if (e.dirty) return;
+    e.dirty = true;
+    this.dirty.push(user);
   }
 
   /**
@@ -431,7 +461,7 @@ export class StageState<S> {
       if (g.guard || !g.ops.every((op) => op.key.startsWith(head))) this.otherEffects.push(g);
       else (e.effects ??= new UserEffects()).add(g.ops);
     }
-    this.dirty.add(user);
+    this.changed(e, user);
   }
 
   /** Where the next feature write goes: an input's writes are the span between two marks. */
@@ -450,7 +480,7 @@ export class StageState<S> {
     for (let i = from; i < to; i += 5) {
       const { e, user } = w[i] as UserFeatures<S>;
       (e.effects ??= new UserEffects()).write(this.userHead(e, user), w[i + 1] as string, w[i + 2] as string | Record<string, string | number>, w[i + 3] as number, w[i + 4] as number);
-      this.dirty.add(user);
+      this.changed(e, user);
     }
   }
 
@@ -461,11 +491,6 @@ export class StageState<S> {
   /** Forgets the feature writes (their spans were kept or dropped). */
   clearWrites(): void {
     this.writes.length = 0;
-  }
-
-  /** Marks a user's state as changed (written with the next commit). */
-  touch(user: string): void {
-    this.dirty.add(user);
   }
 
   /** @internal (UserScope) */
@@ -494,6 +519,7 @@ export class StageState<S> {
     const users: CommitGroup[] = [];
     for (const user of this.dirty) {
       const e = this.entries.get(user)!;
+      e.dirty = false;
       let payload = e.state === undefined ? "" : this.codec.encode(e.state);
       if (e.held?.length) payload = `${HELD_MARK}${JSON.stringify(e.held)}\n${payload}`;
       const ttl = Math.max(1, Math.round(this.codec.ttlMs(e.state, eventTimeMs)));
@@ -502,7 +528,7 @@ export class StageState<S> {
       e.effects = undefined;
       users.push({ ops });
     }
-    this.dirty.clear();
+    this.dirty.length = 0;
     users.push(...this.otherEffects);
     this.otherEffects.length = 0;
     const group = (ops: StateOp[]): CommitGroup[] => (ops.length ? [{ ops }] : []);
@@ -527,7 +553,7 @@ export class StageState<S> {
     // Entries moved to the end come round again in this same sweep, unmarked; at most two passes.
     for (const [user, e] of this.entries) {
       if (this.entries.size <= keep) break;
-      if (this.dirty.has(user)) continue;
+      if (e.dirty) continue;
       this.entries.delete(user);
       if (e.used) {
         e.used = false;
@@ -539,7 +565,7 @@ export class StageState<S> {
   /** Forgets everything in memory (lease lost, failed batch): the next use reads Redis again. */
   drop(): void {
     this.entries.clear();
-    this.dirty.clear();
+    this.dirty.length = 0;
     this.otherEffects.length = 0;
     this.writes.length = 0;
     this.timers.clear();
@@ -553,8 +579,11 @@ export class StageState<S> {
   }
 }
 
-/** One user's scope: a view of its cache entry (the entry lives as long as the scope can be used). */
-class UserScope<S> implements KeyScope<S> {
+/**
+ * One user's scope: a view of its cache entry (the entry lives as long as the scope can be used).
+ * Operators see it as a KeyScope; the chain also reads and moves the user's guard through it.
+ */
+export class UserScope<S> implements KeyScope<S> {
   constructor(
     private readonly owner: StageState<S>,
     private readonly e: Entry<S>,
@@ -566,11 +595,19 @@ class UserScope<S> implements KeyScope<S> {
   }
   put(state: S): void {
     this.e.state = state;
-    this.owner.touch(this.user);
+    this.owner.changed(this.e, this.user);
   }
   clear(): void {
     this.e.state = undefined;
-    this.owner.touch(this.user);
+    this.owner.changed(this.e, this.user);
+  }
+  /** The guard: the highest input sequence applied to the user's state. */
+  get applied(): number {
+    return this.e.applied;
+  }
+  /** Records that an input was applied to the user (its state is written with the next commit). */
+  markApplied(seq: number): void {
+    this.owner.applyTo(this.e, this.user, seq);
   }
   setTimer(at: number | undefined): void {
     this.owner.setTimer(this.user, at);
