@@ -16,14 +16,34 @@ export const FEATURE_ENTITIES: readonly FeatureEntity[] = ["user", "response", "
 /** The name of a user's features hash among the user's keys (what label-derive writes through `key.features`). */
 export const USER_FEATURES = "features:user";
 
+/**
+ * Names built from an id, kept for the ids seen last (bounded): label-derive names a response's
+ * and a session's hash with every input, and the runtime folds its writes by that name, so the
+ * same string each time is looked up at its cached hash instead of hashing a new one.
+ */
+class NameCache {
+  private readonly names = new Map<string, string>();
+  constructor(private readonly prefix: string) {}
+  of(id: string): string {
+    let name = this.names.get(id);
+    if (name === undefined) {
+      if (this.names.size >= 4096) this.names.clear();
+      this.names.set(id, (name = this.prefix + id));
+    }
+    return name;
+  }
+}
+const RESPONSE_NAMES = new NameCache("features:response:");
+const SESSION_NAMES = new NameCache("features:session:");
+
 /** The name of a response's features hash among its user's keys. */
 export function responseFeatures(responseId: string): string {
-  return `features:response:${responseId}`;
+  return RESPONSE_NAMES.of(responseId);
 }
 
 /** The name of a session's features hash among its user's keys. */
 export function sessionFeatures(sessionId: string): string {
-  return `features:session:${sessionId}`;
+  return SESSION_NAMES.of(sessionId);
 }
 
 /** The features hash of a user: `tacit:{<prefix>:u:<user>}:features:user`. */
@@ -95,9 +115,11 @@ export const FEATURE_FIELDS: readonly FeatureField[] = [
   { entity: "session", name: "neg_weight", meaning: "summed weight of negative response labels decided in the session" },
 ];
 
+const COUNT_FIELDS = new NameCache("count_");
+
 /** The `count_<event_type>` field of an event type. */
 export function countField(type: string): string {
-  return `count_${type}`;
+  return COUNT_FIELDS.of(type);
 }
 
 /** Every concrete field name of an entity (patterns expanded over the v1 event types). */
