@@ -17,7 +17,7 @@ export const FEATURE_ENTITIES: readonly FeatureEntity[] = ["user", "response", "
 export const USER_FEATURES = "features:user";
 
 /**
- * Names built from an id, kept for the ids seen last (bounded): label-derive names a response's
+ * Names built from an id, kept for up to 4,096 ids (emptied when full): label-derive names a response's
  * and a session's hash with every input, and the runtime folds its writes by that name, so the
  * same string each time is looked up at its cached hash instead of hashing a new one.
  */

@@ -56,7 +56,7 @@ function withEnvelope(i: StageInput, envelope: Envelope): StageInput {
 
 /**
  * Records an outcome's commits, error or drop in the message's result; false when it failed (its
- * emits then go nowhere). The caller routes the emits (see `routeEmit`).
+ * emits then go nowhere). The caller routes the emits (KeyedChain.route, runUnkeyed).
  */
 function settle(counters: OperatorMetrics, stage: string, o: Outcome, r: MsgResult): boolean {
   if (o.commits) r.commits.push(...o.commits);
