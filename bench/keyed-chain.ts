@@ -39,6 +39,8 @@ const BATCH = 145;
 const T0 = Date.parse("2026-01-01T00:00:00Z");
 const KEY = "k1:0123456789abcdef0123456789abcdef";
 
+const SILENT = { debug() {}, info() {}, warn() {}, error() {} };
+
 /** A store that holds nothing: reads find nothing, commits are taken and dropped. */
 const EMPTY_STORE: StateStore = {
   inOrder: true,
@@ -72,7 +74,7 @@ async function run(events: number, users: number, warmup: number): Promise<{ wal
     partitions: p.partitions,
     state: EMPTY_STORE,
     clock,
-    log: { debug() {}, info() {}, warn() {}, error() {} },
+    log: SILENT,
     metrics: countersOf(stage),
     env: { TACIT_PSEUDONYM_KEY: KEY },
     devMode: true,
@@ -88,7 +90,7 @@ async function run(events: number, users: number, warmup: number): Promise<{ wal
       const clock = new ManualClock(0);
       const proc = await findOperator(s.operator)!.create(s.config, ctxOf(s.name, clock));
       if (!isKeyedProcessor(proc)) throw new Error(`${s.name} is not keyed`);
-      stages.push({ name: s.name, proc, state: new StageState(EMPTY_STORE, p.subject_prefix, s.name, n, proc.codec, ctxOf(s.name, clock).log, budget), counters: countersOf(s.name), clock });
+      stages.push({ name: s.name, proc, state: new StageState(EMPTY_STORE, p.subject_prefix, s.name, n, proc.codec, SILENT, budget), counters: countersOf(s.name), clock });
     }
     parts.push({ chain: new KeyedChain(stages, n), progress: { hwm: 0 }, seq: 0 });
   }
