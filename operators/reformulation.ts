@@ -3,7 +3,7 @@ import { DURATION_SCHEMA, parseDuration } from "../src/core/duration.js";
 import { BadInputError, errorMessage } from "../src/core/errors.js";
 import type { Envelope, TacitEvent } from "../src/core/event.js";
 import type { KeyScope, KeyedInput, KeyedProcessor, LintIssue, OperatorContext, OperatorSpec, Outcome, PipelineView, StateCodec } from "../src/core/operator.js";
-import { classifyReformulation, jaccard3, normalizedLevenshtein, REFORMULATION_KINDS, tokenOverlap, type ReformulationKind } from "../src/core/text.js";
+import { compareTexts, REFORMULATION_KINDS, type ReformulationKind } from "../src/core/text.js";
 import { isBotMarker } from "../src/core/event.js";
 
 /*
@@ -221,9 +221,7 @@ const NO_PREVIOUS: ReformulationAnnotation = {
 
 /** Compares a query with the previous one of its session and decides (exported for tests and docs). */
 export function compareQueries(c: CompiledReformulation, prev: { text: string; ts: number; query_id?: string; response_id?: string }, text: string, ts: number): ReformulationAnnotation {
-  const lev = normalizedLevenshtein(prev.text, text);
-  const j3 = jaccard3(prev.text, text);
-  const kind = classifyReformulation(prev.text, text, { spelling_max_edits: c.spellingMaxEdits });
+  const { levenshtein: lev, jaccard3: j3, tokenOverlap: overlap, kind } = compareTexts(prev.text, text, { spelling_max_edits: c.spellingMaxEdits });
   const gap = ts - prev.ts;
   let decision: ReformulationDecision;
   if (gap > c.maxGapMs) decision = "new_topic";
@@ -237,7 +235,7 @@ export function compareQueries(c: CompiledReformulation, prev: { text: string; t
     decision,
     levenshtein: round(lev),
     jaccard3: round(j3),
-    token_overlap: round(tokenOverlap(prev.text, text)),
+    token_overlap: round(overlap),
     gap_ms: gap,
   };
 }

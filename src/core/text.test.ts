@@ -1,9 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import fc from "fast-check";
 import {
   charNgrams,
   classifyReformulation,
   compactText,
+  compareTexts,
   jaccard,
   jaccard3,
   normalizedLevenshtein,
@@ -99,4 +101,23 @@ test("spelling_max_edits bounds the spelling rule", () => {
   assert.equal(classifyReformulation("colour theory", "color theory", { spelling_max_edits: 0 }), "substitution");
   assert.equal(classifyReformulation("abcdef", "abcxyz", { spelling_max_edits: 3 }), "spelling_correction");
   assert.equal(classifyReformulation("abcdef", "abcxyz"), "new_topic");
+});
+
+test("compareTexts gives what the four measures give one by one", () => {
+  // Words drawn from a few that share prefixes, stems and initials, in several cases and widths,
+  // so every reformulation kind comes up; and arbitrary Unicode besides.
+  const word = fc.constantFrom("python", "Python", "ＰＹＴＨＯＮ", "sort", "sorts", "sorting", "list", "lists", "ml", "machine", "learning", "colour", "color", "db", "database", "e-mail", "email", "", " ", "İstanbul", "ﬁle");
+  const phrase = fc.oneof(fc.array(word, { maxLength: 5 }).map((w) => w.join(" ")), fc.string({ unit: "grapheme", maxLength: 12 }));
+  fc.assert(
+    fc.property(phrase, phrase, fc.integer({ min: 0, max: 4 }), (a, b, edits) => {
+      const opts = { spelling_max_edits: edits };
+      assert.deepEqual(compareTexts(a, b, opts), {
+        levenshtein: normalizedLevenshtein(a, b),
+        jaccard3: jaccard3(a, b),
+        tokenOverlap: tokenOverlap(a, b),
+        kind: classifyReformulation(a, b, opts),
+      });
+    }),
+    { numRuns: 2000 },
+  );
 });
