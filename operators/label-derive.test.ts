@@ -1015,6 +1015,39 @@ for (const at of ["before_commits", "mid_commits", "after_commits"] as const) {
   });
 }
 
+test("response_memory: what a cached state forgets, input by input, is what a state read back for every input forgets", async () => {
+  const envs = (await simulatedInputs()).filter((x) => x.partition === 0);
+  // Three hours of traffic against 40 minutes of memory: responses are forgotten all along.
+  const config: LabelDeriveConfig = { probation: { enabled: true }, response_memory: "40m" };
+  /** The stored state of each input's user once that input is committed, and how many responses it remembers. */
+  const trace = async (cold: boolean) => {
+    const h = harness(config);
+    const after: string[] = [];
+    let remembered = 0;
+    for (const env of envs) {
+      await h.push(0, [env], { batchSize: 1 });
+      if (cold) await h.restart();
+      const { payload } = await h.stored(env.event.user).catch(() => ({ payload: "" }));
+      after.push(payload);
+      if (payload) remembered += (JSON.parse(payload) as { resp: unknown[] }).resp.length;
+    }
+    return { after, remembered, emits: [...h.emits("labels.response"), ...h.emits("labels.session")].map((e) => e.id) };
+  };
+  const cached = await trace(false);
+  const cold = await trace(true);
+  cached.after.forEach((x, i) => assert.equal(x, cold.after[i], `after input ${i}`));
+  assert.deepEqual(cached.emits, cold.emits);
+  // Forgetting happened: fewer responses are remembered along the way than with a day of memory.
+  const day = harness({ probation: { enabled: true } });
+  let dayRemembered = 0;
+  for (const env of envs) {
+    await day.push(0, [env], { batchSize: 1 });
+    const { payload } = await day.stored(env.event.user).catch(() => ({ payload: "" }));
+    if (payload) dayRemembered += (JSON.parse(payload) as { resp: unknown[] }).resp.length;
+  }
+  assert.ok(cached.remembered < dayRemembered, `remembered: ${cached.remembered} against ${dayRemembered}`);
+});
+
 test("retraction is exactly once: emit mode on simulated traffic, batch sizes and crashes at every point give the same labels (retractions included), state and features", async () => {
   const envs = await simulatedInputs();
   const config: LabelDeriveConfig = { probation: { enabled: false } };

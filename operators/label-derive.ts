@@ -465,6 +465,12 @@ interface UserState {
   held: Held[];
   /** Forgotten sessions with live labels or label weights, for response_memory after their end. */
   old: Retired[];
+  /**
+   * Newest event time at which `prune` has nothing to forget by age: response_memory after the
+   * oldest response or forgotten session. Kept in memory only (a loaded state has none, and is
+   * pruned in full once): without it, every input walked all of the user's responses.
+   */
+  quiet?: number;
 }
 
 interface StoredResp extends Omit<Resp, "labels"> {
@@ -488,7 +494,7 @@ interface StoredState {
 }
 
 function emptyState(): UserState {
-  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [], old: [] };
+  return { at: -Infinity, b: emptySums(), resp: new Map(), sess: new Map(), n: 0, ok: false, held: [], old: [], quiet: undefined };
 }
 
 /** Serializes a user's state (Maps as entry lists; -Infinity as null through JSON). */
@@ -524,6 +530,7 @@ function decodeLabelState(raw: string): UserState {
     ...(st.bot ? { bot: st.bot } : {}),
     held: Array.isArray(st.held) ? st.held : [],
     old: Array.isArray(st.old) ? st.old : [],
+    quiet: undefined,
   };
 }
 
@@ -699,6 +706,7 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     if (!r) {
       r = { id, t: ts, labels: new Map() };
       s.resp.set(id, r);
+      if (s.quiet !== undefined) s.quiet = Math.min(s.quiet, ts + this.c.responseMemoryMs);
       this.point(slot, "response", id, this.c.ttl.responseMs);
     }
     r.t = Math.max(r.t, ts);
@@ -1381,7 +1389,10 @@ class LabelDeriver implements KeyedProcessor<UserState> {
         s.sess.delete(id);
         // What a flag would still have to retract stays, without the session's aggregates.
         const live = [...x.labels].filter(([, r]) => (r.p?.w ?? 0) > 0);
-        if (!s.bot && (live.length || x.pos !== 0 || x.neg !== 0)) s.old.push({ id, end: x.end, labels: live, ...(x.pos !== 0 || x.neg !== 0 ? { w: 1 as const } : {}) });
+        if (!s.bot && (live.length || x.pos !== 0 || x.neg !== 0)) {
+          s.old.push({ id, end: x.end, labels: live, ...(x.pos !== 0 || x.neg !== 0 ? { w: 1 as const } : {}) });
+          if (s.quiet !== undefined) s.quiet = Math.min(s.quiet, x.end + this.c.responseMemoryMs);
+        }
       }
     }
   }
@@ -1501,15 +1512,22 @@ class LabelDeriver implements KeyedProcessor<UserState> {
 
   /** Forgets responses not touched for response_memory (unless their session is open) and the oldest beyond max_responses. */
   private prune(s: UserState): void {
+    const memory = this.c.responseMemoryMs;
+    if (s.quiet !== undefined && s.at <= s.quiet && s.resp.size <= this.c.maxResponses) return;
     const open = new Set([...s.sess.values()].filter((x) => !x.closed).map((x) => x.id));
     for (const [id, r] of s.resp) {
-      if (r.t < s.at - this.c.responseMemoryMs && !(r.s !== undefined && open.has(r.s))) s.resp.delete(id);
+      if (r.t < s.at - memory && !(r.s !== undefined && open.has(r.s))) s.resp.delete(id);
     }
-    s.old = s.old.filter((o) => o.end >= s.at - this.c.responseMemoryMs);
+    s.old = s.old.filter((o) => o.end >= s.at - memory);
     if (s.resp.size > this.c.maxResponses) {
       const ids = [...s.resp.keys()].sort((a, b) => s.resp.get(a)!.t - s.resp.get(b)!.t || (a < b ? -1 : 1));
       for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);
     }
+    // Response times only grow (`resp`); a new response or forgotten session lowers this.
+    let oldest = Infinity;
+    for (const r of s.resp.values()) oldest = Math.min(oldest, r.t);
+    for (const o of s.old) oldest = Math.min(oldest, o.end);
+    s.quiet = oldest + memory;
   }
 }
 
