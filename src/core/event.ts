@@ -100,13 +100,18 @@ export function spliceAttrs(bytes: Uint8Array, input: Envelope, out: unknown): B
   if (n !== ENVELOPE_KEYS.length) return undefined;
   for (const _ in input.attrs) return undefined;
   const tail = NO_ATTRS_TAIL.length;
-  if (bytes.length < tail || Buffer.compare(NO_ATTRS_TAIL, bytes.subarray(bytes.length - tail)) !== 0) return undefined;
+  const at = bytes.length - tail;
+  if (at < 0) return undefined;
+  // Byte by byte: a view of the tail to compare cost more than the comparison.
+  for (let i = 0; i < tail; i++) if (bytes[at + i] !== NO_ATTRS_TAIL[i]) return undefined;
   // Kept: everything up to `"attrs":`; replaced: the empty `{}` and the closing brace.
   const head = bytes.length - "{}}".length;
   const attrs = JSON.stringify(o.attrs);
   const len = Buffer.byteLength(attrs);
+  // At least as long as `bytes` ("{}" is the shortest annotation): copied whole (no view), its
+  // last three bytes then overwritten.
   const buf = Buffer.allocUnsafe(head + len + 1);
-  buf.set(bytes.subarray(0, head));
+  buf.set(bytes);
   buf.write(attrs, head);
   buf[head + len] = 0x7d;
   return buf;
