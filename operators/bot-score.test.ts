@@ -514,6 +514,40 @@ test("state read failure is retryable for the whole batch", async () => {
   assert.deepEqual((await run(h, envs, 2)).map(bandOf), ["human", "human"]);
 });
 
+test("responses past state_ttl are forgotten input by input as a state read back for every input forgets them", async () => {
+  // Three hours of one user's responses, a new one every 10 minutes and a click on one shown
+  // 50 minutes earlier, against a TTL of 1 h: responses age out all along.
+  const events: TacitEvent[] = [];
+  for (let i = 0; i < 18; i++) {
+    const t = T0 + i * 600_000;
+    events.push(ev("u", t, "response_shown", { response_id: `r${i}`, payload: { text_length: 100 } }));
+    if (i >= 5) events.push(ev("u", t + 1_000, "click", { response_id: `r${i - 5}` }));
+  }
+  // Then queries only, until every response has aged out; then one more response, which ages out too.
+  const queries = (from: number, n: number) => Array.from({ length: n }, (_, k) => ev("u", from + k * 600_000, "query", { payload: { text: "q" } }));
+  events.push(...queries(T0 + 180 * 60_000, 9), ev("u", T0 + 261 * 60_000, "response_shown", { response_id: "r99", payload: { text_length: 100 } }), ...queries(T0 + 270 * 60_000, 8));
+  const trace = async (cold: boolean) => {
+    const h = harness({ state_ttl: "1h" });
+    const after: { applied: number; state: UserState }[] = [];
+    for (const e of events) {
+      await run(h, [e]);
+      if (cold) await h.restart();
+      after.push(await stored(h, "u"));
+    }
+    return after;
+  };
+  const cached = await trace(false);
+  const cold = await trace(true);
+  cached.forEach((x, i) => assert.deepEqual(x, cold[i], `after input ${i}`));
+  // After the responses (170 min and 1 s in), r0–r5 were last touched more than an hour before
+  // (r5 by its click at 100 min and 1 s); r6 was clicked at 110 min and 1 s, exactly an hour before.
+  const at = (i: number) => [...cached[i]!.state.resp.keys()].sort();
+  assert.deepEqual(at(18 + 13 - 1), ["r10", "r11", "r12", "r13", "r14", "r15", "r16", "r17", "r6", "r7", "r8", "r9"]);
+  assert.deepEqual(at(18 + 13 + 9 - 1), [], "all aged out by 260 min");
+  assert.deepEqual(at(18 + 13 + 9), ["r99"]);
+  assert.deepEqual(at(events.length - 1), [], "r99 aged out too");
+});
+
 test("the stored state round-trips", () => {
   fc.assert(
     fc.property(
@@ -525,7 +559,7 @@ test("the stored state round-trips", () => {
         const act = times.map((_, i) => acts[i]!);
         const max_ts = times.length ? times[times.length - 1]! : -Infinity;
         const clean = new Map(Object.entries(resp).map(([k, m]) => [k, Object.fromEntries(Object.entries(m).filter(([, v]) => v !== undefined)) as unknown as ResponseMemo]));
-        const state: UserState = { v: 1, times, act, max_ts, resp: clean, score: 0.25 };
+        const state: UserState = { v: 1, times, act, max_ts, resp: clean, score: 0.25, quiet: undefined };
         assert.deepEqual(decodeBotState(encodeBotState(state)), state);
       },
     ),

@@ -337,10 +337,16 @@ export interface UserState {
   bot?: { score: number; since: number; indicators: BotIndicator[] };
   /** The latest score (read by features). */
   score: number;
+  /**
+   * Newest event time at which no response is older than the state TTL: the TTL after the oldest
+   * one. In memory only (a loaded state has none and is walked once): without it, every input
+   * walked all of the user's responses.
+   */
+  quiet?: number;
 }
 
 function emptyState(): UserState {
-  return { v: 1, times: [], act: [], max_ts: -Infinity, resp: new Map(), score: 0 };
+  return { v: 1, times: [], act: [], max_ts: -Infinity, resp: new Map(), score: 0, quiet: undefined };
 }
 
 /**
@@ -401,7 +407,7 @@ export function decodeBotState(raw: string): UserState {
     resp.set(id, m);
   }
   const act = times.map((_, i) => st.k === undefined || st.k[i] !== "0");
-  const s: UserState = { v: 1, times, act, max_ts: times.length ? st.at : -Infinity, resp, score: st.score ?? 0 };
+  const s: UserState = { v: 1, times, act, max_ts: times.length ? st.at : -Infinity, resp, score: st.score ?? 0, quiet: undefined };
   if (st.bot) s.bot = st.bot;
   return s;
 }
@@ -511,7 +517,10 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
 
   function rememberResponse(s: UserState, id: string, ts: number): ResponseMemo {
     let memo = s.resp.get(id);
-    if (!memo) s.resp.set(id, (memo = { t: ts }));
+    if (!memo) {
+      s.resp.set(id, (memo = { t: ts }));
+      if (s.quiet !== undefined) s.quiet = Math.min(s.quiet, ts + c.ttlMs);
+    }
     memo.t = Math.max(memo.t, ts);
     if (s.resp.size > c.impossible.maxResponses) {
       const ids = [...s.resp.keys()].sort((a, b) => s.resp.get(a)!.t - s.resp.get(b)!.t || (a < b ? -1 : 1));
@@ -610,7 +619,15 @@ function createBotScore(c: CompiledBotScore, ctx: OperatorContext): KeyedProcess
       }
     }
     // Forget responses not touched for the state TTL: the key's own TTL only runs from the last event.
-    for (const [id, m] of s.resp) if (m.t < s.max_ts - c.ttlMs) s.resp.delete(id);
+    // A response's time only grows (`rememberResponse`), so none is due before `quiet`.
+    if (s.quiet === undefined || s.max_ts > s.quiet) {
+      let oldest = Infinity;
+      for (const [id, m] of s.resp) {
+        if (m.t < s.max_ts - c.ttlMs) s.resp.delete(id);
+        else oldest = Math.min(oldest, m.t);
+      }
+      s.quiet = oldest + c.ttlMs;
+    }
     return found;
   }
 
