@@ -413,7 +413,7 @@ export class StageState<S> {
       while (n < held.length && held[n]!.env.event.ts <= frontier) n++;
       out.push(...held.splice(0, n));
       if (held.length) this.holds.set(h.user, held[0]!.env.event.ts);
-      else delete e.held;
+      else e.held = undefined;
       this.changed(e, h.user);
     }
     return out;
