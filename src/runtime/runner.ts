@@ -531,10 +531,12 @@ export class ConsumerRunner {
     const first = this.g.index === 0;
     const results: MsgResult[] = msgs.map(emptyResult);
     const inputs = msgs.map((m, i): StageInput | undefined => {
+      // nats.js makes a view of the message's bytes on every read of `data`.
+      const data = m.data;
       const input: StageInput = {
         seq: m.seq,
         subject: m.subject,
-        data: m.data,
+        data,
         deliveries: m.info.deliveryCount,
         stream_time_ms: Number(m.info.timestampNanos / 1_000_000),
         partition: this.partition,
@@ -549,7 +551,7 @@ export class ConsumerRunner {
       }
       if (first) return input;
       try {
-        const env = JSON.parse(decoder.decode(m.data)) as Envelope;
+        const env = JSON.parse(decoder.decode(data)) as Envelope;
         if (env?.v !== 1 || typeof env.event?.ts !== "number" || typeof env.event.user !== "string") throw new Error("not a v1 envelope");
         input.envelope = env;
         r.envelope = env;
