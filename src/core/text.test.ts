@@ -2,6 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
+  acronymOf,
   charNgrams,
   classifyReformulation,
   compactText,
@@ -120,4 +121,46 @@ test("compareTexts gives what the four measures give one by one", () => {
     }),
     { numRuns: 2000 },
   );
+});
+
+test("acronymOf: initials compared in place, as the run's initials joined", () => {
+  // The rule as first written: the run's initials joined into a string, for every position.
+  const sortedEqual = (a: readonly string[], b: readonly string[]) => a.length === b.length && [...a].sort().every((v, i) => v === [...b].sort()[i]);
+  const reference = (short: readonly string[], long: readonly string[]): boolean => {
+    for (let i = 0; i < short.length; i++) {
+      const acr = short[i]!;
+      const k = acr.length;
+      if (k < 2 || !/^\p{L}+$/u.test(acr)) continue;
+      for (let j = 0; j + k <= long.length; j++) {
+        if (long.slice(j, j + k).map((w) => w[0]).join("") !== acr) continue;
+        if (sortedEqual([...short.slice(0, i), ...short.slice(i + 1)], [...long.slice(0, j), ...long.slice(j + k)])) return true;
+      }
+    }
+    return false;
+  };
+  // Few letters, so that initials line up often; an astral letter and a digit besides.
+  const token = fc.oneof(fc.string({ unit: fc.constantFrom("a", "b", "c", "𝒜", "1"), minLength: 1, maxLength: 3 }));
+  const tokens = fc.array(token, { maxLength: 6 });
+  // Half the cases built to be acronyms (a run of `long` replaced by its initials, the rest
+  // shuffled), some of them then spoiled by one changed letter.
+  const built = fc.tuple(fc.array(token, { minLength: 2, maxLength: 6 }), fc.nat(), fc.nat(), fc.nat(), fc.boolean()).map(([long, a, b, c, spoil]) => {
+    const k = 2 + (a % (long.length - 1));
+    const j = b % (long.length - k + 1);
+    let acr = long.slice(j, j + k).map((w) => w[0]).join("");
+    if (spoil) acr = `${acr.slice(0, -1)}z`;
+    const rest = [...long.slice(0, j), ...long.slice(j + k)];
+    const short = [...rest];
+    short.splice(c % (rest.length + 1), 0, acr);
+    return [short.reverse(), long] as const;
+  });
+  let hits = 0;
+  fc.assert(
+    fc.property(fc.oneof(fc.tuple(tokens, tokens), built), ([short, long]) => {
+      const want = reference(short, long);
+      if (want) hits++;
+      assert.equal(acronymOf(short, long), want);
+    }),
+    { numRuns: 5000 },
+  );
+  assert.ok(hits > 50, `acronyms among the cases: ${hits}`);
 });

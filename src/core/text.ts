@@ -149,14 +149,16 @@ function strictSubset(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
 }
 
 /** `short` has one token that is the initials of a run of ≥ 2 consecutive tokens of `long`, the rest equal. */
-function acronymOf(short: readonly string[], long: readonly string[]): boolean {
+export function acronymOf(short: readonly string[], long: readonly string[]): boolean {
   for (let i = 0; i < short.length; i++) {
     const acr = short[i]!;
     const k = acr.length;
     if (k < 2 || !/^\p{L}+$/u.test(acr)) continue;
     for (let j = 0; j + k <= long.length; j++) {
-      const run = long.slice(j, j + k);
-      if (run.map((w) => w[0]).join("") !== acr) continue;
+      // The run's initials, compared in place (a run and its initials built for every position were most of a comparison's cost).
+      let m = 0;
+      while (m < k && long[j + m]![0] === acr[m]) m++;
+      if (m < k) continue;
       const restShort = [...short.slice(0, i), ...short.slice(i + 1)];
       const restLong = [...long.slice(0, j), ...long.slice(j + k)];
       if (sortedEqual(restShort, restLong)) return true;
