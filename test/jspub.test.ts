@@ -114,7 +114,8 @@ test("publisher: a publish answered 503 (no stream listens yet, as while a clust
   // would take the server's 503s away from the publisher's).
   const { own, sends } = await countingConnection();
   const pub = new JetStreamPublisher(own, 10_000);
-  const group = new PublishGroup();
+  const heard: string[] = [];
+  const group = new PublishGroup((why) => heard.push(why));
   for (let i = 0; i < 20; i++) pub.send(group, `late.${i % 2}`, enc(`late${i}`), { msgID: `late-${i}` });
   const single = pub.publish("late.x", enc("single"), { msgID: "late-single" });
   await new Promise((r) => setTimeout(r, 800));
@@ -124,6 +125,9 @@ test("publisher: a publish answered 503 (no stream listens yet, as while a clust
   // The group counts its own publishes' sends again (the worker exports them, tacit_publish_resent_total).
   assert.ok(group.resentNoResponders >= 20 * 2, `the group counted its 503 retries (${group.resentNoResponders})`);
   assert.equal(group.resentUnanswered, 0);
+  // Heard as they happen, while the group still waits (the worker's counter moves during an election).
+  assert.equal(heard.length, group.resentNoResponders);
+  assert.ok(heard.every((why) => why === "no_responders"));
   await jsm.streams.add({ name: "LATE", subjects: ["late.>"] });
   const t0 = Date.now();
   await group.wait();

@@ -350,16 +350,17 @@ test("an output stream without a leader for a while (here: not there): the worke
     try {
       const good = [...benchEvents(500, 20, Date.now() - 3_600_000)];
       await publishLines(p, nats.js, good, { idPrefix: "rs" });
+      const resent = (reason: string) => worker.stageCounters.get("dedupe")!.counts.get(`publish_resent{reason=${reason}}`) ?? 0;
       // An outage of 2 s, within the publishes' 10 s deadline: no batch fails.
       await new Promise((r) => setTimeout(r, 2_000));
+      // Counted as they are sent again, while the batch still waits: on-call sees the outage as it lasts.
+      assert.ok(resent("no_responders") > 0, "the keyed group's outputs were counted as sent again during the outage");
       await deploy(p, nats);
       await eventually("every event out", async () => (await nats.jsm.streams.info(events)).state.messages >= good.length && (await consumersDrained(nats, inputStreams(p))), 60_000, 200);
       const ids = await outputIds(p, nats);
       assert.equal(ids.size, good.length);
       assert.ok([...ids.values()].every((n) => n === 1), "each output stored once");
       assert.equal(worker.stageCounters.get("dedupe")!.counts.get("ingest_settled{outcome=retried}"), 0, "no batch failed");
-      // Counted when a batch's publishes end.
-      const resent = (reason: string) => worker.stageCounters.get("dedupe")!.counts.get(`publish_resent{reason=${reason}}`) ?? 0;
       assert.ok(resent("no_responders") > 0, "the keyed group's outputs were sent again while no stream took them");
       assert.equal(resent("unanswered"), 0, "every send was answered");
       assert.equal(worker.stageCounters.get("enrich")!.counts.get("publish_resent{reason=no_responders}"), 0, "enrich's partition stream was there all along");

@@ -39,6 +39,9 @@ function headerValue(v: string): string {
   return (/[\r\n]/.test(v) ? v.replace(/[\r\n]+/g, " ") : v).trim();
 }
 
+/** Why a publish is sent again: unanswered for RESEND_AFTER_MS, or answered 503 (no stream listened). */
+export type ResendReason = "unanswered" | "no_responders";
+
 /** One publish waiting for its PubAck (made by `waiter` only). */
 interface Waiter {
   /** What was sent, to send again after a 503 (see NO_RESPONDERS_RETRY_MS). */
@@ -82,6 +85,16 @@ export class PublishGroup {
   /** Sends again of the group's publishes: unanswered for RESEND_AFTER_MS, or answered 503 (NO_RESPONDERS_RETRY_MS). */
   resentUnanswered = 0;
   resentNoResponders = 0;
+
+  /** `onResent` hears each send again as it happens (a batch whose PubAcks are slow to come is counted while it waits). */
+  constructor(private readonly onResent?: (why: ResendReason) => void) {}
+
+  /** A publish of the group is sent again (the publisher calls it). */
+  resent(why: ResendReason): void {
+    if (why === "unanswered") this.resentUnanswered++;
+    else this.resentNoResponders++;
+    this.onResent?.(why);
+  }
 
   /** Publishes of the group still waiting for their PubAck. */
   get size(): number {
@@ -231,7 +244,7 @@ export class JetStreamPublisher {
     for (const token of tokens) {
       const w = this.waiting.get(token);
       if (!w) continue;
-      if (w.group) w.group.resentNoResponders++;
+      w.group?.resent("no_responders");
       this.send1(token, w, now);
     }
   }
@@ -300,7 +313,7 @@ export class JetStreamPublisher {
       if (w.deadline <= now) this.settle(token, this.timedOut(w));
       else if (w.resendAt <= now) {
         this.unanswered++;
-        if (w.group) w.group.resentUnanswered++;
+        w.group?.resent("unanswered");
         this.send1(token, w, now);
       }
     }

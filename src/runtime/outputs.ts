@@ -101,14 +101,9 @@ export class Outputs {
    */
   async publish(g: StageGroup, msgs: SourceMsg[], results: MsgResult[], sink: MsgResult, registry: Map<string, PublishedLabel | undefined>): Promise<CommitGroup[]> {
     const { plan, commits } = await this.planLabels(results, sink, registry);
-    const pending = new PublishGroup();
-    try {
-      await this.issue(g, msgs, results, sink, plan, pending);
-    } finally {
-      const c = this.counters(g.stages[0]!.name);
-      if (pending.resentUnanswered) c.count("publish_resent", pending.resentUnanswered, RESENT_UNANSWERED);
-      if (pending.resentNoResponders) c.count("publish_resent", pending.resentNoResponders, RESENT_NO_RESPONDERS);
-    }
+    const c = this.counters(g.stages[0]!.name);
+    const pending = new PublishGroup((why) => c.count("publish_resent", 1, why === "unanswered" ? RESENT_UNANSWERED : RESENT_NO_RESPONDERS));
+    await this.issue(g, msgs, results, sink, plan, pending);
     return commits;
   }
 
