@@ -361,8 +361,15 @@ class Sessionizer implements KeyedProcessor<UserSessions> {
   private place(user: string, state: UserSessions, targets: Session[], env: Envelope): Session {
     const ev = env.event;
     const cap = this.o.max_session_ms;
-    const extentWith = (group: Session[]): number =>
-      Math.max(ev.ts, ...group.map((s) => s.end)) - Math.min(ev.ts, ...group.map((s) => s.start));
+    const extentWith = (group: Session[]): number => {
+      let lo = ev.ts;
+      let hi = ev.ts;
+      for (const s of group) {
+        lo = Math.min(lo, s.start);
+        hi = Math.max(hi, s.end);
+      }
+      return hi - lo;
+    };
 
     let host: Session | undefined;
     if (targets.length > 0 && extentWith(targets) <= cap) {
@@ -420,6 +427,8 @@ class Sessionizer implements KeyedProcessor<UserSessions> {
 
   /** Merges sessions into the earliest-starting one (tie: smaller id); the others are retracted. */
   private merge(state: UserSessions, group: Session[]): Session {
+    // Most events extend the one session they fall in: nothing to merge.
+    if (group.length === 1) return group[0]!;
     const [keep, ...gone] = [...group].sort(byStart);
     if (gone.length === 0) return keep!;
     for (const s of gone) {
