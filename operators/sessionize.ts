@@ -430,7 +430,6 @@ class Sessionizer implements KeyedProcessor<UserSessions> {
     // Most events extend the one session they fall in: nothing to merge.
     if (group.length === 1) return group[0]!;
     const [keep, ...gone] = [...group].sort(byStart);
-    if (gone.length === 0) return keep!;
     for (const s of gone) {
       keep!.start = Math.min(keep!.start, s.start);
       keep!.end = Math.max(keep!.end, s.end);
