@@ -1515,19 +1515,20 @@ class LabelDeriver implements KeyedProcessor<UserState> {
     const memory = this.c.responseMemoryMs;
     if (s.quiet !== undefined && s.at <= s.quiet && s.resp.size <= this.c.maxResponses) return;
     const open = new Set([...s.sess.values()].filter((x) => !x.closed).map((x) => x.id));
+    // Response times only grow (`resp`), so nothing ages out before the oldest kept one does (a new
+    // response or forgotten session lowers it; the trim below can only raise the true oldest).
+    let oldest = Infinity;
     for (const [id, r] of s.resp) {
       if (r.t < s.at - memory && !(r.s !== undefined && open.has(r.s))) s.resp.delete(id);
+      else oldest = Math.min(oldest, r.t);
     }
     s.old = s.old.filter((o) => o.end >= s.at - memory);
+    for (const o of s.old) oldest = Math.min(oldest, o.end);
+    s.quiet = oldest + memory;
     if (s.resp.size > this.c.maxResponses) {
       const ids = [...s.resp.keys()].sort((a, b) => s.resp.get(a)!.t - s.resp.get(b)!.t || (a < b ? -1 : 1));
       for (const id of ids.slice(0, ids.length - this.c.maxResponses)) s.resp.delete(id);
     }
-    // Response times only grow (`resp`); a new response or forgotten session lowers this.
-    let oldest = Infinity;
-    for (const r of s.resp.values()) oldest = Math.min(oldest, r.t);
-    for (const o of s.old) oldest = Math.min(oldest, o.end);
-    s.quiet = oldest + memory;
   }
 }
 
